@@ -1,0 +1,3 @@
+from radflash.cli import main
+
+main()

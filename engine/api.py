@@ -1,0 +1,180 @@
+"""Public Python API: ``radflash.load(...)`` returns a :class:`RadFlashModel`.
+
+The wrapper owns everything around the tensor maths: tokenising and caching prompt embeddings
+(prompts are fixed per run), preprocessing, device/dtype placement and the choice of image
+encoder backend. The model module itself stays a plain ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from radflash.checkpoint import Checkpoint, check_state_dict, load_checkpoint
+from radflash.devices import resolve_device, resolve_dtype
+from radflash.errors import InputError
+from radflash.kernels import MapResult, upsample_maps
+from radflash.models import RadZero
+from radflash.preprocess import ImageLike, Preprocessing, as_image_list, preprocess
+from radflash.tokenizer import check_prompts
+
+log = logging.getLogger("radflash")
+
+DEMO_MODEL = Path(__file__).parent / "assets" / "demo"
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Zero-shot scores: ``logits`` = ℓ/τ (AUROC is computed on these) and ``probs`` = sigmoid."""
+
+    prompts: tuple[str, ...]
+    logits: torch.Tensor  # (B, T) float32
+    probs: torch.Tensor  # (B, T) float32
+
+
+class RadFlashModel:
+    def __init__(self, ckpt: Checkpoint, *, device: str | torch.device = "auto", dtype=None,
+                 backend: str = "eager") -> None:
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.config = ckpt.config
+        self.model_id = ckpt.model_id
+        self.sha256 = ckpt.sha256
+        self.default_prompts = dict(ckpt.prompts)
+        self.calibration = dict(ckpt.calibration)
+        self.notice = ckpt.notice
+        self.tokenizer = ckpt.tokenizer
+        self.preprocessing = Preprocessing(self.config.image_size, self.config.mean, self.config.std)
+        module = RadZero(self.config)
+        check_state_dict(module, ckpt.state_dict, ckpt.source or self.model_id)
+        module.load_state_dict(ckpt.state_dict)
+        self.module = module.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self.backend_name = backend
+        self._encoder = self._make_encoder(backend)
+
+    def _make_encoder(self, backend: str):
+        from radflash.backends import make_backend
+
+        return make_backend(backend, self)
+
+    def set_backend(self, backend: str) -> None:
+        self._encoder = self._make_encoder(backend)
+        self.backend_name = getattr(self._encoder, "name", backend)
+
+    # ---- text -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(T, D) prompt embeddings after the shared LayerNorm; each prompt is encoded once."""
+        check_prompts(prompts)
+        todo = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
+        if todo:
+            ids, mask = self.tokenizer(todo)
+            feats = self.module.text_features(ids.to(self.device), mask.to(self.device))
+            self._text_cache.update(zip(todo, feats.unbind(0)))
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    # ---- images -----------------------------------------------------------------------------
+    def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
+        return preprocess(images, self.preprocessing, device=self.device, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def encode_images(self, images: ImageLike | Sequence[ImageLike] | None = None, *,
+                      pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1 + N, D) image tokens (before the shared LayerNorm) from images or preprocessed pixels."""
+        if pixels is None:
+            if images is None:
+                raise InputError("encode_images needs images or pixels")
+            pixels = self.preprocess(images)
+        return self._encoder.encode(pixels)
+
+    # ---- head -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def head(self, tokens: torch.Tensor, prompts: Sequence[str], *, return_maps: bool = False):
+        return self.module.head(tokens, self.encode_text(prompts), return_maps=return_maps)
+
+    @torch.inference_mode()
+    def score(self, images: ImageLike | Sequence[ImageLike] | None = None, prompts: Sequence[str] | None = None,
+              *, tokens: torch.Tensor | None = None) -> Scores:
+        """Zero-shot logits and probabilities (B, T) for each image and prompt."""
+        prompts = self._prompts(prompts)
+        if tokens is None:
+            tokens = self.encode_images(images)
+        logits, _ = self.head(tokens, prompts)
+        logits = logits.float()
+        return Scores(tuple(prompts), logits, torch.sigmoid(logits))
+
+    @torch.inference_mode()
+    def similarity_maps(
+        self,
+        images: ImageLike | Sequence[ImageLike] | None = None,
+        prompts: Sequence[str] | None = None,
+        *,
+        size: tuple[int, int] | None = None,
+        output: str = "prob",
+        threshold: float | Sequence[float] | torch.Tensor = 0.5,
+        tokens: torch.Tensor | None = None,
+    ) -> MapResult:
+        """Per-prompt pixel maps sigmoid(upsampled s) at ``size`` (default: the images' own size).
+
+        Also returns the arg-max pixel and peak probability (grounding); ``output="mask"`` gives
+        thresholded uint8 masks without materialising float maps.
+        """
+        prompts = self._prompts(prompts)
+        if size is None:
+            if images is None:
+                raise InputError("similarity_maps needs size= when called with tokens only")
+            shapes = {tuple(img.shape[-2:]) for img in as_image_list(images)}
+            if len(shapes) != 1:
+                raise InputError(f"images have different sizes {sorted(shapes)}: pass size= or call per image")
+            size = shapes.pop()
+        if tokens is None:
+            tokens = self.encode_images(images)
+        _, sim = self.head(tokens, prompts, return_maps=True)
+        grid = self.grid_for(tokens.shape[1] - 1)
+        b, t, _ = sim.shape
+        thr = torch.as_tensor(threshold, dtype=torch.float32, device=sim.device)
+        if thr.ndim and thr.numel() != t:
+            raise InputError(f"{thr.numel()} thresholds given for {t} prompts")
+        return upsample_maps(sim.view(b, t, *grid), tuple(int(s) for s in size), output=output,
+                             threshold=thr if thr.ndim else float(thr))
+
+    def grid_for(self, patches: int) -> tuple[int, int]:
+        side = self.config.image_size // self.config.vision.patch
+        if side * side != patches:
+            raise InputError(f"{patches} patch tokens do not form the {side}×{side} grid of this model")
+        return side, side
+
+    def _prompts(self, prompts: Sequence[str] | None) -> list[str]:
+        if prompts is None:
+            if not self.default_prompts:
+                raise InputError(f"model {self.model_id} has no default prompts: pass prompts=")
+            return list(self.default_prompts.values())
+        check_prompts(prompts)
+        return list(prompts)
+
+    @property
+    def tau(self) -> float:
+        return self.module.tau
+
+    def __repr__(self) -> str:
+        return (f"RadFlashModel({self.model_id!r}, device={self.device}, dtype={self.dtype}, "
+                f"backend={self.backend_name!r}, image_size={self.config.image_size})")
+
+
+def load(path: str | Path | None = None, *, device: str | torch.device = "auto", dtype=None,
+         backend: str = "eager") -> RadFlashModel:
+    """Load a radflash checkpoint (folder or single .safetensors); ``None`` → the embedded demo model."""
+    if path is None:
+        path = DEMO_MODEL
+    ckpt = load_checkpoint(path)
+    if not ckpt.source:
+        ckpt.source = str(path)
+    if ckpt.notice and not os.environ.get("RADFLASH_NO_DEMO_NOTICE"):
+        log.warning("%s", ckpt.notice)
+    return RadFlashModel(ckpt, device=device, dtype=dtype, backend=backend)

@@ -1,0 +1,52 @@
+"""Options shared by several commands, defined once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import click
+
+BACKEND_CHOICES = ("auto", "eager", "compile", "onnxruntime", "tensorrt")
+
+
+def model_option(f: Callable) -> Callable:
+    return click.option(
+        "--model", "model_path", type=click.Path(exists=True, dir_okay=True, file_okay=True), default=None,
+        help="Checkpoint folder or .safetensors file (default: the embedded demo model).",
+    )(f)
+
+
+def device_option(f: Callable) -> Callable:
+    return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(f)
+
+
+def backend_option(f: Callable) -> Callable:
+    return click.option(
+        "--backend", type=click.Choice(BACKEND_CHOICES), default="eager", show_default=True,
+        help="Image-encoder backend.",
+    )(f)
+
+
+def kernels_option(f: Callable) -> Callable:
+    return click.option(
+        "--kernels", type=click.Choice(("auto", "triton", "torch")), default="auto", show_default=True,
+        help="Head/map kernels: Triton on CUDA (auto), or force one implementation.",
+        callback=_apply_kernels, expose_value=False, is_eager=False,
+    )(f)
+
+
+def _apply_kernels(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value != "auto":
+        from radflash.kernels import set_kernel_backend
+
+        set_kernel_backend(value)
+    return value
+
+
+def quiet_option(f: Callable) -> Callable:
+    return click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary table.")(f)
+
+
+def batch_size_option(default: int = 16) -> Callable[[Callable], Callable]:
+    return click.option("--batch-size", type=click.IntRange(min=1), default=default, show_default=True,
+                        help="Images per forward pass.")

@@ -1,0 +1,81 @@
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+VERSION = (ROOT / "engine" / "VERSION").read_text().strip()
+
+# Folder → import name: engine/ IS the package `radflash`; kernels/, training/ and calibration/
+# become its subpackages radflash.kernels, radflash.training and radflash.calibration.
+PACKAGE_DIR = {
+    "radflash": "engine",
+    "radflash.kernels": "kernels",
+    "radflash.training": "training",
+    "radflash.calibration": "calibration",
+}
+
+
+def _subpackages(root: str, folder: str) -> list[str]:
+    base = ROOT / folder
+    names = [root]
+    for init in sorted(base.rglob("__init__.py")):
+        rel = init.parent.relative_to(base)
+        if rel.parts:
+            names.append(".".join((root, *rel.parts)))
+    return names
+
+
+packages: list[str] = []
+for name, folder in PACKAGE_DIR.items():
+    packages += _subpackages(name, folder)
+
+setup(
+    name="radflash",
+    version=VERSION,
+    description="Fast inference engine for zero-shot chest X-ray vision-language models",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir=PACKAGE_DIR,
+    package_data={"radflash": ["VERSION", "assets/*", "assets/*/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "numpy>=1.24",
+        "click>=8.1",
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "pydicom>=3.0",
+        "pylibjpeg>=2.0",
+        "pylibjpeg-openjpeg>=2.3",
+        "pylibjpeg-rle>=2.0",
+        "pillow>=10",
+        "pyarrow>=15",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "rich>=13",
+        "matplotlib>=3.8",
+        "highdicom>=0.23",
+        "onnx>=1.16",
+        "onnxruntime>=1.18",
+        "onnxscript>=0.1",
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "tensorrt": ["tensorrt>=10"],
+        "jpegls": ["pyjpegls>=1.3", "pylibjpeg-libjpeg>=2.1"],
+        "nifti": ["nibabel>=5"],
+        "test": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "transformers>=4.44",
+            "pydicom-data>=1.0",
+            "triton>=3.0",
+            "nibabel>=5",
+            "scipy>=1.11",
+            "ruff>=0.6",
+        ],
+    },
+    entry_points={"console_scripts": ["radflash=radflash.cli:main"]},
+)
