@@ -20,11 +20,12 @@ from radflash.tokenizer import PromptTokenizer
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")  # MPNet's ids 0..3 (pad = 1)
 BASIC_WORDS = (
-    "there is are no may be of the a and or in with left right upper lower lung lungs lobe apical basal "
-    "bilateral small large moderate pleural effusion pneumothorax cardiomegaly nodule mass consolidation "
-    "atelectasis edema opacity fracture lesion pneumonia support devices enlarged cardiomediastinum other "
-    "finding heart normal clear"
-).split()
+    "there", "is", "are", "no", "may", "be", "of", "the", "a", "and", "or", "in", "with", "left",
+    "right", "upper", "lower", "lung", "lungs", "lobe", "apical", "basal", "bilateral", "small", "large",
+    "moderate", "pleural", "effusion", "pneumothorax", "cardiomegaly", "nodule", "mass", "consolidation",
+    "atelectasis", "edema", "opacity", "fracture", "lesion", "pneumonia", "support", "devices",
+    "enlarged", "cardiomediastinum", "other", "finding", "heart", "normal", "clear",
+)
 
 
 def wordpiece_tokenizer(words: Iterable[str] = BASIC_WORDS, *, vocab_size: int | None = None) -> Tokenizer:

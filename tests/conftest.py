@@ -13,9 +13,9 @@ import random
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("RADFLASH_NO_DEMO_NOTICE", "1")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)

@@ -63,7 +63,7 @@ def interpolate_pos_grid(grid: torch.Tensor, rows: int, cols: int) -> torch.Tens
     samples the table at different points (~7% of the embedding scale at 37×37), so we keep the
     old rule to reproduce the authors' numbers.
     """
-    g0 = int(round(grid.shape[1] ** 0.5))
+    g0 = round(grid.shape[1] ** 0.5)
     if rows == g0 and cols == g0:
         return grid
     dim = grid.shape[-1]

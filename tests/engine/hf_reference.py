@@ -39,8 +39,8 @@ class Sizes:
 class ReleasedRadZero:
     """Random 'released' RadZero: HF modules + head LN + log τ, and the formulas of the spec."""
 
-    def __init__(self, sizes: Sizes = Sizes()) -> None:
-        self.sizes = s = sizes
+    def __init__(self, sizes: Sizes | None = None) -> None:
+        self.sizes = s = sizes or Sizes()
         self.vcfg = Dinov2Config(
             hidden_size=s.hidden, num_hidden_layers=s.vision_layers, num_attention_heads=s.heads,
             intermediate_size=s.mlp, patch_size=s.patch, image_size=s.patch * s.stored_grid,

@@ -1,0 +1,138 @@
+"""``radflash score``: parse options, call :func:`radflash.score.score`, print a summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from radflash.cli.options import (
+    backend_option,
+    batch_size_option,
+    device_option,
+    kernels_option,
+    model_option,
+    quiet_option,
+)
+
+PREVIEW_ROWS = 10
+
+
+def _modalities(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    items = tuple(m.strip().upper() for m in value.split(",") if m.strip())
+    if not items or not all(m.isalnum() for m in items):
+        raise click.BadParameter(f"expected comma-separated DICOM modality codes such as CR,DX; got {value!r}")
+    return items
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Output folder (results, status, manifest). Without it a preview is printed and nothing saved.")
+@model_option
+@click.option("--findings", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Prompt file (YAML/JSON/TXT). Default: the 14 CheXpert findings, 'There is {finding}'.")
+@device_option
+@batch_size_option(16)
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Decode processes (0 = decode in-process). Default: min(4, CPUs).")
+@backend_option
+@kernels_option
+@click.option("--format", "fmt", type=click.Choice(("parquet", "csv")), default="parquet", show_default=True,
+              help="Format of the consolidated results/status tables.")
+@click.option("--include-phi", is_flag=True, help="Copy patient name and ID into the results.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in OUTPUT; committed files are skipped.")
+@click.option("--num-parts", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Split the archive into N deterministic shards...")
+@click.option("--part-id", type=click.IntRange(min=0), default=0, show_default=True,
+              help="...and score only shard K (0-based).")
+@click.option("--include-lateral", is_flag=True, help="Also score lateral views (skipped by default).")
+@click.option("--modalities", callback=_modalities, default=None,
+              help="Comma-separated modalities to score (default: the selection rules' chest X-ray set).")
+@click.option("--commit-every", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Files per committed part: the most work a crash can lose.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+              help="Seconds one file may take to decode before it is recorded as failed.")
+@quiet_option
+def score(inputs: tuple[Path, ...], output: Path | None, model_path: str | None, findings: Path | None,
+          device: str, batch_size: int, workers: int | None, backend: str, fmt: str, include_phi: bool,
+          resume: bool, num_parts: int, part_id: int, include_lateral: bool, modalities: tuple[str, ...] | None,
+          commit_every: int, timeout: float, quiet: bool) -> None:
+    """Score every image in INPUTS (files or folders, searched recursively) for each finding.
+
+    With no INPUTS the small embedded demo archive is scored. Writes OUTPUT/results.<fmt> (one
+    row per scored image: path, UIDs, <finding>.logit and <finding>.prob), OUTPUT/status.<fmt>
+    (every file once: scored/skipped/failed and why) and OUTPUT/manifest.json.
+    """
+    if part_id >= num_parts:
+        raise click.UsageError(f"--part-id {part_id} must be smaller than --num-parts {num_parts}")
+    if resume and output is None:
+        raise click.UsageError("--resume needs -o/--output: the folder of the run to continue")
+    from radflash.score import DEMO_ARCHIVE
+    from radflash.score import score as score_fn
+
+    rules = _rules(include_lateral, modalities)
+    if not inputs and not quiet:
+        click.echo(f"No inputs given: scoring the embedded demo archive ({DEMO_ARCHIVE}).", err=True)
+    run = score_fn(
+        list(inputs) or None, output, model=model_path, findings=findings, device=device,
+        batch_size=batch_size, workers=workers, backend=backend, fmt=fmt, include_phi=include_phi,
+        resume=resume, num_parts=num_parts, part_id=part_id, rules=rules, progress=not quiet,
+        commit_every=commit_every, timeout=timeout,
+    )
+    if quiet:
+        return
+    _summary(run)
+
+
+def _rules(include_lateral: bool, modalities: tuple[str, ...] | None):
+    """SelectionRules from the flags; ``None`` keeps the library defaults."""
+    if not include_lateral and modalities is None:
+        return None
+    from radflash.selection import SelectionRules
+
+    kwargs: dict = {}
+    if include_lateral:
+        kwargs["include_lateral"] = True
+    if modalities is not None:
+        kwargs["modalities"] = modalities
+    return SelectionRules(**kwargs)
+
+
+def _summary(run) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    counts = Table(title="radflash score", show_header=False)
+    counts.add_row("files", f"{run.discovered}" + (f" ({run.resumed} from the earlier run)" if run.resumed else ""))
+    for key in ("scored", "skipped", "failed"):
+        counts.add_row(key, str(getattr(run, key)))
+    if run.images_per_s:
+        counts.add_row("throughput", f"{run.images_per_s:.1f} files/s")
+    counts.add_row("device / backend", f"{run.manifest['device']} / {run.manifest['backend']}")
+    if run.output is not None:
+        counts.add_row("results", str(run.results_path))
+        counts.add_row("status", str(run.status_path))
+        counts.add_row("manifest", str(run.manifest_path))
+    console.print(counts)
+    if run.output is None and run.results.num_rows:
+        _preview(console, run)
+
+
+def _preview(console, run) -> None:
+    """Top findings of the first few images, for runs without -o (e.g. the demo)."""
+    from rich.table import Table
+
+    names = list(run.manifest["findings"])
+    table = Table(title=f"top findings (first {min(PREVIEW_ROWS, run.results.num_rows)} of "
+                        f"{run.results.num_rows}; pass -o OUT to save all)")
+    table.add_column("file")
+    table.add_column("top 3 (probability)")
+    rows = run.results.slice(0, PREVIEW_ROWS).to_pylist()
+    for row in rows:
+        probs = sorted(((row[f"{n}.prob"], n) for n in names), reverse=True)[:3]
+        table.add_row(Path(row["path"]).name, ", ".join(f"{n} {p:.2f}" for p, n in probs))
+    console.print(table)

@@ -1,0 +1,90 @@
+"""``radflash segment``: maps, masks and grounding for any prompts (parsing only; logic in radflash.segment)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from radflash.cli.options import (
+    backend_option,
+    batch_size_option,
+    device_option,
+    kernels_option,
+    model_option,
+    quiet_option,
+)
+from radflash.errors import RadflashError
+
+FORMAT_NAMES = ("png", "npz", "dicom-seg", "nifti")
+
+
+def _formats(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """``--format png,npz --format dicom-seg`` → ("png", "npz", "dicom-seg"); bad names are usage errors."""
+    out: list[str] = []
+    for item in value:
+        for part in item.split(","):
+            part = part.strip().lower()
+            if not part:
+                continue
+            if part not in FORMAT_NAMES:
+                raise click.BadParameter(f"{part!r} is not one of {', '.join(FORMAT_NAMES)}")
+            if part not in out:
+                out.append(part)
+    return tuple(out) or ("png", "npz")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder (one sub-folder per image, plus report.json).")
+@click.option("--prompt", "prompt_texts", multiple=True, metavar="TEXT",
+              help='A prompt, e.g. "There is pneumothorax" or "left lung" (repeatable).')
+@click.option("--prompts", "prompt_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="YAML/JSON/TXT prompt file (name → prompt, optional per-prompt threshold).")
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Mask threshold on the probability map for prompts without their own (default: the "
+                   "model's calibrated map threshold, else 0.5).")
+@click.option("--format", "formats", multiple=True, callback=_formats, metavar="LIST",
+              help="Outputs: png, npz, dicom-seg, nifti (comma list or repeated; default png,npz).")
+@click.option("--preview", is_flag=True, help="Also write overlay PNGs at the source size.")
+@model_option
+@device_option
+@backend_option
+@kernels_option
+@batch_size_option(default=8)
+@quiet_option
+def segment(inputs: tuple[Path, ...], outdir: Path, prompt_texts: tuple[str, ...], prompt_file: Path | None,
+            threshold: float | None, formats: tuple[str, ...], preview: bool, model_path: str | None,
+            device: str, backend: str, batch_size: int, quiet: bool) -> None:
+    """Segment and ground prompts in DICOM/PNG/JPEG INPUTS (files or folders).
+
+    For each image and prompt, at the image's original size: a float16 probability map (npz), a
+    binary mask (png / dicom-seg / nifti) and grounding (peak point, box of the largest region,
+    peak probability) in one JSON per image.
+    """
+    if not prompt_texts and prompt_file is None:
+        raise click.UsageError("give at least one --prompt TEXT or a --prompts FILE")
+    try:
+        from radflash.findings import load_prompt_file
+        from radflash.segment import segment as run_segment
+        from radflash.segment import summary_table
+
+        prompts: dict[str, dict] = dict(load_prompt_file(prompt_file)) if prompt_file is not None else {}
+        for text in prompt_texts:
+            text = text.strip()
+            if not text:
+                raise click.BadParameter("empty prompt", param_hint="--prompt")
+            prompts.setdefault(text, {"prompt": text, "threshold": None})
+        run = run_segment(list(inputs), outdir, prompts=prompts, thresholds=threshold, model=model_path,
+                          device=device, backend=backend, batch_size=batch_size, formats=formats,
+                          preview=preview, progress=not quiet)
+    except RadflashError as exc:
+        raise click.ClickException(str(exc).splitlines()[0]) from None
+    if not quiet:
+        from rich.console import Console
+
+        Console().print(summary_table(run))
+    if not run.images:
+        raise click.ClickException(f"no image could be segmented ({len(run.failures)} failed or skipped; "
+                                   f"see {run.report_path})")

@@ -1,0 +1,92 @@
+"""What machine a benchmark ran on: CPU, GPU, driver and library versions.
+
+Versions come from package metadata, so optional libraries (triton, onnxruntime, tensorrt,
+transformers) are reported without being imported; absent ones are ``None``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("torch", "triton", "onnxruntime", "onnxruntime-gpu", "tensorrt", "transformers", "numpy", "pydicom")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def nvidia_driver() -> str | None:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
+
+
+def machine_info(device: Any = None) -> dict[str, Any]:
+    """A flat, JSON-ready description of this machine and the software stack."""
+    import torch
+
+    from radflash import __version__
+
+    info: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpu_cores_logical": os.cpu_count(),
+        "cpu_cores_usable": usable_cores(),
+        "torch_threads": torch.get_num_threads(),
+        "radflash": __version__,
+        "versions": {name: package_version(name) for name in PACKAGES},
+        "cuda_runtime": torch.version.cuda,
+        "gpu": None,
+        "gpu_memory_gib": None,
+        "gpu_capability": None,
+        "driver": None,
+    }
+    dev = torch.device(device) if device is not None else None
+    if torch.cuda.is_available() and (dev is None or dev.type == "cuda"):
+        index = dev.index if dev is not None and dev.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    gpu_capability=f"{props.major}.{props.minor}", driver=nvidia_driver())
+    return info
+
+
+def one_line(info: dict[str, Any]) -> str:
+    """``"AMD EPYC … (2 cores) · no GPU · torch 2.13.0"`` for table titles and result files."""
+    gpu = f"{info['gpu']} (driver {info['driver']})" if info.get("gpu") else "no GPU"
+    return f"{info['cpu']} ({info['cpu_cores_usable']} cores) · {gpu} · torch {info['versions'].get('torch')}"

@@ -1,0 +1,284 @@
+"""Result rows, crash-safe part files, consolidated tables and the run manifest.
+
+Layout of a score output folder::
+
+    OUT/
+      manifest.json           model id + sha256, prompts, versions, args, counts, timings
+      results.parquet|csv     one row per *scored* image: path, UIDs, <finding>.logit/.prob(/.positive)
+      status.parquet|csv      one row per *discovered* file: path, status (scored/skipped/failed), reason
+      parts/part-00000.parquet ...   committed parts; their union is the source of truth
+
+Every part holds both the statuses and the scores of the files it covers (one row per file), so a
+single ``rename`` commits both at once: a run killed with ``kill -9`` leaves either a complete
+part or a ``.tmp`` file that resume deletes, never a half-written table or a status without its
+scores. Parts are always Parquet (typed, compact); ``fmt`` only chooses the consolidated files.
+
+PHI: patient name and ID are copied from the DICOM header only with ``include_phi``; nothing else
+from the header beyond UIDs, modality and view is ever written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from radflash.errors import InputError
+
+log = logging.getLogger("radflash.writers")
+
+Status = Literal["scored", "skipped", "failed"]
+Format = Literal["parquet", "csv"]
+FORMATS = ("parquet", "csv")
+
+PARTS_DIR = "parts"
+MANIFEST = "manifest.json"
+_PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+
+ID_COLUMNS = ("path", "sop_instance_uid", "study_instance_uid", "series_instance_uid")
+PHI_COLUMNS = ("patient_id", "patient_name")
+STATUS_COLUMNS = ("path", "status", "reason", "sop_instance_uid", "modality", "view_position")
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """What the run learned about one discovered file; scores are set only when status == scored."""
+
+    path: str
+    status: Status
+    reason: str | None = None
+    sop_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    modality: str | None = None
+    view_position: str | None = None
+    patient_id: str | None = None
+    patient_name: str | None = None
+    logits: tuple[float, ...] | None = None
+    probs: tuple[float, ...] | None = None
+    positive: tuple[bool | None, ...] | None = None
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """Column layout shared by every part of one run (fixed before the first part is written)."""
+
+    names: tuple[str, ...]  # finding names, in prompt order
+    include_phi: bool = False
+    with_positive: bool = False
+
+    def schema(self) -> pa.Schema:
+        fields = [pa.field("path", pa.string(), nullable=False), pa.field("status", pa.string(), nullable=False),
+                  pa.field("reason", pa.string())]
+        fields += [pa.field(c, pa.string()) for c in (*ID_COLUMNS[1:], "modality", "view_position")]
+        if self.include_phi:
+            fields += [pa.field(c, pa.string()) for c in PHI_COLUMNS]
+        for name in self.names:
+            fields += [pa.field(f"{name}.logit", pa.float32()), pa.field(f"{name}.prob", pa.float32())]
+            if self.with_positive:
+                fields.append(pa.field(f"{name}.positive", pa.bool_()))
+        return pa.schema(fields)
+
+    def result_columns(self) -> list[str]:
+        cols = list(ID_COLUMNS) + (list(PHI_COLUMNS) if self.include_phi else [])
+        for name in self.names:
+            cols += [f"{name}.logit", f"{name}.prob"] + ([f"{name}.positive"] if self.with_positive else [])
+        return cols
+
+    def to_table(self, records: Sequence[FileRecord]) -> pa.Table:
+        cols: dict[str, list] = {f.name: [] for f in self.schema()}
+        scalar = [c for c in cols if "." not in c]
+        for r in records:
+            for c in scalar:
+                cols[c].append(getattr(r, c))
+            for i, name in enumerate(self.names):
+                cols[f"{name}.logit"].append(None if r.logits is None else r.logits[i])
+                cols[f"{name}.prob"].append(None if r.probs is None else r.probs[i])
+                if self.with_positive:
+                    cols[f"{name}.positive"].append(None if r.positive is None else r.positive[i])
+        return pa.table(cols, schema=self.schema())
+
+
+def split_tables(parts: pa.Table, spec: TableSpec) -> tuple[pa.Table, pa.Table]:
+    """All part rows → (results of scored files, status of every file), both sorted by path.
+
+    Sorting makes the consolidated output independent of decode completion order, so a resumed
+    or sharded run produces the same files as an uninterrupted one.
+    """
+    if parts.num_rows:
+        paths = parts.column("path").to_pylist()
+        if len(set(paths)) != len(paths):
+            # Cannot happen with correct resume logic; keep the output usable if it ever does.
+            log.warning("duplicate paths across parts; keeping the first row of each")
+            seen: set[str] = set()
+            keep = [not (p in seen or seen.add(p)) for p in paths]
+            parts = parts.filter(pa.array(keep))
+        parts = parts.sort_by("path")
+    scored = parts.filter(pc.equal(parts.column("status"), "scored")) if parts.num_rows else parts
+    return scored.select(spec.result_columns()), parts.select(list(STATUS_COLUMNS))
+
+
+class MemoryStore:
+    """Collects records in memory: used when ``score()`` is called without an output folder."""
+
+    def __init__(self, spec: TableSpec) -> None:
+        self.spec = spec
+        self._tables: list[pa.Table] = []
+
+    def commit(self, records: Sequence[FileRecord]) -> None:
+        if records:
+            self._tables.append(self.spec.to_table(records))
+
+    def table(self) -> pa.Table:
+        if not self._tables:
+            return self.spec.schema().empty_table()
+        return pa.concat_tables(self._tables)
+
+
+class PartStore:
+    """Atomic part files under ``OUT/parts``; see the module docstring for the layout."""
+
+    def __init__(self, out_dir: str | Path, spec: TableSpec) -> None:
+        self.out_dir = Path(out_dir)
+        self.parts_dir = self.out_dir / PARTS_DIR
+        self.spec = spec
+        self._next = 0
+
+    # ---- opening ----------------------------------------------------------------------------
+    @staticmethod
+    def check_output(out_dir: str | Path, *, resume: bool) -> None:
+        """Refuse to overwrite: a non-empty OUT is only accepted with ``resume``."""
+        out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"{out}: output must be a folder, but a file with that name exists")
+        if out.is_dir() and any(out.iterdir()) and not resume:
+            raise InputError(f"{out}: output folder is not empty; pass --resume to continue that run "
+                             f"or choose a new folder")
+        if resume and out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+            raise InputError(f"{out}: not a radflash score output (no {MANIFEST}); refusing to resume into it")
+
+    def open(self) -> pa.Table:
+        """Create the folders, delete uncommitted ``.tmp`` files and return the committed rows."""
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        for tmp in self.parts_dir.glob(".*.tmp"):
+            tmp.unlink()
+        committed = self.read_parts()
+        self._next = max((int(m.group(1)) + 1 for p in self.part_files() if (m := _PART_RE.match(p.name))),
+                         default=0)
+        return committed
+
+    def part_files(self) -> list[Path]:
+        return sorted(p for p in self.parts_dir.glob("part-*.parquet") if _PART_RE.match(p.name))
+
+    def read_parts(self) -> pa.Table:
+        schema = self.spec.schema()
+        tables = []
+        for p in self.part_files():
+            t = pq.read_table(p)
+            if t.schema.names != schema.names:
+                raise InputError(f"{p}: columns differ from this run's (other findings or --include-phi?); "
+                                 f"resume with the original options or use a new output folder")
+            tables.append(t.cast(schema))
+        return pa.concat_tables(tables) if tables else schema.empty_table()
+
+    # ---- writing ----------------------------------------------------------------------------
+    def commit(self, records: Sequence[FileRecord]) -> Path | None:
+        """Write one part durably: tmp file → fsync → rename → fsync(dir)."""
+        if not records:
+            return None
+        final = self.parts_dir / f"part-{self._next:05d}.parquet"
+        tmp = self.parts_dir / f".{final.name}.tmp"
+        with open(tmp, "wb") as fh:
+            pq.write_table(self.spec.to_table(records), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(self.parts_dir)
+        self._next += 1
+        return final
+
+    def finalize(self, fmt: Format) -> tuple[Path, Path, pa.Table, pa.Table]:
+        """Consolidate all parts into ``results.<fmt>`` and ``status.<fmt>``."""
+        results, status = split_tables(self.read_parts(), self.spec)
+        ext = "parquet" if fmt == "parquet" else "csv"
+        res_path, status_path = self.out_dir / f"results.{ext}", self.out_dir / f"status.{ext}"
+        write_table(results, res_path, fmt)
+        write_table(status, status_path, fmt)
+        return res_path, status_path, results, status
+
+
+def write_table(table: pa.Table, path: str | Path, fmt: Format) -> Path:
+    """Atomically write ``table`` as Parquet or CSV (header always present, even with 0 rows)."""
+    if fmt not in FORMATS:
+        raise InputError(f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        if fmt == "parquet":
+            pq.write_table(table, fh)
+        else:
+            pacsv.write_csv(table, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_table(path: str | Path) -> pa.Table:
+    """Read a results/status file written by :func:`write_table` (format from the suffix)."""
+    path = Path(path)
+    if path.suffix == ".csv":
+        return pacsv.read_csv(path)
+    return pq.read_table(path)
+
+
+def write_manifest(out_dir: str | Path, manifest: dict) -> Path:
+    """Atomic JSON write: a manifest is either the old one or the new one, never truncated."""
+    path = Path(out_dir) / MANIFEST
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(out_dir: str | Path) -> dict | None:
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: unreadable manifest ({exc})") from None
+
+
+def status_counts(statuses: Iterable[str]) -> dict[str, int]:
+    counts = {"scored": 0, "skipped": 0, "failed": 0}
+    for s in statuses:
+        counts[s] = counts.get(s, 0) + 1
+    return counts
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; not supported on every platform/filesystem (e.g. Windows).
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,143 @@
+"""Short CPU training runs: the loss goes down, checkpoints load, and resume is exact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import radflash
+from radflash.checkpoint import load_checkpoint
+from radflash.errors import InputError
+from radflash.training.data import Collator, MimicStyleDataset, batch_indices
+from radflash.training.trainer import STATE_FILE, TrainConfig, lr_at, train
+
+SENTENCES = [
+    "There is nodule of the left upper lung", "There is no pneumothorax", "There is pleural effusion",
+    "There is cardiomegaly", "There is no pleural effusion", "There is consolidation of the right lung",
+]
+
+
+@pytest.fixture(scope="module")
+def mimic_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 small PNGs whose bright square's position goes with their sentences."""
+    root = tmp_path_factory.mktemp("mimic")
+    rng = np.random.default_rng(0)
+    table = {}
+    for i in range(16):
+        img = (rng.random((64, 64)) * 60).astype(np.uint8)
+        k = i % 4
+        img[8 + 12 * k: 20 + 12 * k, 10:40] = 230
+        name = f"p{i:02d}/img{i:02d}.png"
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / name)
+        table[name] = [SENTENCES[k], SENTENCES[(k + 1 + i // 4) % 6]]
+    (root / "sentences.json").write_text(json.dumps(table))
+    return root
+
+
+def _config(root: Path, out: Path, **kw) -> TrainConfig:
+    data = {
+        "model": {"preset": "tiny", "tokenizer": "basic", "image_size": 56, "align_layers": 1,
+                  "vision": {"layers": 1}, "text": {"layers": 1}},
+        "data": {"source": "mimic", "root": str(root), "sentences": str(root / "sentences.json")},
+        "seed": 3, "steps": 8, "batch_size": 8, "lr": 2e-3, "warmup_steps": 2, "checkpoint_every": 4,
+        "output": str(out), "threads": 2,
+    }
+    data.update(kw)
+    return TrainConfig.from_dict(data)
+
+
+def test_training_lowers_loss_and_resume_is_exact(mimic_folder: Path, tmp_path: Path) -> None:
+    full = train(_config(mimic_folder, tmp_path / "full"), progress=False)
+    losses = [v for _, v in full.losses]
+    assert len(losses) == 8
+    assert np.mean(losses[-2:]) < np.mean(losses[:2])
+    assert (tmp_path / "full" / "loss.png").stat().st_size > 0
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(step: int, loss: float) -> None:
+        if step == 6:  # after the step-4 checkpoint, before the end: a crash mid-run
+            raise Stop
+
+    cfg = _config(mimic_folder, tmp_path / "resumed")
+    with pytest.raises(Stop):
+        train(cfg, progress=False, on_step=interrupt)
+    assert (tmp_path / "resumed" / "checkpoints" / "step_000004" / STATE_FILE).is_file()
+    resumed = train(cfg, resume="latest", progress=False)
+    assert [v for _, v in resumed.losses] == pytest.approx(losses, abs=1e-6)
+
+    a = load_checkpoint(full.final_checkpoint).state_dict
+    b = load_checkpoint(resumed.final_checkpoint).state_dict
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_checkpoint_is_loadable_and_backbone_can_be_frozen(mimic_folder: Path, tmp_path: Path) -> None:
+    init = train(_config(mimic_folder, tmp_path / "init", steps=1), progress=False).final_checkpoint
+    cfg = _config(mimic_folder, tmp_path / "frozen", steps=2, freeze_backbone=True, checkpoint_every=0,
+                  model={"init": str(init), "tokenizer": "checkpoint"})
+    result = train(cfg, progress=False)
+    before, after = load_checkpoint(init).state_dict, load_checkpoint(result.final_checkpoint).state_dict
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("vision."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("align."))
+    assert not torch.equal(before["log_tau"], after["log_tau"])
+    model = radflash.load(result.final_checkpoint, device="cpu")
+    img = np.zeros((64, 64), np.float32)
+    assert model.score([img], ["There is cardiomegaly"]).logits.shape == (1, 1)
+
+
+def test_collate_deduplicates_sentences(mimic_folder: Path) -> None:
+    ds = MimicStyleDataset(mimic_folder, sentences=mimic_folder / "sentences.json")
+    ckpt = radflash.factory.random_checkpoint("tiny")
+    from radflash.preprocess import Preprocessing
+
+    batch = Collator(ckpt.tokenizer, Preprocessing(56, (0.5,) * 3, (0.25,) * 3))([ds[i] for i in range(8)])
+    assert batch.pixels.shape == (8, 3, 56, 56)
+    assert len(batch.texts) == len(set(batch.texts)) == batch.input_ids.shape[0]
+    assert batch.owner.tolist() == [j for j in range(8) for _ in range(2)]
+    assert [batch.texts[i] for i in batch.text_index] == [s for j in range(8) for s in ds[j].sentences]
+
+
+def test_batch_order_is_a_function_of_the_step() -> None:
+    seen = [i for step in range(4) for i in batch_indices(step, batch_size=5, length=20, seed=1)]
+    assert sorted(seen) == list(range(20))  # one epoch = a permutation
+    ranks = [batch_indices(7, batch_size=3, length=50, seed=2, rank=r, world_size=2) for r in range(2)]
+    assert not set(ranks[0]) & set(ranks[1])
+    assert lr_at(0, lr=1.0, warmup=4, total=10) == 0.25
+    assert lr_at(4, lr=1.0, warmup=4, total=10) == 1.0
+    assert lr_at(10, lr=1.0, warmup=4, total=10) == pytest.approx(0.0)
+
+
+def test_config_and_data_errors_are_clear(mimic_folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="unknown key"):
+        TrainConfig.from_dict({"steps": 1, "learning_rate": 1})
+    with pytest.raises(InputError, match="exactly one of steps or epochs"):
+        TrainConfig.from_dict({})
+    bad = tmp_path / "reports.csv"
+    bad.write_text("path,impression\nx.png,hello\n")
+    with pytest.raises(InputError, match="no report column"):
+        MimicStyleDataset(mimic_folder, reports=bad)
+    missing = tmp_path / "s.json"
+    missing.write_text(json.dumps({"nope.png": ["There is cardiomegaly"]}))
+    with pytest.raises(InputError, match="not found"):
+        MimicStyleDataset(mimic_folder, sentences=missing)
+
+
+def test_cli_reports_user_errors_without_traceback(tmp_path: Path) -> None:
+    from radflash.cli import cli
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("steps: 1\nbatch_sizes: 4\n")
+    result = CliRunner().invoke(cli, ["train", str(cfg)])
+    assert result.exit_code == 1
+    assert "unknown key(s) batch_sizes" in result.output
+    assert "Traceback" not in result.output
