@@ -124,7 +124,8 @@ def modality_lut(arr: np.ndarray, ds: Any) -> np.ndarray:
     """Stored values → modality values (float64) through pydicom's Modality LUT / rescale.
 
     A dataset with only one of Rescale Slope/Intercept is treated as the identity for the missing
-    one (slope 1, intercept 0) instead of silently skipping the rescale as pydicom would.
+    one (slope 1, intercept 0) instead of silently skipping the rescale as pydicom would; a zero
+    slope (seen in broken exports) would flatten the image, so it is ignored.
     """
     from pydicom.pixels import apply_modality_lut
 

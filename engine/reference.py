@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from radflash.config import ModelConfig
-from radflash.errors import BackendUnavailable
+from radflash.errors import BackendUnavailable, InputError
 
 if TYPE_CHECKING:
     from radflash.api import RadFlashModel
@@ -151,8 +151,12 @@ class ReferenceRadZero:
         tf = _transformers()
         self.cfg, self.tokenizer, self.device = cfg, tokenizer, torch.device(device)
         vc = cfg.vision
+        if vc.mlp % vc.hidden:  # Dinov2Config has no intermediate_size: the MLP width is hidden · mlp_ratio
+            raise InputError(f"the transformers Dinov2 reference needs an MLP width that is a multiple of the "
+                             f"hidden width, got {vc.mlp} and {vc.hidden}")
         vcfg = tf.Dinov2Config(
-            hidden_size=vc.hidden, num_hidden_layers=vc.layers, num_attention_heads=vc.heads, intermediate_size=vc.mlp,
+            hidden_size=vc.hidden, num_hidden_layers=vc.layers, num_attention_heads=vc.heads,
+            mlp_ratio=vc.mlp // vc.hidden,
             patch_size=vc.patch, image_size=vc.patch * vc.pos_grid, num_channels=vc.in_chans, layer_norm_eps=vc.eps,
             hidden_act="gelu", qkv_bias=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
             attn_implementation="eager",

@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from radflash.errors import InputError
+
 DEFAULT_MODALITIES = ("CR", "DX")
 CHEST_TERMS = ("CHEST", "THORAX", "THORAC", "LUNG", "TORAX", "TORSO")
 FRONTAL_VIEWS = ("PA", "AP")
@@ -44,7 +46,7 @@ def _upper_tuple(values: Any, name: str) -> tuple[str, ...] | None:
         values = values.split(",")
     out = tuple(str(v).strip().upper() for v in values if str(v).strip())
     if not out:
-        raise ValueError(f"SelectionRules.{name} is empty; use None to accept any value")
+        raise InputError(f"SelectionRules.{name} is empty; use None to accept any value")
     return out
 
 

@@ -50,7 +50,7 @@ def kernel_backend() -> str:
     return _check(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto")
 
 
-class set_kernel_backend(contextlib.AbstractContextManager):  # noqa: N801 (used like a function)
+class set_kernel_backend(contextlib.AbstractContextManager):
     """Select the kernel backend process-wide; as a context manager, restore the previous choice on exit.
 
     The CLI calls it once (``--kernels``); tests use ``with set_kernel_backend("triton"):`` so a

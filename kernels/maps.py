@@ -47,7 +47,7 @@ def upsample_maps_ref(
 ) -> MapResult:
     """Plain torch: the CPU path and the baseline of tests and benchmarks (materialises the float map)."""
     sim, thr = _prepare(sim, size, output, threshold, prob_dtype, grid)
-    b, t = sim.shape[:2]
+    t = sim.shape[1]
     compute = torch.float64 if sim.dtype == torch.float64 else torch.float32
     up = F.interpolate(sim.to(compute), size=tuple(size), mode="bilinear", align_corners=False)
     flat = up.flatten(2)
@@ -105,7 +105,9 @@ def _prepare(
         raise ValueError(f"size must be (H, W) with positive sides, got {size}")
     if grid is not None:
         if sim.ndim != 3 or sim.shape[-1] != grid[0] * grid[1]:
-            raise ValueError(f"sim {tuple(sim.shape)} is not (B, T, {grid[0]}·{grid[1]})")
+            raise ValueError(
+                f"sim {tuple(sim.shape)} does not match grid={tuple(grid)}: expected (B, T, {grid[0] * grid[1]})"
+            )
         sim = sim.reshape(*sim.shape[:2], grid[0], grid[1])
     if sim.ndim != 4:
         raise ValueError(f"expected sim (B, T, h, w), or (B, T, h·w) with grid=, got {tuple(sim.shape)}")
@@ -128,8 +130,7 @@ def _upsample_maps_kernel(
     sim_ptr, thr_ptr, prob_ptr, mask_ptr, part_val_ptr, part_idx_ptr,
     T, h, w, H, W, scale_y, scale_x,
     stride_sim_bt, stride_sim_y, stride_sim_x,
-    stride_prob_bt, stride_prob_y, stride_prob_x,
-    stride_mask_bt, stride_mask_y, stride_mask_x,
+    stride_out_bt, stride_out_y, stride_out_x,
     stride_part_bt,
     OUT_PROB: tl.constexpr, OUT_MASK: tl.constexpr,
     BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
@@ -172,14 +173,14 @@ def _upsample_maps_kernel(
         val = hy[:, None] * (hx[None, :] * v00 + lx[None, :] * v01) + ly[:, None] * (
             hx[None, :] * v10 + lx[None, :] * v11
         )
+        # probs and masks share one contiguous (B·T, H, W) layout, hence one set of strides.
+        out_off = bt * stride_out_bt + offs_y[:, None].to(tl.int64) * stride_out_y + offs_x[None, :] * stride_out_x
         if OUT_PROB or OUT_MASK:
             prob = tl.sigmoid(val)
             if OUT_PROB:
-                p_off = bt * stride_prob_bt + offs_y[:, None].to(tl.int64) * stride_prob_y + offs_x[None, :] * stride_prob_x
-                tl.store(prob_ptr + p_off, prob.to(prob_ptr.dtype.element_ty), mask=valid)
+                tl.store(prob_ptr + out_off, prob.to(prob_ptr.dtype.element_ty), mask=valid)
             if OUT_MASK:
-                m_off = bt * stride_mask_bt + offs_y[:, None].to(tl.int64) * stride_mask_y + offs_x[None, :] * stride_mask_x
-                tl.store(mask_ptr + m_off, (prob > thr).to(tl.uint8), mask=valid)
+                tl.store(mask_ptr + out_off, (prob > thr).to(tl.uint8), mask=valid)
         # Partial arg-max; tiles are visited column-first, so ties compare the row-major index.
         vm = tl.where(valid, val, float("-inf"))
         tile_max = tl.max(vm)
@@ -198,7 +199,7 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _blocks(H: int, W: int) -> tuple[int, int]:  # noqa: N803 (image sizes)
+def _blocks(H: int, W: int) -> tuple[int, int]:
     """Size heuristic (row-wise op, no autotuning): 4K-pixel tiles, rows as wide as possible.
 
     256 fp16 columns = 512 contiguous bytes per row segment: full 128-byte store transactions.
@@ -211,7 +212,7 @@ def _blocks(H: int, W: int) -> tuple[int, int]:  # noqa: N803 (image sizes)
 
 
 def _upsample_maps_launch(
-    sim: torch.Tensor, H: int, W: int, thr: torch.Tensor, prob_dtype: torch.dtype, out_prob: bool, out_mask: bool  # noqa: N803
+    sim: torch.Tensor, H: int, W: int, thr: torch.Tensor, prob_dtype: torch.dtype, out_prob: bool, out_mask: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     b, t, h, w = sim.shape
     if sim.dtype not in _SIM_DTYPES:
@@ -226,16 +227,14 @@ def _upsample_maps_launch(
     masks = _alloc((b, t, H, W) if out_mask else (0, 0, 0, 0), torch.uint8, dev)
     block_y, block_x = _blocks(H, W)
     n_rows = triton.cdiv(H, block_y)
-    part_val = torch.empty((b * t, n_rows), dtype=torch.float32, device=dev)
-    part_idx = torch.empty((b * t, n_rows), dtype=torch.int32, device=dev)
+    part_val = _alloc((b * t, n_rows), torch.float32, dev)
+    part_idx = _alloc((b * t, n_rows), torch.int32, dev)
     if b * t:
-        ps = (probs.stride(1), probs.stride(2), probs.stride(3)) if out_prob else (0, 0, 0)
-        mstr = (masks.stride(1), masks.stride(2), masks.stride(3)) if out_mask else (0, 0, 0)
         with device_of(sim):
             _upsample_maps_kernel[(b * t, n_rows)](
                 sim3, thr, probs, masks, part_val, part_idx,
                 t, h, w, H, W, h / H, w / W,
-                *sim3.stride(), *ps, *mstr, part_val.stride(0),
+                *sim3.stride(), H * W, W, 1, part_val.stride(0),
                 out_prob, out_mask,
                 BLOCK_Y=block_y, BLOCK_X=block_x, num_warps=4,
             )  # fmt: skip
@@ -250,7 +249,7 @@ def _upsample_maps_launch(
 
 @torch.library.custom_op("radflash::upsample_maps", mutates_args=())
 def _upsample_maps_op(
-    sim: torch.Tensor, H: int, W: int, thr: torch.Tensor, prob_dtype: torch.dtype, out_prob: bool, out_mask: bool  # noqa: N803
+    sim: torch.Tensor, H: int, W: int, thr: torch.Tensor, prob_dtype: torch.dtype, out_prob: bool, out_mask: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # Opaque to torch.compile; outputs not asked for come back empty (ops return fixed arities).
     return _upsample_maps_launch(sim, H, W, thr, prob_dtype, out_prob, out_mask)
@@ -258,7 +257,7 @@ def _upsample_maps_op(
 
 @_upsample_maps_op.register_fake
 def _(
-    sim: torch.Tensor, H: int, W: int, thr: torch.Tensor, prob_dtype: torch.dtype, out_prob: bool, out_mask: bool  # noqa: N803
+    sim: torch.Tensor, H: int, W: int, thr: torch.Tensor, prob_dtype: torch.dtype, out_prob: bool, out_mask: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     b, t = sim.shape[:2]
     probs = sim.new_empty((b, t, H, W) if out_prob else (0, 0, 0, 0), dtype=prob_dtype)

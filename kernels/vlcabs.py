@@ -89,7 +89,9 @@ def _check_inputs(
     kernel: bool,
 ) -> None:
     if tokens.ndim != 3 or text.ndim != 2:
-        raise ValueError(f"expected tokens (B, N, D) and text (T, D), got {tuple(tokens.shape)} and {tuple(text.shape)}")
+        raise ValueError(
+            f"expected tokens (B, N, D) and text (T, D), got {tuple(tokens.shape)} and {tuple(text.shape)}"
+        )
     if tokens.shape[-1] != text.shape[-1]:
         raise ValueError(f"tokens have width {tokens.shape[-1]} but text has width {text.shape[-1]}")
     if tokens.shape[1] < 1:
@@ -195,7 +197,7 @@ def _configs() -> list:
         triton.Config({"BLOCK_T": bt, "BLOCK_N": bn}, num_warps=w, num_stages=2)
         for bt in _BLOCK_T
         for bn in _BLOCK_N
-        for w in (4, 8)
+        for w in (4, 8, 16)
     ]
 
 
@@ -208,6 +210,9 @@ def _prune(configs: list, named_args: dict, **kwargs: object) -> list:
         if c.kwargs["BLOCK_T"] <= t_cap
         and c.kwargs["BLOCK_T"] * block_d <= _MAX_TILE
         and c.kwargs["BLOCK_N"] * block_d <= _MAX_TILE
+        # Wide rows need many threads to hold acc + t̂ + the token tile without spilling, and
+        # narrow ones do not fill 16 warps.
+        and (c.num_warps >= 8 if block_d >= 512 else c.num_warps <= 8)
     ]
     return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_N"], c.num_warps))]
 

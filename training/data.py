@@ -13,10 +13,12 @@ uninterrupted run would have seen without storing any sampler state.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,6 +69,7 @@ class PhantomDataset(torch.utils.data.Dataset):
         exclude: Sequence[tuple[str, str]] = (),
         findings: Sequence[str | tuple[str, str | None]] | None = None,
         augment: bool = False,
+        pool: int | None = None,
     ) -> None:
         if length < 1:
             raise InputError(f"phantom dataset length must be ≥ 1, got {length}")
@@ -76,24 +79,60 @@ class PhantomDataset(torch.utils.data.Dataset):
         self.exclude = tuple((str(f), str(loc)) for f, loc in exclude)
         self.findings = tuple(findings) if findings is not None else None  # exactly these, every image
         self.augment = augment
+        # pool: item i shows phantom i % pool (drawn once, cached) with its own augmentation draw.
+        # Drawing costs more than a training step of the tiny model; a cached pool re-used for a
+        # few epochs buys ~2× more steps in the same CPU budget.
+        self.pool = int(pool) if pool else None
+        self._cache: dict[int, tuple[np.ndarray, tuple[str, ...]]] = {}
+
+    def prefill(self, processes: int = 1) -> None:
+        """Draw the whole pool now (in ``processes`` forked workers): a pure function of the indices."""
+        if not self.pool:
+            return
+        todo = [i for i in range(self.pool) if i not in self._cache]
+        if processes > 1 and len(todo) > 1:
+            import multiprocessing as mp
+
+            with mp.get_context("fork").Pool(processes) as workers:
+                drawn = workers.map(self._draw_for_cache, todo, chunksize=16)
+        else:
+            drawn = [self._draw_for_cache(i) for i in todo]
+        self._cache.update(zip(todo, drawn))
+
+    def _draw_for_cache(self, base: int) -> tuple[np.ndarray, tuple[str, ...]]:
+        sample = self._draw(base)
+        return sample.image.astype(np.float16), sample.sentences
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> Sample:
-        from radflash.training.phantoms import generate_phantom
-        from radflash.training.sentences import extract_sentences
-
         if not 0 <= index < self.length:
             raise IndexError(index)
+        if self.pool:
+            base = index % self.pool
+            if base not in self._cache:
+                self._cache[base] = self._draw_for_cache(base)
+            image, sentences = self._cache[base]
+            image = image.astype(np.float32)
+            if self.augment:
+                image = _augment(image, np.random.default_rng([self.seed, index]))
+            return Sample(image=image, sentences=sentences, key=f"phantom:{sample_seed(self.seed, base)}")
+        sample = self._draw(index)
+        if self.augment:
+            rng = np.random.default_rng([self.seed, index])
+            sample = dataclasses.replace(sample, image=_augment(sample.image, rng))
+        return sample
+
+    def _draw(self, index: int) -> Sample:
+        from radflash.training.phantoms import generate_phantom
+
         seed = sample_seed(self.seed, index)
         kwargs: dict = {"exclude": self.exclude}
         if self.findings is not None:
             kwargs["findings"] = list(self.findings)
         ph = generate_phantom(seed, self.size, **kwargs)
         image = np.asarray(ph.image, dtype=np.float32)
-        if self.augment:
-            image = _augment(image, np.random.default_rng(seed))
         labels: dict[str, bool] = {}
         masks: dict[str, np.ndarray] = {}
         boxes: dict[str, tuple[tuple[int, int, int, int], ...]] = {}
@@ -105,8 +144,43 @@ class PhantomDataset(torch.utils.data.Dataset):
             masks[placed.name] = masks[placed.name] | mask if placed.name in masks else mask
             box = (int(placed.box[0]), int(placed.box[1]), int(placed.box[2]), int(placed.box[3]))
             boxes[placed.name] = (*boxes.get(placed.name, ()), box)
-        return Sample(image=image, sentences=tuple(extract_sentences(ph.report)), key=f"phantom:{seed}",
+        return Sample(image=image, sentences=tuple(phantom_sentences(ph)), key=f"phantom:{seed}",
                       labels=labels, masks=masks, boxes=boxes, locations=locations)
+
+
+def phantom_sentences(ph: Any) -> list[str]:
+    """Minimal sentences of a phantom: ``sentences.extract_sentences`` on its report.
+
+    Stand-in while ``radflash.training.sentences`` is not available: the same canonical sentences
+    written from the phantom's own labels ("There is/may be <finding> of the <location>" for each
+    placed finding, "There is no <finding>" for every absent one).
+    """
+    try:
+        from radflash.training.sentences import extract_sentences
+    except ImportError:
+        return _sentences_from_labels(ph)
+    return list(extract_sentences(ph.report))
+
+
+def canonical_prompt(finding: str, location: str | None = None) -> str:
+    """``sentences.prompt_for`` when available, else the same "There is <finding> of the <location>" form."""
+    try:
+        from radflash.training.sentences import prompt_for
+    except ImportError:
+        return f"There is {finding}" + (f" of the {location}" if location else "")
+    return prompt_for(finding, location)
+
+
+def _sentences_from_labels(ph: Any) -> list[str]:
+    from radflash.training.phantoms import FINDINGS
+
+    out = []
+    for f in ph.findings:
+        verb = "There may be" if getattr(f, "hedged", False) else "There is"
+        out.append(f"{verb} {f.name}" + (f" of the {f.location}" if f.location else ""))
+    present = {f.name for f in ph.findings}
+    out += [f"There is no {name}" for name in FINDINGS if name not in present]
+    return list(dict.fromkeys(out))
 
 
 def _augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -269,15 +269,15 @@ def plot_roc(pred: Predictions, path: str | Path, *, title: str = "") -> Path:
 # ---- the verb behind `radflash evaluate` --------------------------------------------------------
 def phantom_eval_prompts(model: Any) -> dict[str, str]:
     """Prompts for the phantom findings: the checkpoint's own where it names them, else canonical."""
+    from radflash.training.data import canonical_prompt
     from radflash.training.phantoms import FINDINGS
-    from radflash.training.sentences import prompt_for
 
     own = getattr(model, "default_prompts", {}) or {}
-    return {name: own.get(name, prompt_for(name, None)) for name in FINDINGS}
+    return {name: own.get(name, canonical_prompt(name, None)) for name in FINDINGS}
 
 
-def held_out_metrics(model: Any, dataset: Any, combos: Sequence[tuple[str, str]], *, n_positive: int = 48,
-                     batch_size: int = 16) -> dict[str, dict[str, float]]:
+def held_out_metrics(model: Any, dataset: Sequence[Any], combos: Sequence[tuple[str, str]], *, seed: int,
+                     size: int = 224, n_positive: int = 48, batch_size: int = 16) -> dict[str, dict[str, float]]:
     """Zero-shot test of (finding, location) combinations never seen in training.
 
     Random phantoms rarely show a given combination, so ``n_positive`` extra phantoms are drawn with
@@ -288,12 +288,13 @@ def held_out_metrics(model: Any, dataset: Any, combos: Sequence[tuple[str, str]]
     is the plain finding prompt on the latter split; ``pointing_game`` on the positives.
     """
     from radflash.training.data import PhantomDataset
-    from radflash.training.sentences import prompt_for
+    from radflash.training.data import canonical_prompt as prompt_for
 
     out: dict[str, dict[str, float]] = {}
     for k, (finding, location) in enumerate(combos):
-        pos_ds = PhantomDataset(seed=getattr(dataset, "seed", 0) + 7919 * (k + 1), length=n_positive,
-                                size=getattr(dataset, "size", 224), findings=[(finding, location)])
+        pos_ds = PhantomDataset(seed=seed + 7919 * (k + 1), length=n_positive, size=size,
+                                findings=[(finding, location)])
+        pos_ds = [pos_ds[i] for i in range(len(pos_ds))]  # drawn once, scored with two prompts
         scores = {}
         for key, prompt in (("combo", prompt_for(finding, location)), ("plain", prompt_for(finding, None))):
             pos = predict(model, pos_ds, {finding: prompt}, batch_size=batch_size, thresholds=(0.5,))
@@ -347,7 +348,8 @@ def evaluate_phantoms(
         raise InputError("--seed and --val-seed must differ: thresholds are never chosen on the test images")
     model = radflash.load(model_path, device=device)
     prompts = phantom_eval_prompts(model)
-    test = PhantomDataset(seed=seed, length=n, size=size)
+    test_ds = PhantomDataset(seed=seed, length=n, size=size)
+    test = [test_ds[i] for i in range(n)]  # drawn once: several passes below (drawing costs more than scoring)
     if threshold == "validation":
         val = PhantomDataset(seed=val_seed, length=val_n, size=size)
         thresholds = choose_thresholds(model, val, prompts=prompts)
@@ -366,7 +368,7 @@ def evaluate_phantoms(
                        threshold_source=source)
     combos = held_out if held_out is not None else [tuple(c) for c in model.calibration.get("held_out", [])]
     if combos:
-        report.held_out = held_out_metrics(model, test, combos, batch_size=batch_size)
+        report.held_out = held_out_metrics(model, test, combos, seed=seed, size=size, batch_size=batch_size)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -75,6 +75,8 @@ class DataSection:
     val_seed: int = 1  # phantoms: validation images (never the training seed)
     val_size: int = 64  # validation images for the eval loss
     workers: int = 0  # DataLoader worker processes drawing phantoms in parallel with the step
+    pool: int | None = None  # phantoms: draw this many once (cached), re-used with fresh augmentation
+    pool_processes: int = 1  # processes drawing the pool before the first step
 
 
 @dataclass
@@ -200,8 +202,10 @@ def model_config(sec: ModelSection) -> ModelConfig:
 
 def build_tokenizer(kind: str, cfg: ModelConfig) -> PromptTokenizer:
     if kind == "phantom":
-        from radflash.training.vocab import build_tokenizer as phantom_tokenizer
-
+        try:
+            from radflash.training.vocab import build_tokenizer as phantom_tokenizer
+        except ImportError:  # stand-in while training/vocab.py is not available
+            phantom_tokenizer = _phantom_wordpiece
         tok = phantom_tokenizer()
     else:
         tok = wordpiece_tokenizer(vocab_size=None)
@@ -210,12 +214,24 @@ def build_tokenizer(kind: str, cfg: ModelConfig) -> PromptTokenizer:
     return PromptTokenizer(tok, pad_id=cfg.text.pad_id, max_length=cfg.text.max_length)
 
 
+def _phantom_wordpiece() -> Any:
+    """WordPiece over the base words + every word of the phantom findings, locations and terms."""
+    from radflash.factory import BASIC_WORDS
+    from radflash.training.phantoms import FINDINGS
+
+    words = list(BASIC_WORDS)
+    for spec in FINDINGS.values():
+        for text in (spec.name, *spec.terms, *(loc for loc in spec.locations if loc)):
+            words += text.lower().replace("-", " ").split()
+    return wordpiece_tokenizer(list(dict.fromkeys(words)))
+
+
 def phantom_prompts() -> dict[str, str]:
     """Default prompts of a phantom-trained model: finding name → canonical "There is ..." prompt."""
+    from radflash.training.data import canonical_prompt
     from radflash.training.phantoms import FINDINGS
-    from radflash.training.sentences import prompt_for
 
-    return {name: prompt_for(name, None) for name in FINDINGS}
+    return {name: canonical_prompt(name, None) for name in FINDINGS}
 
 
 class _Towers(nn.Module):
@@ -266,7 +282,10 @@ def contrastive_loss(model: RadZero, tokens: torch.Tensor, text: torch.Tensor, b
 
     ℓ is computed once per UNIQUE sentence text and then indexed per sentence instance.
     """
-    from radflash.training.losses import multi_positive_nce
+    try:
+        from radflash.training.losses import multi_positive_nce
+    except ImportError:  # stand-in while training/losses.py is not available
+        multi_positive_nce = _multi_positive_nce
 
     text_index, owner = batch.text_index, batch.owner
     if distributed:
@@ -282,6 +301,23 @@ def contrastive_loss(model: RadZero, tokens: torch.Tensor, text: torch.Tensor, b
     cos = model.cosine(tokens.float(), text.float())  # (B, U)
     cos = cos[:, text_index].T  # (K, B)
     return multi_positive_nce(cos, owner, model.log_tau.exp())
+
+
+def _multi_positive_nce(cos: torch.Tensor, owner: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """The spec's loss for ℓ (K sentences × J images): ½ (row NCE + column NCE).
+
+    Column term of sentence k: its own image g(k) against the sentences of OTHER images only, so
+    the other sentences of the same report are not negatives.
+    """
+    logits = cos / tau
+    k = torch.arange(cos.shape[0], device=cos.device)
+    pos = logits[k, owner]
+    row = torch.logsumexp(logits, dim=1) - pos
+    col_logits = logits[:, owner].T  # [k, m] = logit of sentence m with image g(k)
+    same = owner[:, None] == owner[None, :]
+    col_logits = col_logits.masked_fill(same & (k[:, None] != k[None, :]), float("-inf"))
+    col = torch.logsumexp(col_logits, dim=1) - pos
+    return 0.5 * (row.mean() + col.mean())
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -542,7 +578,9 @@ def _datasets(cfg: TrainConfig, global_bs: int) -> tuple[torch.utils.data.Datase
     if d.source == "phantoms":
         length = d.length or (cfg.steps or 1) * global_bs
         exclude = [tuple(c) for c in d.exclude]
-        train_ds = PhantomDataset(seed=d.seed, length=length, size=d.size, exclude=exclude, augment=d.augment)
+        train_ds = PhantomDataset(seed=d.seed, length=length, size=d.size, exclude=exclude, augment=d.augment,
+                                  pool=d.pool)
+        train_ds.prefill(d.pool_processes)
         val_ds = PhantomDataset(seed=d.val_seed, length=d.val_size, size=d.size, exclude=exclude)
         return train_ds, val_ds
     ds = MimicStyleDataset(d.root, reports=d.reports, sentences=d.sentences)  # type: ignore[arg-type]

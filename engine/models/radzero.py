@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from radflash.config import ModelConfig
-from radflash.kernels import vlcabs
+from radflash.kernels import vlcabs, vlcabs_ref
 from radflash.models.text import TextEncoder
 from radflash.models.vit import AlignTransformer, VisionTransformer
 
@@ -68,10 +68,11 @@ class RadZero(nn.Module):
         return self.cosine(tokens, text) / self.log_tau.exp()
 
     def cosine(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """ℓ (B, T) for already-LayerNormed tokens, differentiable in τ too."""
+        """ℓ (B, T) for already-LayerNormed tokens; differentiable in the inputs and in τ.
+
+        The plain-torch head reference is autograd-safe, so training shares it rather than keeping
+        a second copy of the formulas.
+        """
         tau = self.log_tau.exp()
-        v = nn.functional.normalize(tokens, dim=-1)
-        t = nn.functional.normalize(text, dim=-1)
-        attn = torch.softmax(torch.einsum("bnd,td->btn", v, t) / tau, dim=-1)
-        pooled = nn.functional.normalize(torch.einsum("btn,bnd->btd", attn, v), dim=-1)
-        return (pooled * t[None]).sum(-1)
+        logits, _ = vlcabs_ref(tokens, text, tau)
+        return logits * tau

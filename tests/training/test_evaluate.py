@@ -66,3 +66,31 @@ def test_pointing_game_and_boxes() -> None:
     assert m.sum() == 4 and m[1, 2] and m[2, 3] and not m[3, 3] and not m[1, 4]
     assert pointing_hit((2, 3), m)
     assert not pointing_hit((0, 0), m)
+
+
+def test_evaluate_phantoms_end_to_end(tmp_path) -> None:
+    """The verb runs on a small random model and writes a complete report (values not checked)."""
+    import dataclasses
+    import json
+
+    from radflash.checkpoint import save_checkpoint
+    from radflash.config import preset
+    from radflash.factory import random_checkpoint
+    from radflash.training.evaluate import evaluate_phantoms
+
+    base = preset("tiny")
+    cfg = dataclasses.replace(base, image_size=56, align_layers=1,
+                              vision=dataclasses.replace(base.vision, layers=1),
+                              text=dataclasses.replace(base.text, layers=1))
+    ckpt = save_checkpoint(random_checkpoint(cfg, seed=0), tmp_path / "m")
+    report = evaluate_phantoms(ckpt, seed=5, n=8, val_seed=6, val_n=6, size=64, device="cpu",
+                               held_out=[("lung nodule", "left lower lung")], out=tmp_path / "eval")
+    data = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert (tmp_path / "eval" / "roc.png").stat().st_size > 0
+    assert set(data["findings"]) == {"pleural effusion", "pneumothorax", "cardiomegaly", "lung nodule",
+                                     "lung mass", "consolidation", "atelectasis"}
+    assert 0.0 <= report.pointing_game <= 1.0 and 0.0 <= report.mean_dice <= 1.0
+    held = data["held_out"]["lung nodule @ left lower lung"]
+    assert held["positives"] == 48 and 0.0 <= held["auroc"] <= 1.0
+    with pytest.raises(Exception, match="must differ"):
+        evaluate_phantoms(ckpt, seed=5, val_seed=5, device="cpu")

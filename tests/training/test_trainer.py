@@ -141,3 +141,31 @@ def test_cli_reports_user_errors_without_traceback(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "unknown key(s) batch_sizes" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_match_one_process(mimic_folder: Path, tmp_path: Path) -> None:
+    """torchrun (gloo, 2 ranks × 4 images) takes the same steps as 1 process × 8 images.
+
+    The loss over the all-gathered batch equals the single-process loss, and the gathered
+    gradients (summed by all_gather's backward, averaged by DDP) equal the single-process ones.
+    """
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    base = _config(mimic_folder, tmp_path / "single", steps=3, checkpoint_every=0).to_dict()
+    single = train(TrainConfig.from_dict(base), progress=False)
+    ddp_cfg = {**base, "batch_size": 4, "output": str(tmp_path / "ddp")}
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(ddp_cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "-m", "radflash", "train", str(tmp_path / "ddp.yaml"), "-q"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "step_000003")
+    ref = load_checkpoint(single.final_checkpoint)
+    for k, v in ref.state_dict.items():
+        torch.testing.assert_close(ddp.state_dict[k], v, rtol=1e-4, atol=1e-5, msg=k)

@@ -1,0 +1,602 @@
+"""``bench()``: latency of every stage of radflash beside the RadZero reference, in one run.
+
+For each backend and batch size B one timed loop runs the whole path per iteration
+
+    decode (B DICOM files) → preprocess → image encoder → head (VL-CABS) → maps (upsampling)
+
+with a :class:`radflash.timing.StageClock` boundary after each stage. ``e2e`` is that
+iteration's total and the stage times are its consecutive segments, so per iteration the
+stages sum to at most ``e2e`` (exactly, up to loop overhead) and so do their means.
+The reference path (:mod:`radflash.reference`: transformers modules, fp32, eager, same weights;
+plain-torch head and maps; the reference code's pydicom/PIL decode and preprocessing) runs the
+same loop on the same files in the same process, so every row carries
+``ratio = reference median / radflash median`` (> 1: radflash is faster).
+``score`` times the whole :func:`radflash.score.score` verb (in-process decode) on a small
+synthetic archive against a serial reference loop over the same files.
+
+Warm-up iterations are excluded; CUDA timings use events and one synchronize per iteration.
+Physical limits beside the results (formulas in :data:`FORMULAS`): the encoder's achieved FLOP/s
+as a fraction of a measured matmul rate in the model's dtype, and the head's and maps' bytes/s
+as a fraction of a measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from radflash.errors import BackendUnavailable, InputError
+from radflash.timing import MemoryPeak, Peaks, StageClock, Stats, measure_peaks, peak_memory, reset_peak_memory
+
+if TYPE_CHECKING:
+    from radflash.api import RadFlashModel
+    from radflash.checkpoint import Checkpoint
+
+log = logging.getLogger("radflash.bench")
+
+SCHEMA = "radflash.bench/1"
+STAGES = ("decode", "preprocess", "encode", "head", "maps")
+E2E, SCORE = "e2e", "score"
+SCORE_RUNS = 3  # whole-archive runs of the score path (each run already covers archive_files images)
+SYNTHETIC_SIZE = 512  # side of in-memory images when no DICOM archive can be built
+
+FORMULAS = {
+    "encode": ("FLOP per image = L·[2·N·(4·D² + 2·D·M) + 4·N²·D] + 2·P·(C·p²)·D, with L = vision + align "
+               "layers, P = (S/p)² patches, N = P + 1 tokens, D width, M MLP width, C channels, p patch "
+               "(qkv 6ND², proj 2ND², MLP 4NDM, scores + weighted sum 4N²D, patch-embedding conv)"),
+    "head": ("bytes = B·N·D·e_tok (read tokens once) + T·D·e_txt (prompts) + B·T·4 (logits) + B·T·(N−1)·e_s "
+             "(write s for the maps); FLOP = 4·B·T·N·D (similarities + weighted sum)"),
+    "maps": "bytes = B·T·(N−1)·e_s (read s) + B·T·H·W·e_out (write probabilities; masks/peaks are smaller)",
+    "matmul": "peak FLOP/s = 2·n³ / t for an n×n @ n×n matmul in the model's dtype (best of 5)",
+    "copy": "copy bandwidth = 2·bytes / t (read + write) of a large float32 tensor copy (best of 5)",
+    "fraction": "fraction = achieved rate at the median time / measured peak",
+}
+
+
+# ---- report ---------------------------------------------------------------------------------------
+@dataclass
+class Limit:
+    kind: str  # "flop" or "bytes"
+    amount: float  # per iteration (whole batch)
+    achieved_per_s: float
+    peak_per_s: float
+    fraction: float
+
+    def describe(self) -> str:
+        if self.kind == "flop":
+            return f"{self.achieved_per_s / 1e12:.3g} TFLOP/s = {100 * self.fraction:.0f}% of matmul"
+        return f"{self.achieved_per_s / 1e9:.3g} GB/s = {100 * self.fraction:.0f}% of copy"
+
+
+@dataclass
+class Row:
+    backend: str
+    batch_size: int
+    stage: str
+    images: int  # images per timed iteration (B, or the archive size for `score`)
+    radflash: Stats
+    reference: Stats | None
+    ratio: float | None  # reference median / radflash median
+    images_per_s: float
+    reference_images_per_s: float | None
+    limit: Limit | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend, "batch_size": self.batch_size, "stage": self.stage, "images": self.images,
+            "radflash": self.radflash.to_dict(),
+            "reference": None if self.reference is None else self.reference.to_dict(),
+            "ratio": self.ratio, "images_per_s": self.images_per_s,
+            "reference_images_per_s": self.reference_images_per_s,
+            "limit": None if self.limit is None else dataclasses.asdict(self.limit),
+        }
+
+
+@dataclass
+class MemoryRow:
+    backend: str  # a radflash backend, or "reference"
+    batch_size: int
+    peak: MemoryPeak
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "batch_size": self.batch_size, **self.peak.to_dict()}
+
+
+@dataclass
+class BenchReport:
+    machine: dict[str, Any]
+    config: dict[str, Any]
+    peaks: Peaks | None
+    rows: list[Row] = field(default_factory=list)
+    memory: list[MemoryRow] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"what": ..., "reason": ...}
+    formulas: dict[str, str] = field(default_factory=lambda: dict(FORMULAS))
+    schema: str = SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema, "machine": self.machine, "config": self.config,
+            "peaks": None if self.peaks is None else self.peaks.to_dict(), "formulas": self.formulas,
+            "rows": [r.to_dict() for r in self.rows], "memory": [m.to_dict() for m in self.memory],
+            "skipped": self.skipped,
+        }
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text + "\n")
+        return text
+
+    def row(self, backend: str, batch_size: int, stage: str) -> Row | None:
+        return next((r for r in self.rows if (r.backend, r.batch_size, r.stage) == (backend, batch_size, stage)), None)
+
+    @property
+    def backends(self) -> list[str]:
+        return list(dict.fromkeys(r.backend for r in self.rows))
+
+
+# ---- formulas ---------------------------------------------------------------------------------------
+def encoder_flops(cfg: Any, image_size: int) -> float:
+    """FLOP per image of the ViT + align layers (:data:`FORMULAS` ``encode``)."""
+    v = cfg.vision
+    patches = (image_size // v.patch) ** 2
+    n, d, m = patches + 1, v.hidden, v.mlp
+    layers = v.layers + cfg.align_layers
+    return layers * (2 * n * (4 * d * d + 2 * d * m) + 4 * n * n * d) + 2 * patches * (v.in_chans * v.patch**2) * d
+
+
+def head_bytes(b: int, t: int, n: int, d: int, *, e_tok: int, e_txt: int, e_s: int) -> int:
+    return b * n * d * e_tok + t * d * e_txt + b * t * 4 + b * t * (n - 1) * e_s
+
+
+def maps_bytes(b: int, t: int, n_patches: int, h: int, w: int, *, e_s: int, e_out: int) -> int:
+    return b * t * n_patches * e_s + b * t * h * w * e_out
+
+
+# ---- prompts and inputs -------------------------------------------------------------------------------
+_LOCATIONS = ("left upper lobe", "right upper lobe", "left lower lobe", "right lower lobe", "left lung", "right lung")
+
+
+def bench_prompts(n: int, defaults: Sequence[str]) -> list[str]:
+    """``n`` distinct prompts: the model's defaults first, then '<default> of the <location>' variants."""
+    out = list(dict.fromkeys(defaults))
+    for loc in _LOCATIONS:
+        out += [f"{p} of the {loc}" for p in defaults]
+    k = 0
+    while len(out) < n:  # open-vocabulary sizes beyond the templates
+        out.append(f"There is finding number {k}")
+        k += 1
+    return out[:n]
+
+
+@dataclass
+class _Inputs:
+    files: list[Path]  # DICOM files (empty: synthetic in-memory images)
+    synthetic: list[np.ndarray]  # float32 [0, 1] H×W, used when files is empty
+    map_size: tuple[int, int]
+
+    def batch(self, i: int, b: int) -> list[Path] | list[np.ndarray]:
+        pool = self.files or self.synthetic
+        return [pool[(i * b + j) % len(pool)] for j in range(b)]
+
+
+def _build_archive(root: Path, n: int, skipped: list[dict[str, str]]) -> list[Path]:
+    """``n`` synthetic chest films in the encodings real archives hold (J2K, MONOCHROME1, 8–16 bit...).
+
+    The archive's clutter (knees, CT, broken files) is written too but left out of the timed
+    file list: ``decode`` and ``score`` time images that are actually scored.
+    """
+    if n <= 0:
+        skipped.append({"what": "decode, score", "reason": "archive_files=0: in-memory images used"})
+        return []
+    try:
+        from radflash.imageio import load_image  # noqa: F401  (needed to decode what we write)
+        from radflash.training.phantom_dicom import read_manifest, write_archive
+    except ImportError as exc:
+        reason = f"no synthetic DICOM archive ({exc}); in-memory images used"
+        skipped.append({"what": "decode, score", "reason": reason})
+        return []
+    write_archive(root, n, 0)
+    return [root / e.path for e in read_manifest(root) if e.expected == "loaded"][:n]
+
+
+# ---- model ------------------------------------------------------------------------------------------
+def _checkpoint(model: str | Path | None, skipped: list[dict[str, str]]) -> Checkpoint:
+    from radflash.api import DEMO_MODEL
+    from radflash.checkpoint import load_checkpoint
+    from radflash.config import PRESETS
+    from radflash.factory import random_checkpoint
+
+    if model is None:
+        if (DEMO_MODEL / "model.safetensors").exists():
+            return load_checkpoint(DEMO_MODEL)
+        skipped.append({"what": "demo model", "reason": "not built yet; a random 'tiny' model (same shapes) is used"})
+        model = "tiny"
+    if isinstance(model, str) and model in PRESETS and not Path(model).exists():
+        return random_checkpoint(model, seed=0, model_id=f"random-{model}")
+    return load_checkpoint(model)
+
+
+def _resolve_model(model: Any, device: str, image_size: int | None,
+                   skipped: list[dict[str, str]]) -> RadFlashModel:
+    """A RadFlashModel at ``image_size``: a path, a preset name (random weights), an instance or None."""
+    from radflash.api import RadFlashModel
+    from radflash.checkpoint import Checkpoint
+
+    if isinstance(model, RadFlashModel):
+        if image_size is None or image_size == model.config.image_size:
+            return model
+        ckpt = Checkpoint(config=model.config, state_dict=model.module.state_dict(), tokenizer=model.tokenizer,
+                          model_id=model.model_id, prompts=dict(model.default_prompts))
+        device, dtype = model.device, model.dtype
+    elif model is None or isinstance(model, (str, Path)):
+        ckpt, dtype = _checkpoint(model, skipped), None
+    else:
+        kind = type(model).__name__
+        raise InputError(f"model must be a checkpoint path, a preset name or a RadFlashModel, got {kind}")
+    if image_size is not None and image_size != ckpt.config.image_size:
+        patch = ckpt.config.vision.patch
+        if image_size % patch:
+            raise InputError(f"image size {image_size} is not a multiple of the patch size {patch}")
+        ckpt = dataclasses.replace(ckpt, config=dataclasses.replace(ckpt.config, image_size=image_size))
+    return RadFlashModel(ckpt, device=device, dtype=dtype)
+
+
+def _check_args(backends: Sequence[str], batch_sizes: Sequence[int], prompts: int, iterations: int,
+                warmup: int, archive_files: int) -> list[str]:
+    from radflash.backends import BACKENDS
+
+    if isinstance(backends, str):
+        backends = [backends]
+    names = [b for b in BACKENDS if b != "auto"]
+    chosen: list[str] = []
+    for b in backends:
+        if b == "all":
+            chosen += names
+        elif b in BACKENDS:
+            chosen.append(b)
+        else:
+            raise InputError(f"unknown backend {b!r}; choose from {', '.join([*BACKENDS, 'all'])}")
+    if not batch_sizes or any(int(b) != b or b < 1 for b in batch_sizes):
+        raise InputError(f"batch sizes must be integers ≥ 1, got {list(batch_sizes)}")
+    for name, value, low in (("prompts", prompts, 1), ("iterations", iterations, 1), ("warmup", warmup, 0),
+                             ("archive_files", archive_files, 0)):
+        if value < low:
+            raise InputError(f"{name} must be ≥ {low}, got {value}")
+    return list(dict.fromkeys(chosen))
+
+
+# ---- the verb -----------------------------------------------------------------------------------------
+def bench(
+    *,
+    model: str | Path | RadFlashModel | None = None,
+    device: str = "auto",
+    backends: Sequence[str] = ("eager",),
+    batch_sizes: Sequence[int] = (1, 8),
+    image_size: int | None = None,
+    prompts: int = 14,
+    iterations: int = 10,
+    warmup: int = 2,
+    include_reference: bool = True,
+    archive_files: int = 16,
+) -> BenchReport:
+    """Time every stage of radflash (and the reference, side by side) for each backend and batch size.
+
+    Args:
+        model: checkpoint path, a preset name (``tiny``/``base``: random weights of that size), a loaded
+            :class:`RadFlashModel`, or ``None`` (the demo model; a random tiny one if not built).
+        backends: encoder backends (``eager``, ``compile``, ``onnxruntime``, ``tensorrt``, ``all``); ones
+            that cannot run here are listed in ``report.skipped`` with the reason.
+        image_size: input side S (multiple of the patch); ``None`` = the model's own.
+        prompts: number of text prompts T (the defaults first, then generated variants).
+        iterations, warmup: timed and excluded iterations per backend and batch size.
+        include_reference: also run the transformers reference path (needs transformers) for the ratios.
+        archive_files: size of the synthetic DICOM archive for ``decode`` and ``score`` (0: in-memory images).
+    """
+    from radflash.sysinfo import machine_info
+
+    names = _check_args(backends, batch_sizes, prompts, iterations, warmup, archive_files)
+    batch_sizes = sorted({int(b) for b in batch_sizes})
+    skipped: list[dict[str, str]] = []
+    rf = _resolve_model(model, device, image_size, skipped)
+    original_backend = rf.backend_name
+    cfg, dev = rf.config, rf.device
+    prompt_list = bench_prompts(prompts, list(rf.default_prompts.values()) or ["There is pleural effusion"])
+    peaks = measure_peaks(dev, rf.dtype)
+    reference = _reference(rf, skipped) if include_reference else None
+
+    with tempfile.TemporaryDirectory(prefix="radflash-bench-") as tmp:
+        files = _build_archive(Path(tmp) / "archive", archive_files, skipped)
+        inputs = _inputs(files, cfg.image_size)
+        report = BenchReport(
+            machine=machine_info(dev), peaks=peaks, skipped=skipped,
+            config={
+                "model": rf.model_id, "image_size": cfg.image_size, "patch": cfg.vision.patch,
+                "tokens": (cfg.image_size // cfg.vision.patch) ** 2 + 1, "width": cfg.vision.hidden,
+                "encoder_layers": cfg.vision.layers + cfg.align_layers, "device": str(dev),
+                "dtype": str(rf.dtype).removeprefix("torch."), "backends": names, "batch_sizes": batch_sizes,
+                "prompts": prompts, "iterations": iterations, "warmup": warmup,
+                "archive_files": len(files), "map_size": list(inputs.map_size),
+                "reference": None if reference is None else "transformers Dinov2Model + Dinov2Layer + MPNetModel, "
+                "fp32 eager; vlcabs_ref head; F.interpolate maps; pydicom + PIL decode/preprocess",
+                "e2e": "one timed loop per iteration: " + " → ".join(STAGES) + "; stages are its segments",
+            },
+        )
+        ref_stages: dict[int, dict[str, Stats]] = {}
+        ref_score: dict[int, Stats] = {}
+        if reference is not None:
+            for b in batch_sizes:
+                log.info("reference, batch %d", b)
+                reset_ok = reset_peak_memory(dev)
+                ref_stages[b] = _loop(_reference_iteration(reference, inputs, prompt_list, cfg), b, dev,
+                                      iterations, warmup)
+                report.memory.append(MemoryRow("reference", b, peak_memory(dev, reset_ok=reset_ok)))
+                if files:
+                    ref_score[b] = _time_runs(lambda b=b: _reference_score(reference, files, prompt_list, b),
+                                              dev, iterations, warmup if b == batch_sizes[0] else 0)
+        score_ok = True
+        try:
+            for name in names:
+                try:
+                    rf.set_backend(name)
+                except (BackendUnavailable, InputError, ImportError) as exc:
+                    skipped.append({"what": f"backend {name}", "reason": str(exc)})
+                    continue
+                if name == "compile" and warmup == 0:
+                    warnings.warn("compile backend with warmup=0: the first iteration includes compilation",
+                                  stacklevel=2)
+                for b in batch_sizes:
+                    log.info("radflash %s, batch %d", name, b)
+                    reset_ok = reset_peak_memory(dev)
+                    stages = _loop(_radflash_iteration(rf, inputs, prompt_list), b, dev, iterations, warmup)
+                    report.memory.append(MemoryRow(name, b, peak_memory(dev, reset_ok=reset_ok)))
+                    for stage, st in stages.items():
+                        ref = ref_stages.get(b, {}).get(stage)
+                        report.rows.append(_row(name, b, stage, b, st, ref, _limit(stage, st, rf, b, len(prompt_list),
+                                                                               inputs, peaks)))
+                    if files and score_ok:
+                        try:
+                            st = _time_runs(lambda b=b: _radflash_score(rf, files, prompt_list, b),
+                                            dev, iterations, warmup if b == batch_sizes[0] else 0)
+                        except ImportError as exc:
+                            skipped.append({"what": "score", "reason": str(exc)})
+                            score_ok = False
+                            continue
+                        report.rows.append(_row(name, b, SCORE, len(inputs.files), st, ref_score.get(b), None))
+        finally:
+            if rf.backend_name != original_backend:
+                rf.set_backend(original_backend)
+    return report
+
+
+def _reference(rf: RadFlashModel, skipped: list[dict[str, str]]):
+    from radflash.reference import ReferenceRadZero
+
+    try:
+        return ReferenceRadZero.from_model(rf)
+    except BackendUnavailable as exc:
+        skipped.append({"what": "reference", "reason": str(exc)})
+        return None
+
+
+def _inputs(files: list[Path], image_size: int) -> _Inputs:
+    if files:
+        from radflash.imageio import load_image
+
+        h, w = load_image(files[0]).pixels.shape[-2:]
+        return _Inputs(files, [], (int(h), int(w)))
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:SYNTHETIC_SIZE, 0:SYNTHETIC_SIZE] / SYNTHETIC_SIZE
+    synthetic = [np.clip(0.5 + 0.3 * np.sin(3 * xx + k) * np.cos(2 * yy) + rng.normal(0, 0.02, xx.shape), 0, 1)
+                 .astype(np.float32) for k in range(4)]
+    return _Inputs([], synthetic, (SYNTHETIC_SIZE, SYNTHETIC_SIZE))
+
+
+def _row(backend: str, b: int, stage: str, images: int, st: Stats, ref: Stats | None, limit: Limit | None) -> Row:
+    from radflash.timing import images_per_s
+
+    return Row(backend=backend, batch_size=b, stage=stage, images=images, radflash=st, reference=ref,
+               ratio=None if ref is None else ref.median_ms / st.median_ms, images_per_s=images_per_s(images, st),
+               reference_images_per_s=None if ref is None else images_per_s(images, ref), limit=limit)
+
+
+def _limit(stage: str, st: Stats, rf: RadFlashModel, b: int, t: int, inputs: _Inputs, peaks: Peaks) -> Limit | None:
+    cfg = rf.config
+    n, d = (cfg.image_size // cfg.vision.patch) ** 2 + 1, cfg.vision.hidden
+    e = torch.finfo(rf.dtype).bits // 8
+    if stage == "encode":
+        kind, amount, peak = "flop", b * encoder_flops(cfg, cfg.image_size), peaks.matmul_flops_per_s
+    elif stage == "head":
+        kind, amount, peak = "bytes", head_bytes(b, t, n, d, e_tok=e, e_txt=e, e_s=e), peaks.copy_bytes_per_s
+    elif stage == "maps":
+        h, w = inputs.map_size
+        kind, amount, peak = "bytes", maps_bytes(b, t, n - 1, h, w, e_s=e, e_out=2), peaks.copy_bytes_per_s
+    else:
+        return None
+    rate = amount / (st.median_ms / 1e3)
+    return Limit(kind=kind, amount=float(amount), achieved_per_s=rate, peak_per_s=peak, fraction=rate / peak)
+
+
+# ---- timed loops --------------------------------------------------------------------------------------
+def _loop(iteration, b: int, dev: torch.device, iterations: int, warmup: int) -> dict[str, Stats]:
+    """Run ``iteration(clock, i, b)`` warmup + iterations times; stage and e2e stats of the timed ones."""
+    clock = StageClock(dev)
+    for i in range(warmup):
+        clock.start()
+        iteration(clock, i, b)
+        clock.stop()
+    samples: dict[str, list[float]] = {}
+    for i in range(iterations):
+        clock.start()
+        iteration(clock, warmup + i, b)
+        for stage, s in clock.stop().items():
+            samples.setdefault(E2E if stage == "total" else stage, []).append(s)
+    return {stage: Stats.from_seconds(v) for stage, v in samples.items()}
+
+
+def _radflash_iteration(rf: RadFlashModel, inputs: _Inputs, prompt_list: list[str]):
+    from radflash.kernels import upsample_maps
+
+    text = rf.encode_text(prompt_list)  # prompt embeddings are fixed per run: cached, not timed
+    grid = rf.grid_for((rf.config.image_size // rf.config.vision.patch) ** 2)
+    load = _image_loader() if inputs.files else None
+
+    @torch.inference_mode()
+    def iteration(clock: StageClock, i: int, b: int) -> None:
+        batch = inputs.batch(i, b)
+        if load is not None:
+            batch = [load(p).pixels for p in batch]
+            clock.mark("decode")
+        pixels = rf.preprocess(batch)
+        clock.mark("preprocess")
+        tokens = rf.encode_images(pixels=pixels)
+        clock.mark("encode")
+        _, sims = rf.module.head(tokens, text, return_maps=True)
+        clock.mark("head")
+        upsample_maps(sims.view(b, len(prompt_list), *grid), inputs.map_size, output="prob")
+        clock.mark("maps")
+
+    return iteration
+
+
+def _image_loader():
+    from radflash.imageio import load_image
+
+    return load_image
+
+
+def _reference_iteration(ref: Any, inputs: _Inputs, prompt_list: list[str], cfg: Any):
+    text = ref.text_features(prompt_list)
+    side = cfg.image_size // cfg.vision.patch
+
+    @torch.inference_mode()
+    def iteration(clock: StageClock, i: int, b: int) -> None:
+        batch = inputs.batch(i, b)
+        if inputs.files:
+            batch = [ref.decode(p) for p in batch]
+            clock.mark("decode")
+        else:
+            batch = [(255 * img).astype(np.uint8) for img in batch]
+        pixels = ref.preprocess(batch)
+        clock.mark("preprocess")
+        tokens = ref.image_tokens(pixels)
+        clock.mark("encode")
+        _, sims = ref.head(tokens, text, return_maps=True)
+        clock.mark("head")
+        ref.maps(sims, (side, side), inputs.map_size)
+        clock.mark("maps")
+
+    return iteration
+
+
+def _time_runs(fn, dev: torch.device, iterations: int, warmup: int) -> Stats:
+    """Whole-archive runs: one warm-up if any (the first batch size only: the timed loop before it has
+    already warmed the model, this pays the score path's one-time imports), then up to SCORE_RUNS runs."""
+    from radflash.timing import time_fn
+
+    return Stats.from_seconds(time_fn(fn, device=dev, iterations=min(iterations, SCORE_RUNS), warmup=min(warmup, 1)))
+
+
+def _radflash_score(rf: RadFlashModel, files: list[Path], prompt_list: list[str], b: int) -> None:
+    from radflash.score import score
+
+    run = score(files, None, model=rf, findings=prompt_list, batch_size=b, workers=0, backend=rf.backend_name,
+                progress=False)
+    if run.scored != len(files):
+        raise InputError(f"score path scored {run.scored} of {len(files)} synthetic chest films "
+                         f"({run.skipped} skipped, {run.failed} failed)")
+
+
+@torch.inference_mode()
+def _reference_score(ref: Any, files: list[Path], prompt_list: list[str], b: int) -> None:
+    """The serial loop a user of the reference code writes: decode → preprocess → encode → logits."""
+    text = ref.text_features(prompt_list)
+    for start in range(0, len(files), b):
+        pixels = ref.preprocess([ref.decode(p) for p in files[start:start + b]])
+        ref.head(ref.image_tokens(pixels), text)
+
+
+# ---- rendering ----------------------------------------------------------------------------------------
+def _fmt(x: float | None, spec: str = ".3g") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def table_rows(report: BenchReport) -> list[list[str]]:
+    """The rows shared by the terminal table and the markdown table."""
+    out = []
+    for r in report.rows:
+        out.append([
+            r.backend, str(r.batch_size), r.stage, _fmt(r.radflash.median_ms), _fmt(r.radflash.p95_ms),
+            _fmt(r.radflash.p99_ms), _fmt(r.images_per_s), _fmt(None if r.reference is None else r.reference.median_ms),
+            "—" if r.ratio is None else f"{r.ratio:.2f}×", "—" if r.limit is None else r.limit.describe(),
+        ])
+    return out
+
+
+HEADERS = ["backend", "B", "stage", "median ms", "p95 ms", "p99 ms", "img/s", "ref median ms", "ratio ref/rf",
+           "physical limit"]
+
+
+def summary_lines(report: BenchReport) -> list[str]:
+    from radflash.sysinfo import one_line
+
+    c = report.config
+    lines = [
+        f"machine: {one_line(report.machine)}",
+        f"model {c['model']} · S={c['image_size']} (N={c['tokens']} tokens, D={c['width']}) · {c['dtype']} on "
+        f"{c['device']} · T={c['prompts']} prompts · {c['iterations']} iterations after {c['warmup']} warm-up · "
+        f"archive {c['archive_files']} files, maps at {c['map_size'][0]}×{c['map_size'][1]}",
+    ]
+    if report.peaks is not None:
+        p = report.peaks
+        lines.append(f"measured peaks: matmul {p.matmul_flops_per_s / 1e12:.3g} TFLOP/s ({p.matmul_dtype}, "
+                     f"n={p.matmul_shape}) · copy {p.copy_bytes_per_s / 1e9:.3g} GB/s ({p.copy_mib} MiB)")
+    for m in report.memory:
+        cuda_mb = m.peak.cuda_max_allocated_mb
+        cuda = "" if cuda_mb is None else f", CUDA max allocated {cuda_mb:.0f} MB"
+        lines.append(f"peak memory {m.backend} B={m.batch_size}: RSS {m.peak.cpu_peak_rss_mb:.0f} MB "
+                     f"({m.peak.rss_scope}){cuda}")
+    lines += [f"skipped {s['what']}: {s['reason']}" for s in report.skipped]
+    return lines
+
+
+def render_table(report: BenchReport):
+    """A rich Table of all rows (the CLI prints it with the summary lines)."""
+    from rich.table import Table
+
+    table = Table(title="radflash bench (ratio = reference time / radflash time)", title_justify="left")
+    for h in HEADERS:
+        table.add_column(h, justify="left" if h in ("backend", "stage", "physical limit") else "right",
+                         no_wrap=h != "physical limit")
+    previous = None
+    for r, cells in zip(report.rows, table_rows(report)):
+        group = (r.backend, r.batch_size)
+        if previous is not None and group != previous:
+            table.add_section()
+        table.add_row(*cells, style="bold" if r.stage in (E2E, SCORE) else None)
+        previous = group
+    return table
+
+
+def to_markdown(report: BenchReport) -> str:
+    """One self-contained block (date, machine, versions, config, table, formulas) to append to a results file."""
+    c, m = report.config, report.machine
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+    lines = [f"## {m['date']} · {c['device']} · {c['model']} S={c['image_size']}", ""]
+    lines += [f"- {line}" for line in summary_lines(report)]
+    lines += [f"- versions: python {m['python']}, {versions}", "",
+              "| " + " | ".join(HEADERS) + " |", "|" + "|".join("---" for _ in HEADERS) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(report)]
+    lines += ["", "Formulas:", ""] + [f"- {k}: {v}" for k, v in report.formulas.items()]
+    return "\n".join(lines) + "\n"

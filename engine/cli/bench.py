@@ -1,0 +1,87 @@
+"""``radflash bench``: parse options, call :func:`radflash.bench.bench`, print/save the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from radflash.cli.options import device_option, kernels_option
+
+BENCH_BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt", "auto", "all")
+
+
+def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    items = [v.strip() for v in value.split(",")]
+    try:
+        sizes = tuple(int(v) for v in items)
+    except ValueError:
+        sizes = ()
+    if not sizes or any(s < 1 for s in sizes):
+        raise click.BadParameter(f"expected comma-separated integers ≥ 1 such as 1,8,32; got {value!r}")
+    return sizes
+
+
+def _model(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from radflash.config import PRESETS
+
+    if value is None or value in PRESETS or Path(value).exists():
+        return value
+    raise click.BadParameter(f"{value!r} is neither a checkpoint path nor a preset ({', '.join(PRESETS)})")
+
+
+@click.command()
+@click.option("--model", "model_path", default=None, callback=_model,
+              help="Checkpoint folder/.safetensors, or a preset name (tiny, base: random weights of that size). "
+                   "Default: the embedded demo model.")
+@device_option
+@click.option("--backend", "backends", type=click.Choice(BENCH_BACKENDS), multiple=True, default=("eager",),
+              show_default=True, help="Image-encoder backend; repeat the flag for several, or 'all'.")
+@kernels_option
+@click.option("--batch-sizes", default="1,8", show_default=True, callback=_batch_sizes,
+              help="Comma-separated batch sizes.")
+@click.option("--image-size", type=click.IntRange(min=1), default=None,
+              help="Input side in pixels (multiple of the patch size); default: the model's own.")
+@click.option("--prompts", type=click.IntRange(min=1), default=14, show_default=True, help="Number of text prompts.")
+@click.option("--iterations", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Timed iterations per backend and batch size.")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Untimed warm-up iterations before them.")
+@click.option("--archive-files", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Files in the synthetic DICOM archive (decode and score stages; 0 = in-memory images).")
+@click.option("--no-reference", is_flag=True, help="Skip the transformers reference path (no ratios).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the full report (every sample) as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a PNG: latency vs batch size per backend, and the stage breakdown.")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Append the table (with machine, versions, config, date) to a markdown results file.")
+def bench(model_path: str | None, device: str, backends: tuple[str, ...], batch_sizes: tuple[int, ...],
+          image_size: int | None, prompts: int, iterations: int, warmup: int, archive_files: int,
+          no_reference: bool, json_path: Path | None, plot_path: Path | None, markdown_path: Path | None) -> None:
+    """Time decode, preprocessing, encoder, head, maps and the score path beside the reference."""
+    from rich.console import Console
+
+    from radflash.bench import bench as run_bench
+    from radflash.bench import render_table, summary_lines, to_markdown
+
+    report = run_bench(model=model_path, device=device, backends=backends, batch_sizes=batch_sizes,
+                       image_size=image_size, prompts=prompts, iterations=iterations, warmup=warmup,
+                       include_reference=not no_reference, archive_files=archive_files)
+    console = Console(width=None if click.get_text_stream("stdout").isatty() else 160)
+    for line in summary_lines(report):
+        console.print(line, highlight=False, markup=False)
+    console.print(render_table(report))
+    if json_path is not None:
+        report.to_json(json_path)
+        console.print(f"JSON written to {json_path}", highlight=False, markup=False)
+    if plot_path is not None:
+        from radflash.bench_plot import plot_report
+
+        plot_report(report, plot_path)
+        console.print(f"plot written to {plot_path}", highlight=False, markup=False)
+    if markdown_path is not None:
+        markdown_path.parent.mkdir(parents=True, exist_ok=True)
+        with markdown_path.open("a", encoding="utf-8") as fh:
+            fh.write(("\n" if markdown_path.stat().st_size else "") + to_markdown(report))
+        console.print(f"table appended to {markdown_path}", highlight=False, markup=False)
