@@ -66,6 +66,7 @@ setup(
         "tensorrt": ["tensorrt>=10"],
         "jpegls": ["pyjpegls>=1.3", "pylibjpeg-libjpeg>=2.1"],
         "nifti": ["nibabel>=5"],
+        "bench": ["transformers>=4.44"],  # the reference path that `radflash bench` compares against
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",

@@ -290,6 +290,7 @@ def bench(
     warmup: int = 2,
     include_reference: bool = True,
     archive_files: int = 16,
+    threads: int | None = None,
 ) -> BenchReport:
     """Time every stage of radflash (and the reference, side by side) for each backend and batch size.
 
@@ -303,10 +304,29 @@ def bench(
         iterations, warmup: timed and excluded iterations per backend and batch size.
         include_reference: also run the transformers reference path (needs transformers) for the ratios.
         archive_files: size of the synthetic DICOM archive for ``decode`` and ``score`` (0: in-memory images).
+        threads: torch intra-op threads during the run, restored afterwards (``None``: as set). On a CPU
+            shared with other jobs use 1: with more threads than free cores every parallel op can stall
+            for a scheduler time slice (measured: the reference encoder 1.2 s instead of 40 ms at 2
+            threads on 2 cores at load 7).
     """
+    names = _check_args(backends, batch_sizes, prompts, iterations, warmup, archive_files)
+    if threads is None:
+        threads = torch.get_num_threads()
+    if threads < 1:
+        raise InputError(f"threads must be ≥ 1, got {threads}")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _bench(model, device, names, batch_sizes, image_size, prompts, iterations, warmup,
+                      include_reference, archive_files)
+    finally:
+        torch.set_num_threads(previous_threads)  # the caller's process setting, restored
+
+
+def _bench(model: Any, device: str, names: list[str], batch_sizes: Sequence[int], image_size: int | None,
+           prompts: int, iterations: int, warmup: int, include_reference: bool, archive_files: int) -> BenchReport:
     from radflash.sysinfo import machine_info
 
-    names = _check_args(backends, batch_sizes, prompts, iterations, warmup, archive_files)
     batch_sizes = sorted({int(b) for b in batch_sizes})
     skipped: list[dict[str, str]] = []
     rf = _resolve_model(model, device, image_size, skipped)
@@ -326,7 +346,7 @@ def bench(
                 "tokens": (cfg.image_size // cfg.vision.patch) ** 2 + 1, "width": cfg.vision.hidden,
                 "encoder_layers": cfg.vision.layers + cfg.align_layers, "device": str(dev),
                 "dtype": str(rf.dtype).removeprefix("torch."), "backends": names, "batch_sizes": batch_sizes,
-                "prompts": prompts, "iterations": iterations, "warmup": warmup,
+                "prompts": prompts, "iterations": iterations, "warmup": warmup, "threads": torch.get_num_threads(),
                 "archive_files": len(files), "map_size": list(inputs.map_size),
                 "reference": None if reference is None else "transformers Dinov2Model + Dinov2Layer + MPNetModel, "
                 "fp32 eager; vlcabs_ref head; F.interpolate maps; pydicom + PIL decode/preprocess",
@@ -555,7 +575,8 @@ def summary_lines(report: BenchReport) -> list[str]:
     lines = [
         f"machine: {one_line(report.machine)}",
         f"model {c['model']} · S={c['image_size']} (N={c['tokens']} tokens, D={c['width']}) · {c['dtype']} on "
-        f"{c['device']} · T={c['prompts']} prompts · {c['iterations']} iterations after {c['warmup']} warm-up · "
+        f"{c['device']} ({c['threads']} threads) · T={c['prompts']} prompts · "
+        f"{c['iterations']} iterations after {c['warmup']} warm-up · "
         f"archive {c['archive_files']} files, maps at {c['map_size'][0]}×{c['map_size'][1]}",
     ]
     if report.peaks is not None:

@@ -36,6 +36,7 @@ def plot_report(report: BenchReport, path: str | Path) -> Path:
            if (r := next((x for x in report.rows if x.batch_size == b and x.stage == E2E), None)) and r.reference]
     if ref:
         ax1.plot(*zip(*ref), marker="s", linestyle="--", color="black", label="reference (transformers fp32)")
+    ax1.set_ylim(bottom=0)
     ax1.set_xscale("log", base=2)
     ax1.set_xticks(batches, [str(b) for b in batches])
     ax1.set_xlabel("batch size B")
@@ -70,7 +71,9 @@ def plot_report(report: BenchReport, path: str | Path) -> Path:
     ax2.set_xticks(range(len(bars)), [b[0] for b in bars])
     ax2.set_ylabel(f"mean time per image at B={big} (ms)")
     ax2.set_title("stage breakdown (label: e2e per image)", fontsize=9)
-    ax2.legend(fontsize=8, loc="upper left")
+    ax2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if bars:
+        ax2.set_ylim(0, 1.12 * max(b[2] for b in bars))
     ax2.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

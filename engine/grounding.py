@@ -135,8 +135,11 @@ def ground(mask: np.ndarray, *, peak_yx: tuple[int, int], peak_prob: float) -> G
 
 
 def ground_map(prob: np.ndarray, threshold: float) -> Grounding:
-    """Grounding straight from a float map (for callers that hold only the map)."""
+    """Grounding straight from a float map (for callers that hold only the map).
+
+    The mask is ``prob > threshold``: the rule of :func:`radflash.kernels.upsample_maps`.
+    """
     prob = np.asarray(prob, dtype=np.float32)
     flat = int(np.argmax(prob))
     y, x = divmod(flat, prob.shape[1])
-    return ground(prob >= threshold, peak_yx=(y, x), peak_prob=float(prob.reshape(-1)[flat]))
+    return ground(prob > threshold, peak_yx=(y, x), peak_prob=float(prob.reshape(-1)[flat]))

@@ -1,19 +1,26 @@
-"""The archive-scoring pipeline: decode (worker processes) → preprocess → batched inference → writer.
+"""The archive-scoring pipeline: decode (worker processes) → resize → batched inference → writer.
 
 Stages and what they exchange::
 
-    paths ──► DecodePool ──Decoded──► [bounded queue] ──► Batcher ──Batch──► inference ──FileRecord──► store
-              (N spawn processes:          │ skipped / failed records bypass inference ───────────────┘
-               read + decode + resize)
+    paths ──► DecodePool ──Decoded──► resize ──► [bounded queue] ──► Batcher ──Batch──► inference ──FileRecord──► store
+              (N spawn processes:     (feed thread,     │ skipped / failed records bypass inference ───────────┘
+               read + select + decode) S×S)
 
 Why this shape:
 
 * Decoding (JPEG 2000 especially) costs as much as a small encoder's forward pass and is
   single-threaded C code, so it runs in worker *processes*; the main process keeps the model.
-* Workers also do the resize to the model's S×S (the same :func:`radflash.preprocess.preprocess`
-  call, with identity normalisation), so only S×S float32 crosses the process boundary — a
-  3000×2500 radiograph would otherwise cost 30 MB of pickling per image — and the main process
-  only normalises (bit-identical to ``model.preprocess`` on the original image, on CPU).
+* Workers import only numpy, pydicom, Pillow and :mod:`radflash.imageio` — never torch: a spawn
+  worker that imports torch takes ≈6 s to start on a busy 2-core box (≈1 s without), which is
+  most of a small run's wall time. So workers return the decoded full-resolution pixels and the
+  parent's feed thread resizes them to the model's S×S with :func:`resize_for_model` (the same
+  :func:`radflash.preprocess.preprocess` call as every other path, identity normalisation).
+  Only S×S images wait in the queue, so memory stays flat; the main thread only normalises
+  (bit-identical to ``model.preprocess`` on the original image, on CPU). The pipe carries the
+  full-resolution float32 image (4 MB at 1024², 30 MB at 3000×2500: ~10–40 ms, far below the
+  decode time of a compressed radiograph).
+* :func:`radflash.segment.segment` uses the same :class:`DecodePool` (it needs exactly these
+  full-resolution pixels: its maps are made at each image's own size).
 * Every hand-off is bounded (``depth`` tasks per worker, ``queue_size`` decoded images), so memory
   stays flat whatever the archive size and decoding overlaps inference.
 * Each worker is fed over its own pipe, so the parent always knows which file a worker is on:
@@ -43,10 +50,13 @@ from radflash.writers import FileRecord
 
 if TYPE_CHECKING:
     from radflash.api import RadFlashModel
+    from radflash.imageio import ImageMeta, LoadOutcome
+    from radflash.selection import SelectionRules
 
 log = logging.getLogger("radflash.pipeline")
 
-Loader = Callable[[Path, Any], Any]  # (path, rules) → LoadOutcome(status, reason, image)
+# (path, rules) → LoadOutcome; radflash.imageio.try_load by default. Must be importable (spawn).
+Loader = Callable[[Path, "SelectionRules | None"], "LoadOutcome"]
 
 
 # ---- typed hand-offs between stages -----------------------------------------------------------
@@ -58,14 +68,15 @@ class DecodeTask:
 
 @dataclass
 class Decoded:
-    """One file after the decode stage: S×S pixels in [0, 1] when ``status == "loaded"``."""
+    """One file after the decode stage: H×W float32 pixels in [0, 1] when ``status == "loaded"``
+    (the source resolution; :func:`run_pipeline` resizes them to S×S before batching)."""
 
     index: int
     path: str
     status: str  # loaded | skipped | failed
     reason: str | None = None
     pixels: np.ndarray | None = None
-    meta: Any = None  # radflash.imageio.ImageMeta
+    meta: ImageMeta | None = None  # whenever a header was read (skipped files too)
     decode_s: float = 0.0
 
 
@@ -89,7 +100,7 @@ class PipelineConfig:
     timeout: float | None = 120.0  # s per file before its worker is killed and the file failed
     include_phi: bool = False
     loader: Loader | None = None  # default radflash.imageio.try_load; must be importable (spawn)
-    rules: Any = None  # radflash.selection.SelectionRules
+    rules: SelectionRules | None = None  # None: the default chest X-ray rules
 
 
 @dataclass
@@ -98,6 +109,7 @@ class PipelineStats:
     skipped: int = 0
     failed: int = 0
     decode_s: float = 0.0  # summed over workers
+    resize_s: float = 0.0  # in the parent's feed thread (overlaps inference)
     inference_s: float = 0.0
     write_s: float = 0.0
     wall_s: float = 0.0
@@ -112,7 +124,8 @@ class PipelineStats:
     def as_dict(self) -> dict:
         return {
             "scored": self.scored, "skipped": self.skipped, "failed": self.failed,
-            "decode_cpu_s": round(self.decode_s, 3), "inference_s": round(self.inference_s, 3),
+            "decode_cpu_s": round(self.decode_s, 3), "resize_s": round(self.resize_s, 3),
+            "inference_s": round(self.inference_s, 3),
             "write_s": round(self.write_s, 3), "wall_s": round(self.wall_s, 3), "batches": self.batches,
             "worker_restarts": self.worker_restarts,
             "images_per_s": round(self.total / self.wall_s, 2) if self.wall_s > 0 else None,
@@ -140,27 +153,26 @@ def resize_for_model(pixels: np.ndarray, image_size: int) -> np.ndarray:
     return out[0, 0].numpy().copy()
 
 
-def decode_one(task: DecodeTask, loader: Loader, rules: Any, image_size: int) -> Decoded:
-    """Read, select, decode and resize one file; every failure becomes a ``failed`` record."""
+def decode_one(task: DecodeTask, loader: Loader, rules: SelectionRules | None) -> Decoded:
+    """Read, select and decode one file at its own resolution; every failure becomes a record."""
     t0 = time.perf_counter()
     try:
         outcome = loader(Path(task.path), rules)
         if outcome.status != "loaded":
-            return Decoded(task.index, task.path, outcome.status, outcome.reason,
+            return Decoded(task.index, task.path, outcome.status, outcome.reason, meta=outcome.meta,
                            decode_s=time.perf_counter() - t0)
         image = outcome.image
-        pixels = resize_for_model(image.pixels, image_size)
+        pixels = np.ascontiguousarray(image.pixels, dtype=np.float32)
         return Decoded(task.index, task.path, "loaded", None, pixels, image.meta, time.perf_counter() - t0)
     except Exception as exc:  # the loader promises not to raise; a bug there must not stop the run
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
         return Decoded(task.index, task.path, "failed", reason, decode_s=time.perf_counter() - t0)
 
 
-def _worker_main(conn, loader: Loader | None, rules: Any, image_size: int) -> None:
-    """Worker process loop (top-level so that ``spawn`` can import it)."""
-    import torch
+def _worker_main(conn, loader: Loader | None, rules: SelectionRules | None) -> None:
+    """Worker process loop (top-level so that ``spawn`` can import it). Imports no torch."""
+    import pydicom  # noqa: F401  (imported before READY: a file's timeout must not pay for it)
 
-    torch.set_num_threads(1)  # one core per worker; the parent's inference gets the rest
     loader = loader or default_loader()
     try:
         conn.send(_READY)  # imports done: per-file timeouts start counting now
@@ -168,13 +180,13 @@ def _worker_main(conn, loader: Loader | None, rules: Any, image_size: int) -> No
             task = conn.recv()
             if task is None:
                 return
-            conn.send(decode_one(task, loader, rules, image_size))
+            conn.send(decode_one(task, loader, rules))
     except (EOFError, KeyboardInterrupt, BrokenPipeError):
         return
 
 
 _READY = "ready"
-STARTUP_TIMEOUT = 300.0  # s for a fresh worker to import torch/pydicom (slow disks, cold caches)
+STARTUP_TIMEOUT = 300.0  # s for a fresh worker to import numpy/pydicom (slow disks, cold caches)
 
 
 @dataclass
@@ -187,14 +199,16 @@ class _Worker:
 
 
 class DecodePool:
-    """``workers`` spawn processes, each fed ``depth`` tasks at a time over its own pipe."""
+    """``workers`` spawn processes, each fed ``depth`` tasks at a time over its own pipe.
 
-    def __init__(self, workers: int, *, image_size: int, loader: Loader | None = None, rules: Any = None,
+    Items come back at the source resolution (see :class:`Decoded`); callers resize if they need to.
+    """
+
+    def __init__(self, workers: int, *, loader: Loader | None = None, rules: SelectionRules | None = None,
                  depth: int = 2, timeout: float | None = 120.0) -> None:
         if workers < 1:
             raise ValueError("DecodePool needs at least one worker; use decode_inline for workers=0")
         self.n = workers
-        self.image_size = image_size
         self.loader = loader
         self.rules = rules
         self.depth = max(1, depth)
@@ -205,7 +219,7 @@ class DecodePool:
 
     def _start(self) -> _Worker:
         parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=_worker_main, args=(child, self.loader, self.rules, self.image_size),
+        proc = self._ctx.Process(target=_worker_main, args=(child, self.loader, self.rules),
                                  daemon=True, name="radflash-decode")
         proc.start()
         child.close()
@@ -314,12 +328,24 @@ class DecodePool:
             self._workers = []
 
 
-def decode_inline(tasks: Iterable[DecodeTask], *, image_size: int, loader: Loader | None = None,
-                  rules: Any = None) -> Iterator[Decoded]:
+def decode_inline(tasks: Iterable[DecodeTask], *, loader: Loader | None = None,
+                  rules: SelectionRules | None = None) -> Iterator[Decoded]:
     """``workers=0``: decode in the calling process (no crash isolation)."""
     loader = loader or default_loader()
     for task in tasks:
-        yield decode_one(task, loader, rules, image_size)
+        yield decode_one(task, loader, rules)
+
+
+def decode_stream(paths: Sequence[str | Path], *, workers: int, loader: Loader | None = None,
+                  rules: SelectionRules | None = None, depth: int = 2,
+                  timeout: float | None = 120.0) -> tuple[Iterator[Decoded], DecodePool | None]:
+    """One :class:`Decoded` per path (completion order with workers, input order without) and the
+    pool (``None`` for ``workers=0``), whose ``restarts`` count is valid once the stream is done."""
+    tasks = (DecodeTask(i, str(p)) for i, p in enumerate(paths))
+    if workers > 0:
+        pool = DecodePool(workers, loader=loader, rules=rules, depth=depth, timeout=timeout)
+        return pool.run(tasks), pool
+    return decode_inline(tasks, loader=loader, rules=rules), None
 
 
 # ---- inference + writing -----------------------------------------------------------------------
@@ -370,27 +396,19 @@ class Scorer:
 
     def _record(self, d: Decoded, status: str, reason: str | None, logits=None, probs=None,
                 positive=None) -> FileRecord:
-        m = d.meta
-        get = (lambda name: _text(getattr(m, name, None))) if m is not None else (lambda name: None)
+        m = d.meta  # ImageMeta text fields are already stripped, and None when empty
+        phi = self.include_phi and m is not None
         return FileRecord(
             path=d.path, status=status, reason=reason,  # type: ignore[arg-type]
-            sop_instance_uid=get("sop_instance_uid"), study_instance_uid=get("study_instance_uid"),
-            series_instance_uid=get("series_instance_uid"), modality=get("modality"),
-            view_position=get("view_position"),
-            patient_id=get("patient_id") if self.include_phi else None,
-            patient_name=get("patient_name") if self.include_phi else None,
+            sop_instance_uid=m and m.sop_instance_uid, study_instance_uid=m and m.study_instance_uid,
+            series_instance_uid=m and m.series_instance_uid, modality=m and m.modality,
+            view_position=m and m.view_position,
+            patient_id=m.patient_id if phi else None, patient_name=m.patient_name if phi else None,
             logits=logits, probs=probs, positive=positive,
         )
 
     def unscored(self, d: Decoded) -> FileRecord:
         return self._record(d, d.status, d.reason)
-
-
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    text = str(value)
-    return text or None
 
 
 class Committer:
@@ -451,14 +469,8 @@ def run_pipeline(
     image_size = model.config.image_size
     scorer = Scorer(model, prompts, include_phi=config.include_phi)
     committer = Committer(store, config.commit_every, stats, on_record)
-    tasks = (DecodeTask(i, str(p)) for i, p in enumerate(paths))
-    pool = None
-    if config.workers > 0:
-        pool = DecodePool(config.workers, image_size=image_size, loader=config.loader, rules=config.rules,
-                          depth=config.depth, timeout=config.timeout)
-        decoded_stream: Iterator[Decoded] = pool.run(tasks)
-    else:
-        decoded_stream = decode_inline(tasks, image_size=image_size, loader=config.loader, rules=config.rules)
+    decoded_stream, pool = decode_stream(paths, workers=config.workers, loader=config.loader, rules=config.rules,
+                                         depth=config.depth, timeout=config.timeout)
 
     loaded_q: queue.Queue = queue.Queue(maxsize=config.queue_size or 2 * config.batch_size)
     stop = threading.Event()
@@ -468,6 +480,8 @@ def run_pipeline(
         try:
             for d in decoded_stream:
                 stats.decode_s += d.decode_s
+                if d.status == "loaded":
+                    d = _resized(d, image_size, stats)
                 if d.status == "loaded":
                     while not stop.is_set():
                         try:
@@ -511,6 +525,20 @@ def run_pipeline(
         stats.worker_restarts = pool.restarts
     stats.wall_s = time.perf_counter() - t_start
     return stats
+
+
+def _resized(d: Decoded, image_size: int, stats: PipelineStats) -> Decoded:
+    """The S×S model input of a loaded item (runs in the feed thread, overlapping inference)."""
+    from radflash.errors import InputError
+
+    t0 = time.perf_counter()
+    try:
+        pixels = resize_for_model(d.pixels, image_size)
+    except InputError as exc:  # e.g. a 1-pixel-high image: nothing to resize from
+        return Decoded(d.index, d.path, "failed", str(exc).splitlines()[0], meta=d.meta, decode_s=d.decode_s)
+    finally:
+        stats.resize_s += time.perf_counter() - t0
+    return Decoded(d.index, d.path, "loaded", None, pixels, d.meta, d.decode_s)
 
 
 def _infer(batch: Batch[Decoded], scorer: Scorer, committer: Committer, stats: PipelineStats) -> None:

@@ -38,6 +38,7 @@ from radflash.writers import (
 
 if TYPE_CHECKING:
     from radflash.api import RadFlashModel
+    from radflash.selection import SelectionRules
 
 log = logging.getLogger("radflash.score")
 
@@ -87,7 +88,7 @@ def score(
     resume: bool = False,
     num_parts: int = 1,
     part_id: int = 0,
-    rules: Any = None,
+    rules: SelectionRules | None = None,
     progress: bool = True,
     commit_every: int = 256,
     timeout: float | None = 120.0,
@@ -304,7 +305,7 @@ def _done_counts(store: Any, out_dir: Path | None) -> dict[str, int]:
 def _timings(stats: PipelineStats) -> dict[str, Any]:
     d = stats.as_dict()
     return {"pipeline_wall_s": d["wall_s"], **{k: d[k] for k in (
-        "decode_cpu_s", "inference_s", "write_s", "images_per_s", "batches", "worker_restarts")}}
+        "decode_cpu_s", "resize_s", "inference_s", "write_s", "images_per_s", "batches", "worker_restarts")}}
 
 
 def _versions() -> dict[str, str]:

@@ -15,10 +15,14 @@ import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from radflash.errors import RadflashError
+from radflash.errors import InputError, RadflashError
+
+if TYPE_CHECKING:
+    from radflash.imageio import ImageMeta
 
 # tab10: distinct on grey X-rays and friendly to the common colour-vision deficiencies.
 PALETTE = (
@@ -143,7 +147,7 @@ class SegSeries:
 
 def write_dicom_seg(
     path: str | Path,
-    source: str | Path,
+    source: str | Path | ImageMeta,
     masks: np.ndarray,
     segments: Sequence[SegmentInfo],
     *,
@@ -153,7 +157,8 @@ def write_dicom_seg(
 ) -> Path:
     """A binary DICOM Segmentation (one segment per prompt) referencing the source instance.
 
-    The source header is re-read (without pixels); rows and columns must match the masks. The
+    ``source`` is the source file or its :class:`radflash.imageio.ImageMeta`; its header is re-read
+    (without pixels, as leniently as the loader read it); rows and columns must match the masks. The
     algorithm identification names radflash and the model id, and each segment carries its
     prompt and threshold as algorithm parameters, so the SEG is interpretable without our JSON.
     """
@@ -167,10 +172,16 @@ def write_dicom_seg(
     masks = np.asarray(masks)
     if masks.ndim != 3 or masks.shape[0] != len(segments):
         raise WriteError(f"{path}: expected {len(segments)} masks, got array of shape {masks.shape}")
+    from radflash.imageio import ImageMeta, meta_from_dataset
+
+    meta = source if isinstance(source, ImageMeta) else ImageMeta(path=str(source), kind="dicom")
+    source = meta.path
     try:
-        ds = pydicom.dcmread(str(source), stop_before_pixels=True)
-    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+        ds = meta.source_dataset()
+    except (OSError, InputError, pydicom.errors.InvalidDicomError) as exc:
         raise WriteError(f"{source}: cannot re-read the DICOM header for SEG ({exc})") from None
+    if "Rows" not in ds or "Columns" not in ds or "SOPInstanceUID" not in ds:
+        raise WriteError(f"{source}: not a DICOM image header (no Rows/Columns/SOP Instance UID)")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:
         raise WriteError(f"{source}: DICOM SEG is written for single-frame sources only ({frames} frames)")
@@ -204,7 +215,7 @@ def write_dicom_seg(
         # Projection radiographs (CR/DX) have no frame of reference; highdicom then writes a
         # Pixel Measures item without SliceThickness, which its own reader rejects. Give it one
         # (nominal 1 mm: a projection image has no slice) with the source's pixel spacing.
-        spacing = _spacing(ds) or (1.0, 1.0)
+        spacing = meta_from_dataset(ds).pixel_spacing or (1.0, 1.0)
         extra["pixel_measures"] = hd.PixelMeasuresSequence(pixel_spacing=spacing, slice_thickness=1.0)
     try:
         seg = hd.seg.Segmentation(
@@ -240,19 +251,6 @@ def _lo(text: str, limit: int = 64) -> str:
 
 def _ascii(text: str) -> str:
     return str(text).encode("ascii", "replace").decode("ascii")
-
-
-def _spacing(ds) -> tuple[float, float] | None:
-    for key in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = ds.get(key)
-        if value is not None and len(value) == 2:
-            try:
-                sp = (float(value[0]), float(value[1]))
-            except (TypeError, ValueError):
-                continue
-            if sp[0] > 0 and sp[1] > 0:
-                return sp
-    return None
 
 
 # ---- NIfTI ---------------------------------------------------------------------------------

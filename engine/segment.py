@@ -7,9 +7,9 @@ NIfTI); its arg-max is the grounding point, and the largest component of the mas
 
 Stages (data flows one way)::
 
-    discover → try_load (selection rules) → Batcher → encode_images (one batch)
-             → per image: similarity_maps(tokens, size=(H, W)) in prompt chunks
-             → masks + grounding → writers (atomic) → per-image JSON → report.json
+    discover → DecodePool (try_load + selection rules, worker processes) → input order → Batcher
+             → encode_images (one batch) → per image: similarity_maps(tokens, size=(H, W)) in prompt
+             chunks → masks + grounding → writers (atomic) → per-image JSON → report.json
 
 Why it is shaped this way:
 
@@ -18,8 +18,13 @@ Why it is shaped this way:
 * Maps are made at each image's own size (radiographs differ: 1955×1841, 3000×2500...), one
   image at a time and in chunks of prompts, so hundreds of open-vocabulary prompts on a large
   image never need a gigabyte-sized float stack.
-* Masks are thresholded from the float16 map that is saved, so ``mask == (npz >= threshold)``
-  holds exactly for every pixel a user checks.
+* Files are decoded by the score pipeline's :class:`radflash.pipeline.DecodePool` (full
+  resolution, since the maps are made at the source size): decoding overlaps the map/writer work
+  of earlier images, and a file whose decoder crashes or hangs fails alone. Results are re-ordered
+  to input order, so output names (collisions get ``-2``...) do not depend on decode timing.
+* One mask rule everywhere: ``mask = prob > threshold`` on the float32 probability, computed by
+  :func:`radflash.kernels.upsample_maps` (``output="mask"``). The float16 maps saved to ``.npz``
+  agree except for pixels within float16 rounding (≤ 2⁻¹¹ relative) of the threshold.
 * A file that cannot be read, or an output that cannot be produced for one image, is recorded
   with its reason and the run goes on; files are written atomically, so whatever was written
   stays valid if the run dies later.
@@ -46,6 +51,9 @@ from radflash.safe_paths import NameAllocator, image_output_name, inside
 
 if TYPE_CHECKING:
     from radflash.api import RadFlashModel
+    from radflash.imageio import ImageMeta
+    from radflash.pipeline import Decoded
+    from radflash.selection import SelectionRules
 
 log = logging.getLogger("radflash.segment")
 
@@ -130,7 +138,7 @@ class _Item:
     index: int
     source: str
     pixels: np.ndarray  # H×W float32 in [0, 1], original resolution
-    meta: Any = None  # radflash.imageio.ImageMeta for files; None for in-memory arrays
+    meta: ImageMeta | None = None  # None for in-memory arrays
 
 
 # ---- the verb ----------------------------------------------------------------------------------
@@ -147,7 +155,9 @@ def segment(
     batch_size: int = 8,
     formats: Sequence[str] = ("png", "npz"),
     preview: bool = False,
-    rules: Any = None,
+    rules: SelectionRules | None = None,
+    workers: int | None = None,
+    timeout: float | None = 120.0,
     progress: bool = True,
 ) -> SegmentRun:
     """Probability maps, masks and grounding for every image × prompt, at each image's own size.
@@ -167,12 +177,17 @@ def segment(
             only), ``nifti`` (needs nibabel). The per-image JSON is always written.
         preview: also write an overlay PNG (image + masks + points + legend) at the source size.
         rules: a :class:`radflash.selection.SelectionRules`; ``None`` = the default rules.
+        workers: decode processes for files; 0 decodes in-process; ``None`` = min(4, CPU count,
+            files), and 0 for a single file (nothing to overlap its decode with).
+        timeout: seconds one file may take to decode before its worker is killed and it is failed.
     """
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc)
     formats = _check_formats(formats)
     if batch_size < 1:
         raise InputError(f"batch_size must be ≥ 1, got {batch_size}")
+    if workers is not None and workers < 0:
+        raise InputError(f"workers must be ≥ 0, got {workers}")
     if outdir is None and (formats or preview):
         log.debug("no outdir: formats %s and preview are not written", formats)
     rf = _resolve_model(model, device=device, dtype=dtype, backend=backend)
@@ -208,14 +223,16 @@ def segment(
     images: list[ImageResult] = []
     bar = _progress(total, enabled=progress)
     try:
-        items = _decoded(arrays, files, rules, failures, bar)
+        if workers is None:
+            workers = min(4, os.cpu_count() or 1, len(files)) if len(files) > 1 else 0
+        items = _decoded(arrays, files, rules, failures, bar, workers=min(workers, len(files)), timeout=timeout)
         from radflash.batching import Batcher
 
         for batch in Batcher(batch_size, max_wait=None).from_iterable(items):
             tokens = rf.encode_images([item.pixels for item in batch.items])
             for i, item in enumerate(batch.items):
                 meta = item.meta
-                uid = getattr(meta, "sop_instance_uid", None) if meta is not None else None
+                uid = meta.sop_instance_uid if meta is not None else None
                 stem = image_output_name(None, item.source if meta is not None else None, item.index)
                 name = names.claim(image_output_name(uid, None, item.index) if uid else stem, fallback=stem)
                 try:
@@ -231,6 +248,8 @@ def segment(
                     bar.update(1)
             del tokens
     finally:
+        if files:
+            items.close()  # stops decode workers promptly if the run ended early
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - t0
@@ -381,9 +400,11 @@ def _split_inputs(inputs: Any) -> tuple[list[np.ndarray], list[Path]]:
     return arrays, paths
 
 
-def _decoded(arrays: list[np.ndarray], files: list[Path], rules: Any, failures: list[InputFailure],
-             bar: Any) -> Iterator[_Item]:
-    """In-memory arrays, then each file through the shared loader; unloadable files are recorded."""
+def _decoded(arrays: list[np.ndarray], files: list[Path], rules: SelectionRules | None,
+             failures: list[InputFailure], bar: Any, *, workers: int, timeout: float | None) -> Iterator[_Item]:
+    """In-memory arrays, then the files through the shared decode stage (input order);
+    unloadable files are recorded in ``failures``."""
+    from radflash.pipeline import decode_stream
     from radflash.preprocess import as_image_list
 
     index = 0
@@ -399,28 +420,38 @@ def _decoded(arrays: list[np.ndarray], files: list[Path], rules: Any, failures: 
         yield _Item(index, f"<array {index}>", img.float().numpy())
     if not files:
         return
-    from radflash.imageio import try_load
+    stream, _ = decode_stream(files, workers=workers, rules=rules, timeout=timeout)
+    try:
+        for d in _in_input_order(stream):
+            if d.status != "loaded":
+                failures.append(InputFailure(d.path, d.status, d.reason or "no image"))
+                if bar is not None:
+                    bar.update(1)
+                continue
+            yield _Item(index + 1 + d.index, d.path, d.pixels, d.meta)
+    finally:
+        stream.close()  # stops the worker processes when the run ends early
 
-    for path in files:
-        index += 1
-        outcome = try_load(path, rules)
-        if outcome.status != "loaded" or outcome.image is None:
-            failures.append(InputFailure(str(path), outcome.status if outcome.status != "loaded" else "failed",
-                                         outcome.reason or "no image"))
-            if bar is not None:
-                bar.update(1)
-            continue
-        yield _Item(index, str(path), np.asarray(outcome.image.pixels, dtype=np.float32), outcome.image.meta)
+
+def _in_input_order(stream: Iterator[Decoded]) -> Iterator[Decoded]:
+    """Re-order a decode stream (completion order) by task index. The pool has at most
+    workers × depth tasks in flight, so at most that many items wait here."""
+    waiting: dict[int, Decoded] = {}
+    following = 0
+    for d in stream:
+        waiting[d.index] = d
+        while following in waiting:
+            yield waiting.pop(following)
+            following += 1
+    yield from (waiting[i] for i in sorted(waiting))  # only if indices had gaps (they never do)
 
 
 # ---- one image ---------------------------------------------------------------------------------
 def _segment_one(rf: RadFlashModel, tokens: Any, item: _Item, name: str, uid: str | None,
                  specs: tuple[PromptSpec, ...], writer: _Writer | None) -> ImageResult:
-    import torch
-
     h, w = item.pixels.shape
     t_all = len(specs)
-    chunk = max(1, min(t_all, MAP_BUDGET_BYTES // (2 * h * w)))
+    chunk = max(1, min(t_all, MAP_BUDGET_BYTES // (3 * h * w)))  # uint8 mask + float16 map per prompt
     keep_probs = writer is None
     need_probs = keep_probs or (writer is not None and "npz" in writer.formats)
     masks = np.zeros((t_all, h, w), np.uint8)
@@ -431,20 +462,24 @@ def _segment_one(rf: RadFlashModel, tokens: Any, item: _Item, name: str, uid: st
     try:
         for lo in range(0, t_all, chunk):
             part = specs[lo:lo + chunk]
-            res = rf.similarity_maps(prompts=[s.prompt for s in part], tokens=tokens, size=(h, w), output="prob")
-            p = res.probs[0]  # (t, H, W) float16 on the model's device
-            thr = torch.tensor([s.threshold for s in part], device=p.device, dtype=torch.float32).view(-1, 1, 1)
-            masks[lo:lo + len(part)] = (p.float() >= thr).to(torch.uint8).cpu().numpy()
-            peaks[lo:lo + len(part)] = res.peak[0].cpu().numpy()
-            peak_probs[lo:lo + len(part)] = res.peak_prob[0].float().cpu().numpy()
+            texts, sl = [s.prompt for s in part], slice(lo, lo + len(part))
+            # The mask is the kernel's (prob > threshold in float32), never re-derived from the
+            # float16 map: one rule for every caller. The map, when wanted, is a second upsampling.
+            res = rf.similarity_maps(prompts=texts, tokens=tokens, size=(h, w), output="mask",
+                                     threshold=[s.threshold for s in part])
+            masks[sl] = res.masks[0].cpu().numpy()
+            peaks[sl] = res.peak[0].cpu().numpy()
+            peak_probs[sl] = res.peak_prob[0].float().cpu().numpy()
+            del res
             if need_probs:
-                p_np = p.cpu().numpy()
+                p_np = rf.similarity_maps(prompts=texts, tokens=tokens, size=(h, w), output="prob").probs[0]
+                p_np = p_np.cpu().numpy()
                 if probs is not None:
-                    probs[lo:lo + len(part)] = p_np
+                    probs[sl] = p_np
                 if npz is not None:
                     for j, s in enumerate(part):
                         npz.add(s.slug, p_np[j])
-            del res, p
+                del p_np
         if npz is not None:
             npz.add_strings("_names", [s.name for s in specs])
             npz.add_strings("_prompts", [s.prompt for s in specs])
@@ -493,12 +528,12 @@ class _Writer:
                 self._try(result, "png", lambda t=t, s=s: sw.write_mask_png(self.path(name, f"mask-{s.slug}.png"),
                                                                            masks[t]), key=f"mask:{s.name}")
         if "dicom-seg" in self.formats:
-            if not _is_dicom(item.meta):
+            if item.meta is None or item.meta.kind != "dicom":  # PNG/JPEG sources and arrays
                 result.notes.append("dicom-seg: not written, the source is not a DICOM file")
             else:
                 self._try(result, "dicom-seg", lambda: self._seg(item, name, masks))
         if "nifti" in self.formats:
-            spacing = self._spacing(item)
+            spacing = item.meta.pixel_spacing if item.meta is not None else None  # mm (row, column)
             self._try(result, "nifti", lambda: sw.write_nifti(self.path(name, "masks.nii.gz"), masks,
                                                               spacing=spacing))
         if self.preview:
@@ -527,24 +562,16 @@ class _Writer:
 
         from radflash.seg_writers import SegmentInfo, SegSeries, write_dicom_seg
 
-        study = str(getattr(item.meta, "study_instance_uid", "") or "")
+        study = item.meta.study_instance_uid or ""
         series_uid, n = self._series.get(study, (str(hd.UID()), 0))
         self._series[study] = (series_uid, n + 1)
         path = write_dicom_seg(
-            self.path(name, "seg.dcm"), item.meta.path if getattr(item.meta, "path", None) else item.source, masks,
+            self.path(name, "seg.dcm"), item.meta, masks,
             [SegmentInfo(s.name, s.prompt, s.threshold) for s in self.specs],
             model_id=self.rf.model_id, model_sha256=self.rf.sha256 or "",
             series=SegSeries(series_uid, instance_number=n + 1),
         )
         return path
-
-    @staticmethod
-    def _spacing(item: _Item) -> tuple[float, float] | None:
-        sp = getattr(item.meta, "pixel_spacing", None) or getattr(item.meta, "spacing", None)
-        try:
-            return (float(sp[0]), float(sp[1])) if sp is not None and float(sp[0]) > 0 and float(sp[1]) > 0 else None
-        except (TypeError, ValueError, IndexError):
-            return None
 
 
 # ---- records, report, summary ------------------------------------------------------------------
@@ -638,14 +665,6 @@ def _resolve_model(model: Any, *, device: str, dtype: str | None, backend: str) 
     if model is not None and not isinstance(model, (str, Path)):
         raise InputError(f"model must be a checkpoint path or a RadFlashModel, got {type(model).__name__}")
     return load(model, device=device, dtype=dtype, backend=backend)
-
-
-def _is_dicom(meta: Any) -> bool:
-    """DICOM SEG needs a DICOM source to reference; PNG/JPEG inputs and arrays have none."""
-    if meta is None:
-        return False
-    kind = str(getattr(meta, "kind", "") or "").lower()
-    return kind in ("dicom", "dcm") or (not kind and bool(getattr(meta, "sop_instance_uid", None)))
 
 
 def _progress(total: int, *, enabled: bool):

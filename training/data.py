@@ -318,10 +318,12 @@ class Batch:
     text_index: torch.Tensor  # (K,) row of input_ids for each sentence instance
     owner: torch.Tensor  # (K,) image (0..B-1) each sentence instance belongs to
     texts: list[str]  # the U unique sentences
+    text_hash: torch.Tensor | None = None  # (U,) int64 content hash: equal texts match across ranks
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(*(t.to(device) for t in (self.pixels, self.input_ids, self.attention_mask,
-                                                self.text_index, self.owner)), texts=self.texts)
+                                                self.text_index, self.owner)), texts=self.texts,
+                     text_hash=None if self.text_hash is None else self.text_hash.to(device))
 
 
 class Collator:
@@ -350,7 +352,15 @@ class Collator:
         pixels = preprocess([s.image for s in samples], self.preprocessing)
         return Batch(pixels=pixels, input_ids=ids, attention_mask=mask,
                      text_index=torch.tensor(text_index, dtype=torch.long),
-                     owner=torch.tensor(owner, dtype=torch.long), texts=list(texts))
+                     owner=torch.tensor(owner, dtype=torch.long), texts=list(texts),
+                     text_hash=torch.tensor([text_hash(t) for t in texts], dtype=torch.long))
+
+
+def text_hash(text: str) -> int:
+    """Stable 63-bit hash of a sentence (Python's hash() is salted per process, useless across ranks)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
 def batch_indices(step: int, *, batch_size: int, length: int, seed: int, rank: int = 0,

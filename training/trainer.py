@@ -94,6 +94,10 @@ class TrainConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
+    # Exclude false negatives: image j is not a negative of sentence k when j owns an identical
+    # sentence. Off = the paper's loss. On phantoms ~70% of sentences are shared negations ("There
+    # is no pneumothorax"), which then push apart images that the sentence describes equally well.
+    mask_duplicate_negatives: bool = False
     freeze_backbone: bool = False
     eval_every: int = 0  # 0: only at the end
     checkpoint_every: int = 0  # 0: only at the end
@@ -277,7 +281,7 @@ def _gather(x: torch.Tensor, *, grad: bool = True) -> torch.Tensor:
 
 
 def contrastive_loss(model: RadZero, tokens: torch.Tensor, text: torch.Tensor, batch: Batch,
-                     *, distributed: bool = False) -> torch.Tensor:
+                     *, distributed: bool = False, mask_duplicates: bool = False) -> torch.Tensor:
     """Multi-positive NCE on ℓ = cosine(LN tokens, LN sentence features), arranged sentences × images.
 
     ℓ is computed once per UNIQUE sentence text and then indexed per sentence instance.
@@ -287,7 +291,9 @@ def contrastive_loss(model: RadZero, tokens: torch.Tensor, text: torch.Tensor, b
     except ImportError:  # stand-in while training/losses.py is not available
         multi_positive_nce = _multi_positive_nce
 
-    text_index, owner = batch.text_index, batch.owner
+    text_index, owner, hashes = batch.text_index, batch.owner, batch.text_hash
+    if mask_duplicates and hashes is None:
+        raise ValueError("mask_duplicates needs batch.text_hash")
     if distributed:
         world, rank = dist.get_world_size(), dist.get_rank()
         b_local = torch.tensor([tokens.shape[0], text.shape[0]], device=tokens.device)
@@ -298,8 +304,18 @@ def contrastive_loss(model: RadZero, tokens: torch.Tensor, text: torch.Tensor, b
         tokens, text = _gather(tokens), _gather(text)
         text_index = _gather(text_index + txt_off, grad=False)
         owner = _gather(owner + img_off, grad=False)
+        if mask_duplicates:
+            hashes = _gather(hashes, grad=False)
     cos = model.cosine(tokens.float(), text.float())  # (B, U)
     cos = cos[:, text_index].T  # (K, B)
+    if mask_duplicates:
+        h = hashes[text_index]  # (K,)
+        owns = torch.nn.functional.one_hot(owner, cos.shape[1]).to(cos.dtype)  # (K, B)
+        dup = ((h[:, None] == h[None, :]).to(cos.dtype) @ owns) > 0  # image j owns a copy of k's text
+        dup[torch.arange(len(owner), device=cos.device), owner] = False
+        # A finite "minus infinity": exp(-1e4/τ) is 0 in both NCE terms, and unlike -inf its gradient
+        # with respect to τ is 0 · finite = 0, not 0 · inf = NaN.
+        cos = cos.masked_fill(dup, -1e4)
     return multi_positive_nce(cos, owner, model.log_tau.exp())
 
 
@@ -507,7 +523,8 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool 
             group["lr"] = lr
         with autocast:
             tokens, text = towers(batch.pixels, batch.input_ids, batch.attention_mask)
-        loss = contrastive_loss(model, tokens, text, batch, distributed=distributed)
+        loss = contrastive_loss(model, tokens, text, batch, distributed=distributed,
+                                mask_duplicates=cfg.mask_duplicate_negatives)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -600,7 +617,8 @@ def validation_loss(model: RadZero, towers: nn.Module, dataset: torch.utils.data
         # the bare module: a DDP forward outside backward would wait for a gradient sync
         inner = towers.module if isinstance(towers, nn.parallel.DistributedDataParallel) else towers
         tokens, text = inner(batch.pixels, batch.input_ids, batch.attention_mask)
-        values.append(float(contrastive_loss(model, tokens, text, batch)))
+        values.append(float(contrastive_loss(model, tokens, text, batch,
+                                             mask_duplicates=cfg.mask_duplicate_negatives)))
     model.train(was_training)
     if cfg.freeze_backbone:
         model.vision.eval()

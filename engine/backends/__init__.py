@@ -44,8 +44,9 @@ _REGISTRY = {
 }
 BACKENDS = ("auto", *_REGISTRY)
 
-# Measured on the 2-core CPU dev box (benchmarks/results/backends_cpu.md): ONNX Runtime fp32 beats
-# eager PyTorch on the tiny and base encoders at batch 1 and 8, so `auto` prefers it on CPU.
+# Measured on the 2-core CPU dev box (benchmarks/results/backends_cpu.md): ONNX Runtime fp32 beats eager
+# on the base encoder at batch 1 (2.1×) and 8 (1.09×) and on tiny at batch 1; only tiny at batch 8 is
+# slower (0.82×). The published size decides, so `auto` prefers ONNX Runtime on CPU float32.
 CPU_ONNXRUNTIME_FASTER = True
 
 

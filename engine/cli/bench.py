@@ -49,6 +49,8 @@ def _model(ctx: click.Context, param: click.Parameter, value: str | None) -> str
               help="Untimed warm-up iterations before them.")
 @click.option("--archive-files", type=click.IntRange(min=0), default=16, show_default=True,
               help="Files in the synthetic DICOM archive (decode and score stages; 0 = in-memory images).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads for the run (use 1 on a machine shared with other jobs).")
 @click.option("--no-reference", is_flag=True, help="Skip the transformers reference path (no ratios).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the full report (every sample) as JSON.")
@@ -58,7 +60,8 @@ def _model(ctx: click.Context, param: click.Parameter, value: str | None) -> str
               help="Append the table (with machine, versions, config, date) to a markdown results file.")
 def bench(model_path: str | None, device: str, backends: tuple[str, ...], batch_sizes: tuple[int, ...],
           image_size: int | None, prompts: int, iterations: int, warmup: int, archive_files: int,
-          no_reference: bool, json_path: Path | None, plot_path: Path | None, markdown_path: Path | None) -> None:
+          threads: int | None, no_reference: bool, json_path: Path | None, plot_path: Path | None,
+          markdown_path: Path | None) -> None:
     """Time decode, preprocessing, encoder, head, maps and the score path beside the reference."""
     from rich.console import Console
 
@@ -67,7 +70,8 @@ def bench(model_path: str | None, device: str, backends: tuple[str, ...], batch_
 
     report = run_bench(model=model_path, device=device, backends=backends, batch_sizes=batch_sizes,
                        image_size=image_size, prompts=prompts, iterations=iterations, warmup=warmup,
-                       include_reference=not no_reference, archive_files=archive_files)
+                       include_reference=not no_reference, archive_files=archive_files,
+                       threads=threads)
     console = Console(width=None if click.get_text_stream("stdout").isatty() else 160)
     for line in summary_lines(report):
         console.print(line, highlight=False, markup=False)

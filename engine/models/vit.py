@@ -79,6 +79,14 @@ def interpolate_pos_grid(grid: torch.Tensor, rows: int, cols: int) -> torch.Tens
     return table.to(grid.dtype).permute(0, 2, 3, 1).reshape(1, rows * cols, dim)
 
 
+def _version(t: torch.Tensor) -> int:
+    """In-place update counter; inference-mode tensors have none (and cannot change outside it)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 class VisionTransformer(nn.Module):
     """Patch embedding + CLS + blocks + final LayerNorm (the backbone's ``last_hidden_state``)."""
 
@@ -98,7 +106,7 @@ class VisionTransformer(nn.Module):
             return self._compute_table(rows, cols)  # stays in the autograd / traced graph
         # _version changes on every in-place update (optimizer step, load_state_dict), so a
         # stale table can never be served.
-        key = (rows, cols, self.pos_embed.dtype, self.pos_embed.device, self.pos_embed._version)
+        key = (rows, cols, self.pos_embed.dtype, self.pos_embed.device, _version(self.pos_embed))
         table = self._pos_cache.get(key)
         if table is None:
             self._pos_cache.clear()

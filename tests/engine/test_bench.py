@@ -42,7 +42,7 @@ def bench_run(model_path: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("bench")
     paths = {"json": out / "bench.json", "plot": out / "bench.png", "markdown": out / "bench.md"}
     args = ["bench", "--model", str(model_path), "--device", "cpu", "--iterations", "3", "--warmup", "1",
-            "--batch-sizes", "1,2", "--archive-files", "2"]
+            "--batch-sizes", "1,2", "--archive-files", "2", "--threads", "1"]
     for flag, path in paths.items():
         args += [f"--{flag}", str(path)]
     result = CliRunner().invoke(cli, args)

@@ -169,3 +169,32 @@ def test_ddp_two_cpu_processes_match_one_process(mimic_folder: Path, tmp_path: P
     ref = load_checkpoint(single.final_checkpoint)
     for k, v in ref.state_dict.items():
         torch.testing.assert_close(ddp.state_dict[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_duplicate_sentences_are_not_negatives() -> None:
+    """mask_duplicates removes exactly the pairs (sentence k, image j≠g(k) owning the same text)."""
+    import dataclasses
+
+    from radflash.config import preset
+    from radflash.models import RadZero
+    from radflash.training.data import Batch, text_hash
+    from radflash.training.losses import multi_positive_nce
+    from radflash.training.trainer import contrastive_loss
+
+    cfg = dataclasses.replace(preset("tiny"), image_size=28)
+    model = RadZero(cfg)
+    texts = ["a", "b", "c"]
+    batch = Batch(torch.randn(3, 3, 28, 28), torch.randint(4, 50, (3, 5)), torch.ones(3, 5, dtype=torch.long),
+                  text_index=torch.tensor([0, 1, 0, 2, 1]), owner=torch.tensor([0, 0, 1, 1, 2]), texts=texts,
+                  text_hash=torch.tensor([text_hash(t) for t in texts]))
+    tokens = model.head_norm(model.image_tokens(batch.pixels))
+    text = model.text_features(batch.input_ids, batch.attention_mask)
+    cos = model.cosine(tokens, text)[:, batch.text_index].T
+    dup = torch.tensor([[0, 1, 0], [0, 0, 1], [1, 0, 0], [0, 0, 0], [1, 0, 0]], dtype=torch.bool)
+    expected = multi_positive_nce(cos.masked_fill(dup, float("-inf")), batch.owner, model.log_tau.exp())
+    got = contrastive_loss(model, tokens, text, batch, mask_duplicates=True)
+    torch.testing.assert_close(got, expected)
+    got.backward()
+    assert torch.isfinite(model.log_tau.grad) and model.log_tau.grad != 0
+    plain = contrastive_loss(model, tokens, text, batch)
+    torch.testing.assert_close(plain, multi_positive_nce(cos, batch.owner, model.log_tau.exp()))
