@@ -11,9 +11,9 @@ Why this shape:
 * Decoding (JPEG 2000 especially) costs as much as a small encoder's forward pass and is
   single-threaded C code, so it runs in worker *processes*; the main process keeps the model.
 * Workers import only numpy, pydicom, Pillow and :mod:`radflash.imageio` — never torch: a spawn
-  worker that imports torch takes ≈6 s to start on a busy 2-core box (≈1 s without), which is
-  most of a small run's wall time. So workers return the decoded full-resolution pixels and the
-  parent's feed thread resizes them to the model's S×S with :func:`resize_for_model` (the same
+  worker that imports torch takes 2–6 s to start on a shared 2-core box (0.7 s without; measured),
+  which was most of a small run's wall time. So workers return the decoded full-resolution pixels
+  and the parent's feed thread resizes them to the model's S×S with :func:`resize_for_model` (the same
   :func:`radflash.preprocess.preprocess` call as every other path, identity normalisation).
   Only S×S images wait in the queue, so memory stays flat; the main thread only normalises
   (bit-identical to ``model.preprocess`` on the original image, on CPU). The pipe carries the
@@ -37,7 +37,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
@@ -241,7 +241,7 @@ class DecodePool:
     def _limit(self, w: _Worker) -> float:
         return (self.timeout or 0.0) if w.ready else STARTUP_TIMEOUT
 
-    def run(self, tasks: Iterable[DecodeTask]) -> Iterator[Decoded]:
+    def run(self, tasks: Iterable[DecodeTask]) -> Generator[Decoded, None, None]:
         """Decoded items in completion order; exactly one per task, whatever happens to workers."""
         source = iter(tasks)
         retry: deque[DecodeTask] = deque()  # tasks queued behind a crashed file: not its fault
@@ -329,7 +329,7 @@ class DecodePool:
 
 
 def decode_inline(tasks: Iterable[DecodeTask], *, loader: Loader | None = None,
-                  rules: SelectionRules | None = None) -> Iterator[Decoded]:
+                  rules: SelectionRules | None = None) -> Generator[Decoded, None, None]:
     """``workers=0``: decode in the calling process (no crash isolation)."""
     loader = loader or default_loader()
     for task in tasks:
@@ -338,7 +338,7 @@ def decode_inline(tasks: Iterable[DecodeTask], *, loader: Loader | None = None,
 
 def decode_stream(paths: Sequence[str | Path], *, workers: int, loader: Loader | None = None,
                   rules: SelectionRules | None = None, depth: int = 2,
-                  timeout: float | None = 120.0) -> tuple[Iterator[Decoded], DecodePool | None]:
+                  timeout: float | None = 120.0) -> tuple[Generator[Decoded, None, None], DecodePool | None]:
     """One :class:`Decoded` per path (completion order with workers, input order without) and the
     pool (``None`` for ``workers=0``), whose ``restarts`` count is valid once the stream is done."""
     tasks = (DecodeTask(i, str(p)) for i, p in enumerate(paths))
@@ -349,6 +349,13 @@ def decode_stream(paths: Sequence[str | Path], *, workers: int, loader: Loader |
 
 
 # ---- inference + writing -----------------------------------------------------------------------
+def score_calibrated(calibration: dict | None) -> bool:
+    """Whether a checkpoint carries image-level score calibration (:mod:`radflash.calibration.scores`:
+    per-finding ``temperature``/``threshold``). The same dict may hold only the trainer's
+    segmentation-map ``thresholds``, which say nothing about image-level probabilities."""
+    return bool(calibration) and bool(calibration.get("temperature") or calibration.get("threshold"))
+
+
 class Scorer:
     """Batch of decoded images → records with logits/probabilities (calibrated when the model is)."""
 
@@ -357,7 +364,7 @@ class Scorer:
         self.prompts = prompts
         self.include_phi = include_phi
         model.encode_text(list(prompts.prompts))  # once per run; later calls hit the cache
-        self.calibrated = bool(model.calibration)
+        self.calibrated = score_calibrated(model.calibration)
         self.with_positive = self.calibrated or any(t is not None for t in prompts.thresholds)
 
     def __call__(self, items: Sequence[Decoded]) -> list[FileRecord]:
@@ -496,9 +503,7 @@ def run_pipeline(
         except BaseException as exc:  # re-raised in the main thread
             failure.append(exc)
         finally:
-            close = getattr(decoded_stream, "close", None)
-            if close is not None:
-                close()  # stops worker processes promptly even when we leave early
+            decoded_stream.close()  # stops worker processes promptly even when we leave early
             while not stop.is_set():  # the consumer may already be gone (error or Ctrl-C)
                 try:
                     loaded_q.put(END, timeout=0.2)

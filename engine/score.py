@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from radflash.errors import InputError
-from radflash.pipeline import PipelineConfig, PipelineStats, PromptSet, run_pipeline
+from radflash.pipeline import PipelineConfig, PipelineStats, PromptSet, run_pipeline, score_calibrated
 from radflash.writers import (
     FORMATS,
     MemoryStore,
@@ -145,8 +145,9 @@ def score(
     t_model = time.perf_counter()
     rf_model = _resolve_model(model, device=device, dtype=dtype, backend=backend)
     load_model_s = time.perf_counter() - t_model
+    calibrated = score_calibrated(rf_model.calibration)
     spec = TableSpec(prompt_set.names, include_phi=include_phi,
-                     with_positive=bool(rf_model.calibration) or any(t is not None for t in prompt_set.thresholds))
+                     with_positive=calibrated or any(t is not None for t in prompt_set.thresholds))
     if rules is None:
         from radflash.selection import SelectionRules
 
@@ -156,7 +157,7 @@ def score(
         "manifest_version": MANIFEST_VERSION,
         "complete": False,
         "started": started.isoformat(timespec="seconds"),
-        "model": {"id": rf_model.model_id, "sha256": rf_model.sha256, "calibrated": bool(rf_model.calibration),
+        "model": {"id": rf_model.model_id, "sha256": rf_model.sha256, "calibrated": calibrated,
                   "image_size": rf_model.config.image_size},
         "findings": {n: {"prompt": p, "threshold": t}
                      for n, p, t in zip(prompt_set.names, prompt_set.prompts, prompt_set.thresholds)},

@@ -60,9 +60,9 @@ log = logging.getLogger("radflash.segment")
 FORMATS = ("png", "npz", "dicom-seg", "nifti")
 DEFAULT_THRESHOLD = 0.5
 REPORT = "report.json"
-# Keys under a checkpoint's "calibration" that may hold per-prompt PIXEL-map thresholds (keyed by
-# finding name or prompt text). Score thresholds are for image-level probabilities and are not used.
-CALIBRATION_KEYS = ("map_thresholds", "segment_thresholds", "seg_thresholds", "mask_thresholds")
+# Key under a checkpoint's "calibration" holding per-prompt PIXEL-map thresholds (keyed by finding
+# name or prompt text); the score calibration's image-level "threshold" table is a different thing.
+MAP_THRESHOLDS = "map_thresholds"
 MAP_BUDGET_BYTES = 256 * 2**20  # float16 maps held at once per image (prompt chunking)
 
 
@@ -221,11 +221,11 @@ def segment(
     writer = _Writer(out, rf, specs, formats, preview) if out is not None else None
     names = NameAllocator(fallback="image")
     images: list[ImageResult] = []
+    if workers is None:  # a single file has nothing to overlap its decode with: no spawn cost
+        workers = min(4, os.cpu_count() or 1, len(files)) if len(files) > 1 else 0
     bar = _progress(total, enabled=progress)
+    items = _decoded(arrays, files, rules, failures, bar, workers=min(workers, len(files)), timeout=timeout)
     try:
-        if workers is None:
-            workers = min(4, os.cpu_count() or 1, len(files)) if len(files) > 1 else 0
-        items = _decoded(arrays, files, rules, failures, bar, workers=min(workers, len(files)), timeout=timeout)
         from radflash.batching import Batcher
 
         for batch in Batcher(batch_size, max_wait=None).from_iterable(items):
@@ -248,8 +248,7 @@ def segment(
                     bar.update(1)
             del tokens
     finally:
-        if files:
-            items.close()  # stops decode workers promptly if the run ended early
+        items.close()  # stops decode workers promptly if the run ended early
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - t0
@@ -338,18 +337,14 @@ def _threshold_arg(thresholds: Any, names: list[str]) -> dict[str, float | None]
 def _calibrated(calibration: Mapping[str, Any], default_prompts: Mapping[str, str]) -> dict[str, float]:
     """Per-prompt map thresholds stored in a checkpoint, keyed by finding name AND prompt text.
 
-    The trainer stores ``calibration["thresholds"]`` (name → threshold, chosen for Dice on
-    validation phantoms); other tools may use one of :data:`CALIBRATION_KEYS`. A ``thresholds``
-    table whose stated metric is not a segmentation one is ignored: image-level decision
-    thresholds mean nothing for pixel maps.
+    The trainer stores them under :data:`MAP_THRESHOLDS` (name → threshold, chosen for Dice on
+    validation phantoms).
     """
-    table = next((calibration[k] for k in CALIBRATION_KEYS if isinstance(calibration.get(k), Mapping)), None)
-    if table is None and isinstance(calibration.get("thresholds"), Mapping):
-        metric = str(calibration.get("thresholds_metric", "dice")).lower()
-        if any(word in metric for word in ("dice", "segment", "iou", "map")):
-            table = calibration["thresholds"]
+    table = calibration.get(MAP_THRESHOLDS)
+    if not isinstance(table, Mapping):
+        return {}
     out: dict[str, float] = {}
-    for k, v in (table or {}).items():
+    for k, v in table.items():
         v = v.get("threshold") if isinstance(v, Mapping) else v
         if isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0:
             out[str(k)] = float(v)

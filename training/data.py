@@ -40,6 +40,8 @@ class Sample:
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     boxes: dict[str, tuple[tuple[int, int, int, int], ...]] = field(default_factory=dict)  # one per instance
     locations: dict[str, tuple[str, ...]] = field(default_factory=dict)  # finding name → where it is
+    # optional map supervision: finding name → (g, g) fraction of each patch covered by the finding
+    grid_masks: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -70,6 +72,7 @@ class PhantomDataset(torch.utils.data.Dataset):
         findings: Sequence[str | tuple[str, str | None]] | None = None,
         augment: bool = False,
         pool: int | None = None,
+        mask_grid: int | None = None,
     ) -> None:
         if length < 1:
             raise InputError(f"phantom dataset length must be ≥ 1, got {length}")
@@ -83,7 +86,8 @@ class PhantomDataset(torch.utils.data.Dataset):
         # Drawing costs more than a training step of the tiny model; a cached pool re-used for a
         # few epochs buys ~2× more steps in the same CPU budget.
         self.pool = int(pool) if pool else None
-        self._cache: dict[int, tuple[np.ndarray, tuple[str, ...]]] = {}
+        self._cache: dict[int, tuple[np.ndarray, tuple[str, ...], dict[str, np.ndarray]]] = {}
+        self.mask_grid = int(mask_grid) if mask_grid else None
 
     def prefill(self, processes: int = 1) -> None:
         """Draw the whole pool now (in ``processes`` forked workers): a pure function of the indices."""
@@ -99,9 +103,9 @@ class PhantomDataset(torch.utils.data.Dataset):
             drawn = [self._draw_for_cache(i) for i in todo]
         self._cache.update(zip(todo, drawn))
 
-    def _draw_for_cache(self, base: int) -> tuple[np.ndarray, tuple[str, ...]]:
+    def _draw_for_cache(self, base: int) -> tuple[np.ndarray, tuple[str, ...], dict[str, np.ndarray]]:
         sample = self._draw(base)
-        return sample.image.astype(np.float16), sample.sentences
+        return sample.image.astype(np.float16), sample.sentences, sample.grid_masks
 
     def __len__(self) -> int:
         return self.length
@@ -113,11 +117,12 @@ class PhantomDataset(torch.utils.data.Dataset):
             base = index % self.pool
             if base not in self._cache:
                 self._cache[base] = self._draw_for_cache(base)
-            image, sentences = self._cache[base]
+            image, sentences, grid_masks = self._cache[base]
             image = image.astype(np.float32)
             if self.augment:
                 image = _augment(image, np.random.default_rng([self.seed, index]))
-            return Sample(image=image, sentences=sentences, key=f"phantom:{sample_seed(self.seed, base)}")
+            return Sample(image=image, sentences=sentences, key=f"phantom:{sample_seed(self.seed, base)}",
+                          grid_masks=grid_masks)
         sample = self._draw(index)
         if self.augment:
             rng = np.random.default_rng([self.seed, index])
@@ -144,43 +149,29 @@ class PhantomDataset(torch.utils.data.Dataset):
             masks[placed.name] = masks[placed.name] | mask if placed.name in masks else mask
             box = (int(placed.box[0]), int(placed.box[1]), int(placed.box[2]), int(placed.box[3]))
             boxes[placed.name] = (*boxes.get(placed.name, ()), box)
+        grid_masks = {}
+        if self.mask_grid:
+            g = self.mask_grid
+            for name, mask in masks.items():
+                t = torch.from_numpy(mask.astype(np.float32))[None, None]
+                grid_masks[name] = torch.nn.functional.adaptive_avg_pool2d(t, g)[0, 0].numpy()
         return Sample(image=image, sentences=tuple(phantom_sentences(ph)), key=f"phantom:{seed}",
-                      labels=labels, masks=masks, boxes=boxes, locations=locations)
+                      labels=labels, masks=masks, boxes=boxes, locations=locations, grid_masks=grid_masks)
 
 
 def phantom_sentences(ph: Any) -> list[str]:
-    """Minimal sentences of a phantom: ``sentences.extract_sentences`` on its report.
+    """Minimal sentences of a phantom: ``sentences.extract_sentences`` on its free-text report
+    (not its labels), so training exercises the same extractor real reports go through."""
+    from radflash.training.sentences import extract_sentences
 
-    Stand-in while ``radflash.training.sentences`` is not available: the same canonical sentences
-    written from the phantom's own labels ("There is/may be <finding> of the <location>" for each
-    placed finding, "There is no <finding>" for every absent one).
-    """
-    try:
-        from radflash.training.sentences import extract_sentences
-    except ImportError:
-        return _sentences_from_labels(ph)
     return list(extract_sentences(ph.report))
 
 
 def canonical_prompt(finding: str, location: str | None = None) -> str:
-    """``sentences.prompt_for`` when available, else the same "There is <finding> of the <location>" form."""
-    try:
-        from radflash.training.sentences import prompt_for
-    except ImportError:
-        return f"There is {finding}" + (f" of the {location}" if location else "")
+    """The canonical prompt of ``sentences.prompt_for`` ("There is <finding> of the <location>")."""
+    from radflash.training.sentences import prompt_for
+
     return prompt_for(finding, location)
-
-
-def _sentences_from_labels(ph: Any) -> list[str]:
-    from radflash.training.phantoms import FINDINGS
-
-    out = []
-    for f in ph.findings:
-        verb = "There may be" if getattr(f, "hedged", False) else "There is"
-        out.append(f"{verb} {f.name}" + (f" of the {f.location}" if f.location else ""))
-    present = {f.name for f in ph.findings}
-    out += [f"There is no {name}" for name in FINDINGS if name not in present]
-    return list(dict.fromkeys(out))
 
 
 def _augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -319,11 +310,16 @@ class Batch:
     owner: torch.Tensor  # (K,) image (0..B-1) each sentence instance belongs to
     texts: list[str]  # the U unique sentences
     text_hash: torch.Tensor | None = None  # (U,) int64 content hash: equal texts match across ranks
+    # optional map supervision: rows of input_ids holding the finding prompts, and (B, F, g, g) targets
+    map_rows: torch.Tensor | None = None
+    map_targets: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
+        move = lambda t: None if t is None else t.to(device)
         return Batch(*(t.to(device) for t in (self.pixels, self.input_ids, self.attention_mask,
                                                 self.text_index, self.owner)), texts=self.texts,
-                     text_hash=None if self.text_hash is None else self.text_hash.to(device))
+                     text_hash=move(self.text_hash), map_rows=move(self.map_rows),
+                     map_targets=move(self.map_targets))
 
 
 class Collator:
@@ -333,9 +329,12 @@ class Collator:
     batch instead of once per image saves a large share of the text tower's work.
     """
 
-    def __init__(self, tokenizer: PromptTokenizer, preprocessing: Preprocessing) -> None:
+    def __init__(self, tokenizer: PromptTokenizer, preprocessing: Preprocessing, *,
+                 map_prompts: dict[str, str] | None = None, grid: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.preprocessing = preprocessing
+        self.map_prompts = dict(map_prompts or {})  # finding name → prompt whose map is supervised
+        self.grid = grid
 
     def __call__(self, samples: Sequence[Sample]) -> Batch:
         if not samples:
@@ -348,12 +347,22 @@ class Collator:
                 owner.append(j)
         if not texts:
             raise InputError(f"no sentences in batch (first image {samples[0].key})")
+        map_rows = map_targets = None
+        if self.map_prompts:
+            g = int(self.grid or 1)
+            map_rows = torch.tensor([texts.setdefault(p, len(texts)) for p in self.map_prompts.values()])
+            map_targets = torch.zeros(len(samples), len(self.map_prompts), g, g)
+            for j, s in enumerate(samples):
+                for f, name in enumerate(self.map_prompts):
+                    if name in s.grid_masks:
+                        map_targets[j, f] = torch.from_numpy(np.asarray(s.grid_masks[name], dtype=np.float32))
         ids, mask = self.tokenizer(list(texts))
         pixels = preprocess([s.image for s in samples], self.preprocessing)
         return Batch(pixels=pixels, input_ids=ids, attention_mask=mask,
                      text_index=torch.tensor(text_index, dtype=torch.long),
                      owner=torch.tensor(owner, dtype=torch.long), texts=list(texts),
-                     text_hash=torch.tensor([text_hash(t) for t in texts], dtype=torch.long))
+                     text_hash=torch.tensor([text_hash(t) for t in texts], dtype=torch.long),
+                     map_rows=map_rows, map_targets=map_targets)
 
 
 def text_hash(text: str) -> int:

@@ -337,7 +337,7 @@ def evaluate_phantoms(
     """Evaluate a checkpoint (default: the demo model) on fresh phantoms; optionally write JSON + ROC PNG.
 
     ``threshold`` picks the segmentation threshold: ``validation`` (chosen on ``val_seed`` images),
-    ``checkpoint`` (the checkpoint's ``calibration["thresholds"]``) or ``fixed``.
+    ``checkpoint`` (the checkpoint's ``calibration["map_thresholds"]``) or ``fixed``.
     ``held_out`` defaults to the combos recorded in the checkpoint's calibration (``held_out``).
     """
     import radflash
@@ -355,7 +355,7 @@ def evaluate_phantoms(
         thresholds = choose_thresholds(model, val, prompts=prompts)
         source = f"validation phantoms seed={val_seed} n={val_n}"
     elif threshold == "checkpoint":
-        thresholds = dict(model.calibration.get("thresholds", {}))
+        thresholds = dict(model.calibration.get("map_thresholds", {}))
         if not thresholds:
             raise InputError(f"{model.model_id}: the checkpoint has no calibrated thresholds; "
                              "use --threshold validation")

@@ -98,12 +98,18 @@ class TrainConfig:
     # sentence. Off = the paper's loss. On phantoms ~70% of sentences are shared negations ("There
     # is no pneumothorax"), which then push apart images that the sentence describes equally well.
     mask_duplicate_negatives: bool = False
+    # Phantoms only, off by default (not in the paper): weight of a BCE between the finding prompts'
+    # patch maps sigmoid(s) and the phantom masks pooled to the patch grid. A from-scratch ViT
+    # otherwise parks global information in background "register" patches, so the maps peak outside
+    # the body even when classification works (pointing game 0.0 at step 150 of the demo run).
+    map_loss_weight: float = 0.0
     freeze_backbone: bool = False
     eval_every: int = 0  # 0: only at the end
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     output: str = "runs/train"
     export: str | None = None  # also write the final checkpoint here (e.g. engine/assets/demo)
+    export_dtype: str = "float32"  # float16 halves a shipped asset (the demo must stay < 10 MB)
     model_id: str = "radflash-trained"
     notice: str = ""
     prompts: dict[str, str] | None = None  # default prompts stored in the checkpoint (None: phantom set)
@@ -206,28 +212,14 @@ def model_config(sec: ModelSection) -> ModelConfig:
 
 def build_tokenizer(kind: str, cfg: ModelConfig) -> PromptTokenizer:
     if kind == "phantom":
-        try:
-            from radflash.training.vocab import build_tokenizer as phantom_tokenizer
-        except ImportError:  # stand-in while training/vocab.py is not available
-            phantom_tokenizer = _phantom_wordpiece
+        from radflash.training.vocab import build_tokenizer as phantom_tokenizer
+
         tok = phantom_tokenizer()
     else:
         tok = wordpiece_tokenizer(vocab_size=None)
     if tok.get_vocab_size() > cfg.text.vocab:
         raise InputError(f"tokenizer has {tok.get_vocab_size()} tokens but the model vocabulary is {cfg.text.vocab}")
     return PromptTokenizer(tok, pad_id=cfg.text.pad_id, max_length=cfg.text.max_length)
-
-
-def _phantom_wordpiece() -> Any:
-    """WordPiece over the base words + every word of the phantom findings, locations and terms."""
-    from radflash.factory import BASIC_WORDS
-    from radflash.training.phantoms import FINDINGS
-
-    words = list(BASIC_WORDS)
-    for spec in FINDINGS.values():
-        for text in (spec.name, *spec.terms, *(loc for loc in spec.locations if loc)):
-            words += text.lower().replace("-", " ").split()
-    return wordpiece_tokenizer(list(dict.fromkeys(words)))
 
 
 def phantom_prompts() -> dict[str, str]:
@@ -286,10 +278,7 @@ def contrastive_loss(model: RadZero, tokens: torch.Tensor, text: torch.Tensor, b
 
     ℓ is computed once per UNIQUE sentence text and then indexed per sentence instance.
     """
-    try:
-        from radflash.training.losses import multi_positive_nce
-    except ImportError:  # stand-in while training/losses.py is not available
-        multi_positive_nce = _multi_positive_nce
+    from radflash.training.losses import multi_positive_nce
 
     text_index, owner, hashes = batch.text_index, batch.owner, batch.text_hash
     if mask_duplicates and hashes is None:
@@ -319,21 +308,15 @@ def contrastive_loss(model: RadZero, tokens: torch.Tensor, text: torch.Tensor, b
     return multi_positive_nce(cos, owner, model.log_tau.exp())
 
 
-def _multi_positive_nce(cos: torch.Tensor, owner: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """The spec's loss for ℓ (K sentences × J images): ½ (row NCE + column NCE).
-
-    Column term of sentence k: its own image g(k) against the sentences of OTHER images only, so
-    the other sentences of the same report are not negatives.
-    """
-    logits = cos / tau
-    k = torch.arange(cos.shape[0], device=cos.device)
-    pos = logits[k, owner]
-    row = torch.logsumexp(logits, dim=1) - pos
-    col_logits = logits[:, owner].T  # [k, m] = logit of sentence m with image g(k)
-    same = owner[:, None] == owner[None, :]
-    col_logits = col_logits.masked_fill(same & (k[:, None] != k[None, :]), float("-inf"))
-    col = torch.logsumexp(col_logits, dim=1) - pos
-    return 0.5 * (row.mean() + col.mean())
+def map_loss(model: RadZero, tokens: torch.Tensor, text: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """BCE between the prompt maps sigmoid(s) (patch tokens, CLS dropped, as ``similarity_maps``) and
+    the fraction of each patch covered by the finding (0 everywhere for an absent finding)."""
+    if batch.map_rows is None or batch.map_targets is None:
+        raise ValueError("map_loss needs a batch collated with map_prompts")
+    v = torch.nn.functional.normalize(tokens[:, 1:].float(), dim=-1)
+    t = torch.nn.functional.normalize(text[batch.map_rows].float(), dim=-1)
+    s = torch.einsum("bnd,fd->bfn", v, t) / model.log_tau.exp()
+    return torch.nn.functional.binary_cross_entropy_with_logits(s, batch.map_targets.flatten(2))
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -471,9 +454,10 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool 
 
     # data
     global_bs = cfg.batch_size * world
-    dataset, val_dataset = _datasets(cfg, global_bs)
+    dataset, val_dataset = _datasets(cfg, global_bs, mcfg.grid if cfg.map_loss_weight else None)
     total = cfg.steps if cfg.steps is not None else math.ceil(cfg.epochs * len(dataset) / global_bs)  # type: ignore[operator]
-    collate = Collator(tokenizer, Preprocessing(mcfg.image_size, mcfg.mean, mcfg.std))
+    collate = Collator(tokenizer, Preprocessing(mcfg.image_size, mcfg.mean, mcfg.std),
+                       map_prompts=phantom_prompts() if cfg.map_loss_weight else None, grid=mcfg.grid)
 
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
     start = 0
@@ -525,6 +509,8 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool 
             tokens, text = towers(batch.pixels, batch.input_ids, batch.attention_mask)
         loss = contrastive_loss(model, tokens, text, batch, distributed=distributed,
                                 mask_duplicates=cfg.mask_duplicate_negatives)
+        if cfg.map_loss_weight:
+            loss = loss + cfg.map_loss_weight * map_loss(model, tokens, text, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -567,7 +553,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool 
                 ck.calibration.update(_calibrate(ck, cfg))
             save_checkpoint(ck, final)
             if cfg.export:
-                result.exported = save_checkpoint(ck, cfg.export)
+                result.exported = export_checkpoint(ck, cfg.export, dtype=cfg.export_dtype)
         (output / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     if distributed:
         dist.barrier()
@@ -580,6 +566,15 @@ def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+def export_checkpoint(ck: Checkpoint, path: str | Path, *, dtype: str = "float32") -> Path:
+    """Save ``ck`` with its floating tensors cast to ``dtype`` (the engine casts back on load)."""
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise InputError(f"export_dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    target = getattr(torch, dtype)
+    state = {k: v.to(target) if v.is_floating_point() else v for k, v in ck.state_dict.items()}
+    return save_checkpoint(dataclasses.replace(ck, state_dict=state), path)
+
+
 def _prompts(cfg: TrainConfig) -> dict[str, str]:
     if cfg.prompts is not None:
         return dict(cfg.prompts)
@@ -590,15 +585,16 @@ def _prompts(cfg: TrainConfig) -> dict[str, str]:
     return default_prompts()
 
 
-def _datasets(cfg: TrainConfig, global_bs: int) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None]:
+def _datasets(cfg: TrainConfig, global_bs: int,
+              grid: int | None = None) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None]:
     d = cfg.data
     if d.source == "phantoms":
         length = d.length or (cfg.steps or 1) * global_bs
         exclude = [tuple(c) for c in d.exclude]
         train_ds = PhantomDataset(seed=d.seed, length=length, size=d.size, exclude=exclude, augment=d.augment,
-                                  pool=d.pool)
+                                  pool=d.pool, mask_grid=grid)
         train_ds.prefill(d.pool_processes)
-        val_ds = PhantomDataset(seed=d.val_seed, length=d.val_size, size=d.size, exclude=exclude)
+        val_ds = PhantomDataset(seed=d.val_seed, length=d.val_size, size=d.size, exclude=exclude, mask_grid=grid)
         return train_ds, val_ds
     ds = MimicStyleDataset(d.root, reports=d.reports, sentences=d.sentences)  # type: ignore[arg-type]
     return ds, None
@@ -617,8 +613,10 @@ def validation_loss(model: RadZero, towers: nn.Module, dataset: torch.utils.data
         # the bare module: a DDP forward outside backward would wait for a gradient sync
         inner = towers.module if isinstance(towers, nn.parallel.DistributedDataParallel) else towers
         tokens, text = inner(batch.pixels, batch.input_ids, batch.attention_mask)
-        values.append(float(contrastive_loss(model, tokens, text, batch,
-                                             mask_duplicates=cfg.mask_duplicate_negatives)))
+        value = contrastive_loss(model, tokens, text, batch, mask_duplicates=cfg.mask_duplicate_negatives)
+        if cfg.map_loss_weight:
+            value = value + cfg.map_loss_weight * map_loss(model, tokens, text, batch)
+        values.append(float(value))
     model.train(was_training)
     if cfg.freeze_backbone:
         model.vision.eval()
@@ -633,8 +631,11 @@ def _calibrate(ck: Checkpoint, cfg: TrainConfig) -> dict[str, Any]:
     model = RadFlashModel(ck, device="cpu")
     val = PhantomDataset(seed=cfg.data.val_seed, length=cfg.calibrate_n, size=cfg.data.size)
     thresholds = choose_thresholds(model, val, prompts=ck.prompts)
-    return {"thresholds": thresholds, "thresholds_chosen_on": f"phantoms seed={cfg.data.val_seed} n={cfg.calibrate_n}",
-            "thresholds_metric": "mean Dice on positive validation images"}
+    return {
+        "map_thresholds": thresholds,
+        "map_thresholds_chosen_on": f"phantoms seed={cfg.data.val_seed} n={cfg.calibrate_n}",
+        "map_thresholds_metric": "mean Dice on positive validation images",
+    }
 
 
 def _prune(folder: Path, keep: int) -> None:
@@ -666,7 +667,7 @@ def plot_losses(losses: list[tuple[int, float]], val_losses: list[tuple[int, flo
     if val_losses:
         ax.plot([s for s, _ in val_losses], [v for _, v in val_losses], "o-", color="C3", label="validation")
     ax.set_xlabel("step")
-    ax.set_ylabel("multi-positive NCE loss")
+    ax.set_ylabel("loss (multi-positive NCE + weighted map BCE)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -53,10 +53,12 @@ def _formats(ctx: click.Context, param: click.Parameter, value: tuple[str, ...])
 @backend_option
 @kernels_option
 @batch_size_option(default=8)
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Decode processes (0 = decode in-process). Default: min(4, CPUs, files); 0 for one file.")
 @quiet_option
 def segment(inputs: tuple[Path, ...], outdir: Path, prompt_texts: tuple[str, ...], prompt_file: Path | None,
             threshold: float | None, formats: tuple[str, ...], preview: bool, model_path: str | None,
-            device: str, backend: str, batch_size: int, quiet: bool) -> None:
+            device: str, backend: str, batch_size: int, workers: int | None, quiet: bool) -> None:
     """Segment and ground prompts in DICOM/PNG/JPEG INPUTS (files or folders).
 
     For each image and prompt, at the image's original size: a float16 probability map (npz), a
@@ -78,7 +80,7 @@ def segment(inputs: tuple[Path, ...], outdir: Path, prompt_texts: tuple[str, ...
             prompts.setdefault(text, {"prompt": text, "threshold": None})
         run = run_segment(list(inputs), outdir, prompts=prompts, thresholds=threshold, model=model_path,
                           device=device, backend=backend, batch_size=batch_size, formats=formats,
-                          preview=preview, progress=not quiet)
+                          preview=preview, workers=workers, progress=not quiet)
     except RadflashError as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from None
     if not quiet:

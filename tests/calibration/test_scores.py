@@ -70,7 +70,7 @@ def test_calibration_survives_save_load_and_is_applied(tmp_path: Path) -> None:
     names = list(ck.prompts)[:3]
     z = rng.normal(0, 3, (200, 3))
     y = rng.random(z.shape) < 1 / (1 + np.exp(-z / 1.7))
-    ck.calibration = {"thresholds": {"seg": 0.4}, **fit(z, y, names, fitted_on="synthetic")}
+    ck.calibration = {"map_thresholds": {"seg": 0.4}, **fit(z, y, names, fitted_on="synthetic")}
     loaded = load_checkpoint(save_checkpoint(ck, tmp_path / "ck"))
     assert loaded.calibration == ck.calibration  # JSON round-trips Python floats exactly
     model = RadFlashModel(loaded, device="cpu")

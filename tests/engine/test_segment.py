@@ -103,12 +103,12 @@ def test_prompt_and_threshold_resolution() -> None:
         ("ptx", 0.7, "prompt-file"), ("lung", 0.4, "argument"), ("eff", 0.65, "model")]
     # the trainer's calibration: name → threshold chosen for Dice; matched by name or default prompt text
     trained = resolve_prompts(["There is pneumothorax", "left lung"],
-                              calibration={"thresholds": {"pneumothorax": 0.35},
-                                           "thresholds_metric": "mean Dice on positive validation images"},
+                              calibration={"map_thresholds": {"pneumothorax": 0.35}},
                               default_prompts={"pneumothorax": "There is pneumothorax"})
     assert [(s.threshold, s.threshold_source) for s in trained] == [(0.35, "model"), (0.5, "default")]
-    assert resolve_prompts(["There is pneumothorax"], calibration={"thresholds": {"There is pneumothorax": 0.9},
-                                                                   "thresholds_metric": "youden"})[0].threshold == 0.5
+    # the score calibration's image-level thresholds are never used for pixel maps
+    image_level = {"threshold": {"There is pneumothorax": 0.9}, "temperature": {"There is pneumothorax": 2.0}}
+    assert resolve_prompts(["There is pneumothorax"], calibration=image_level)[0].threshold == 0.5
     assert [s.slug for s in resolve_prompts(["a/b", "a b", "../x"])] == ["a_b", "a_b-2", "x"]
     from radflash.errors import InputError
 
@@ -227,6 +227,7 @@ def test_decode_workers_give_the_same_outputs_in_input_order(tiny_model, tmp_pat
     """Files decoded by the score pipeline's worker processes: same results and names as in-process."""
     inputs = tmp_path / "in"
     for k, (h, w) in enumerate([(31, 27), (35, 21), (40, 44), (29, 33)]):
+        (inputs / f"d{k}").mkdir(parents=True)
         odd_png(inputs / f"d{k}" / "IM1.png", h, w)  # same stems: names depend on order
     (inputs / "d9").mkdir()
     (inputs / "d9" / "broken.dcm").write_bytes(b"DICM" + b"\x00" * 50)
@@ -237,6 +238,20 @@ def test_decode_workers_give_the_same_outputs_in_input_order(tiny_model, tmp_pat
     for a, b in zip(runs[0].images, runs[1].images):
         assert np.array_equal(a.masks, b.masks) and np.array_equal(a.probs, b.probs)
     assert runs[0].failures == runs[1].failures and runs[1].failures[0].status == "failed"
+
+
+def test_nifti_and_seg_use_the_loader_metadata(tiny_model, tmp_path: Path) -> None:
+    """ImageMeta.pixel_spacing (Imager Pixel Spacing here) scales the NIfTI; kind "dicom" gates the SEG."""
+    nib = pytest.importorskip("nibabel")
+    (tmp_path / "in").mkdir()
+    src = make_dicom(tmp_path / "in" / "cr.dcm", rows=33, cols=29)
+    run = segment([src], tmp_path / "out", prompts=PROMPTS, model=tiny_model, progress=False,
+                  formats=("nifti", "dicom-seg"))
+    assert not run.failures
+    folder = tmp_path / "out" / run.images[0].name
+    img = nib.load(folder / "masks.nii.gz")
+    assert img.shape == (29, 33, 2) and img.header.get_zooms() == pytest.approx((0.139, 0.139, 1.0))
+    assert (folder / "seg.dcm").is_file()
 
 
 def test_unreadable_file_is_recorded_and_run_continues(tiny_model, tmp_path: Path) -> None:
@@ -302,7 +317,7 @@ def test_cli_subprocess_end_to_end(tmp_path: Path, tiny_ckpt: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "radflash", "segment", str(png), "-o", str(out), "--prompt", "left lung",
          "--format", "png,npz", "--format", "nifti", "--preview", "--model", str(tiny_ckpt), "--device", "cpu",
-         "--batch-size", "1", "--quiet"],
+         "--batch-size", "1", "--workers", "1", "--quiet"],
         capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     folder = out / "scan_1"
