@@ -178,3 +178,20 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     if ckpt.notice and not os.environ.get("RADFLASH_NO_DEMO_NOTICE"):
         log.warning("%s", ckpt.notice)
     return RadFlashModel(ckpt, device=device, dtype=dtype, backend=backend)
+
+
+def as_model(model: RadFlashModel | str | Path | None, *, device: str | torch.device = "auto", dtype=None,
+             backend: str = "eager") -> RadFlashModel:
+    """What every verb function accepts as ``model=``: a loaded model, a checkpoint path, or None (demo).
+
+    A loaded model is reused as it is (switching backend only when another one is asked for), so
+    callers that score several folders load the weights once.
+    """
+    if isinstance(model, RadFlashModel):
+        if backend not in ("eager", model.backend_name):
+            model.set_backend(backend)
+        return model
+    if model is not None and not isinstance(model, (str, Path)):
+        raise InputError(f"model must be a checkpoint path or a RadFlashModel, got {type(model).__name__}")
+    return load(model, device=device, dtype=dtype, backend=backend)
+

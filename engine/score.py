@@ -143,7 +143,8 @@ def score(
 
     # ---- model -----------------------------------------------------------------------------
     t_model = time.perf_counter()
-    rf_model = _resolve_model(model, device=device, dtype=dtype, backend=backend)
+    from radflash.api import as_model
+    rf_model = as_model(model, device=device, dtype=dtype, backend=backend)
     load_model_s = time.perf_counter() - t_model
     calibrated = score_calibrated(rf_model.calibration)
     spec = TableSpec(prompt_set.names, include_phi=include_phi,
@@ -266,18 +267,6 @@ def resolve_findings(findings: str | Path | Mapping[str, Any] | Sequence[str] | 
         prompts.append(prompt.strip())
         thresholds.append(None if threshold is None else float(threshold))
     return PromptSet(tuple(names), tuple(prompts), tuple(thresholds))
-
-
-def _resolve_model(model: Any, *, device: str, dtype: str | None, backend: str) -> RadFlashModel:
-    from radflash.api import RadFlashModel, load
-
-    if isinstance(model, RadFlashModel):
-        if backend not in ("eager", model.backend_name):
-            model.set_backend(backend)
-        return model
-    if model is not None and not isinstance(model, (str, Path)):
-        raise InputError(f"model must be a checkpoint path or a RadFlashModel, got {type(model).__name__}")
-    return load(model, device=device, dtype=dtype, backend=backend)
 
 
 def _check_resumable(previous: dict, current: dict, out_dir: Path) -> None:

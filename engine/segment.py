@@ -190,7 +190,8 @@ def segment(
         raise InputError(f"workers must be ≥ 0, got {workers}")
     if outdir is None and (formats or preview):
         log.debug("no outdir: formats %s and preview are not written", formats)
-    rf = _resolve_model(model, device=device, dtype=dtype, backend=backend)
+    from radflash.api import as_model
+    rf = as_model(model, device=device, dtype=dtype, backend=backend)
     specs = resolve_prompts(prompts, thresholds, calibration=rf.calibration, default_prompts=rf.default_prompts)
     rf.encode_text([s.prompt for s in specs])  # validate + cache all prompt embeddings up front
 
@@ -650,18 +651,6 @@ def summary_table(run: SegmentRun):
 
 
 # ---- helpers -----------------------------------------------------------------------------------
-def _resolve_model(model: Any, *, device: str, dtype: str | None, backend: str) -> RadFlashModel:
-    from radflash.api import RadFlashModel, load
-
-    if isinstance(model, RadFlashModel):
-        if backend not in ("eager", model.backend_name):
-            model.set_backend(backend)
-        return model
-    if model is not None and not isinstance(model, (str, Path)):
-        raise InputError(f"model must be a checkpoint path or a RadFlashModel, got {type(model).__name__}")
-    return load(model, device=device, dtype=dtype, backend=backend)
-
-
 def _progress(total: int, *, enabled: bool):
     if not enabled or not total:
         return None

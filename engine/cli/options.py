@@ -50,3 +50,10 @@ def quiet_option(f: Callable) -> Callable:
 def batch_size_option(default: int = 16) -> Callable[[Callable], Callable]:
     return click.option("--batch-size", type=click.IntRange(min=1), default=default, show_default=True,
                         help="Images per forward pass.")
+
+
+def workers_option(f: Callable) -> Callable:
+    return click.option(
+        "--workers", type=click.IntRange(min=0), default=None,
+        help="Decode processes (0 = decode in-process). Default: min(4, CPUs, files).",
+    )(f)

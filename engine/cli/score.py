@@ -13,6 +13,7 @@ from radflash.cli.options import (
     kernels_option,
     model_option,
     quiet_option,
+    workers_option,
 )
 
 PREVIEW_ROWS = 10
@@ -36,8 +37,7 @@ def _modalities(ctx: click.Context, param: click.Parameter, value: str | None) -
               help="Prompt file (YAML/JSON/TXT). Default: the 14 CheXpert findings, 'There is {finding}'.")
 @device_option
 @batch_size_option(16)
-@click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Decode processes (0 = decode in-process). Default: min(4, CPUs).")
+@workers_option
 @backend_option
 @kernels_option
 @click.option("--format", "fmt", type=click.Choice(("parquet", "csv")), default="parquet", show_default=True,

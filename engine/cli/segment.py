@@ -13,6 +13,7 @@ from radflash.cli.options import (
     kernels_option,
     model_option,
     quiet_option,
+    workers_option,
 )
 from radflash.errors import RadflashError
 
@@ -53,8 +54,7 @@ def _formats(ctx: click.Context, param: click.Parameter, value: tuple[str, ...])
 @backend_option
 @kernels_option
 @batch_size_option(default=8)
-@click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Decode processes (0 = decode in-process). Default: min(4, CPUs, files); 0 for one file.")
+@workers_option
 @quiet_option
 def segment(inputs: tuple[Path, ...], outdir: Path, prompt_texts: tuple[str, ...], prompt_file: Path | None,
             threshold: float | None, formats: tuple[str, ...], preview: bool, model_path: str | None,
