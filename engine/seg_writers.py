@@ -188,6 +188,7 @@ def write_dicom_seg(
     if (int(ds.Rows), int(ds.Columns)) != masks.shape[1:]:
         raise WriteError(f"{source}: source is {ds.Rows}×{ds.Columns}, masks are {masks.shape[1]}×{masks.shape[2]}")
 
+    _fill_type2_attributes(ds)
     segment_descriptions = []
     for i, seg in enumerate(segments, start=1):
         algorithm = hd.AlgorithmIdentificationSequence(
@@ -240,6 +241,18 @@ def write_dicom_seg(
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise WriteError(f"{source}: cannot build DICOM SEG ({type(exc).__name__}: {exc})".splitlines()[0]) from None
     return atomic_write(path, lambda tmp: seg.save_as(str(tmp)))
+
+
+# Patient/study attributes a SEG must copy from its source (DICOM Type 2: present, may be empty).
+# Exports and older modalities often omit them; an empty value is the standard's "unknown".
+_TYPE2_FROM_SOURCE = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                      "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def _fill_type2_attributes(ds) -> None:
+    for keyword in _TYPE2_FROM_SOURCE:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
 
 
 def _lo(text: str, limit: int = 64) -> str:

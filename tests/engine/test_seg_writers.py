@@ -171,3 +171,24 @@ def test_preview_has_source_size_and_shows_masks(tmp_path: Path) -> None:
     assert (np.abs(img[inside_mask].astype(int) - plain[inside_mask].astype(int)).sum(-1) > 20).all()
     with pytest.raises(WriteError):
         render_preview(image, [Overlay("x", np.zeros((5, 5)), (0, 0))])
+
+
+def test_dicom_seg_from_a_source_missing_type2_patient_and_study_attributes(tmp_path: Path) -> None:
+    """Exports often drop Type 2 attributes (birth date, sex, accession...); the SEG is still written."""
+    hd = pytest.importorskip("highdicom")
+    import pydicom
+
+    src = make_dicom(tmp_path / "src.dcm")
+    ds = pydicom.dcmread(src)
+    for keyword in ("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "AccessionNumber",
+                    "ReferringPhysicianName", "StudyID"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.save_as(src)
+    masks = _masks(1, 61, 47)
+    path = write_dicom_seg(tmp_path / "seg.dcm", src, masks, [SegmentInfo("p", "There is edema", 0.5)],
+                           model_id="m")
+    seg = hd.seg.segread(path)
+    assert seg.PatientBirthDate == "" and seg.get_source_image_uids()[0][2] == ds.SOPInstanceUID
+    pix = seg.get_pixels_by_source_instance([ds.SOPInstanceUID], segment_numbers=[1], combine_segments=False)
+    assert np.array_equal(pix[0, :, :, 0], masks[0])
