@@ -38,7 +38,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=PACKAGE_DIR,
-    package_data={"radflash": ["VERSION", "assets/**/*"]},
+    package_data={"radflash": ["VERSION", "assets/**/*"], "radflash.training": ["configs/*.yaml"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

@@ -1,7 +1,7 @@
 """The embedded demo model meets its documented zero-shot targets on FRESH held-out phantoms.
 
 The seeds differ from the training seed (0), the validation seed used for calibration (1) and the
-seeds quoted in README_TRAINING.md, so this is a genuinely unseen sample.
+seeds quoted in README.md, so this is a genuinely unseen sample.
 """
 
 from __future__ import annotations
@@ -27,16 +27,32 @@ def test_demo_checkpoint_metadata() -> None:
     assert model.calibration.get("held_out")
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "demo model misses its targets (README_TRAINING.md, seed 1000: macro AUROC 0.69, pointing 0.05, "
-    "effusion Dice 0.30, pneumothorax Dice 0.00, held-out AUROC 0.25/0.37): 500 CPU steps from scratch "
-    "are not enough; remove this mark once a retrained demo passes"))
-def test_demo_model_meets_targets() -> None:
+@pytest.fixture(scope="module")
+def report():
     from radflash.training.evaluate import evaluate_phantoms
 
-    report = evaluate_phantoms(None, seed=777, n=160, val_seed=778, val_n=64, threshold="checkpoint",
-                               device="cpu")
+    return evaluate_phantoms(None, seed=777, n=160, val_seed=778, val_n=64, threshold="checkpoint", device="cpu")
+
+
+LARGE_FINDINGS = ("pleural effusion", "pneumothorax", "cardiomegaly")
+
+
+@pytest.mark.slow
+def test_demo_model_keeps_its_measured_quality(report) -> None:
+    """What the shipped demo achieves (README, seed 1000: AUROC 0.95-1.00, pointing 0.71-1.00 on the
+    large findings), with margin for a fresh sample: a regression guard for retraining."""
+    for name in LARGE_FINDINGS:
+        assert report.findings[name].auroc >= 0.90, (name, report.findings[name])
+        assert report.findings[name].pointing_game >= 0.60, (name, report.findings[name])
+    assert report.macro_auroc >= 0.70, report.macro_auroc
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "demo model misses the issue's targets (README.md, seed 1000: macro AUROC 0.756, pointing 0.404, "
+    "effusion Dice 0.45, pneumothorax Dice 0.33, held-out AUROC 0.25/0.55): 2,000 CPU steps from scratch "
+    "learn the large findings only; remove this mark once a retrained demo passes"))
+def test_demo_model_meets_targets(report) -> None:
     assert report.macro_auroc >= 0.90, report.macro_auroc
     assert report.pointing_game >= 0.80, report.pointing_game
     for combo, m in report.held_out.items():
