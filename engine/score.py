@@ -129,7 +129,7 @@ def score(
 
     demo = inputs is None
     if demo:
-        log.warning("no inputs given: scoring the embedded demo archive %s", DEMO_ARCHIVE)
+        log.info("no inputs given: scoring the embedded demo archive %s", DEMO_ARCHIVE)
         inputs = [DEMO_ARCHIVE]
     elif isinstance(inputs, (str, Path)):
         inputs = [inputs]

@@ -70,9 +70,12 @@ def score(inputs: tuple[Path, ...], output: Path | None, model_path: str | None,
         raise click.UsageError(f"--part-id {part_id} must be smaller than --num-parts {num_parts}")
     if resume and output is None:
         raise click.UsageError("--resume needs -o/--output: the folder of the run to continue")
+    from radflash.score import DEMO_ARCHIVE
     from radflash.score import score as score_fn
 
     rules = _rules(include_lateral, modalities)
+    if not inputs and not quiet:
+        click.echo(f"No inputs given: scoring the embedded demo archive ({DEMO_ARCHIVE}).", err=True)
     run = score_fn(
         list(inputs) or None, output, model=model_path, findings=findings, device=device,
         batch_size=batch_size, workers=workers, backend=backend, fmt=fmt, include_phi=include_phi,
