@@ -78,23 +78,30 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> ModelConfig:
         data = dict(data)
-        vision = _build(VisionConfig, data.pop("vision", {}), f"{source}: model.vision")
-        text = _build(TextConfig, data.pop("text", {}), f"{source}: model.text")
+        vision = strict_dataclass(VisionConfig, data.pop("vision", {}), f"{source}: model.vision")
+        text = strict_dataclass(TextConfig, data.pop("text", {}), f"{source}: model.text")
         for key in ("mean", "std"):
             if key in data:
                 data[key] = tuple(float(v) for v in data[key])
-        return _build(cls, {**data, "vision": vision, "text": text}, f"{source}: model")
+        return strict_dataclass(cls, {**data, "vision": vision, "text": text}, f"{source}: model")
 
 
-def _build(kind: type, data: dict[str, Any], where: str) -> Any:
+def strict_dataclass(kind: type, data: Any, where: str, *, error: type[Exception] = CheckpointError,
+                     label: str = "config field") -> Any:
+    """Build dataclass ``kind`` from a mapping, naming unknown or wrong fields in one ``error`` line.
+
+    Shared by checkpoint configs and training configs: a typo in either must not be ignored.
+    """
+    if not isinstance(data, dict):
+        raise error(f"{where}: expected a mapping")
     names = {f.name for f in dataclasses.fields(kind)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise CheckpointError(f"{where}: unknown config field(s) {', '.join(unknown)}")
+        raise error(f"{where}: unknown {label}(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
     try:
         return kind(**data)
     except TypeError as exc:
-        raise CheckpointError(f"{where}: {exc}") from None
+        raise error(f"{where}: {exc}") from None
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -17,6 +17,7 @@ bit for bit, so N/2 steps + resume + N/2 steps reproduces an uninterrupted N-ste
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -34,7 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from radflash.checkpoint import Checkpoint, check_state_dict, load_checkpoint, save_checkpoint
-from radflash.config import ModelConfig, TextConfig, VisionConfig, preset
+from radflash.config import ModelConfig, TextConfig, VisionConfig, preset, strict_dataclass
 from radflash.errors import InputError
 from radflash.factory import randomize_, wordpiece_tokenizer
 from radflash.models import RadZero
@@ -121,9 +122,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> TrainConfig:
         data = dict(data)
-        model = _section(ModelSection, data.pop("model", {}) or {}, f"{source}: model")
-        dsec = _section(DataSection, data.pop("data", {}) or {}, f"{source}: data")
-        cfg = _section(cls, {**data, "model": model, "data": dsec}, source)
+        section = functools.partial(strict_dataclass, error=InputError, label="key")
+        model = section(ModelSection, data.pop("model", {}) or {}, f"{source}: model")
+        dsec = section(DataSection, data.pop("data", {}) or {}, f"{source}: data")
+        cfg = section(cls, {**data, "model": model, "data": dsec}, source)
         cfg.validate(source)
         return cfg
 
@@ -166,19 +168,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _section(kind: type, data: dict[str, Any], where: str) -> Any:
-    if not isinstance(data, dict):
-        raise InputError(f"{where}: expected a mapping")
-    names = {f.name for f in dataclasses.fields(kind)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise InputError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
-    try:
-        return kind(**data)
-    except TypeError as exc:
-        raise InputError(f"{where}: {exc}") from None
 
 
 # ---- building blocks ----------------------------------------------------------------------------
