@@ -30,10 +30,9 @@ def expected_calibration_error(probs: Any, labels: Any, *, bins: int = 10) -> fl
 def plot_reliability(curves: Mapping[str, tuple[Any, Any]], path: str | Path, *, bins: int = 10,
                      title: str = "") -> Path:
     """One PNG with a reliability curve per entry of ``curves`` (label → (probs, labels)), ECE in the legend."""
-    import matplotlib
+    from radflash.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=0.8, label="perfect")
@@ -45,9 +44,4 @@ def plot_reliability(curves: Mapping[str, tuple[Any, Any]], path: str | Path, *,
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted probability", ylabel="observed positive rate",
            title=title or "reliability")
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

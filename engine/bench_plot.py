@@ -15,10 +15,9 @@ COLORS = {"decode": "#8c564b", "preprocess": "#9467bd", "encode": "#1f77b4", "he
 
 
 def plot_report(report: BenchReport, path: str | Path) -> Path:
-    import matplotlib
+    from radflash.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     path = Path(path)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1, 1.2]})
@@ -75,8 +74,4 @@ def plot_report(report: BenchReport, path: str | Path) -> Path:
     if bars:
         ax2.set_ylim(0, 1.12 * max(b[2] for b in bars))
     ax2.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

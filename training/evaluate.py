@@ -242,10 +242,9 @@ def summarise(pred: Predictions, thresholds: dict[str, float], *, model: str, da
 
 def plot_roc(pred: Predictions, path: str | Path, *, title: str = "") -> Path:
     """One ROC curve per finding (AUROC in the legend); Agg backend."""
-    import matplotlib
+    from radflash.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for j, name in enumerate(pred.names):
@@ -258,12 +257,7 @@ def plot_roc(pred: Predictions, path: str | Path, *, title: str = "") -> Path:
     ax.set_ylabel("true-positive rate")
     ax.set_title(title or "zero-shot ROC")
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 # ---- the verb behind `radflash evaluate` --------------------------------------------------------

@@ -639,11 +639,11 @@ def plot_losses(losses: list[tuple[int, float]], val_losses: list[tuple[int, flo
     """Loss curve PNG (raw + moving average, validation points); Agg backend, no display needed."""
     if not losses:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from radflash.plotting import pyplot, save_figure
+
+    plt = pyplot()
 
     steps = np.array([s for s, _ in losses])
     vals = np.array([v for _, v in losses])
@@ -659,8 +659,4 @@ def plot_losses(losses: list[tuple[int, float]], val_losses: list[tuple[int, flo
     ax.set_ylabel("loss (multi-positive NCE + weighted map BCE)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
