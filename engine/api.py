@@ -123,7 +123,7 @@ class RadFlashModel:
         """Per-prompt pixel maps sigmoid(upsampled s) at ``size`` (default: the images' own size).
 
         Also returns the arg-max pixel and peak probability (grounding); ``output="mask"`` gives
-        thresholded uint8 masks without materialising float maps.
+        thresholded uint8 masks without materialising float maps, ``"both"`` maps and masks in one pass.
         """
         prompts = self._prompts(prompts)
         if size is None:

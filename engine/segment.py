@@ -460,22 +460,21 @@ def _segment_one(rf: RadFlashModel, tokens: Any, item: _Item, name: str, uid: st
             part = specs[lo:lo + chunk]
             texts, sl = [s.prompt for s in part], slice(lo, lo + len(part))
             # The mask is the kernel's (prob > threshold in float32), never re-derived from the
-            # float16 map: one rule for every caller. The map, when wanted, is a second upsampling.
-            res = rf.similarity_maps(prompts=texts, tokens=tokens, size=(h, w), output="mask",
+            # float16 map: one rule for every caller. Maps and masks come from the same pass.
+            res = rf.similarity_maps(prompts=texts, tokens=tokens, size=(h, w), output="both" if need_probs else "mask",
                                      threshold=[s.threshold for s in part])
             masks[sl] = res.masks[0].cpu().numpy()
             peaks[sl] = res.peak[0].cpu().numpy()
             peak_probs[sl] = res.peak_prob[0].float().cpu().numpy()
-            del res
             if need_probs:
-                p_np = rf.similarity_maps(prompts=texts, tokens=tokens, size=(h, w), output="prob").probs[0]
-                p_np = p_np.cpu().numpy()
+                p_np = res.probs[0].cpu().numpy()
                 if probs is not None:
                     probs[sl] = p_np
                 if npz is not None:
                     for j, s in enumerate(part):
                         npz.add(s.slug, p_np[j])
                 del p_np
+            del res
         if npz is not None:
             npz.add_strings("_names", [s.name for s in specs])
             npz.add_strings("_prompts", [s.prompt for s in specs])

@@ -21,7 +21,7 @@ from radflash.kernels._dispatch import device_of, interpreting, jit, tl, triton,
 
 __all__ = ["OUTPUTS", "MapResult", "upsample_maps", "upsample_maps_ref"]
 
-OUTPUTS = ("prob", "mask", "none")
+OUTPUTS = ("prob", "mask", "both", "none")
 _PROB_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SIM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -57,9 +57,9 @@ def upsample_maps_ref(
     probs = masks = None
     if output != "none":
         prob = torch.sigmoid(up)
-        if output == "prob":
+        if output in ("prob", "both"):
             probs = prob.to(prob_dtype)
-        else:
+        if output in ("mask", "both"):
             masks = (prob > thr.to(device=prob.device, dtype=compute).view(1, t, 1, 1)).to(torch.uint8)
     return MapResult(probs, masks, peak, torch.sigmoid(peak_val).float())
 
@@ -76,15 +76,17 @@ def upsample_maps(
     """Pixel maps at ``size`` = (H, W) from similarities ``sim`` (B, T, h, w), or (B, T, h·w) with ``grid``.
 
     ``output``: "prob" → sigmoid maps in ``prob_dtype``; "mask" → uint8 prob > ``threshold`` (a float
-    or one value per prompt) without any float map in memory; "none" → only peak and peak_prob.
+    or one value per prompt) without any float map in memory; "both" → both from one pass (the mask
+    from the float32 probability, never from the rounded map); "none" → only peak and peak_prob.
     """
     if use_triton(sim):
         sim4, thr = _prepare(sim, size, output, threshold, prob_dtype, grid)
+        want_prob, want_mask = output in ("prob", "both"), output in ("mask", "both")
         probs, masks, peak, peak_prob = torch.ops.radflash.upsample_maps(
             sim4, int(size[0]), int(size[1]), thr.to(device=sim4.device, dtype=torch.float32).contiguous(),
-            prob_dtype, output == "prob", output == "mask",
+            prob_dtype, want_prob, want_mask,
         )
-        return MapResult(probs if output == "prob" else None, masks if output == "mask" else None, peak, peak_prob)
+        return MapResult(probs if want_prob else None, masks if want_mask else None, peak, peak_prob)
     return upsample_maps_ref(sim, size, output=output, threshold=threshold, prob_dtype=prob_dtype, grid=grid)
 
 

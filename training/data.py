@@ -40,7 +40,8 @@ class Sample:
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     boxes: dict[str, tuple[tuple[int, int, int, int], ...]] = field(default_factory=dict)  # one per instance
     locations: dict[str, tuple[str, ...]] = field(default_factory=dict)  # finding name → where it is
-    # optional map supervision: finding name → (g, g) fraction of each patch covered by the finding
+    # optional map supervision: prompt text → (g, g) fraction of each patch the prompt's finding covers,
+    # for the plain finding prompt and each location prompt that is true of the image (map_prompts)
     grid_masks: dict[str, np.ndarray] = field(default_factory=dict)
 
 
@@ -59,7 +60,9 @@ class PhantomDataset(torch.utils.data.Dataset):
     ``exclude`` lists (finding, location) combinations that never appear (held out for the
     zero-shot test); ``findings`` draws exactly those (name or (name, location)) in every image. ``augment`` applies a
     mild seeded intensity augmentation (gamma, contrast, noise) so that the model cannot key on the
-    generator's exact grey levels.
+    generator's exact grey levels. ``plain_sentence_prob`` adds, per located positive sentence and
+    with that probability, its location-free twin ("There is lung nodule"): phantom reports always
+    name a location, so without it the plain prompts users type are never trained.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class PhantomDataset(torch.utils.data.Dataset):
         augment: bool = False,
         pool: int | None = None,
         mask_grid: int | None = None,
+        plain_sentence_prob: float = 0.0,
     ) -> None:
         if length < 1:
             raise InputError(f"phantom dataset length must be ≥ 1, got {length}")
@@ -88,6 +92,9 @@ class PhantomDataset(torch.utils.data.Dataset):
         self.pool = int(pool) if pool else None
         self._cache: dict[int, tuple[np.ndarray, tuple[str, ...], dict[str, np.ndarray]]] = {}
         self.mask_grid = int(mask_grid) if mask_grid else None
+        if not 0.0 <= plain_sentence_prob <= 1.0:
+            raise InputError(f"plain_sentence_prob must be in [0, 1], got {plain_sentence_prob}")
+        self.plain_sentence_prob = float(plain_sentence_prob)
 
     def prefill(self, processes: int = 1) -> None:
         """Draw the whole pool now (in ``processes`` forked workers): a pure function of the indices."""
@@ -118,15 +125,17 @@ class PhantomDataset(torch.utils.data.Dataset):
             if base not in self._cache:
                 self._cache[base] = self._draw_for_cache(base)
             image, sentences, grid_masks = self._cache[base]
-            image = image.astype(np.float32)
-            if self.augment:
-                image = _augment(image, np.random.default_rng([self.seed, index]))
-            return Sample(image=image, sentences=sentences, key=f"phantom:{sample_seed(self.seed, base)}",
-                          grid_masks=grid_masks)
-        sample = self._draw(index)
+            sample = Sample(image=image.astype(np.float32), sentences=sentences,
+                            key=f"phantom:{sample_seed(self.seed, base)}", grid_masks=grid_masks)
+        else:
+            sample = self._draw(index)
+        rng = np.random.default_rng([self.seed, index])
         if self.augment:
-            rng = np.random.default_rng([self.seed, index])
             sample = dataclasses.replace(sample, image=_augment(sample.image, rng))
+        if self.plain_sentence_prob:
+            twins = with_plain_twins(sample.sentences, self.plain_sentence_prob,
+                                     np.random.default_rng([self.seed, index, 1]))
+            sample = dataclasses.replace(sample, sentences=twins)
         return sample
 
     def _draw(self, index: int) -> Sample:
@@ -149,12 +158,7 @@ class PhantomDataset(torch.utils.data.Dataset):
             masks[placed.name] = masks[placed.name] | mask if placed.name in masks else mask
             box = (int(placed.box[0]), int(placed.box[1]), int(placed.box[2]), int(placed.box[3]))
             boxes[placed.name] = (*boxes.get(placed.name, ()), box)
-        grid_masks = {}
-        if self.mask_grid:
-            g = self.mask_grid
-            for name, mask in masks.items():
-                t = torch.from_numpy(mask.astype(np.float32))[None, None]
-                grid_masks[name] = torch.nn.functional.adaptive_avg_pool2d(t, g)[0, 0].numpy()
+        grid_masks = prompt_grid_masks(ph.findings, self.mask_grid) if self.mask_grid else {}
         return Sample(image=image, sentences=tuple(phantom_sentences(ph)), key=f"phantom:{seed}",
                       labels=labels, masks=masks, boxes=boxes, locations=locations, grid_masks=grid_masks)
 
@@ -165,6 +169,44 @@ def phantom_sentences(ph: Any) -> list[str]:
     from radflash.training.sentences import extract_sentences
 
     return list(extract_sentences(ph.report))
+
+
+def prompt_grid_masks(placed: Sequence[Any], grid: int) -> dict[str, np.ndarray]:
+    """Patch-coverage targets, keyed by every present-tense prompt that is TRUE of the image.
+
+    "There is X" covers all instances of X; "There is X of the L" those at L or inside it (an apical
+    pneumothorax is also "of the right lung"). A prompt that is absent from the result is false of
+    the image, so its target is an empty map.
+    """
+    masks: dict[str, np.ndarray] = {}
+
+    def add(prompt: str, mask: np.ndarray) -> None:
+        masks[prompt] = masks[prompt] | mask if prompt in masks else mask
+
+    for f in placed:
+        mask = np.asarray(f.mask, dtype=bool)
+        add(canonical_prompt(f.name), mask)
+        if f.location and f.location != "None":
+            side, *zone = str(f.location).split(" ")
+            add(canonical_prompt(f.name, f.location), mask)
+            if len(zone) == 2:  # "right upper lung" is also "right lung"
+                add(canonical_prompt(f.name, f"{side} lung"), mask)
+    out = {}
+    for prompt, mask in masks.items():
+        t = torch.from_numpy(mask.astype(np.float32))[None, None]
+        out[prompt] = torch.nn.functional.adaptive_avg_pool2d(t, grid)[0, 0].numpy()
+    return out
+
+
+def with_plain_twins(sentences: Sequence[str], prob: float, rng: np.random.Generator) -> tuple[str, ...]:
+    """``sentences`` plus, with probability ``prob`` each, the location-free twin of a located
+    positive or hedged sentence ("There is X of the L" → "There is X"); never duplicates one."""
+    out = list(sentences)
+    for sent in sentences:
+        head, sep, _ = sent.partition(" of the ")
+        if sep and not head.startswith("There is no ") and rng.random() < prob and head not in out:
+            out.append(head)
+    return tuple(out)
 
 
 def canonical_prompt(finding: str, location: str | None = None) -> str:
@@ -330,10 +372,10 @@ class Collator:
     """
 
     def __init__(self, tokenizer: PromptTokenizer, preprocessing: Preprocessing, *,
-                 map_prompts: dict[str, str] | None = None, grid: int | None = None) -> None:
+                 map_prompts: Sequence[str] = (), grid: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.preprocessing = preprocessing
-        self.map_prompts = dict(map_prompts or {})  # finding name → prompt whose map is supervised
+        self.map_prompts = tuple(map_prompts)  # prompts whose patch maps are supervised (Sample.grid_masks keys)
         self.grid = grid
 
     def __call__(self, samples: Sequence[Sample]) -> Batch:
@@ -350,12 +392,12 @@ class Collator:
         map_rows = map_targets = None
         if self.map_prompts:
             g = int(self.grid or 1)
-            map_rows = torch.tensor([texts.setdefault(p, len(texts)) for p in self.map_prompts.values()])
+            map_rows = torch.tensor([texts.setdefault(p, len(texts)) for p in self.map_prompts])
             map_targets = torch.zeros(len(samples), len(self.map_prompts), g, g)
             for j, s in enumerate(samples):
-                for f, name in enumerate(self.map_prompts):
-                    if name in s.grid_masks:
-                        map_targets[j, f] = torch.from_numpy(np.asarray(s.grid_masks[name], dtype=np.float32))
+                for f, prompt in enumerate(self.map_prompts):
+                    if prompt in s.grid_masks:
+                        map_targets[j, f] = torch.from_numpy(np.asarray(s.grid_masks[prompt], dtype=np.float32))
         ids, mask = self.tokenizer(list(texts))
         pixels = preprocess([s.image for s in samples], self.preprocessing)
         return Batch(pixels=pixels, input_ids=ids, attention_mask=mask,

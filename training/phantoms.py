@@ -57,7 +57,8 @@ FINDINGS: dict[str, FindingSpec] = {
         FindingSpec("atelectasis", _LUNG_ZONES, ("atelectasis", "linear atelectasis", "plate-like atelectasis")),
     )
 }
-ANATOMY = ("right lung", "left lung", "heart")
+# lungs, their upper/lower zones (split where the generator splits them for findings) and the heart
+ANATOMY = ("right lung", "left lung", *_LUNG_ZONES, "heart")
 
 
 @dataclass
@@ -293,12 +294,23 @@ class _Canvas:
         band = _ramp(half - np.abs(self.X - 0.505), 2.0 * self.px)
         return band * _ramp(self.Y - 0.02, 0.02)
 
+    def zone_split(self, side: str) -> float:
+        """The row (normalised) between the upper and lower zone of a lung, as ``_zone_point`` uses it."""
+        p = self.lung_params[side]
+        top = p["cy"] - p["hh"]
+        return top + 0.5 * (p["base"] - p["dome_h"] - top)
+
     def anatomy(self) -> dict[str, np.ndarray]:
         heart = self.heart_field() > 0.5
         cover = heart | (self.mediastinum_field() > 0.5)
-        return {"right lung": (self.lung_field("right") > 0.5) & ~cover,
-                "left lung": (self.lung_field("left") > 0.5) & ~cover,
-                "heart": heart}
+        out = {}
+        for side in _SIDES:
+            lung = (self.lung_field(side) > 0.5) & ~cover
+            upper = self.zone_split(side) > self.Y  # rows above the split
+            out[f"{side} lung"] = lung
+            out[f"{side} upper lung"], out[f"{side} lower lung"] = lung & upper, lung & ~upper
+        out["heart"] = heart
+        return out
 
     # findings --------------------------------------------------------------------------------
     def add_finding(self, name: str, location: str | None) -> PlacedFinding:
@@ -362,7 +374,7 @@ class _Canvas:
         r = self.rng
         p = self.lung_params[side]
         top = p["cy"] - p["hh"]
-        mid = top + 0.5 * (p["base"] - p["dome_h"] - top)
+        mid = self.zone_split(side)
         for _ in range(50):
             uu = r.uniform(-0.55, 0.6)
             if zone == "upper":

@@ -78,6 +78,7 @@ class DataSection:
     workers: int = 0  # DataLoader worker processes drawing phantoms in parallel with the step
     pool: int | None = None  # phantoms: draw this many once (cached), re-used with fresh augmentation
     pool_processes: int = 1  # processes drawing the pool before the first step
+    plain_sentence_prob: float = 0.0  # phantoms: add "There is X" beside "There is X of the L" this often
 
 
 @dataclass
@@ -104,6 +105,15 @@ class TrainConfig:
     # otherwise parks global information in background "register" patches, so the maps peak outside
     # the body even when classification works (pointing game 0.0 at step 150 of the demo run).
     map_loss_weight: float = 0.0
+    # Which maps that loss supervises and how: ``map_located`` adds every trained (finding, location)
+    # prompt (held-out combos never), whose target is empty wherever the finding is elsewhere: it
+    # teaches WHERE words point. ``map_balanced`` weighs a map's covered patches as much as the rest
+    # (a nodule covers 1 of 144 patches; unweighted, "nothing anywhere" is a near-optimal answer).
+    # ``map_pointing_weight`` adds a cross-entropy pulling the softmax over patches (the VL-CABS
+    # attention) into the finding: the arg-max is what grounding reports.
+    map_located: bool = False
+    map_balanced: bool = False
+    map_pointing_weight: float = 0.0
     freeze_backbone: bool = False
     eval_every: int = 0  # 0: only at the end
     checkpoint_every: int = 0  # 0: only at the end
@@ -297,15 +307,54 @@ def contrastive_loss(model: RadZero, tokens: torch.Tensor, text: torch.Tensor, b
     return multi_positive_nce(cos, owner, model.log_tau.exp())
 
 
-def map_loss(model: RadZero, tokens: torch.Tensor, text: torch.Tensor, batch: Batch) -> torch.Tensor:
+def map_loss(model: RadZero, tokens: torch.Tensor, text: torch.Tensor, batch: Batch, *,
+             balanced: bool = False, pointing_weight: float = 0.0) -> torch.Tensor:
     """BCE between the prompt maps sigmoid(s) (patch tokens, CLS dropped, as ``similarity_maps``) and
-    the fraction of each patch covered by the finding (0 everywhere for an absent finding)."""
+    the fraction of each patch covered by the prompt's finding (0 everywhere where it is false).
+
+    ``balanced``: within a map that has a target, the covered patches weigh as much in total as the
+    uncovered ones. ``pointing_weight``: plus that weight × the cross-entropy between softmax(s) over
+    the patches and the target normalised to a distribution, on maps that have a target.
+    """
     if batch.map_rows is None or batch.map_targets is None:
         raise ValueError("map_loss needs a batch collated with map_prompts")
     v = torch.nn.functional.normalize(tokens[:, 1:].float(), dim=-1)
     t = torch.nn.functional.normalize(text[batch.map_rows].float(), dim=-1)
-    s = torch.einsum("bnd,fd->bfn", v, t) / model.log_tau.exp()
-    return torch.nn.functional.binary_cross_entropy_with_logits(s, batch.map_targets.flatten(2))
+    s = torch.einsum("bnd,fd->bfn", v, t) / model.log_tau.exp()  # (B, F, N)
+    target = batch.map_targets.flatten(2).to(s.dtype)
+    covered = target.sum(-1, keepdim=True)  # (B, F, 1)
+    if balanced:
+        pos_weight = ((target.shape[-1] - covered) / covered.clamp(min=1e-6)).clamp(1.0, 1e3)
+        pos_weight = torch.where(covered > 0, pos_weight, torch.ones_like(pos_weight))
+        loss = -(pos_weight * target * torch.nn.functional.logsigmoid(s)
+                 + (1 - target) * torch.nn.functional.logsigmoid(-s)).mean()
+    else:
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(s, target)
+    if pointing_weight:
+        has = covered[..., 0] > 0  # (B, F)
+        if has.any():
+            q = target[has] / covered[has]
+            loss = loss - pointing_weight * (q * torch.log_softmax(s[has], dim=-1)).sum(-1).mean()
+    return loss
+
+
+def map_prompts(cfg: TrainConfig) -> list[str]:
+    """The prompts whose maps the map loss supervises: each finding's plain prompt and, with
+    ``map_located``, every (finding, location) prompt the generator draws except the held-out ones."""
+    from radflash.training.data import canonical_prompt
+    from radflash.training.phantoms import allowed_combos
+
+    prompts = list(phantom_prompts().values())
+    if cfg.map_located:
+        held_out = {(str(f), str(loc)) for f, loc in cfg.data.exclude}
+        prompts += [canonical_prompt(f, loc) for f, loc in allowed_combos()
+                    if loc is not None and (f, str(loc)) not in held_out]
+    return prompts
+
+
+def _map_term(cfg: TrainConfig, model: RadZero, tokens: torch.Tensor, text: torch.Tensor, batch: Batch) -> torch.Tensor:
+    return cfg.map_loss_weight * map_loss(model, tokens, text, batch, balanced=cfg.map_balanced,
+                                          pointing_weight=cfg.map_pointing_weight)
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -446,7 +495,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool 
     dataset, val_dataset = _datasets(cfg, global_bs, mcfg.grid if cfg.map_loss_weight else None)
     total = cfg.steps if cfg.steps is not None else math.ceil(cfg.epochs * len(dataset) / global_bs)  # type: ignore[operator]
     collate = Collator(tokenizer, Preprocessing(mcfg.image_size, mcfg.mean, mcfg.std),
-                       map_prompts=phantom_prompts() if cfg.map_loss_weight else None, grid=mcfg.grid)
+                       map_prompts=map_prompts(cfg) if cfg.map_loss_weight else (), grid=mcfg.grid)
 
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
     start = 0
@@ -499,7 +548,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool 
         loss = contrastive_loss(model, tokens, text, batch, distributed=distributed,
                                 mask_duplicates=cfg.mask_duplicate_negatives)
         if cfg.map_loss_weight:
-            loss = loss + cfg.map_loss_weight * map_loss(model, tokens, text, batch)
+            loss = loss + _map_term(cfg, model, tokens, text, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -581,7 +630,7 @@ def _datasets(cfg: TrainConfig, global_bs: int,
         length = d.length or (cfg.steps or 1) * global_bs
         exclude = [tuple(c) for c in d.exclude]
         train_ds = PhantomDataset(seed=d.seed, length=length, size=d.size, exclude=exclude, augment=d.augment,
-                                  pool=d.pool, mask_grid=grid)
+                                  pool=d.pool, mask_grid=grid, plain_sentence_prob=d.plain_sentence_prob)
         train_ds.prefill(d.pool_processes)
         val_ds = PhantomDataset(seed=d.val_seed, length=d.val_size, size=d.size, exclude=exclude, mask_grid=grid)
         return train_ds, val_ds
@@ -604,7 +653,7 @@ def validation_loss(model: RadZero, towers: nn.Module, dataset: torch.utils.data
         tokens, text = inner(batch.pixels, batch.input_ids, batch.attention_mask)
         value = contrastive_loss(model, tokens, text, batch, mask_duplicates=cfg.mask_duplicate_negatives)
         if cfg.map_loss_weight:
-            value = value + cfg.map_loss_weight * map_loss(model, tokens, text, batch)
+            value = value + _map_term(cfg, model, tokens, text, batch)
         values.append(float(value))
     model.train(was_training)
     if cfg.freeze_backbone:

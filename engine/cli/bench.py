@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -72,7 +73,7 @@ def bench(model_path: str | None, device: str, backends: tuple[str, ...], batch_
                        image_size=image_size, prompts=prompts, iterations=iterations, warmup=warmup,
                        include_reference=not no_reference, archive_files=archive_files,
                        threads=threads)
-    console = Console(width=None if click.get_text_stream("stdout").isatty() else 160)
+    console = Console(width=None if sys.stdout.isatty() else 160)
     for line in summary_lines(report):
         console.print(line, highlight=False, markup=False)
     console.print(render_table(report))

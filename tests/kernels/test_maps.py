@@ -92,6 +92,17 @@ def test_probs(grid, size, prob_dtype, allocations) -> None:
         check_peaks(res, upsample_f64(sim, size))
 
 
+def test_both_is_prob_and_mask_in_one_pass(allocations) -> None:
+    sim = torch.randn(2, 3, 9, 7) * 2
+    thr = torch.tensor([0.2, 0.5, 0.9])
+    for k in range(2):  # Triton, then the torch reference: each "both" equals its own two single passes
+        both = run_both(sim, (31, 26), output="both", threshold=thr)[k]
+        prob = run_both(sim, (31, 26), output="prob")[k]
+        mask = run_both(sim, (31, 26), output="mask", threshold=thr)[k]
+        assert torch.equal(both.probs, prob.probs) and torch.equal(both.masks, mask.masks)
+        assert torch.equal(both.peak, prob.peak) and torch.equal(both.peak_prob, mask.peak_prob)
+
+
 @pytest.mark.parametrize(("grid", "size"), SIZES[:3], ids=[f"{g[0]}x{g[1]}-{s[0]}x{s[1]}" for g, s in SIZES[:3]])
 def test_masks_per_prompt_threshold(grid, size, allocations) -> None:
     sim = torch.randn(2, 3, *grid) * 2

@@ -34,29 +34,25 @@ def report():
     return evaluate_phantoms(None, seed=777, n=160, val_seed=778, val_n=64, threshold="checkpoint", device="cpu")
 
 
-LARGE_FINDINGS = ("pleural effusion", "pneumothorax", "cardiomegaly")
+@pytest.mark.slow
+def test_demo_model_meets_targets(report) -> None:
+    """The issue's targets (README, seed 1000: macro AUROC 0.999, pointing 0.901, held-out 0.99/1.00,
+    Dice effusion 0.90, pneumothorax 0.86)."""
+    assert report.macro_auroc >= 0.90, report.macro_auroc
+    assert report.pointing_game >= 0.80, report.pointing_game
+    assert len(report.held_out) == 2
+    for combo, m in report.held_out.items():
+        assert m["auroc"] >= 0.80, (combo, m)
+    for name in ("pleural effusion", "pneumothorax"):
+        assert report.findings[name].dice >= 0.5, (name, report.findings[name])
 
 
 @pytest.mark.slow
 def test_demo_model_keeps_its_measured_quality(report) -> None:
-    """What the shipped demo achieves (README, seed 1000: AUROC 0.95-1.00, pointing 0.71-1.00 on the
-    large findings), with margin for a fresh sample: a regression guard for retraining."""
-    for name in LARGE_FINDINGS:
-        assert report.findings[name].auroc >= 0.90, (name, report.findings[name])
-        assert report.findings[name].pointing_game >= 0.60, (name, report.findings[name])
-    assert report.macro_auroc >= 0.70, report.macro_auroc
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "demo model misses the issue's targets (README.md, seed 1000: macro AUROC 0.756, pointing 0.404, "
-    "effusion Dice 0.45, pneumothorax Dice 0.33, held-out AUROC 0.25/0.55): 2,000 CPU steps from scratch "
-    "learn the large findings only; remove this mark once a retrained demo passes"))
-def test_demo_model_meets_targets(report) -> None:
-    assert report.macro_auroc >= 0.90, report.macro_auroc
-    assert report.pointing_game >= 0.80, report.pointing_game
-    for combo, m in report.held_out.items():
-        assert m["auroc"] >= 0.80, (combo, m)
-    for name in ("pleural effusion", "pneumothorax"):
-        if name in report.findings:
-            assert report.findings[name].dice >= 0.5, (name, report.findings[name])
+    """What the shipped demo achieves, with margin for a fresh sample: a regression guard for
+    retraining that is stricter than the issue's targets. Nodule pointing is not guarded: on a 12×12
+    patch grid the arg-max pixel is a patch centre, and only about a third of nodule boxes hold one."""
+    for name, m in report.findings.items():
+        assert m.auroc >= 0.95, (name, m)
+        if name != "lung nodule":
+            assert m.pointing_game >= 0.85 and m.dice >= 0.5, (name, m)

@@ -35,6 +35,19 @@ def test_deterministic_and_well_formed(size) -> None:
     assert not (a.anatomy["left lung"] & a.anatomy["right lung"]).any()
     # patient's right lung is on the image's left
     assert np.nonzero(a.anatomy["right lung"])[1].mean() < np.nonzero(a.anatomy["left lung"])[1].mean()
+    for side in ("right", "left"):  # the zones split each lung, upper above lower
+        up, low = a.anatomy[f"{side} upper lung"], a.anatomy[f"{side} lower lung"]
+        assert np.array_equal(up | low, a.anatomy[f"{side} lung"]) and not (up & low).any()
+        assert np.nonzero(up)[0].mean() + 10 < np.nonzero(low)[0].mean()  # rows; the grid may be rotated
+
+
+def test_zone_findings_lie_in_their_zone() -> None:
+    """A nodule placed in a zone sits in that zone's anatomy mask (the map targets rely on it)."""
+    for seed in range(6):
+        zone = ("right upper lung", "left lower lung", "left upper lung")[seed % 3]
+        ph = generate_phantom(seed, 128, findings=[("lung nodule", zone)])
+        mask = ph.findings[0].mask
+        assert (mask & ph.anatomy[zone]).sum() >= 0.8 * mask.sum(), (seed, zone)
 
 
 def test_report_does_not_depend_on_size() -> None:

@@ -198,32 +198,3 @@ def test_duplicate_sentences_are_not_negatives() -> None:
     assert torch.isfinite(model.log_tau.grad) and model.log_tau.grad != 0
     plain = contrastive_loss(model, tokens, text, batch)
     torch.testing.assert_close(plain, multi_positive_nce(cos, batch.owner, model.log_tau.exp()))
-
-
-def test_phantom_pool_and_map_targets() -> None:
-    """Pooled phantoms repeat with fresh augmentation; map targets are patch coverage fractions."""
-    from radflash.preprocess import Preprocessing
-    from radflash.training.data import PhantomDataset
-    from radflash.training.trainer import ModelSection, build_tokenizer, map_loss, model_config, phantom_prompts
-
-    ds = PhantomDataset(seed=0, length=12, size=56, pool=4, augment=True, mask_grid=4)
-    ds.prefill(1)
-    a, b = ds[1], ds[5]
-    assert a.sentences == b.sentences and not np.array_equal(a.image, b.image)
-    cfg = model_config(ModelSection(image_size=56, vision={"layers": 1}, text={"layers": 1}, align_layers=1))
-    prompts = phantom_prompts()
-    collate = Collator(build_tokenizer("phantom", cfg), Preprocessing(56, cfg.mean, cfg.std),
-                       map_prompts=prompts, grid=cfg.grid)
-    batch = collate([ds[i] for i in range(4)])
-    assert batch.map_targets.shape == (4, len(prompts), 4, 4)
-    assert float(batch.map_targets.min()) >= 0 and float(batch.map_targets.max()) <= 1
-    assert [batch.texts[r] for r in batch.map_rows] == list(prompts.values())
-    for j in range(4):  # absent findings have empty targets
-        for f, name in enumerate(prompts):
-            assert (name in ds[j].grid_masks) == bool(batch.map_targets[j, f].any())
-    from radflash.models import RadZero
-
-    model = RadZero(cfg)
-    tokens = model.head_norm(model.image_tokens(batch.pixels))
-    text = model.text_features(batch.input_ids, batch.attention_mask)
-    assert torch.isfinite(map_loss(model, tokens, text, batch))
