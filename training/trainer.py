@@ -163,6 +163,16 @@ class TrainConfig:
             raise InputError(f"{source}: data.val_seed must differ from data.seed (held-out validation)")
         if self.data.source == "mimic" and not self.data.root:
             raise InputError(f"{source}: data.root is required for data.source: mimic")
+        if self.data.source != "phantoms" and (self.map_loss_weight or self.data.plain_sentence_prob):
+            # masks and located sentences exist for phantoms only: on other data every target would be empty
+            raise InputError(f"{source}: map_loss_weight and data.plain_sentence_prob need data.source: phantoms")
+        if self.map_loss_weight < 0 or self.map_pointing_weight < 0:
+            raise InputError(f"{source}: map_loss_weight and map_pointing_weight must be ≥ 0")
+        if (self.map_located or self.map_balanced or self.map_pointing_weight) and not self.map_loss_weight:
+            raise InputError(f"{source}: map_located/map_balanced/map_pointing_weight act through the map loss: "
+                             "set map_loss_weight > 0")
+        if not 0.0 <= self.data.plain_sentence_prob <= 1.0:
+            raise InputError(f"{source}: data.plain_sentence_prob must be in [0, 1]")
         for combo in self.data.exclude:
             if not (isinstance(combo, list | tuple) and len(combo) == 2):
                 raise InputError(f"{source}: data.exclude entries must be [finding, location], got {combo!r}")

@@ -76,6 +76,20 @@ def test_map_prompts_hold_out_the_zero_shot_combos() -> None:
     assert len(map_prompts(cfg)) == 7
 
 
+@pytest.mark.parametrize(("config", "message"), [
+    ({"map_loss_weight": 1.0, "data": {"source": "mimic", "root": "x"}}, "need data.source: phantoms"),
+    ({"data": {"source": "mimic", "root": "x", "plain_sentence_prob": 0.5}}, "need data.source: phantoms"),
+    ({"map_balanced": True}, "set map_loss_weight > 0"),
+    ({"map_loss_weight": 1.0, "map_pointing_weight": -1.0}, "must be ≥ 0"),
+    ({"data": {"plain_sentence_prob": 1.5}}, r"in \[0, 1\]"),
+])
+def test_map_options_are_validated(config: dict, message: str) -> None:
+    from radflash.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        TrainConfig.from_dict({"steps": 1, **config}, source="run.yaml")
+
+
 def _literal_map_loss(s: torch.Tensor, target: torch.Tensor, balanced: bool, pointing: float) -> torch.Tensor:
     """The documented formula, one map at a time, in float64."""
     b, f, n = s.shape
