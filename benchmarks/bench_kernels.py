@@ -29,7 +29,7 @@ from shapes import HEAD_SHAPES, MAP_SHAPES, HeadShape, MapShape  # the script's 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernels.csv"
 TAU = 0.07
 ELT = {"float32": 4, "float16": 2, "bfloat16": 2}
-MAP_OUT_ELT = {"prob": None, "mask": 1, "none": 0}  # None: prob_dtype's size
+MAP_OUT_ELT = {"prob": None, "mask": 1, "both": None, "none": 0}  # None: prob_dtype's size (+1 for both)
 FIELDS = ["date", "gpu", "torch", "triton", "cuda", "shape", "impl", "ms", "speedup_vs_eager", "bytes",
           "gb_s", "frac_copy_bw", "tflop_s", "max_abs_err"]
 
@@ -101,7 +101,7 @@ def map_case(s: MapShape) -> tuple[dict[str, Callable[[], object]], int, float, 
         "torch eager": lambda: upsample_maps_ref(sim, s.size, **kw),
         "torch.compile": lambda: compiled(sim, s.size, **kw),
     }
-    out_elt = MAP_OUT_ELT[s.output] if MAP_OUT_ELT[s.output] is not None else ELT[s.prob_dtype]
+    out_elt = MAP_OUT_ELT[s.output] if MAP_OUT_ELT[s.output] is not None else ELT[s.prob_dtype] + (s.output == "both")
     h, w = s.size
     # Bytes moved: read the grid B·T·h·w·elt (tiny), write the maps B·T·H·W·out_elt
     # (fp16 probs 2 B, uint8 masks 1 B, "none" 0), plus the peaks B·T·(2·8 + 4).

@@ -61,6 +61,7 @@ HEAD_CPU: tuple[HeadShape, ...] = (
 MAPS_CPU: tuple[MapShape, ...] = (
     MapShape(b=1, t=14, grid=(37, 37), size=(1024, 1024), output="prob", sim_dtype="float32"),
     MapShape(b=1, t=14, grid=(37, 37), size=(1024, 1024), output="mask", sim_dtype="float32"),
+    MapShape(b=1, t=14, grid=(37, 37), size=(1024, 1024), output="both", sim_dtype="float32"),  # vs prob + mask
     MapShape(b=8, t=14, grid=(37, 37), size=(512, 512), output="prob", sim_dtype="float32"),
 )
 

@@ -49,5 +49,7 @@ HEAD_SHAPES: tuple[HeadShape, ...] = (
 )
 
 MAP_SHAPES: tuple[MapShape, ...] = tuple(
-    MapShape(b=1, t=14, grid=g, size=(2048, 2048), output=out) for g in ((74, 74), (37, 37)) for out in ("prob", "mask")
+    # "both" (segment writing maps and masks) against "prob" + "mask", its two-pass alternative
+    MapShape(b=1, t=14, grid=g, size=(2048, 2048), output=out) for g in ((74, 74), (37, 37))
+    for out in ("prob", "mask", "both")
 )

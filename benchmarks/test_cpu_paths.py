@@ -5,7 +5,7 @@ CPU implementation), preprocessing and DICOM decode. Shapes: ``cpu_shapes.py``.
 
 Bytes/FLOP per call (the throughput column):
     head:       bytes = B·N·D·e + T·D·e + B·T·4 [+ B·T·(N−1)·e with maps];  FLOP = 4·B·T·N·D
-    maps:       bytes = B·T·h·w·e_s + B·T·H·W·e_out  (e_out = 2 for fp16 probs, 1 for uint8 masks)
+    maps:       bytes = B·T·h·w·e_s + B·T·H·W·e_out  (e_out = 2 for fp16 probs, 1 for uint8 masks, 3 for both)
     preprocess: bytes = B·H·W·4 (read float32 pixels) + B·3·S·S·4 (write the normalised batch)
     decode:     pixels = H·W per file (reported as pixels/s)
 """
@@ -50,7 +50,8 @@ def test_maps_ref(benchmark, record, s) -> None:
     out = benchmark.pedantic(lambda: upsample_maps_ref(sim, s.size, output=s.output,
                                                        prob_dtype=getattr(torch, s.prob_dtype)), **ROUNDS)
     assert out.peak.shape[:2] == (s.b, s.t)
-    e_out = 1 if s.output == "mask" else getattr(torch, s.prob_dtype).itemsize
+    e_prob = getattr(torch, s.prob_dtype).itemsize
+    e_out = {"mask": 1, "both": e_prob + 1}.get(s.output, e_prob)
     nbytes = sim.numel() * sim.element_size() + s.b * s.t * math.prod(s.size) * e_out
     record(s.name, nbytes, "B", "B·T·h·w·e_s + B·T·H·W·e_out")
 
