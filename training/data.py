@@ -129,9 +129,9 @@ class PhantomDataset(torch.utils.data.Dataset):
                             key=f"phantom:{sample_seed(self.seed, base)}", grid_masks=grid_masks)
         else:
             sample = self._draw(index)
-        rng = np.random.default_rng([self.seed, index])
         if self.augment:
-            sample = dataclasses.replace(sample, image=_augment(sample.image, rng))
+            image = _augment(sample.image, np.random.default_rng([self.seed, index]))
+            sample = dataclasses.replace(sample, image=image)
         if self.plain_sentence_prob:
             twins = with_plain_twins(sample.sentences, self.plain_sentence_prob,
                                      np.random.default_rng([self.seed, index, 1]))

@@ -334,8 +334,8 @@ def map_loss(model: RadZero, tokens: torch.Tensor, text: torch.Tensor, batch: Ba
     target = batch.map_targets.flatten(2).to(s.dtype)
     covered = target.sum(-1, keepdim=True)  # (B, F, 1)
     if balanced:
+        # an empty map's weight is irrelevant: it only ever multiplies a zero target
         pos_weight = ((target.shape[-1] - covered) / covered.clamp(min=1e-6)).clamp(1.0, 1e3)
-        pos_weight = torch.where(covered > 0, pos_weight, torch.ones_like(pos_weight))
         loss = -(pos_weight * target * torch.nn.functional.logsigmoid(s)
                  + (1 - target) * torch.nn.functional.logsigmoid(-s)).mean()
     else:
