@@ -25,6 +25,13 @@ def _subpackages(root: str, folder: str) -> list[str]:
     return names
 
 
+# Extras the test extra also pulls (listed once so the two cannot drift apart).
+ONNX = ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"]  # export, ONNX Runtime backend, INT8
+PLOT = ["matplotlib>=3.8"]  # loss curves, ROC, reliability and benchmark PNGs
+SEG = ["highdicom>=0.23"]  # segment --format dicom-seg
+JPEGLS = ["pyjpegls>=1.3", "pylibjpeg-libjpeg>=2.1"]  # JPEG-LS / JPEG lossless: opt-in, libjpeg is GPL
+NIFTI = ["nibabel>=5"]  # segment --format nifti
+
 packages: list[str] = []
 for name, folder in PACKAGE_DIR.items():
     packages += _subpackages(name, folder)
@@ -53,28 +60,35 @@ setup(
         "pillow>=10",
         "pyarrow>=15",
         "pyyaml>=6",
-        "tqdm>=4.66",
-        "rich>=13",
-        "matplotlib>=3.8",
-        "highdicom>=0.23",
-        "onnx>=1.16",
-        "onnxruntime>=1.18",
-        "onnxscript>=0.1",
+        "rich>=13",  # summary tables and progress bars (radflash.progress)
+        "pydantic>=2",  # config validation
     ],
+    # Optional features: each is imported only where it is used, and its absence there is a
+    # one-line error naming the extra (radflash._optional.require).
     extras_require={
+        "onnx": ONNX,
+        "plot": PLOT,
+        "seg": SEG,
         "triton": ["triton>=3.0"],
         "tensorrt": ["tensorrt>=10"],
-        "jpegls": ["pyjpegls>=1.3", "pylibjpeg-libjpeg>=2.1"],
-        "nifti": ["nibabel>=5"],
+        "jpegls": JPEGLS,
+        "nifti": NIFTI,
         "bench": ["transformers>=4.44"],  # the reference path that `radflash bench` compares against
+        # Everything the test suite exercises: every extra but tensorrt (NVIDIA GPUs only) and the
+        # GPL libjpeg plugin (the decoder tests cover both its presence and its absence, and a
+        # permissive test install keeps "no decoder → skipped with a reason" exercised), plus
+        # test-only references: scikit-learn for AUROC/AUPRC, psutil for memory checks.
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
             "transformers>=4.44",
             "pydicom-data>=1.0",
             "triton>=3.0",
-            "nibabel>=5",
+            *ONNX, *PLOT, *SEG, *NIFTI,
+            "pyjpegls>=1.3",
             "scipy>=1.11",
+            "scikit-learn>=1.3",
+            "psutil>=5.9",
             "ruff>=0.6",
         ],
     },

@@ -1,7 +1,7 @@
 """Image-encoder throughput on a GPU: eager bf16 vs the compiled backends, with the physical limit.
 
     python benchmarks/bench_encoder_gpu.py [--backends eager,compile,tensorrt] [--iterations 20]
-                                           [--append benchmarks/results/encoder_gpu.md]
+                                           [--batch-sizes 1,32] [--append benchmarks/results/encoder_gpu.md]
 
 Shapes: ``cpu_shapes.ENCODER_GPU`` (RadZero base, random weights, at 518², batch 1..64). For
 each backend and batch B: median / p95 latency over CUDA-event-timed iterations (warm-up and
@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
                         "onnxruntime)")
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch-sizes", default=None, help="comma-separated subset of the registry's batch sizes "
+                        "(each new size is one more compile per compiled backend; gpu_check.sh uses 1,32)")
     parser.add_argument("--append", type=Path, default=None, help="append the table to this markdown file")
     args = parser.parse_args(argv)
 
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             except (BackendUnavailable, ImportError) as exc:
                 print(f"skip {name}: {exc}", file=sys.stderr)
                 continue
-            for b in shape.batches:
+            for b in batches(shape.batches, args.batch_sizes):
                 pixels = torch.randn(b, 3, shape.image_size, shape.image_size, device=device, dtype=torch.bfloat16)
                 st = Stats.from_seconds(time_fn(lambda p=pixels, m=model: m.encode_images(pixels=p), device=device,
                                                 iterations=args.iterations, warmup=args.warmup))
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                 if name == "eager":
                     base[b] = st.median_ms
                 speedup = f"{base[b] / st.median_ms:.2f}×" if b in base else "—"
-                rows.append(f"| {shape.name} | {name} | {b} | {st.median_ms:.3g} | {st.p95_ms:.3g} | "
+                p95 = "—" if st.p95_ms is None else f"{st.p95_ms:.3g}"  # None below 20 iterations
+                rows.append(f"| {shape.name} | {name} | {b} | {st.median_ms:.3g} | {p95} | "
                             f"{1e3 * b / st.median_ms:.4g} | {tflops:.3g} | "
                             f"{100 * tflops * 1e12 / peaks.matmul_flops_per_s:.0f}% | {speedup} |")
                 print(rows[-1], flush=True)
@@ -89,6 +92,17 @@ def main(argv: list[str] | None = None) -> int:
         with args.append.open("a", encoding="utf-8") as fh:
             fh.write(text)
     return 0
+
+
+def batches(registry: tuple[int, ...], wanted: str | None) -> tuple[int, ...]:
+    """The registry's batch sizes, or the requested ones (which must come from the registry)."""
+    if not wanted:
+        return registry
+    sizes = tuple(int(b) for b in wanted.split(","))
+    unknown = sorted(set(sizes) - set(registry))
+    if unknown:
+        raise SystemExit(f"--batch-sizes {unknown} not in the shape registry {registry} (benchmarks/cpu_shapes.py)")
+    return sizes
 
 
 if __name__ == "__main__":

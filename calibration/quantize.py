@@ -87,17 +87,18 @@ def _pixels(model: RadFlashModel, images: Sequence[np.ndarray]) -> torch.Tensor:
 
 def quantize_onnxruntime(fp32_onnx: Path, out: Path, calib: torch.Tensor, *, batch: int = 4,
                          op_types: Sequence[str] = ("MatMul", "Gemm", "Conv")) -> None:
-    try:
-        from onnxruntime.quantization import (
-            CalibrationDataReader,
-            CalibrationMethod,
-            QuantFormat,
-            QuantType,
-            quantize_static,
-        )
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-    except ImportError:
-        raise BackendUnavailable("INT8 quantisation needs onnxruntime: pip install onnxruntime") from None
+    from radflash._optional import require
+
+    for module in ("onnx", "onnxruntime.quantization"):  # the quantiser edits the graph with onnx
+        require(module, extra="onnx", purpose="INT8 quantisation")
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:

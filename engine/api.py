@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -58,14 +59,20 @@ class RadFlashModel:
         self.backend_name = backend
         self._encoder = self._make_encoder(backend)
 
-    def _make_encoder(self, backend: str):
+    def _make_encoder(self, backend: str, **opts: Any):
         from radflash.backends import make_backend
 
-        return make_backend(backend, self)
+        return make_backend(backend, self, **opts)
 
-    def set_backend(self, backend: str) -> None:
-        self._encoder = self._make_encoder(backend)
+    def set_backend(self, backend: str, **opts: Any) -> None:
+        """Switch the image-encoder backend; ``opts`` go to it (``batch_size=`` for ``auto``'s timing)."""
+        self._encoder = self._make_encoder(backend, **opts)
         self.backend_name = getattr(self._encoder, "name", backend)
+
+    @property
+    def backend_selection(self) -> dict[str, Any] | None:
+        """How ``auto`` picked the encoder backend (timings, reason, cache hit); ``None`` if it was named."""
+        return getattr(self._encoder, "selection", None)
 
     # ---- text -------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -8,13 +8,16 @@ with a :class:`radflash.timing.StageClock` boundary after each stage. ``e2e`` is
 iteration's total and the stage times are its consecutive segments, so per iteration the
 stages sum to at most ``e2e`` (exactly, up to loop overhead) and so do their means.
 The reference path (:mod:`radflash.reference`: transformers modules, fp32, eager, same weights;
-plain-torch head and maps; the reference code's pydicom/PIL decode and preprocessing) runs the
+the RadZero code's own unfused head, sharing no code with radflash's, and plain-torch maps; the
+reference code's pydicom/PIL decode and preprocessing) runs the
 same loop on the same files in the same process, so every row carries
 ``ratio = reference median / radflash median`` (> 1: radflash is faster).
 ``score`` times the whole :func:`radflash.score.score` verb (in-process decode) on a small
 synthetic archive against a serial reference loop over the same files.
 
 Warm-up iterations are excluded; CUDA timings use events and one synchronize per iteration.
+p95/p99 are reported only from 20/100 samples on (:data:`radflash.timing.MIN_SAMPLES`). ``auto``
+is resolved by timing its candidates at the largest batch size; the record is in ``config``.
 Physical limits beside the results (formulas in :data:`FORMULAS`): the encoder's achieved FLOP/s
 as a fraction of a measured matmul rate in the model's dtype, and the head's and maps' bytes/s
 as a fraction of a measured copy bandwidth.
@@ -349,7 +352,8 @@ def _bench(model: Any, device: str, names: list[str], batch_sizes: Sequence[int]
                 "prompts": prompts, "iterations": iterations, "warmup": warmup, "threads": torch.get_num_threads(),
                 "archive_files": len(files), "map_size": list(inputs.map_size),
                 "reference": None if reference is None else "transformers Dinov2Model + Dinov2Layer + MPNetModel, "
-                "fp32 eager; vlcabs_ref head; F.interpolate maps; pydicom + PIL decode/preprocess",
+                "fp32 eager; the RadZero code's unfused head (LayerNorm, normalise, bmm/τ, softmax, weighted sum, "
+                "cosine); F.interpolate maps; pydicom + PIL decode/preprocess",
                 "e2e": "one timed loop per iteration: " + " → ".join(STAGES) + "; stages are its segments",
             },
         )
@@ -369,10 +373,13 @@ def _bench(model: Any, device: str, names: list[str], batch_sizes: Sequence[int]
         try:
             for name in names:
                 try:
-                    rf.set_backend(name)
+                    # auto is timed at the largest batch size (the throughput setting) and says what it measured
+                    rf.set_backend(name, **({"batch_size": batch_sizes[-1]} if name == "auto" else {}))
                 except (BackendUnavailable, InputError, ImportError) as exc:
                     skipped.append({"what": f"backend {name}", "reason": str(exc)})
                     continue
+                if name == "auto":
+                    report.config["auto_selection"] = rf.backend_selection
                 if name == "compile" and warmup == 0:
                     warnings.warn("compile backend with warmup=0: the first iteration includes compilation",
                                   stacklevel=2)
@@ -552,20 +559,31 @@ def _fmt(x: float | None, spec: str = ".3g") -> str:
     return "—" if x is None else format(x, spec)
 
 
-def table_rows(report: BenchReport) -> list[list[str]]:
-    """The rows shared by the terminal table and the markdown table."""
-    out = []
-    for r in report.rows:
-        out.append([
-            r.backend, str(r.batch_size), r.stage, _fmt(r.radflash.median_ms), _fmt(r.radflash.p95_ms),
-            _fmt(r.radflash.p99_ms), _fmt(r.images_per_s), _fmt(None if r.reference is None else r.reference.median_ms),
-            "—" if r.ratio is None else f"{r.ratio:.2f}×", "—" if r.limit is None else r.limit.describe(),
-        ])
-    return out
-
-
 HEADERS = ["backend", "B", "stage", "median ms", "p95 ms", "p99 ms", "img/s", "ref median ms", "ratio ref/rf",
            "physical limit"]
+_TAILS = {"p95 ms": "p95_ms", "p99 ms": "p99_ms"}
+
+
+def headers(report: BenchReport) -> list[str]:
+    """:data:`HEADERS` less the tail percentiles that no row has enough samples for (see ``timing.MIN_SAMPLES``)."""
+    return [h for h in HEADERS
+            if h not in _TAILS or any(getattr(r.radflash, _TAILS[h]) is not None for r in report.rows)]
+
+
+def table_rows(report: BenchReport) -> list[list[str]]:
+    """The rows shared by the terminal table and the markdown table, in the columns of :func:`headers`."""
+    cols = headers(report)
+    out = []
+    for r in report.rows:
+        cells = {
+            "backend": r.backend, "B": str(r.batch_size), "stage": r.stage, "median ms": _fmt(r.radflash.median_ms),
+            "p95 ms": _fmt(r.radflash.p95_ms), "p99 ms": _fmt(r.radflash.p99_ms), "img/s": _fmt(r.images_per_s),
+            "ref median ms": _fmt(None if r.reference is None else r.reference.median_ms),
+            "ratio ref/rf": "—" if r.ratio is None else f"{r.ratio:.2f}×",
+            "physical limit": "—" if r.limit is None else r.limit.describe(),
+        }
+        out.append([cells[h] for h in cols])
+    return out
 
 
 def summary_lines(report: BenchReport) -> list[str]:
@@ -588,6 +606,14 @@ def summary_lines(report: BenchReport) -> list[str]:
         cuda = "" if cuda_mb is None else f", CUDA max allocated {cuda_mb:.0f} MB"
         lines.append(f"peak memory {m.backend} B={m.batch_size}: RSS {m.peak.cpu_peak_rss_mb:.0f} MB "
                      f"({m.peak.rss_scope}){cuda}")
+    if c.get("auto_selection"):
+        from radflash.backends.auto import summary
+
+        lines.append(f"backend {summary(c['auto_selection'])}")
+    tails = [h.removesuffix(" ms") for h in _TAILS if h not in headers(report)]
+    if tails and report.rows:
+        lines.append(f"{'/'.join(tails)} not shown: at most {max(r.radflash.n for r in report.rows)} samples per "
+                     f"line (p95 needs ≥ 20, p99 ≥ 100)")
     lines += [f"skipped {s['what']}: {s['reason']}" for s in report.skipped]
     return lines
 
@@ -597,7 +623,7 @@ def render_table(report: BenchReport):
     from rich.table import Table
 
     table = Table(title="radflash bench (ratio = reference time / radflash time)", title_justify="left")
-    for h in HEADERS:
+    for h in headers(report):
         table.add_column(h, justify="left" if h in ("backend", "stage", "physical limit") else "right",
                          no_wrap=h != "physical limit")
     previous = None
@@ -617,7 +643,7 @@ def to_markdown(report: BenchReport) -> str:
     lines = [f"## {m['date']} · {c['device']} · {c['model']} S={c['image_size']}", ""]
     lines += [f"- {line}" for line in summary_lines(report)]
     lines += [f"- versions: python {m['python']}, {versions}", "",
-              "| " + " | ".join(HEADERS) + " |", "|" + "|".join("---" for _ in HEADERS) + "|"]
+              "| " + " | ".join(headers(report)) + " |", "|" + "|".join("---" for _ in headers(report)) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(report)]
     lines += ["", "Formulas:", ""] + [f"- {k}: {v}" for k, v in report.formulas.items()]
     return "\n".join(lines) + "\n"

@@ -1,17 +1,29 @@
 """Model architecture and checkpoint configuration.
 
-Sizes live in frozen dataclasses so that a checkpoint's ``config.json`` can be validated field by
-field: an unknown or missing field is a user error (a checkpoint from another tool or version),
-reported by name rather than silently ignored.
+Sizes live in frozen (pydantic) dataclasses so that a checkpoint's ``config.json`` is validated
+field by field before anything is allocated: an unknown or missing field (a checkpoint from
+another tool or version), a wrong type, a zero that would later divide (heads, patch), a size
+that would allocate gigabytes, or a normalisation that turns every score into NaN is reported as
+one :class:`CheckpointError` line naming the key, never silently accepted. Direct construction
+(``VisionConfig(heads=0)``, ``dataclasses.replace``) runs the same checks.
+
+Upper bounds are deliberately generous (several times the largest published ViT/BERT sizes);
+they exist so that a corrupt or hostile ``layers: 1000000`` fails at once instead of building a
+model until memory runs out. The weights file is checked against the config separately
+(:func:`radflash.checkpoint.check_header`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import field
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field, model_validator
+from pydantic.dataclasses import dataclass
 
 from radflash.errors import CheckpointError
+from radflash.schema import CONFIG, RGB, Float, Int, validate
 
 FORMAT_NAME = "radflash"
 FORMAT_VERSION = 1
@@ -20,53 +32,97 @@ FORMAT_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# Sane maxima: ViT-22B has 48 layers of width 6144; RadZero-base 12 layers of 768.
+MAX_LAYERS = 256
+MAX_WIDTH = 16384
+MAX_MLP = 65536
+MAX_VOCAB = 1 << 20
+MAX_IMAGE = 8192
+MAX_POSITIONS = 1 << 16
 
-@dataclass(frozen=True)
+Layers = Annotated[Int, Field(ge=1, le=MAX_LAYERS)]
+Width = Annotated[Int, Field(ge=1, le=MAX_WIDTH)]
+Heads = Annotated[Int, Field(ge=1, le=MAX_WIDTH)]
+MlpWidth = Annotated[Int, Field(ge=1, le=MAX_MLP)]
+Eps = Annotated[Float, Field(gt=0, lt=1)]
+
+
+@dataclass(frozen=True, config=CONFIG)
 class VisionConfig:
-    hidden: int = 768
-    layers: int = 12
-    heads: int = 12
-    mlp: int = 3072
-    patch: int = 14
-    pos_grid: int = 16  # g0: side of the grid the position embeddings were trained on
-    in_chans: int = 3
-    eps: float = 1e-6
+    hidden: Width = 768
+    layers: Layers = 12
+    heads: Heads = 12
+    mlp: MlpWidth = 3072
+    patch: Annotated[Int, Field(ge=1, le=MAX_IMAGE)] = 14
+    pos_grid: Annotated[Int, Field(ge=1, le=MAX_IMAGE)] = 16  # g0: side of the grid the positions were trained on
+    in_chans: Literal[3] = 3  # preprocessing always feeds 3 equal channels
+    eps: Eps = 1e-6
+
+    @model_validator(mode="after")
+    def _check(self) -> VisionConfig:
+        _divisible(self.hidden, self.heads)
+        return self
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=CONFIG)
 class TextConfig:
-    vocab: int = 30527
-    hidden: int = 768
-    layers: int = 12
-    heads: int = 12
-    mlp: int = 3072
-    max_positions: int = 514
-    buckets: int = 32
-    max_distance: int = 128
-    eps: float = 1e-5
-    pad_id: int = 1
-    max_length: int = 512
+    vocab: Annotated[Int, Field(ge=1, le=MAX_VOCAB)] = 30527
+    hidden: Width = 768
+    layers: Layers = 12
+    heads: Heads = 12
+    mlp: MlpWidth = 3072
+    max_positions: Annotated[Int, Field(ge=3, le=MAX_POSITIONS)] = 514
+    buckets: Annotated[Int, Field(ge=4, le=MAX_POSITIONS)] = 32  # ≥ 4: bucketing divides by buckets // 4
+    max_distance: Annotated[Int, Field(ge=2, le=MAX_POSITIONS)] = 128
+    eps: Eps = 1e-5
+    pad_id: Annotated[Int, Field(ge=0)] = 1
+    max_length: Annotated[Int, Field(ge=1)] = 512
+
+    @model_validator(mode="after")
+    def _check(self) -> TextConfig:
+        _divisible(self.hidden, self.heads)
+        if self.pad_id >= self.vocab:
+            raise ValueError(f"pad_id {self.pad_id} must be < vocab {self.vocab}")
+        if self.max_length + self.pad_id + 1 > self.max_positions:
+            # MPNet positions run from pad_id + 1 to pad_id + max_length: all must index the table
+            raise ValueError(f"max_length {self.max_length} + pad_id {self.pad_id} + 1 must be ≤ "
+                             f"max_positions {self.max_positions}")
+        if self.max_distance <= self.buckets // 4:
+            # the log-spaced buckets divide by log(max_distance / (buckets // 4))
+            raise ValueError(f"max_distance {self.max_distance} must be > buckets // 4 = {self.buckets // 4}")
+        return self
 
 
-@dataclass(frozen=True)
+def _divisible(hidden: int, heads: int) -> None:
+    if hidden % heads:
+        raise ValueError(f"hidden {hidden} must be divisible by heads {heads}")
+
+
+def _positive_std(value: tuple[float, float, float]) -> tuple[float, float, float]:
+    if not all(v > 0 for v in value):
+        raise ValueError(f"every value must be > 0, images are divided by it (got {list(value)})")
+    return value
+
+
+@dataclass(frozen=True, config=CONFIG)
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    align_layers: int = 2
-    head_eps: float = 1e-5
-    image_size: int = 518
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    architecture: str = "radzero"
+    align_layers: Annotated[Int, Field(ge=0, le=MAX_LAYERS)] = 2
+    head_eps: Eps = 1e-5
+    image_size: Annotated[Int, Field(ge=1, le=MAX_IMAGE)] = 518
+    mean: RGB = IMAGENET_MEAN
+    std: Annotated[RGB, AfterValidator(_positive_std)] = IMAGENET_STD
+    architecture: Literal["radzero"] = "radzero"
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
         if self.vision.hidden != self.text.hidden:
-            raise CheckpointError(
-                f"vision width {self.vision.hidden} != text width {self.text.hidden}: "
-                "the shared LayerNorm needs equal widths"
-            )
+            raise ValueError(f"vision.hidden {self.vision.hidden} must equal text.hidden {self.text.hidden}: "
+                             "the shared LayerNorm needs equal widths")
         if self.image_size % self.vision.patch:
-            raise CheckpointError(f"image_size {self.image_size} is not a multiple of patch {self.vision.patch}")
+            raise ValueError(f"image_size {self.image_size} must be a multiple of vision.patch {self.vision.patch}")
+        return self
 
     @property
     def grid(self) -> int:
@@ -77,31 +133,18 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> ModelConfig:
-        data = dict(data)
-        vision = strict_dataclass(VisionConfig, data.pop("vision", {}), f"{source}: model.vision")
-        text = strict_dataclass(TextConfig, data.pop("text", {}), f"{source}: model.text")
-        for key in ("mean", "std"):
-            if key in data:
-                data[key] = tuple(float(v) for v in data[key])
-        return strict_dataclass(cls, {**data, "vision": vision, "text": text}, f"{source}: model")
+        """Validate the ``model`` section of a checkpoint config; errors name ``model.<key>``."""
+        return validate(cls, data, source, error=CheckpointError, prefix=("model",))
 
 
 def strict_dataclass(kind: type, data: Any, where: str, *, error: type[Exception] = CheckpointError,
                      label: str = "config field") -> Any:
-    """Build dataclass ``kind`` from a mapping, naming unknown or wrong fields in one ``error`` line.
+    """Build config dataclass ``kind`` from a mapping or raise ``error`` with one line.
 
-    Shared by checkpoint configs and training configs: a typo in either must not be ignored.
+    Kept for callers of the earlier builder; the checks are now pydantic's (see
+    :mod:`radflash.schema`). ``label`` is unused: errors say "unknown key".
     """
-    if not isinstance(data, dict):
-        raise error(f"{where}: expected a mapping")
-    names = {f.name for f in dataclasses.fields(kind)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise error(f"{where}: unknown {label}(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
-    try:
-        return kind(**data)
-    except TypeError as exc:
-        raise error(f"{where}: {exc}") from None
+    return validate(kind, data, where, error=error)
 
 
 PRESETS: dict[str, ModelConfig] = {

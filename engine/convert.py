@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 
 from radflash.checkpoint import Checkpoint, check_state_dict, save_checkpoint
@@ -23,6 +24,7 @@ from radflash.config import ModelConfig, TextConfig, VisionConfig
 from radflash.errors import CheckpointError
 from radflash.findings import default_prompts
 from radflash.models import RadZero
+from radflash.schema import describe
 from radflash.tokenizer import PromptTokenizer
 
 HEAD = "loss_fns.KeyPhraseAlignmentLoss."
@@ -52,7 +54,10 @@ def convert_radzero(src: str | Path, dst: str | Path, *, model_id: str | None = 
     hf_config = _read_json(src / "config.json", required=False)
     pre = _read_json(src / "preprocessor_config.json", required=True)
     tensors = _read_released_tensors(src)
-    state, cfg = released_to_native(tensors, hf_config, pre)
+    try:
+        state, cfg = released_to_native(tensors, hf_config, pre)
+    except ValidationError as exc:  # sizes read from the release that no radflash model can have
+        raise CheckpointError(describe(exc, f"{src}: {exc.title}")) from None
     tokenizer = PromptTokenizer.from_file(
         _need(src / "tokenizer.json"), pad_id=cfg.text.pad_id, max_length=cfg.text.max_length
     )

@@ -1,12 +1,19 @@
-"""Device and dtype resolution shared by the API and every CLI command."""
+"""Device and dtype resolution shared by the API and every CLI command.
+
+An explicitly requested device must exist: ``cuda:7`` on a CPU machine (or on one with two GPUs)
+is an error, since silently running a job meant for a GPU on the CPU turns minutes into days
+without anyone noticing. Only ``auto`` chooses, and it says so when it falls back.
+"""
 
 from __future__ import annotations
 
-import warnings
+import logging
 
 import torch
 
 from radflash.errors import InputError
+
+log = logging.getLogger("radflash.devices")
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -16,22 +23,37 @@ _DTYPES = {
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` → first CUDA device if any, else CPU; asking for absent CUDA warns and uses CPU."""
-    if isinstance(device, torch.device):
-        return device
+    """``auto`` → first CUDA device if any, else CPU; an explicit device that is absent is an error.
+
+    ``auto`` on a CUDA build of torch that finds no GPU (driver missing, all devices hidden) logs a
+    warning before using the CPU; on a CPU-only build the CPU is simply the device there is.
+
+    Raises:
+        InputError: unknown device string, or ``cuda``/``cuda:N`` that this machine does not have.
+    """
     text = str(device).strip().lower()
     if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.version.cuda is not None:
+            log.warning("no CUDA device available to this CUDA build of torch; --device auto runs on the CPU")
+        return torch.device("cpu")
     if text == "cpu":
         return torch.device("cpu")
     if text == "cuda" or text.startswith("cuda:"):
+        try:
+            dev = torch.device(text)
+        except RuntimeError:
+            raise InputError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
         if not torch.cuda.is_available():
-            warnings.warn(f"device {device!r} requested but CUDA is not available; running on CPU", stacklevel=2)
-            return torch.device("cpu")
-        dev = torch.device(text)
+            build = "a CPU-only build of torch" if torch.version.cuda is None else "no CUDA device found"
+            raise InputError(f"device {device!r} requested but CUDA is not available ({build}); "
+                             f"use --device cpu or auto")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise InputError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
         return dev
+    if isinstance(device, torch.device):  # other device types (mps, xpu...) are the caller's choice
+        return device
     raise InputError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
 
 

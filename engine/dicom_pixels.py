@@ -14,6 +14,7 @@ PS3.3 C.11.2.1.2 (LINEAR, LINEAR_EXACT, SIGMOID), computed in float64 with outpu
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,26 @@ import numpy as np
 log = logging.getLogger("radflash.dicom_pixels")
 
 VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+
+
+class UnusableImage(ValueError):
+    """The pixels decode, but to nothing a model may score: non-finite or constant values.
+
+    A NaN/inf Rescale Slope, an intercept of 1e308 (every value rounds to the same float) or a
+    blank frame would otherwise become an all-zero image and get confident-looking scores.
+    """
+
+
+def check_usable(values: np.ndarray, stage: str = "") -> None:
+    """Raise :class:`UnusableImage` when ``values`` hold a non-finite value or a single value."""
+    where = f" {stage}" if stage else ""
+    if values.size == 0:
+        raise UnusableImage(f"empty image{where}")
+    lo, hi = float(np.min(values)), float(np.max(values))  # NaN propagates through min/max
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise UnusableImage(f"non-finite pixel values{where}")
+    if hi <= lo:
+        raise UnusableImage(f"constant image{where} (every pixel is {lo:g})")
 
 
 @dataclass(frozen=True)
@@ -132,6 +153,9 @@ def modality_lut(arr: np.ndarray, ds: Any) -> np.ndarray:
     if ds.get("ModalityLUTSequence"):
         return np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
     slope, intercept = _float(ds.get("RescaleSlope")), _float(ds.get("RescaleIntercept"))
+    for name, value in (("RescaleSlope", slope), ("RescaleIntercept", intercept)):
+        if value is not None and not math.isfinite(value):
+            raise UnusableImage(f"{name} is {value} (not a finite number)")
     out = np.asarray(arr, dtype=np.float64)
     if slope is not None and slope != 0 and slope != 1:
         out = out * slope
@@ -155,9 +179,12 @@ def to_display(arr: np.ndarray, ds: Any) -> tuple[np.ndarray, str]:
     VOI order: a VOI LUT sequence (the vendor's tuned, often non-linear curve) is preferred over
     the window when both are present, as pydicom and most viewers do; a broken VOI (bad width,
     unknown function, malformed LUT) falls back to min-max with a log message rather than failing
-    the file, because min-max of a radiograph is still a usable image.
+    the file, because min-max of a radiograph is still a usable image; so does a window that maps
+    every pixel to one value. Values that are non-finite or constant after the modality LUT raise
+    :class:`UnusableImage`: there is no image left to display.
     """
     values = modality_lut(arr, ds)
+    check_usable(values, "after the modality LUT")
     display: np.ndarray | None = None
     voi = "minmax"
     seq = ds.get("VOILUTSequence")
@@ -180,6 +207,9 @@ def to_display(arr: np.ndarray, ds: Any) -> tuple[np.ndarray, str]:
                 voi = f"window {win.function} c={win.center:g} w={win.width:g}"
             except ValueError as exc:
                 log.info("window not applied (%s); using min-max", exc)
+    if display is not None and float(display.min()) >= float(display.max()):
+        log.info("VOI %s maps every pixel to one value; using min-max", voi)
+        display, voi = None, "minmax"
     if display is None:
         display = min_max(values)
     if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":

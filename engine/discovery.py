@@ -2,17 +2,23 @@
 
 Every regular file under the inputs is listed, whatever its name or suffix: archives hold DICOM
 files called ``IM0001`` or ``1.2.840...``, and a file the loader rejects must still appear in the
-status table (as skipped/failed) so that nothing goes silently missing. Only hidden entries
-(dotfiles and dot-folders: ``.DS_Store``, ``.git``, our own ``.tmp`` parts) and radflash output
-folders are left out, since scoring our own results or VCS internals is never intended.
+status table (as skipped/failed) so that nothing goes silently missing. Entries that are not
+read are still accounted for (:func:`discover_entries`): hidden files and dot-folders
+(``.DS_Store``, ``.git``), radflash output folders, symlinked folders (not followed, so links
+cannot loop), symlink loops, broken links and non-regular files (FIFOs, sockets, devices: opening
+a FIFO blocks forever) each get one *skipped* row with the reason. Nothing is ever opened here:
+``lstat``/``stat`` only.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
+import stat
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from radflash.errors import InputError
@@ -28,9 +34,19 @@ def is_output_dir(folder: Path) -> bool:
     return (folder / _OUTPUT_MARKERS[0]).is_file() and (folder / _OUTPUT_MARKERS[1]).is_dir()
 
 
+@dataclass
+class Discovery:
+    """What a walk found: the files to read, and the entries accounted for without reading them."""
+
+    files: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (path, reason), sorted by path
+
+
 def discover(inputs: Sequence[str | Path] | str | Path, *, recursive: bool = True,
              exclude: Iterable[str | Path] = ()) -> list[Path]:
     """All regular files under ``inputs`` (files and folders), sorted, each once.
+
+    Only the files: :func:`discover_entries` also lists what was left out and why.
 
     Args:
         inputs: files and/or folders. A file named explicitly is kept even when hidden.
@@ -45,10 +61,19 @@ def discover(inputs: Sequence[str | Path] | str | Path, *, recursive: bool = Tru
     Raises:
         InputError: an input does not exist or is neither a file nor a folder.
     """
+    return discover_entries(inputs, recursive=recursive, exclude=exclude).files
+
+
+def discover_entries(inputs: Sequence[str | Path] | str | Path, *, recursive: bool = True,
+                     exclude: Iterable[str | Path] = ()) -> Discovery:
+    """:func:`discover`, plus one ``(path, reason)`` per entry under the inputs that is not read
+    (hidden, symlinked folder, symlink loop, broken link, FIFO...), so a status table can account
+    for every name in the archive."""
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     excluded = {Path(e).resolve() for e in exclude}
     found: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
     for raw in inputs:
         path = Path(raw)
         if not path.exists():
@@ -59,7 +84,9 @@ def discover(inputs: Sequence[str | Path] | str | Path, *, recursive: bool = Tru
             if path.resolve() in excluded:
                 log.info("skipping excluded folder %s", path)
                 continue
-            found.extend(_walk(path, recursive=recursive, excluded=excluded))
+            files, left_out = _walk(path, recursive=recursive, excluded=excluded)
+            found.extend(files)
+            skipped.extend(left_out)
         else:
             raise InputError(f"input is neither a file nor a folder: {path}")
     seen: set[Path] = set()
@@ -69,25 +96,71 @@ def discover(inputs: Sequence[str | Path] | str | Path, *, recursive: bool = Tru
         if key not in seen:
             seen.add(key)
             unique.append(path)
-    return unique
+    listed: dict[str, tuple[Path, str]] = {}
+    for path, reason in skipped:
+        listed.setdefault(path.as_posix(), (path, reason))
+    return Discovery(unique, [listed[k] for k in sorted(listed)])
 
 
-def _walk(root: Path, *, recursive: bool, excluded: set[Path]) -> list[Path]:
+def _walk(root: Path, *, recursive: bool, excluded: set[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
     out: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
     for folder, dirs, files in os.walk(root, followlinks=False):
         base = Path(folder)
-        if base != root and (is_output_dir(base) or base.resolve() in excluded):
-            log.info("skipping %s folder %s", "excluded" if base.resolve() in excluded else "radflash output", base)
+        if base != root and base.resolve() in excluded:
+            log.info("skipping excluded folder %s", base)
             dirs[:] = []
             continue
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        if base != root and is_output_dir(base):
+            skipped.append((base, "radflash output folder (not searched)"))
+            dirs[:] = []
+            continue
+        keep = []
+        for d in sorted(dirs):
+            path = base / d
+            if d.startswith("."):
+                skipped.append((path, "hidden folder (not searched)"))
+            elif path.is_symlink():  # os.walk lists links to folders here; following them could loop
+                reason = _link_problem(path)
+                skipped.append((path, reason or "symlinked folder (not followed)"))
+            elif recursive:
+                keep.append(d)
+        dirs[:] = keep
         for name in sorted(files):
-            if name.startswith("."):
-                continue
             path = base / name
-            if path.is_file():  # also drops broken symlinks, sockets and FIFOs
+            if name.startswith("."):
+                skipped.append((path, "hidden file"))
+                continue
+            reason = _not_a_file(path)
+            if reason:
+                skipped.append((path, reason))
+            else:
                 out.append(path)
-    return out
+    return out, skipped
+
+
+def _link_problem(path: Path) -> str | None:
+    """Why a symlink cannot be followed (loop, dangling), or None when its target exists."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return "symlink loop" if exc.errno == errno.ELOOP else "broken symlink"
+    return None
+
+
+def _not_a_file(path: Path) -> str | None:
+    """None for a regular file (or a link to one); else the reason it is not read. Never opens it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if os.path.islink(path):
+            return "symlink loop" if exc.errno == errno.ELOOP else "broken symlink"
+        return f"cannot stat ({exc.strerror or type(exc).__name__})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else
+            "device" if stat.S_ISBLK(mode) or stat.S_ISCHR(mode) else "folder" if stat.S_ISDIR(mode) else "special")
+    return f"not a regular file ({kind})"
 
 
 def shard_key(path: str | Path) -> int:

@@ -26,3 +26,11 @@ class ImageLoadError(RadflashError):
 
 class BackendUnavailable(RadflashError):
     """An optional backend (TensorRT, ONNX Runtime CUDA, ...) is not installed or has no device."""
+
+
+class MissingDependency(BackendUnavailable):
+    """An optional package is not installed; the one-line message names the extra that installs it.
+
+    A subclass of :class:`BackendUnavailable` so that code falling back from a missing backend
+    (``backend auto`` → eager) keeps working when the backend's package is the thing missing.
+    """

@@ -8,8 +8,10 @@ scale max|tokens|: fp32 ≤ 1e-3, fp16 ≤ 1e-2 (10-bit mantissa through 14 laye
 (7-bit mantissa). ONNX Runtime's CPU provider has no bf16 kernels, so a bf16 graph is only
 validated where the CUDA provider is present (it is meant for TensorRT).
 
-Graphs the onnxruntime backend builds itself are cached under :func:`cache_dir` keyed by model
-sha256 + image size + precision + onnxruntime version.
+Graphs the onnxruntime backend builds itself are cached under :func:`cache_dir`, named by
+:func:`onnx_cache_key`: model sha256, image size, precision, opset and the radflash, torch, onnx and
+onnxruntime versions. Each of them changes the graph (exporter, operator set) or what may run it, so a
+graph made under other versions is exported afresh instead of being reused silently.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,10 +113,27 @@ def model_key(model: RadFlashModel) -> str:
     return digest.hexdigest()
 
 
-def onnx_cache_path(model: RadFlashModel, *, image_size: int, precision: str) -> Path:
-    import onnxruntime
+def _safe(version: str | None) -> str:
+    """A version string fit for a file name (``2.13.0+cpu`` stays readable; anything odd becomes ``-``)."""
+    return re.sub(r"[^A-Za-z0-9.+_-]+", "-", version or "none")
 
-    name = f"{model_key(model)[:16]}-{image_size}px-{precision}-ort{onnxruntime.__version__}.onnx"
+
+def onnx_cache_key(*, model_key: str, image_size: int, precision: str, opset: int, radflash_version: str,
+                   torch_version: str, onnx_version: str | None, ort_version: str | None) -> str:
+    """File name of a cached graph: everything that makes a graph stale is in it (see the module docstring)."""
+    return (f"{model_key[:16]}-{image_size}px-{precision}-opset{opset}-rf{_safe(radflash_version)}"
+            f"-torch{_safe(torch_version)}-onnx{_safe(onnx_version)}-ort{_safe(ort_version)}.onnx")
+
+
+def onnx_cache_path(model: RadFlashModel, *, image_size: int, precision: str, opset: int = DEFAULT_OPSET) -> Path:
+    from radflash import __version__
+    from radflash._optional import require
+    from radflash.sysinfo import package_version
+
+    onnxruntime = require("onnxruntime", extra="onnx", purpose="the onnxruntime backend")
+    name = onnx_cache_key(model_key=model_key(model), image_size=image_size, precision=precision, opset=opset,
+                          radflash_version=__version__, torch_version=torch.__version__,
+                          onnx_version=package_version("onnx"), ort_version=onnxruntime.__version__)
     return cache_dir() / "onnx" / name
 
 
@@ -145,6 +165,10 @@ def export_onnx(
         raise InputError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     if max_batch < 1:
         raise InputError(f"max batch must be ≥ 1, got {max_batch}")
+    from radflash._optional import require
+
+    for package in ("onnx", "onnxscript"):  # torch's dynamo exporter needs both; check before loading the model
+        require(package, extra="onnx", purpose="ONNX export")
     model = _as_model(model)
     size = int(image_size or model.config.image_size)
     patch = model.config.vision.patch
@@ -189,10 +213,9 @@ def export_onnx(
 # ---- validation ------------------------------------------------------------------------------------
 def ort_session(path: str | Path, *, providers: list[str] | None = None, threads: int | None = None):
     """An ONNX Runtime session (CPU provider unless told otherwise); lazy import with an install hint."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from None
+    from radflash._optional import require
+
+    ort = require("onnxruntime", extra="onnx", purpose="ONNX Runtime sessions", note=" (or onnxruntime-gpu)")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
@@ -225,8 +248,9 @@ def validate_onnx(path: str | Path, model: RadFlashModel, *, image_size: int | N
     if providers is None:
         providers = ["CPUExecutionProvider"]
         if precision == "bf16":
-            import onnxruntime as ort
+            from radflash._optional import require
 
+            ort = require("onnxruntime", extra="onnx", purpose="ONNX graph validation")
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendUnavailable("ONNX Runtime's CPU provider has no bf16 kernels and no CUDA provider is "
                                          "installed (the bf16 graph is meant for TensorRT)")

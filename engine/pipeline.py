@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from radflash.batching import END, Batch, Batcher
-from radflash.writers import FileRecord
+from radflash.writers import FileRecord, path_text, storable
 
 if TYPE_CHECKING:
     from radflash.api import RadFlashModel
@@ -173,6 +173,7 @@ def _worker_main(conn, loader: Loader | None, rules: SelectionRules | None) -> N
     """Worker process loop (top-level so that ``spawn`` can import it). Imports no torch."""
     import pydicom  # noqa: F401  (imported before READY: a file's timeout must not pay for it)
 
+    _limit_memory(rules)
     loader = loader or default_loader()
     try:
         conn.send(_READY)  # imports done: per-file timeouts start counting now
@@ -183,6 +184,37 @@ def _worker_main(conn, loader: Loader | None, rules: SelectionRules | None) -> N
             conn.send(decode_one(task, loader, rules))
     except (EOFError, KeyboardInterrupt, BrokenPipeError):
         return
+
+
+# Backstop for what no header check can see (a JPEG 2000 codestream claiming other dimensions than
+# its DICOM header): a worker's heap is capped, so such a file fails with MemoryError or kills
+# only its worker (→ "decoder process crashed"). Decoding costs ~25 B per pixel of budget.
+WORKER_BASE_BYTES = 1 << 30
+WORKER_BYTES_PER_PIXEL = 40
+
+
+def worker_memory_limit(rules: SelectionRules | None) -> int:
+    """Bytes of data segment a decode worker may use: a base plus a margin per pixel of budget."""
+    from radflash.selection import DEFAULT_MAX_PIXELS
+
+    budget = rules.max_pixels if rules is not None else DEFAULT_MAX_PIXELS
+    return WORKER_BASE_BYTES + WORKER_BYTES_PER_PIXEL * budget
+
+
+def _limit_memory(rules: SelectionRules | None) -> None:
+    try:
+        import resource
+    except ImportError:  # not on Windows: the pixel budget alone bounds memory there
+        return
+    limit = worker_memory_limit(rules)
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        if soft == resource.RLIM_INFINITY or soft > limit:
+            resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    except (ValueError, OSError) as exc:
+        log.debug("decode worker memory limit not set: %s", exc)
 
 
 _READY = "ready"
@@ -406,7 +438,7 @@ class Scorer:
         m = d.meta  # ImageMeta text fields are already stripped, and None when empty
         phi = self.include_phi and m is not None
         return FileRecord(
-            path=d.path, status=status, reason=reason,  # type: ignore[arg-type]
+            path=path_text(d.path), status=status, reason=storable(reason),  # type: ignore[arg-type]
             sop_instance_uid=m and m.sop_instance_uid, study_instance_uid=m and m.study_instance_uid,
             series_instance_uid=m and m.series_instance_uid, modality=m and m.modality,
             view_position=m and m.view_position,

@@ -1,7 +1,8 @@
 """Headless matplotlib for every PNG radflash writes (loss curves, ROC, reliability, bench plots).
 
-Imported lazily by the plotting functions only, so commands that draw nothing never pay for
-matplotlib; the Agg backend works without a display, as on servers and in CI.
+matplotlib is the ``plot`` extra, not a core dependency: it is imported only by the plotting
+functions, so commands that draw nothing never need it, and one that does without it installed
+stops with a one-line install hint. The Agg backend works without a display (servers, CI).
 """
 
 from __future__ import annotations
@@ -10,13 +11,18 @@ from pathlib import Path
 from typing import Any
 
 
-def pyplot() -> Any:
-    import matplotlib
+def pyplot(purpose: str = "plots") -> Any:
+    """matplotlib.pyplot on the Agg backend; :class:`radflash.errors.MissingDependency` without the extra."""
+    from radflash._optional import require
 
+    matplotlib = require("matplotlib", extra="plot", purpose=purpose)
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    return require("matplotlib.pyplot", extra="plot", purpose=purpose)
 
-    return plt
+
+def require_plotting(purpose: str) -> None:
+    """Fail now, with the install hint, when a long job (training) would need matplotlib later."""
+    pyplot(purpose)
 
 
 def save_figure(fig: Any, path: str | Path, *, dpi: int = 100) -> Path:

@@ -7,8 +7,11 @@ weights as a loaded :class:`radflash.api.RadFlashModel`:
   position-interpolation rule (the one the weights were trained with; see the spec), then the
   two align layers as transformers ``Dinov2Layer`` modules;
 * text tower: transformers' ``MPNetModel`` + attention-mask mean pooling + the shared LayerNorm;
-* head: the plain-torch VL-CABS of :func:`radflash.kernels.vlcabs_ref`; pixel maps:
-  ``F.interpolate`` (bilinear, align_corners=False) + sigmoid + arg-max, written out;
+* head: VL-CABS written out here in the RadZero code's own order, one tensor per step and nothing
+  fused (:meth:`ReferenceRadZero.head`); it shares no code with radflash's head (no
+  ``radflash.kernels``, no ``radflash.models``: a test checks the imports), so a bench ratio
+  compares two independent implementations; pixel maps: ``F.interpolate`` (bilinear,
+  align_corners=False) + sigmoid + arg-max, written out;
 * DICOM decode and preprocessing as the reference code does them: pydicom pixel data scaled
   by 255/max (MONOCHROME1 inverted), PIL bicubic resize, mean/std normalisation.
 
@@ -221,11 +224,34 @@ class ReferenceRadZero:
     # ---- head and maps ----------------------------------------------------------------------------
     @torch.inference_mode()
     def head(self, tokens: torch.Tensor, text: torch.Tensor, *, return_maps: bool = False):
-        """VL-CABS in plain torch (:func:`radflash.kernels.vlcabs_ref`): logits (B, T), s (B, T, N)."""
-        from radflash.kernels import vlcabs_ref
+        """VL-CABS as the RadZero code computes it: logits (B, T) float32, and s (B, T, N − 1) if asked.
 
-        return vlcabs_ref(tokens, text, self.tau, ln_weight=self.head_norm.weight, ln_bias=self.head_norm.bias,
-                          ln_eps=self.head_norm.eps, return_maps=return_maps)
+        The released code's steps, in its order, each materialised (this is what radflash's fused
+        head is measured against): LayerNorm the image tokens (the prompts come through the same
+        LayerNorm from :meth:`text_features`); repeat the prompts per image; L2-normalise prompts
+        and tokens; scores = batched prompts @ tokensᵀ / τ over all tokens, CLS included; softmax
+        over the tokens; weighted sum of the normalised tokens; L2-normalise prompts again and the
+        pooled vector; cosine as a batched (1×D)@(D×1) product; logit = cosine / τ. The maps are the
+        scores without the CLS column. float64 inputs are computed in float64 (for tests), all else
+        in float32 like the released model.
+        """
+        dtype = torch.float64 if tokens.dtype == torch.float64 else torch.float32
+        tau = torch.tensor(self.log_tau, dtype=dtype).exp()
+        x = tokens.to(self.device, dtype)
+        x = F.layer_norm(x, (x.shape[-1],), self.head_norm.weight.to(dtype), self.head_norm.bias.to(dtype),
+                         self.head_norm.eps)
+        b, t = x.shape[0], text.shape[0]
+        queries = text.to(self.device, dtype).unsqueeze(0).expand(b, t, text.shape[-1])
+        queries = F.normalize(queries, p=2, dim=-1)
+        keys = F.normalize(x, p=2, dim=-1)
+        scores = torch.bmm(queries, keys.permute(0, 2, 1)) / tau  # (B, T, N)
+        weights = F.softmax(scores, dim=-1)
+        pooled = torch.matmul(weights, keys)  # (B, T, D)
+        queries = F.normalize(queries, p=2, dim=-1)
+        pooled = F.normalize(pooled, p=2, dim=-1)
+        cosine = torch.matmul(queries.unsqueeze(2), pooled.unsqueeze(-1)).reshape(b, t)
+        logits = (cosine / tau).float()
+        return logits, (scores[:, :, 1:].contiguous() if return_maps else None)
 
     @staticmethod
     @torch.inference_mode()

@@ -10,6 +10,7 @@ run continues with ``resume=True`` without redoing or duplicating committed file
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import platform
@@ -27,9 +28,13 @@ from radflash.errors import InputError
 from radflash.pipeline import PipelineConfig, PipelineStats, PromptSet, run_pipeline, score_calibrated
 from radflash.writers import (
     FORMATS,
+    FileRecord,
     MemoryStore,
+    OutputLock,
     PartStore,
     TableSpec,
+    path_from_text,
+    path_text,
     read_manifest,
     split_tables,
     status_counts,
@@ -92,6 +97,7 @@ def score(
     progress: bool = True,
     commit_every: int = 256,
     timeout: float | None = 120.0,
+    max_pixels: int | None = None,
 ) -> ScoreRun:
     """Score every image under ``inputs`` (files/folders, searched recursively).
 
@@ -108,7 +114,45 @@ def score(
         rules: a :class:`radflash.selection.SelectionRules` (modalities, views...); ``None`` = default.
         commit_every: files per committed part (the most work a crash can lose).
         timeout: seconds one file may take to decode before its worker is killed and it is failed.
+        max_pixels: the pixel budget (default :data:`radflash.selection.DEFAULT_MAX_PIXELS`): a
+            file whose header claims more pixels is failed before it is decoded.
+
+    With an output folder the run holds ``OUT/.radflash.lock`` (:class:`radflash.writers.OutputLock`)
+    from before the model loads until the tables are written: a second run into the same folder
+    fails at once with the holder's pid, host and start time. Files are matched to an earlier
+    run's committed rows by resolved path, so a resume may spell the inputs differently.
     """
+    kwargs = dict(locals())
+    if output is None:
+        return _score(**kwargs)
+    PartStore.check_output(Path(output), resume=resume)  # fail fast, before waiting on anything
+    with OutputLock(Path(output)):
+        return _score(**kwargs)
+
+
+def _score(
+    inputs: str | Path | Sequence[str | Path] | None = None,
+    output: str | Path | None = None,
+    *,
+    model: str | Path | RadFlashModel | None = None,
+    findings: str | Path | Mapping[str, Any] | Sequence[str] | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    batch_size: int = 16,
+    workers: int | None = None,
+    backend: str = "eager",
+    fmt: str = "parquet",
+    include_phi: bool = False,
+    resume: bool = False,
+    num_parts: int = 1,
+    part_id: int = 0,
+    rules: SelectionRules | None = None,
+    progress: bool = True,
+    commit_every: int = 256,
+    timeout: float | None = 120.0,
+    max_pixels: int | None = None,
+) -> ScoreRun:
+    """:func:`score` itself, run under the output folder's lock."""
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc)
     if fmt not in FORMATS:
@@ -123,9 +167,17 @@ def score(
     out_dir = Path(output) if output is not None else None
     if out_dir is not None:
         PartStore.check_output(out_dir, resume=resume)
+    if model is None or isinstance(model, (str, Path)):
+        from radflash.devices import resolve_device
+
+        resolve_device(device)  # an absent --device fails here, not after discovery and model load
+    if max_pixels is not None:
+        from radflash.selection import SelectionRules
+
+        rules = dataclasses.replace(rules or SelectionRules(), max_pixels=max_pixels)
 
     # ---- files -----------------------------------------------------------------------------
-    from radflash.discovery import discover, shard
+    from radflash.discovery import discover_entries, shard
 
     demo = inputs is None
     if demo:
@@ -137,14 +189,21 @@ def score(
     if not input_list:
         raise InputError("no inputs given")
     t_disc = time.perf_counter()
-    all_paths = discover(input_list)
+    found = discover_entries(input_list)
+    all_paths = found.files
     paths = shard(all_paths, num_parts, part_id) if num_parts > 1 else list(all_paths)
+    left_out = found.skipped  # hidden, links, FIFOs...: one skipped row each, never opened
+    if num_parts > 1:
+        mine = {p.as_posix() for p in shard([p for p, _ in left_out], num_parts, part_id)}
+        left_out = [(p, r) for p, r in left_out if p.as_posix() in mine]
     discover_s = time.perf_counter() - t_disc
 
     # ---- model -----------------------------------------------------------------------------
     t_model = time.perf_counter()
     from radflash.api import as_model
-    rf_model = as_model(model, device=device, dtype=dtype, backend=backend)
+    rf_model = as_model(model, device=device, dtype=dtype, backend="eager" if backend == "auto" else backend)
+    if backend == "auto":  # timed at this run's batch size (radflash.backends.auto)
+        rf_model.set_backend("auto", batch_size=batch_size)
     load_model_s = time.perf_counter() - t_model
     calibrated = score_calibrated(rf_model.calibration)
     spec = TableSpec(prompt_set.names, include_phi=include_phi,
@@ -165,8 +224,9 @@ def score(
         "versions": _versions(),
         "device": str(rf_model.device), "dtype": str(rf_model.dtype).removeprefix("torch."),
         "backend": rf_model.backend_name,
+        "backend_selection": rf_model.backend_selection,  # auto: candidates' ms/batch, reason, cache hit
         "args": {
-            "inputs": [str(p) for p in input_list], "output": None if out_dir is None else str(out_dir),
+            "inputs": [path_text(p) for p in input_list], "output": None if out_dir is None else path_text(out_dir),
             "model": model if model is None or isinstance(model, (str, Path)) else rf_model.model_id,
             "findings": findings if findings is None or isinstance(findings, (str, Path)) else "<in memory>",
             "device": device, "dtype": dtype, "batch_size": batch_size, "workers": workers,
@@ -189,12 +249,19 @@ def score(
             manifest["runs"] = int(previous.get("runs", 1)) + 1
         store = PartStore(out_dir, spec)
         committed = store.open()
-        done = set(committed.column("path").to_pylist())
-        committed_before = len(done)
+        done = {resume_key(path_from_text(p)) for p in committed.column("path").to_pylist()}
+        committed_before = committed.num_rows
         write_manifest(out_dir, manifest)
     else:
         store = MemoryStore(spec)
-    todo = [p for p in paths if str(p) not in done]
+    # files are recorded by absolute path and matched by resolved path: a resume that spells the
+    # inputs differently (relative vs absolute, through a symlink) finds what was committed
+    todo = [Path(os.path.abspath(p)) for p in paths if resume_key(p) not in done]
+    unread = [FileRecord(path=path_text(os.path.abspath(p)), status="skipped", reason=reason)
+              for p, reason in left_out if resume_key(p) not in done]
+    if unread:
+        store.commit(unread)
+    paths = [*paths, *(p for p, _ in left_out)]
     if resume and committed_before:
         log.info("resuming: %d files already committed, %d to go", len(paths) - len(todo), len(todo))
 
@@ -221,7 +288,7 @@ def score(
     manifest.update({
         "complete": True,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "counts": {"discovered": len(paths), "discovered_all_shards": len(all_paths), **counts,
+        "counts": {"discovered": len(paths), "discovered_all_shards": len(all_paths) + len(found.skipped), **counts,
                    "committed_before_this_run": committed_before, "processed_this_run": stats.total},
         "timings": {"discover_s": round(discover_s, 3), "load_model_s": round(load_model_s, 3),
                     **_timings(stats), "total_s": round(elapsed, 3)},
@@ -269,16 +336,34 @@ def resolve_findings(findings: str | Path | Mapping[str, Any] | Sequence[str] | 
     return PromptSet(tuple(names), tuple(prompts), tuple(thresholds))
 
 
+def resume_key(path: str | os.PathLike) -> str:
+    """The identity of a file across runs: its absolute path with symlinks resolved (never raises,
+    even for a symlink loop), so ``data/x.dcm`` and ``/home/u/data/x.dcm`` are one file."""
+    return os.path.realpath(path)
+
+
 def _check_resumable(previous: dict, current: dict, out_dir: Path) -> None:
-    """A resumed run must produce the same columns from the same model, or parts would disagree."""
+    """A resumed run must produce the same columns from the same model and select files by the
+    same rules, or parts would disagree; each difference is named with both values."""
     problems = []
-    if previous.get("model", {}).get("sha256") != current["model"]["sha256"]:
-        problems.append(f"model {previous.get('model', {}).get('id')!r} ≠ {current['model']['id']!r}")
+    old_model, new_model = previous.get("model", {}), current["model"]
+    if old_model.get("sha256") != new_model["sha256"]:
+        problems.append(f"model {old_model.get('id')!r} sha256 {str(old_model.get('sha256'))[:12]} ≠ "
+                        f"{new_model['id']!r} sha256 {str(new_model['sha256'])[:12]}")
     if previous.get("findings") != current["findings"]:
         problems.append("findings/prompts differ")
+    old_args = previous.get("args", {})
     for key in ("include_phi", "num_parts", "part_id"):
-        if previous.get("args", {}).get(key) != current["args"][key]:
-            problems.append(f"{key} {previous.get('args', {}).get(key)!r} ≠ {current['args'][key]!r}")
+        if old_args.get(key) != current["args"][key]:
+            problems.append(f"{key} {old_args.get(key)!r} ≠ {current['args'][key]!r}")
+    # selection rules (modalities, views, pixel budget...) decide which files get scored
+    old_rules, new_rules = old_args.get("rules"), json.loads(json.dumps(current["args"]["rules"]))
+    if isinstance(old_rules, dict) and isinstance(new_rules, dict):
+        for key in sorted(set(old_rules) | set(new_rules)):
+            if old_rules.get(key) != new_rules.get(key):
+                problems.append(f"rules.{key} {old_rules.get(key)!r} ≠ {new_rules.get(key)!r}")
+    elif old_rules != new_rules:
+        problems.append(f"rules {old_rules!r} ≠ {new_rules!r}")
     if problems:
         raise InputError(f"{out_dir}: cannot resume, the earlier run used other settings ({'; '.join(problems)})")
     if previous.get("args", {}).get("inputs") != current["args"]["inputs"]:
@@ -311,27 +396,21 @@ def _versions() -> dict[str, str]:
 
 
 class _Progress:
-    """tqdm bar with images/s and live scored/skipped/failed counts (on stderr)."""
+    """The shared rich bar (radflash.progress) with images/s and live scored/skipped/failed counts."""
 
-    def __init__(self, total: int, initial_counts: Mapping[str, int]) -> None:
-        from tqdm.auto import tqdm
-
-        self.counts = {"scored": 0, "skipped": 0, "failed": 0, **initial_counts}
-        self.bar = tqdm(total=total, unit="img", desc="scoring", dynamic_ncols=True, file=sys.stderr)
-        self._last = 0.0
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
 
     def update(self, record: Any) -> None:
-        self.counts[record.status] = self.counts.get(record.status, 0) + 1
-        self.bar.update(1)
-        now = time.monotonic()
-        if now - self._last > 0.5:
-            self._last = now
-            self.bar.set_postfix(self.counts, refresh=False)
+        self.bar.update(count=record.status)
 
     def close(self) -> None:
-        self.bar.set_postfix(self.counts, refresh=False)
         self.bar.close()
 
 
 def _progress_bar(total: int, *, enabled: bool, initial_counts: Mapping[str, int]) -> _Progress | None:
-    return _Progress(total, initial_counts) if enabled and total else None
+    from radflash.progress import progress_bar
+
+    bar = progress_bar(total, desc="scoring", enabled=enabled,
+                       fields={"scored": 0, "skipped": 0, "failed": 0, **initial_counts})
+    return None if bar is None else _Progress(bar)

@@ -3,8 +3,8 @@
 Every writer takes arrays at the SOURCE image's size (the maps were upsampled there already) and
 writes atomically: the file is written under a temporary name in the same folder and renamed
 into place, so a crash, a full disk or Ctrl-C never leaves a truncated file that looks complete,
-and a file from an earlier image is never lost. Optional dependencies (nibabel) are imported
-only when their format is asked for.
+and a file from an earlier image is never lost. Optional dependencies (highdicom: extra ``seg``,
+nibabel: extra ``nifti``) are imported only when their format is asked for, with an install hint.
 """
 
 from __future__ import annotations
@@ -162,12 +162,14 @@ def write_dicom_seg(
     algorithm identification names radflash and the model id, and each segment carries its
     prompt and threshold as algorithm parameters, so the SEG is interpretable without our JSON.
     """
-    import highdicom as hd
     import pydicom
-    from highdicom.sr.coding import CodedConcept
     from pydicom.sr.codedict import codes
 
     from radflash import __version__
+    from radflash._optional import require
+
+    hd = require("highdicom", extra="seg", purpose="DICOM SEG output")
+    from highdicom.sr.coding import CodedConcept
 
     masks = np.asarray(masks)
     if masks.ndim != 3 or masks.shape[0] != len(segments):
@@ -274,10 +276,9 @@ def write_nifti(path: str | Path, masks: np.ndarray, *, spacing: tuple[float, fl
     NIfTI indexes (x, y, z), hence the transpose; the prompt order is the order in the image's
     JSON. ``spacing`` = (row, column) spacing in mm when the source DICOM states one.
     """
-    try:
-        import nibabel as nib
-    except ImportError:
-        raise WriteError("NIfTI output needs nibabel: pip install nibabel") from None
+    from radflash._optional import require
+
+    nib = require("nibabel", extra="nifti", purpose="NIfTI output")
     data = np.ascontiguousarray((np.asarray(masks) > 0).astype(np.uint8).transpose(2, 1, 0))
     sy, sx = spacing or (1.0, 1.0)
     img = nib.Nifti1Image(data, np.diag([sx, sy, 1.0, 1.0]))

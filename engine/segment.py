@@ -159,6 +159,7 @@ def segment(
     workers: int | None = None,
     timeout: float | None = 120.0,
     progress: bool = True,
+    max_pixels: int | None = None,
 ) -> SegmentRun:
     """Probability maps, masks and grounding for every image × prompt, at each image's own size.
 
@@ -180,10 +181,21 @@ def segment(
         workers: decode processes for files; 0 decodes in-process; ``None`` = min(4, CPU count,
             files), and 0 for a single file (nothing to overlap its decode with).
         timeout: seconds one file may take to decode before its worker is killed and it is failed.
+        max_pixels: the pixel budget shared with ``score`` (files above it fail from their header).
     """
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc)
     formats = _check_formats(formats)
+    if max_pixels is not None:
+        from dataclasses import replace
+
+        from radflash.selection import SelectionRules
+
+        rules = replace(rules or SelectionRules(), max_pixels=max_pixels)
+    if outdir is not None:
+        from radflash.writers import check_creatable
+
+        check_creatable(outdir)  # a file on the path fails before the model loads
     if batch_size < 1:
         raise InputError(f"batch_size must be ≥ 1, got {batch_size}")
     if workers is not None and workers < 0:
@@ -367,11 +379,12 @@ def _check_formats(formats: Sequence[str] | str) -> tuple[str, ...]:
                 raise InputError(f"unknown output format {part!r}; choose from {', '.join(FORMATS)}")
             if part not in out:
                 out.append(part)
+    from radflash._optional import require
+
+    if "dicom-seg" in out:  # fail before the model loads, not on the first image
+        require("highdicom", extra="seg", purpose="--format dicom-seg")
     if "nifti" in out:
-        try:
-            import nibabel  # noqa: F401
-        except ImportError:
-            raise InputError("--format nifti needs nibabel: pip install nibabel") from None
+        require("nibabel", extra="nifti", purpose="--format nifti")
     return tuple(out)
 
 
@@ -553,11 +566,11 @@ class _Writer:
         result.files[key or kind] = self.rel(path)
 
     def _seg(self, item: _Item, name: str, masks: np.ndarray) -> Path:
-        import highdicom as hd
-
+        from radflash._optional import require
         from radflash.seg_writers import SegmentInfo, SegSeries, write_dicom_seg
 
         study = item.meta.study_instance_uid or ""
+        hd = require("highdicom", extra="seg", purpose="DICOM SEG output")
         series_uid, n = self._series.get(study, (str(hd.UID()), 0))
         self._series[study] = (series_uid, n + 1)
         path = write_dicom_seg(
@@ -651,8 +664,6 @@ def summary_table(run: SegmentRun):
 
 # ---- helpers -----------------------------------------------------------------------------------
 def _progress(total: int, *, enabled: bool):
-    if not enabled or not total:
-        return None
-    from tqdm.auto import tqdm
+    from radflash.progress import progress_bar
 
-    return tqdm(total=total, unit="img", desc="segmenting", dynamic_ncols=True, file=sys.stderr)
+    return progress_bar(total, desc="segmenting", enabled=enabled)

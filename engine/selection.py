@@ -18,6 +18,12 @@ Decisions (and why):
 * Only 2-D single-frame grayscale images with a pixel decoder can be loaded; the rest is skipped
   with the reason, never failed, since nothing is wrong with those files.
 * Non-DICOM images (PNG/JPEG/TIFF) have no header to judge: only the structural rules apply.
+* A pixel budget (``max_pixels``, default :data:`DEFAULT_MAX_PIXELS` = 50 megapixels: three times
+  the largest real CR/DX, ~4300×3500 = 15 MP) refuses a file from its header, before anything is
+  decoded: Rows × Columns × frames × samples above it is *failed* (a header claiming 60000×60000,
+  or a 281 KB deflated file that inflates to 12000×12000, is a decompression bomb, not a radiograph).
+  Decoding costs ~25 bytes of memory per pixel (float64 display transforms), so the budget is what
+  bounds a decode worker's memory (~1.5 GB at the default).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Any
 from radflash.errors import InputError
 
 DEFAULT_MODALITIES = ("CR", "DX")
+DEFAULT_MAX_PIXELS = 50_000_000  # per file: rows × columns × frames × samples (see the module docstring)
 CHEST_TERMS = ("CHEST", "THORAX", "THORAC", "LUNG", "TORAX", "TORSO")
 FRONTAL_VIEWS = ("PA", "AP")
 LATERAL_VIEWS = ("LL", "RL", "LATERAL", "LAT", "LLAT", "RLAT", "LEFT LATERAL", "RIGHT LATERAL")
@@ -60,11 +67,14 @@ class SelectionRules:
     views: tuple[str, ...] | None = FRONTAL_VIEWS
     accept_unknown_view: bool = True
     include_lateral: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS  # the pixel budget: larger files fail before decoding
 
     def __post_init__(self) -> None:
         for f in fields(self):
             if f.type.startswith("tuple"):
                 object.__setattr__(self, f.name, _upper_tuple(getattr(self, f.name), f.name))
+        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise InputError(f"SelectionRules.max_pixels must be a positive integer, got {self.max_pixels!r}")
 
     @classmethod
     def any_image(cls) -> SelectionRules:
@@ -115,6 +125,27 @@ def _header_reason(meta: Any, rules: SelectionRules) -> str | None:
             return f"view {view} (lateral)"
     elif rules.views is not None and view.split()[0] not in rules.views:
         return f"view {view} (not frontal)"
+    return None
+
+
+def pixel_budget_reason(meta: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+    """Why the header's image is too large to decode (``None`` when it fits the budget).
+
+    Read from the header alone (rows, columns, frames, samples), so a decompression bomb is
+    refused before a single byte of it is inflated or decoded.
+    """
+    dims = [meta.rows, meta.cols, meta.frames or 1, meta.samples_per_pixel or 1]
+    if any(d is not None and d < 0 for d in dims):
+        return "invalid image size in header"
+    if meta.rows is None or meta.cols is None:
+        return None
+    pixels = 1
+    for d in dims:
+        pixels *= int(d)
+    if pixels > max_pixels:
+        size = f"{meta.rows}×{meta.cols}" + (f"×{meta.frames} frames" if (meta.frames or 1) > 1 else "")
+        return (f"image too large: header claims {size} = {pixels / 1e6:.1f} megapixels, above the pixel "
+                f"budget of {max_pixels / 1e6:g} MP (raise it with --max-pixels)")
     return None
 
 

@@ -37,15 +37,26 @@ def percentile(samples: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+# Fewest samples for a tail percentile to mean anything: the q-th percentile of n samples has
+# n·(1 − q/100) samples above it, so below 1/(1 − q/100) samples (20 for p95, 100 for p99) it is
+# an interpolation between the two slowest runs, i.e. a relabelled maximum. Such values are left out.
+MIN_SAMPLES = {95: 20, 99: 100}
+
+
+def tail_percentile(samples: Sequence[float], q: int) -> float | None:
+    """The ``q``-th percentile when ``len(samples)`` supports it (:data:`MIN_SAMPLES`), else ``None``."""
+    return percentile(samples, q) if len(samples) >= MIN_SAMPLES[q] else None
+
+
 @dataclass(frozen=True)
 class Stats:
-    """Summary of timed iterations, in milliseconds."""
+    """Summary of timed iterations, in milliseconds; ``p95_ms``/``p99_ms`` are ``None`` with too few samples."""
 
     n: int
     mean_ms: float
     median_ms: float
-    p95_ms: float
-    p99_ms: float
+    p95_ms: float | None
+    p99_ms: float | None
     min_ms: float
     max_ms: float
     samples_ms: tuple[float, ...]
@@ -53,11 +64,13 @@ class Stats:
     @classmethod
     def from_seconds(cls, samples_s: Sequence[float]) -> Stats:
         ms = [1e3 * s for s in samples_s]
-        return cls(n=len(ms), mean_ms=sum(ms) / len(ms), median_ms=percentile(ms, 50), p95_ms=percentile(ms, 95),
-                   p99_ms=percentile(ms, 99), min_ms=min(ms), max_ms=max(ms), samples_ms=tuple(ms))
+        return cls(n=len(ms), mean_ms=sum(ms) / len(ms), median_ms=percentile(ms, 50),
+                   p95_ms=tail_percentile(ms, 95), p99_ms=tail_percentile(ms, 99), min_ms=min(ms), max_ms=max(ms),
+                   samples_ms=tuple(ms))
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        """JSON-ready; a percentile the sample count does not support is left out, not written as null/NaN."""
+        d = {k: v for k, v in asdict(self).items() if v is not None}
         d["samples_ms"] = list(self.samples_ms)
         return d
 

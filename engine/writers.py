@@ -15,6 +15,13 @@ scores. Parts are always Parquet (typed, compact); ``fmt`` only chooses the cons
 
 PHI: patient name and ID are copied from the DICOM header only with ``include_phi``; nothing else
 from the header beyond UIDs, modality and view is ever written.
+
+Paths are stored as text (:func:`path_text`): absolute, and a name that is not valid UTF-8 (an
+old Windows or Latin-1 archive) keeps its bytes as ``\\xNN`` escapes, with a literal backslash
+written ``\\\\``, so every file name is storable and maps back to exactly one file.
+
+``OUT/.radflash.lock`` (:class:`OutputLock`) is held for the whole run: a second run into the same
+folder stops with an error naming the holder (pid, host, start time) instead of racing it.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ import json
 import logging
 import os
 import re
+import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
@@ -43,11 +52,40 @@ FORMATS = ("parquet", "csv")
 
 PARTS_DIR = "parts"
 MANIFEST = "manifest.json"
+LOCK_FILE = ".radflash.lock"
+_ESCAPE_RE = re.compile(r"\\(\\|x[0-9a-f]{2})")
 _PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 
 ID_COLUMNS = ("path", "sop_instance_uid", "study_instance_uid", "series_instance_uid")
 PHI_COLUMNS = ("patient_id", "patient_name")
 STATUS_COLUMNS = ("path", "status", "reason", "sop_instance_uid", "modality", "view_position")
+
+
+def path_text(path: str | os.PathLike) -> str:
+    """A path as storable text (UTF-8 safe): bytes that are not UTF-8 become ``\\xNN`` and a
+    backslash becomes ``\\\\``, so the text is unambiguous; any other path is unchanged.
+
+    Python hands undecodable name bytes over as lone surrogates (``surrogateescape``), which
+    Parquet, CSV and JSON cannot hold; this form can, and :func:`path_from_text` inverts it.
+    """
+    raw = os.fsencode(path)
+    return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
+def path_from_text(text: str) -> str:
+    """The path (as Python spells it: ``os.fsdecode`` of its bytes) that :func:`path_text` wrote."""
+    def unescape(m: re.Match) -> str:
+        code = m.group(1)
+        return "\\" if code == "\\" else os.fsdecode(bytes([int(code[1:], 16)]))
+
+    return _ESCAPE_RE.sub(unescape, text)
+
+
+def storable(text: str | None) -> str | None:
+    """Free text (a reason) with any undecodable bytes escaped, so a table can always hold it."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)
@@ -157,14 +195,19 @@ class PartStore:
     # ---- opening ----------------------------------------------------------------------------
     @staticmethod
     def check_output(out_dir: str | Path, *, resume: bool) -> None:
-        """Refuse to overwrite: a non-empty OUT is only accepted with ``resume``."""
+        """Refuse to overwrite: a non-empty OUT is only accepted with ``resume``; an OUT that cannot
+        be created (a file on its path, no write permission) is refused before any work starts."""
         out = Path(out_dir)
-        if out.exists() and not out.is_dir():
-            raise InputError(f"{out}: output must be a folder, but a file with that name exists")
-        if out.is_dir() and any(out.iterdir()) and not resume:
+        check_creatable(out)
+        if not out.is_dir():
+            return
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise InputError(f"{out}: output folder is not writable")
+        used = any(entry.name != LOCK_FILE for entry in out.iterdir())
+        if used and not resume:
             raise InputError(f"{out}: output folder is not empty; pass --resume to continue that run "
                              f"or choose a new folder")
-        if resume and out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        if resume and used and not (out / MANIFEST).is_file():
             raise InputError(f"{out}: not a radflash score output (no {MANIFEST}); refusing to resume into it")
 
     def open(self) -> pa.Table:
@@ -215,6 +258,82 @@ class PartStore:
         write_table(results, res_path, fmt)
         write_table(status, status_path, fmt)
         return res_path, status_path, results, status
+
+
+def check_creatable(out_dir: str | Path) -> None:
+    """Raise a one-line :class:`InputError` when ``out_dir`` cannot be (or be used as) a folder:
+    a file on its path (``-o afile/sub``) or a read-only parent. Cheap: call it before loading models."""
+    out = Path(out_dir)
+    for folder in (out, *out.parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                what = "a file with that name exists" if folder == out else f"{folder} is a file"
+                raise InputError(f"{out}: output must be a folder, but {what}")
+            if folder != out and not os.access(folder, os.W_OK | os.X_OK):
+                raise InputError(f"{out}: cannot create the output folder ({folder} is not writable)")
+            return
+
+
+class OutputLock:
+    """An exclusive ``flock`` on ``OUT/.radflash.lock`` for the duration of a run.
+
+    Two runs into one folder (two fresh runs, or a resume racing the original) would interleave
+    part numbers and overwrite each other's consolidated tables; the second one therefore stops
+    at once with an error naming the holder. The file holds only pid, host and start time (no
+    PHI) and is never deleted: the kernel drops the lock when its holder exits or is killed, so
+    a stale file left by a dead run blocks nothing, and unlinking it could let a third run lock
+    a fresh inode while the second still holds the old one.
+    """
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.path = Path(out_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> OutputLock:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; the run proceeds unguarded
+            log.warning("no file locking on this platform: do not start two runs into %s", self.path.parent)
+            return self
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise InputError(f"{self.path.parent}: cannot create the output folder or its lock "
+                             f"({exc.strerror or type(exc).__name__})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _describe_holder(fd)
+            os.close(fd)
+            raise InputError(f"{self.path.parent}: another radflash run is writing to this folder "
+                             f"({holder}); wait for it to finish or choose another folder") from None
+        os.ftruncate(fd, 0)
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        os.write(fd, (json.dumps(info) + "\n").encode())
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _describe_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        return f"pid {info['pid']} on {info['host']}, started {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder still starting"
 
 
 def write_table(table: pa.Table, path: str | Path, fmt: Format) -> Path:

@@ -4,14 +4,15 @@ Everything goes through the public API (``radflash.load`` → ``model.score`` /
 ``model.similarity_maps``), so what is measured is exactly what users run.
 
 - Classification: AUROC (Mann–Whitney rank statistic, ties averaged) and AUPRC (average
-  precision) on the logits, per finding and macro-averaged.
+  precision over distinct thresholds, as scikit-learn computes it) on the logits, per finding and
+  macro-averaged.
 - Grounding: pointing game, the arg-max pixel of the similarity map must fall inside a
   ground-truth box (the RadZero definition; the mask when a sample has no box), over positive images.
 - Segmentation: Dice on positive images at a threshold chosen on a separate VALIDATION split
   (the reference picks it on the test set, which flatters the result), and specificity on
   negative images = fraction of pixels left unmarked (every pixel of a negative is a true negative).
 
-Metrics are plain numpy functions on arrays, tested against brute-force counts.
+Metrics are plain numpy functions on arrays, tested against brute-force counts and scikit-learn.
 """
 
 from __future__ import annotations
@@ -51,28 +52,41 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(u / (n_pos * n_neg))
 
 
+def _curve_counts(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative (true, false) positives at each distinct score, highest score first.
+
+    Tied scores form one threshold: counting them one by one would make the result depend on
+    the order of the input (a positive listed before a tied negative would look better ranked).
+    """
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], labels[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # last index of each distinct score
+    return np.cumsum(y)[last], np.cumsum(~y)[last]
+
+
 def auprc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Average precision: mean over positives of the precision at their rank (scores descending)."""
+    """Average precision: Σ over distinct thresholds of (recall gained) × precision there.
+
+    This is scikit-learn's ``average_precision_score`` (no interpolation); ties between scores are
+    one threshold, so the value does not depend on input order. NaN without positives.
+    """
     scores = np.asarray(scores, dtype=np.float64).ravel()
     labels = np.asarray(labels).astype(bool).ravel()
     if not labels.any():
         return float("nan")
-    order = np.argsort(-scores, kind="mergesort")
-    hits = labels[order]
-    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-    return float(precision[hits].mean())
+    tp, fp = _curve_counts(scores, labels)
+    precision = tp / (tp + fp)
+    recall_gain = np.diff(np.r_[0, tp]) / tp[-1]
+    return float(np.sum(recall_gain * precision))
 
 
 def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(false-positive rate, true-positive rate) at every distinct threshold, from (0, 0) to (1, 1)."""
     scores = np.asarray(scores, dtype=np.float64).ravel()
     labels = np.asarray(labels).astype(bool).ravel()
-    order = np.argsort(-scores, kind="mergesort")
-    s, y = scores[order], labels[order]
-    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # last index of each distinct score
-    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
-    tpr = np.r_[0.0, tp / max(1, y.sum())]
-    fpr = np.r_[0.0, fp / max(1, (~y).sum())]
+    tp, fp = _curve_counts(scores, labels)
+    tpr = np.r_[0.0, tp / max(1, int(labels.sum()))]
+    fpr = np.r_[0.0, fp / max(1, int((~labels).sum()))]
     return fpr, tpr
 
 
@@ -122,12 +136,10 @@ def predict(model: Any, dataset: Any, prompts: dict[str, str], *, batch_size: in
     dices = np.full((n, f, k), np.nan)
     spec = np.full((n, f, k), np.nan)
     thr = torch.tensor(list(thresholds), dtype=torch.float32)
-    starts = range(0, n, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
+    from radflash.progress import progress_bar
 
-        starts = tqdm(starts, desc="evaluate")
-    for start in starts:
+    bar = progress_bar(n, desc="evaluate", enabled=progress)
+    for start in range(0, n, batch_size):
         samples = [dataset[i] for i in range(start, min(n, start + batch_size))]
         images = [s.image for s in samples]
         tokens = model.encode_images(images)
@@ -150,6 +162,10 @@ def predict(model: Any, dataset: Any, prompts: dict[str, str], *, batch_size: in
                     dices[row, j] = torch.where(denom > 0, 2 * inter / denom.clamp(min=1), 1.0).numpy()
                 else:
                     spec[row, j] = 1.0 - marked.flatten(1).double().mean(1).numpy()
+        if bar is not None:
+            bar.update(len(samples))
+    if bar is not None:
+        bar.close()
     return Predictions(names, texts, logits, labels, hits, dices, spec)
 
 

@@ -17,7 +17,6 @@ bit for bit, so N/2 steps + resume + N/2 steps reproduces an uninterrupted N-ste
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -26,20 +25,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.distributed as dist
+from pydantic import AfterValidator, Field
+from pydantic.dataclasses import dataclass as config_dataclass
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from radflash.checkpoint import Checkpoint, check_state_dict, load_checkpoint, save_checkpoint
-from radflash.config import ModelConfig, TextConfig, VisionConfig, preset, strict_dataclass
+from radflash.config import MAX_IMAGE, PRESETS, ModelConfig, preset
 from radflash.errors import InputError
 from radflash.factory import randomize_, wordpiece_tokenizer
 from radflash.models import RadZero
 from radflash.preprocess import Preprocessing
+from radflash.schema import CONFIG as SCHEMA_CONFIG
+from radflash.schema import Float, Fraction, Int, validate
 from radflash.tokenizer import PromptTokenizer
 from radflash.training.data import Batch, Collator, MimicStyleDataset, PhantomDataset, batch_indices
 
@@ -51,51 +54,65 @@ MIN_LOG_TAU, MAX_LOG_TAU = math.log(0.01), 0.0  # CLIP-style clamp: τ in [0.01,
 
 
 # ---- configuration ------------------------------------------------------------------------------
-@dataclass
+# Pydantic dataclasses: types and ranges are checked when a YAML file is read (see radflash.schema),
+# so a bad value stops `radflash train` with one line naming the key, not a TypeError mid-run.
+# Lax mode on purpose: PyYAML reads `lr: 1e-4` as the string "1e-4", accepted as the float 1e-4.
+Count = Annotated[Int, Field(ge=1)]
+NonNegInt = Annotated[Int, Field(ge=0)]
+NonNeg = Annotated[Float, Field(ge=0)]
+
+
+def _known_preset(name: str) -> str:
+    if name not in PRESETS:
+        raise ValueError(f"must be one of {', '.join(PRESETS)} (got {name!r})")
+    return name
+
+
+@config_dataclass(config=SCHEMA_CONFIG)
 class ModelSection:
-    preset: str = "tiny"
+    preset: Annotated[str, AfterValidator(_known_preset)] = "tiny"
     init: str | None = None  # start from this radflash checkpoint instead of random weights
     vision: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's VisionConfig
     text: dict[str, Any] = field(default_factory=dict)
-    image_size: int | None = None
-    align_layers: int | None = None
-    tokenizer: str = "phantom"  # phantom | basic | checkpoint (the init checkpoint's own)
+    image_size: Int | None = None
+    align_layers: Int | None = None
+    tokenizer: Literal["phantom", "basic", "checkpoint"] = "phantom"  # checkpoint: the init checkpoint's own
 
 
-@dataclass
+@config_dataclass(config=SCHEMA_CONFIG)
 class DataSection:
-    source: str = "phantoms"  # phantoms | mimic
-    seed: int = 0  # training images
-    size: int = 224  # phantom side in pixels
-    length: int | None = None  # phantoms: distinct images (default: steps × global batch, all fresh)
+    source: Literal["phantoms", "mimic"] = "phantoms"
+    seed: NonNegInt = 0  # training images
+    size: Annotated[Int, Field(ge=32, le=MAX_IMAGE)] = 224  # phantom side in pixels
+    length: Count | None = None  # phantoms: distinct images (default: steps × global batch, all fresh)
     exclude: list[list[str]] = field(default_factory=list)  # held-out (finding, location) combos
     augment: bool = True
     root: str | None = None  # mimic: image folder
     reports: str | None = None  # mimic: CSV with image + report columns
     sentences: str | None = None  # mimic: JSON {image_path: [sentences]}
-    val_seed: int = 1  # phantoms: validation images (never the training seed)
-    val_size: int = 64  # validation images for the eval loss
-    workers: int = 0  # DataLoader worker processes drawing phantoms in parallel with the step
-    pool: int | None = None  # phantoms: draw this many once (cached), re-used with fresh augmentation
-    pool_processes: int = 1  # processes drawing the pool before the first step
-    plain_sentence_prob: float = 0.0  # phantoms: add "There is X" beside "There is X of the L" this often
+    val_seed: NonNegInt = 1  # phantoms: validation images (never the training seed)
+    val_size: Count = 64  # validation images for the eval loss
+    workers: NonNegInt = 0  # DataLoader worker processes drawing phantoms in parallel with the step
+    pool: Count | None = None  # phantoms: draw this many once (cached), re-used with fresh augmentation
+    pool_processes: Count = 1  # processes drawing the pool before the first step
+    plain_sentence_prob: Fraction = 0.0  # phantoms: add "There is X" beside "There is X of the L" this often
 
 
-@dataclass
+@config_dataclass(config=SCHEMA_CONFIG)
 class TrainConfig:
     """A training run; every field has a YAML key of the same name (sections: model, data)."""
 
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
-    seed: int = 0
-    steps: int | None = None
-    epochs: float | None = None  # alternative to steps (needs a finite dataset)
-    batch_size: int = 32  # per process
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0
+    seed: NonNegInt = 0
+    steps: Count | None = None
+    epochs: Annotated[Float, Field(gt=0)] | None = None  # alternative to steps (needs a finite dataset)
+    batch_size: Count = 32  # per process
+    lr: Annotated[Float, Field(gt=0)] = 1e-4
+    weight_decay: NonNeg = 0.05
+    warmup_steps: NonNegInt = 50
+    min_lr_ratio: Fraction = 0.0
+    grad_clip: NonNeg = 1.0  # 0: no clipping
     # Exclude false negatives: image j is not a negative of sentence k when j owns an identical
     # sentence. Off = the paper's loss. On phantoms ~70% of sentences are shared negations ("There
     # is no pneumothorax"), which then push apart images that the sentence describes equally well.
@@ -104,7 +121,7 @@ class TrainConfig:
     # patch maps sigmoid(s) and the phantom masks pooled to the patch grid. A from-scratch ViT
     # otherwise parks global information in background "register" patches, so the maps peak outside
     # the body even when classification works (pointing game 0.0 at step 150 of the demo run).
-    map_loss_weight: float = 0.0
+    map_loss_weight: NonNeg = 0.0
     # Which maps that loss supervises and how: ``map_located`` adds every trained (finding, location)
     # prompt (held-out combos never), whose target is empty wherever the finding is elsewhere: it
     # teaches WHERE words point. ``map_balanced`` weighs a map's covered patches as much as the rest
@@ -113,29 +130,31 @@ class TrainConfig:
     # attention) into the finding: the arg-max is what grounding reports.
     map_located: bool = False
     map_balanced: bool = False
-    map_pointing_weight: float = 0.0
+    map_pointing_weight: NonNeg = 0.0
     freeze_backbone: bool = False
-    eval_every: int = 0  # 0: only at the end
-    checkpoint_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 2
+    eval_every: NonNegInt = 0  # 0: only at the end
+    checkpoint_every: NonNegInt = 0  # 0: only at the end
+    keep_checkpoints: Count = 2
     output: str = "runs/train"
     export: str | None = None  # also write the final checkpoint here (e.g. engine/assets/demo)
-    export_dtype: str = "float32"  # float16 halves a shipped asset (the demo must stay < 10 MB)
+    # float16 halves a shipped asset (the demo must stay < 10 MB)
+    export_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     model_id: str = "radflash-trained"
     notice: str = ""
     prompts: dict[str, str] | None = None  # default prompts stored in the checkpoint (None: phantom set)
     calibrate: bool = False  # choose per-prompt segmentation thresholds on phantom validation images
-    calibrate_n: int = 96
-    threads: int | None = None
+    calibrate_n: Count = 96
+    threads: Count | None = None
     device: str = "auto"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> TrainConfig:
-        data = dict(data)
-        section = functools.partial(strict_dataclass, error=InputError, label="key")
-        model = section(ModelSection, data.pop("model", {}) or {}, f"{source}: model")
-        dsec = section(DataSection, data.pop("data", {}) or {}, f"{source}: data")
-        cfg = section(cls, {**data, "model": model, "data": dsec}, source)
+        """Validate a run description; every problem is one :class:`InputError` line naming the key."""
+        if not isinstance(data, dict):
+            raise InputError(f"{source}: expected a mapping at the top level")
+        # an empty `model:` or `data:` line in YAML is null: the defaults, as if it were absent
+        data = {k: v for k, v in data.items() if not (k in ("model", "data") and v is None)}
+        cfg = validate(cls, data, source, error=InputError)
         cfg.validate(source)
         return cfg
 
@@ -150,15 +169,16 @@ class TrainConfig:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise InputError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: not a UTF-8 text file") from None
         if not isinstance(data, dict):
             raise InputError(f"{path}: expected a mapping at the top level")
         return cls.from_dict(data, source=str(path))
 
     def validate(self, source: str) -> None:
+        """Checks that involve several keys (types and ranges are the schema's)."""
         if (self.steps is None) == (self.epochs is None):
             raise InputError(f"{source}: give exactly one of steps or epochs")
-        if self.data.source not in ("phantoms", "mimic"):
-            raise InputError(f"{source}: data.source must be 'phantoms' or 'mimic', got {self.data.source!r}")
         if self.data.source == "phantoms" and self.data.val_seed == self.data.seed:
             raise InputError(f"{source}: data.val_seed must differ from data.seed (held-out validation)")
         if self.data.source == "mimic" and not self.data.root:
@@ -166,25 +186,23 @@ class TrainConfig:
         if self.data.source != "phantoms" and (self.map_loss_weight or self.data.plain_sentence_prob):
             # masks and located sentences exist for phantoms only: on other data every target would be empty
             raise InputError(f"{source}: map_loss_weight and data.plain_sentence_prob need data.source: phantoms")
-        if self.map_loss_weight < 0 or self.map_pointing_weight < 0:
-            raise InputError(f"{source}: map_loss_weight and map_pointing_weight must be ≥ 0")
         if (self.map_located or self.map_balanced or self.map_pointing_weight) and not self.map_loss_weight:
             raise InputError(f"{source}: map_located/map_balanced/map_pointing_weight act through the map loss: "
                              "set map_loss_weight > 0")
-        if not 0.0 <= self.data.plain_sentence_prob <= 1.0:
-            raise InputError(f"{source}: data.plain_sentence_prob must be in [0, 1]")
         for combo in self.data.exclude:
-            if not (isinstance(combo, list | tuple) and len(combo) == 2):
+            if len(combo) != 2:
                 raise InputError(f"{source}: data.exclude entries must be [finding, location], got {combo!r}")
-        for name in ("batch_size", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{source}: {name} must be ≥ 1")
-        if self.lr <= 0 or self.grad_clip < 0 or self.warmup_steps < 0:
-            raise InputError(f"{source}: lr must be > 0, grad_clip and warmup_steps ≥ 0")
-        if self.model.tokenizer not in ("phantom", "basic", "checkpoint"):
-            raise InputError(f"{source}: model.tokenizer must be phantom, basic or checkpoint")
         if self.model.tokenizer == "checkpoint" and not self.model.init:
             raise InputError(f"{source}: model.tokenizer: checkpoint needs model.init")
+        sec = self.model
+        if sec.init:
+            overrides = [k for k in ("vision", "text", "image_size", "align_layers") if getattr(sec, k)]
+            if overrides:
+                # the init checkpoint fixes the architecture: silently ignoring these would mislead
+                raise InputError(f"{source}: model.{', model.'.join(overrides)} cannot be combined with "
+                                 "model.init (its checkpoint fixes the architecture)")
+        else:
+            model_config(sec, source=source)  # the overridden preset must be a valid model
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -202,21 +220,19 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float = 0
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def model_config(sec: ModelSection) -> ModelConfig:
-    """The preset with the section's overrides applied (e.g. fewer vision layers for a test)."""
-    base = preset(sec.preset)
-    try:
-        vision = dataclasses.replace(base.vision, **sec.vision) if sec.vision else base.vision
-        text = dataclasses.replace(base.text, **sec.text) if sec.text else base.text
-    except TypeError as exc:
-        raise InputError(f"model overrides: {exc}") from None
-    extra: dict[str, Any] = {}
+def model_config(sec: ModelSection, *, source: str = "config") -> ModelConfig:
+    """The preset with the section's overrides applied (e.g. fewer vision layers for a test).
+
+    Validated like a checkpoint's config (sizes, divisibility, bounds), with errors naming
+    ``model.<key>`` in ``source``.
+    """
+    base = preset(sec.preset).to_dict()
+    data: dict[str, Any] = {**base, "vision": {**base["vision"], **sec.vision}, "text": {**base["text"], **sec.text}}
     if sec.image_size is not None:
-        extra["image_size"] = sec.image_size
+        data["image_size"] = sec.image_size
     if sec.align_layers is not None:
-        extra["align_layers"] = sec.align_layers
-    assert isinstance(vision, VisionConfig) and isinstance(text, TextConfig)
-    return dataclasses.replace(base, vision=vision, text=text, **extra)
+        data["align_layers"] = sec.align_layers
+    return validate(ModelConfig, data, source, error=InputError, prefix=("model",))
 
 
 def build_tokenizer(kind: str, cfg: ModelConfig) -> PromptTokenizer:
@@ -521,11 +537,13 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool 
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     schedule = {"lr": cfg.lr, "warmup": cfg.warmup_steps, "total": total, "min_ratio": cfg.min_lr_ratio}
-    bar = None
-    if progress and is_main:
-        from tqdm.auto import tqdm
+    if is_main:  # loss.png is drawn at every checkpoint: without matplotlib, stop before training, not after
+        from radflash.plotting import require_plotting
 
-        bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+        require_plotting("the training loss curve (loss.png)")
+    from radflash.progress import progress_bar
+
+    bar = progress_bar(total, desc="train", unit="step", initial=start, enabled=progress and is_main)
 
     def save(step: int, final: bool = False) -> Path:
         folder = output / "checkpoints" / f"step_{step:06d}"
@@ -573,8 +591,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool 
         if on_step is not None:
             on_step(step + 1, value)
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.3f}", tau=f"{model.tau:.3f}", lr=f"{lr:.1e}")
+            bar.update(1, loss=f"{value:.3f}", tau=f"{model.tau:.3f}", lr=f"{lr:.1e}")
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < total and val_dataset is not None:
             val_losses.append((done, validation_loss(model, towers, val_dataset, collate, cfg, device)))

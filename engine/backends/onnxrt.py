@@ -2,9 +2,9 @@
 
 The graph has a dynamic batch axis, so no bucket padding is needed; batches larger than
 ``max_batch`` are split. Without ``onnx_path`` the graph is exported once and cached under
-``~/.cache/radflash/onnx`` keyed by model sha256 + image size + precision + onnxruntime version
-(:func:`radflash.export.onnx_cache_path`). On CUDA models the CUDA provider is used when installed
-(``onnxruntime-gpu``), with I/O bound straight to torch CUDA tensors.
+``~/.cache/radflash/onnx`` keyed by model sha256, image size, precision, opset and the radflash,
+torch, onnx and onnxruntime versions (:func:`radflash.export.onnx_cache_key`). On CUDA models the
+CUDA provider is used when installed (``onnxruntime-gpu``), with I/O bound straight to torch CUDA tensors.
 """
 
 from __future__ import annotations
@@ -31,11 +31,10 @@ class OnnxRuntimeBackend:
 
     def __init__(self, model: RadFlashModel, *, precision: str = "fp32", onnx_path: str | Path | None = None,
                  providers: list[str] | None = None, threads: int | None = None, max_batch: int = 64) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise BackendUnavailable(
-                "the onnxruntime backend needs onnxruntime: pip install onnxruntime (CPU) or onnxruntime-gpu") from None
+        from radflash._optional import require
+
+        ort = require("onnxruntime", extra="onnx", purpose="the onnxruntime backend",
+                      note=" (or onnxruntime-gpu on CUDA)")
         from radflash.export import export_onnx, onnx_cache_path, ort_session
 
         if precision not in PRECISIONS:

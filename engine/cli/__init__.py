@@ -7,6 +7,7 @@ anywhere below becomes a one-line ``Error: ...`` with exit code 1, never a trace
 from __future__ import annotations
 
 import importlib
+import importlib.util  # find_spec below; `import importlib` alone does not load the submodule
 import logging
 import sys
 

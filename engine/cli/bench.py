@@ -69,6 +69,10 @@ def bench(model_path: str | None, device: str, backends: tuple[str, ...], batch_
     from radflash.bench import bench as run_bench
     from radflash.bench import render_table, summary_lines, to_markdown
 
+    if plot_path is not None:  # fail before the benchmark runs, not after
+        from radflash.plotting import require_plotting
+
+        require_plotting("--plot")
     report = run_bench(model=model_path, device=device, backends=backends, batch_sizes=batch_sizes,
                        image_size=image_size, prompts=prompts, iterations=iterations, warmup=warmup,
                        include_reference=not no_reference, archive_files=archive_files,

@@ -57,3 +57,26 @@ def workers_option(f: Callable) -> Callable:
         "--workers", type=click.IntRange(min=0), default=None,
         help="Decode processes (0 = decode in-process). Default: min(4, CPUs, files).",
     )(f)
+
+
+def _pixel_budget(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """``50000000``, ``50M`` or ``5e7`` → an integer number of pixels (``None`` keeps the default)."""
+    if value is None:
+        return None
+    text = value.strip().upper()
+    scale = 1_000_000 if text.endswith("M") else 1
+    try:
+        pixels = int(float(text.removesuffix("M")) * scale)
+    except ValueError:
+        raise click.BadParameter(f"expected a pixel count such as 100M or 100000000, got {value!r}") from None
+    if pixels < 1:
+        raise click.BadParameter(f"must be at least 1 pixel, got {value!r}")
+    return pixels
+
+
+def max_pixels_option(f: Callable) -> Callable:
+    return click.option(
+        "--max-pixels", callback=_pixel_budget, default=None, metavar="N[M]",
+        help="Pixel budget per file (rows × columns × frames): larger files fail from their header, "
+             "before decoding. Default 50M (real CR/DX ≤ ~15M).",
+    )(f)

@@ -11,6 +11,7 @@ from radflash.cli.options import (
     batch_size_option,
     device_option,
     kernels_option,
+    max_pixels_option,
     model_option,
     quiet_option,
     workers_option,
@@ -55,16 +56,18 @@ def _modalities(ctx: click.Context, param: click.Parameter, value: str | None) -
               help="Files per committed part: the most work a crash can lose.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
               help="Seconds one file may take to decode before it is recorded as failed.")
+@max_pixels_option
 @quiet_option
 def score(inputs: tuple[Path, ...], output: Path | None, model_path: str | None, findings: Path | None,
           device: str, batch_size: int, workers: int | None, backend: str, fmt: str, include_phi: bool,
           resume: bool, num_parts: int, part_id: int, include_lateral: bool, modalities: tuple[str, ...] | None,
-          commit_every: int, timeout: float, quiet: bool) -> None:
+          commit_every: int, timeout: float, max_pixels: int | None, quiet: bool) -> None:
     """Score every image in INPUTS (files or folders, searched recursively) for each finding.
 
     With no INPUTS the small embedded demo archive is scored. Writes OUTPUT/results.<fmt> (one
     row per scored image: path, UIDs, <finding>.logit and <finding>.prob), OUTPUT/status.<fmt>
-    (every file once: scored/skipped/failed and why) and OUTPUT/manifest.json.
+    (every file once: scored/skipped/failed and why) and OUTPUT/manifest.json. OUTPUT is locked
+    for the run (a second run into it stops with an error naming the first).
     """
     if part_id >= num_parts:
         raise click.UsageError(f"--part-id {part_id} must be smaller than --num-parts {num_parts}")
@@ -80,7 +83,7 @@ def score(inputs: tuple[Path, ...], output: Path | None, model_path: str | None,
         list(inputs) or None, output, model=model_path, findings=findings, device=device,
         batch_size=batch_size, workers=workers, backend=backend, fmt=fmt, include_phi=include_phi,
         resume=resume, num_parts=num_parts, part_id=part_id, rules=rules, progress=not quiet,
-        commit_every=commit_every, timeout=timeout,
+        commit_every=commit_every, timeout=timeout, max_pixels=max_pixels,
     )
     if quiet:
         return
@@ -113,6 +116,10 @@ def _summary(run) -> None:
     if run.images_per_s:
         counts.add_row("throughput", f"{run.images_per_s:.1f} files/s")
     counts.add_row("device / backend", f"{run.manifest['device']} / {run.manifest['backend']}")
+    if run.manifest.get("backend_selection"):
+        from radflash.backends.auto import summary
+
+        counts.add_row("backend choice", summary(run.manifest["backend_selection"]))
     if run.output is not None:
         counts.add_row("results", str(run.results_path))
         counts.add_row("status", str(run.status_path))

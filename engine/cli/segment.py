@@ -11,6 +11,7 @@ from radflash.cli.options import (
     batch_size_option,
     device_option,
     kernels_option,
+    max_pixels_option,
     model_option,
     quiet_option,
     workers_option,
@@ -55,10 +56,12 @@ def _formats(ctx: click.Context, param: click.Parameter, value: tuple[str, ...])
 @kernels_option
 @batch_size_option(default=8)
 @workers_option
+@max_pixels_option
 @quiet_option
 def segment(inputs: tuple[Path, ...], outdir: Path, prompt_texts: tuple[str, ...], prompt_file: Path | None,
             threshold: float | None, formats: tuple[str, ...], preview: bool, model_path: str | None,
-            device: str, backend: str, batch_size: int, workers: int | None, quiet: bool) -> None:
+            device: str, backend: str, batch_size: int, workers: int | None, max_pixels: int | None,
+            quiet: bool) -> None:
     """Segment and ground prompts in DICOM/PNG/JPEG INPUTS (files or folders).
 
     For each image and prompt, at the image's original size: a float16 probability map (npz), a
@@ -80,7 +83,7 @@ def segment(inputs: tuple[Path, ...], outdir: Path, prompt_texts: tuple[str, ...
             prompts.setdefault(text, {"prompt": text, "threshold": None})
         run = run_segment(list(inputs), outdir, prompts=prompts, thresholds=threshold, model=model_path,
                           device=device, backend=backend, batch_size=batch_size, formats=formats,
-                          preview=preview, workers=workers, progress=not quiet)
+                          preview=preview, workers=workers, progress=not quiet, max_pixels=max_pixels)
     except RadflashError as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from None
     if not quiet:

@@ -72,6 +72,10 @@ def evaluate(model_path: str | None, data: str, seed: int, n: int, val_seed: int
             raise click.BadParameter(f"{item!r}: expected FINDING:LOCATION", param_hint="--held-out")
         finding, location = (s.strip() for s in item.split(":", 1))
         combos.append((finding, location))
+    if out is not None:  # roc.png: fail before evaluating, not after
+        from radflash.plotting import require_plotting
+
+        require_plotting("roc.png (--out)")
     report = evaluate_phantoms(
         model_path, seed=seed, n=n, val_seed=val_seed, val_n=val_n, size=size, threshold=threshold,
         fixed_threshold=fixed_threshold, held_out=combos or None, batch_size=batch_size, device=device,

@@ -129,3 +129,43 @@ __all__ = [
     "CR_STORAGE", "DX_STORAGE", "DeflatedExplicitVRLittleEndian", "ExplicitVRBigEndian", "ExplicitVRLittleEndian",
     "ImplicitVRLittleEndian", "RLELossless", "lut_item", "make_dataset", "with_modality_lut", "with_voi_lut", "write",
 ]
+
+
+def write_deflated_zeros(path: str | Path, rows: int, cols: int, **attrs: Any) -> Path:
+    """A deflated 16-bit image of ``rows × cols`` zeros, streamed: never holds the pixels in memory.
+
+    A decompression bomb: 12000 × 12000 inflates from ~280 KB to 288 MB (and a reader that decodes
+    it to float64 needs gigabytes). The data set is encoded with pydicom, the pixel element and its
+    zeros are appended to the deflate stream chunk by chunk.
+    """
+    import struct
+    import zlib
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+
+    ds = make_dataset(np.zeros((2, 2), np.uint16), **attrs)
+    del ds.PixelData
+    ds.Rows, ds.Columns = rows, cols
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    n_bytes = rows * cols * 2
+    body.write(b"\xe0\x7f\x10\x00OW\x00\x00" + struct.pack("<I", n_bytes))
+    deflater = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    path = Path(path)
+    with open(path, "wb") as fh:
+        fh.write(b"\0" * 128 + b"DICM")
+        meta = DicomBytesIO()
+        meta.is_little_endian, meta.is_implicit_VR = True, False
+        write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+        fh.write(meta.getvalue())
+        fh.write(deflater.compress(body.getvalue()))
+        chunk = bytes(1 << 24)
+        left = n_bytes
+        while left:
+            fh.write(deflater.compress(chunk[:min(left, len(chunk))]))
+            left -= min(left, len(chunk))
+        fh.write(deflater.flush())
+    return path

@@ -1,4 +1,4 @@
-"""Every backend available here vs eager on random images; bucket padding; the auto rule; TensorRT logic.
+"""Every backend available here vs eager on random images; bucket padding; auto's measured choice; TensorRT.
 
 Tolerances (max |backend − eager| / max |eager|, random tiny model at 56² = 17 tokens):
 compile 1e-4 (inductor reorders fp32 reductions), onnxruntime fp32 1e-3 (the export bound),
@@ -9,6 +9,7 @@ layers of a random, unstructured model; measured 3.4%).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from radflash.api import RadFlashModel
-from radflash.backends import choose_auto, make_backend
+from radflash.backends import make_backend
 from radflash.backends.buckets import bucket_for, pad_to, plan, run_bucketed
 from radflash.backends.tensorrt import build_engine, engine_cache_key, network_plan
 from radflash.config import preset
@@ -101,7 +102,7 @@ def test_onnxruntime_fp32_matches_eager_and_caches(model: RadFlashModel, cache: 
     pytest.importorskip("onnxruntime")
     monkeypatch.setenv("RADFLASH_CACHE", str(cache))
     backend = make_backend("onnxruntime", model)
-    assert backend.onnx_path.parent == cache / "onnx" and f"{SIZE}px-fp32-ort" in backend.onnx_path.name
+    assert backend.onnx_path.parent == cache / "onnx" and f"{SIZE}px-fp32-opset" in backend.onnx_path.name
     stamp = backend.onnx_path.stat().st_mtime_ns
     for b in (1, 5):  # dynamic batch axis: no padding needed
         x = pixels(b)
@@ -155,32 +156,205 @@ def test_unknown_and_unavailable_backends(model: RadFlashModel) -> None:
             make_backend("tensorrt", model)
 
 
-# ---- the auto rule --------------------------------------------------------------------------------
-@pytest.mark.parametrize(("device", "dtype", "has", "expected"), [
-    ("cuda", torch.bfloat16, {"tensorrt", "onnxruntime"}, "tensorrt"),
-    ("cuda", torch.bfloat16, {"onnxruntime"}, "compile"),
-    ("cpu", torch.float32, {"onnxruntime"}, "onnxruntime"),
-    ("cpu", torch.float32, set(), "eager"),
-    ("cpu", torch.bfloat16, {"onnxruntime"}, "eager"),
-])
-def test_auto_rule(device: str, dtype: torch.dtype, has: set[str], expected: str,
-                   monkeypatch: pytest.MonkeyPatch) -> None:
+# ---- auto: measured, cached, recorded ------------------------------------------------------------
+class FakeOrt:
+    """Stands in for the ONNX Runtime backend: eager's numbers under another name (no export needed)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model: RadFlashModel) -> None:
+        self.module = model.module
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.module.image_tokens(pixels)
+
+
+@pytest.fixture
+def fake_auto(model: RadFlashModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A private cache, onnxruntime 'installed' as :class:`FakeOrt`, and a clock that reads from a script.
+
+    ``clock.script[name]`` is the list of seconds the next timed calls of that backend take (warm-up
+    calls included); ``clock.calls`` counts every call and ``clock.shapes`` records the batches timed.
+    """
     import radflash.backends as backends
+    from radflash.backends import auto
 
-    monkeypatch.setattr(backends, "_importable", lambda name: name in has)
-    name, reason = choose_auto(SimpleNamespace(device=torch.device(device), dtype=dtype))
-    assert name == expected and reason
+    monkeypatch.setenv("RADFLASH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(backends, "_importable", lambda name: name == "onnxruntime")
+    real_build = backends._build
+    monkeypatch.setattr(backends, "_build", lambda name, m, opts: FakeOrt(m) if name == "onnxruntime"
+                        else real_build(name, m, opts))
+    clock = SimpleNamespace(script={}, calls={"eager": 0, "onnxruntime": 0}, shapes=[])
+
+    def fake_time(backend, pixels: torch.Tensor) -> float:
+        clock.calls[backend.name] += 1
+        clock.shapes.append(tuple(pixels.shape))
+        return clock.script[backend.name].pop(0)
+
+    monkeypatch.setattr(auto, "time_encode", fake_time)
+    return clock
 
 
-def test_auto_logs_its_choice(model: RadFlashModel, caplog: pytest.LogCaptureFixture,
-                              monkeypatch: pytest.MonkeyPatch) -> None:
-    import radflash.backends as backends
+def script_for(eager_s: float, speedup: float) -> dict[str, list[float]]:
+    """Warm-up + ITERATIONS timings per candidate, ±1% noise around eager_s and eager_s / speedup."""
+    from radflash.backends.auto import ITERATIONS, WARMUP
 
-    monkeypatch.setattr(backends, "_importable", lambda name: False)
+    def noisy(seconds: float) -> list[float]:
+        return (seconds * (1 + 0.01 * (2 * torch.rand(WARMUP + ITERATIONS, dtype=torch.float64) - 1))).tolist()
+
+    return {"eager": noisy(eager_s), "onnxruntime": noisy(eager_s / speedup)}
+
+
+@pytest.mark.parametrize(("speedup", "expected"), [(2.0, "onnxruntime"), (1.02, "eager"), (0.6, "eager")])
+def test_auto_times_both_and_keeps_the_faster(model: RadFlashModel, fake_auto, speedup: float, expected: str,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    import statistics
+
+    from radflash.backends.auto import ITERATIONS, WARMUP
+
+    eager_s = float(torch.empty(()).uniform_(0.005, 0.5))
+    fake_auto.script = script_for(eager_s, speedup)
+    timed = {k: v[WARMUP:] for k, v in fake_auto.script.items()}  # what the medians must be taken of
+    batch = int(torch.randint(1, 6, ()))
     with caplog.at_level(logging.INFO, logger="radflash.backends"):
-        backend = make_backend("auto", model, precision="fp16")  # options the choice does not take are dropped
-    assert backend.name == "eager"
-    assert "backend auto → eager because" in caplog.text
+        backend = make_backend("auto", model, batch_size=batch, precision="fp16")  # other options are ignored
+    sel = backend.selection
+    assert backend.name == expected == sel["chosen"] and sel["measured"] and not sel["cached"]
+    assert fake_auto.calls == {"eager": WARMUP + ITERATIONS, "onnxruntime": WARMUP + ITERATIONS}
+    assert set(fake_auto.shapes) == {(batch, 3, SIZE, SIZE)}  # timed at the run's batch size
+    for name, samples in timed.items():
+        assert sel["candidates"][name]["ms_per_batch"] == pytest.approx(1e3 * statistics.median(samples), rel=1e-6)
+        assert sel["candidates"][name]["iterations"] == ITERATIONS
+    assert sel["batch_size"] == batch and sel["image_size"] == SIZE and sel["reason"]
+    # the log line carries both measurements, not just the verdict
+    line = next(r.getMessage() for r in caplog.records if "auto →" in r.getMessage())
+    assert f"auto → {expected}" in line and "eager" in line and "onnxruntime" in line and " ms" in line
+
+
+def test_auto_decision_is_cached_per_key(model: RadFlashModel, fake_auto, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import radflash
+    from radflash.backends.auto import CACHE_FILE
+
+    fake_auto.script = script_for(0.02, 3.0)
+    first = make_backend("auto", model, batch_size=2).selection
+    assert first["chosen"] == "onnxruntime" and not first["cached"]
+    assert Path(first["cache_file"]) == tmp_path / "cache" / CACHE_FILE and Path(first["cache_file"]).is_file()
+    calls = dict(fake_auto.calls)
+
+    again = make_backend("auto", model, batch_size=2)
+    assert again.selection["cached"] and again.name == "onnxruntime" and fake_auto.calls == calls  # not re-timed
+    assert again.selection["candidates"] == first["candidates"]
+
+    # any part of the key changing means measuring again: the batch size, a version
+    fake_auto.script = script_for(0.02, 0.5)
+    other_batch = make_backend("auto", model, batch_size=3).selection
+    assert not other_batch["cached"] and other_batch["chosen"] == "eager"
+    fake_auto.script = script_for(0.02, 0.5)
+    monkeypatch.setattr(radflash, "__version__", radflash.__version__ + ".post1")
+    new_version = make_backend("auto", model, batch_size=2).selection
+    assert not new_version["cached"] and new_version["chosen"] == "eager"
+    assert new_version["key"]["radflash"].endswith(".post1")
+
+
+def test_auto_survives_a_corrupt_cache(model: RadFlashModel, fake_auto, tmp_path: Path,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    from radflash.backends.auto import CACHE_FILE
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / CACHE_FILE).write_text("{not json")
+    fake_auto.script = script_for(0.01, 2.0)
+    with caplog.at_level(logging.WARNING, logger="radflash.backends"):
+        sel = make_backend("auto", model, batch_size=1).selection
+    assert sel["measured"] and not sel["cached"] and "ignoring the backend cache" in caplog.text
+    assert json.loads((tmp_path / "cache" / CACHE_FILE).read_text())["schema"] == 1  # rewritten whole
+
+
+@pytest.mark.parametrize(("device", "dtype", "has", "expected", "why"), [
+    ("cuda", torch.bfloat16, {"tensorrt", "onnxruntime"}, "tensorrt", "tensorrt is importable"),
+    ("cuda", torch.bfloat16, {"onnxruntime"}, "compile", "tensorrt is not installed"),
+    ("cpu", torch.float32, set(), "eager", "onnxruntime is not installed"),
+    ("cpu", torch.bfloat16, {"onnxruntime"}, "eager", "float32"),
+])
+def test_auto_without_a_measurement_says_why(device: str, dtype: torch.dtype, has: set[str], expected: str,
+                                             why: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from radflash.backends import auto
+
+    monkeypatch.setenv("RADFLASH_CACHE", str(tmp_path))
+    monkeypatch.setattr(auto, "time_encode", lambda *a: pytest.fail("nothing should be timed"))
+    fake = SimpleNamespace(device=torch.device(device), dtype=dtype, module=None,
+                           config=SimpleNamespace(image_size=SIZE))
+    backend, sel = auto.select(fake, batch_size=4, build=lambda name: SimpleNamespace(name=name),
+                               importable=lambda name: name in has)
+    assert backend.name == expected == sel["chosen"] and why in sel["reason"]
+    assert not sel["measured"] and sel["candidates"] == {} and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("error", [BackendUnavailable("onnxscript is not installed"),
+                                   InputError("enc.onnx: ONNX export failed (KeyError: 'x')")])
+def test_auto_falls_back_to_eager_when_onnxruntime_cannot_be_built(model: RadFlashModel, error: Exception,
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from radflash.backends import auto
+
+    monkeypatch.setenv("RADFLASH_CACHE", str(tmp_path))
+
+    def build(name: str):
+        raise error
+
+    backend, sel = auto.select(model, batch_size=2, build=build, importable=lambda name: True)
+    assert backend.name == sel["chosen"] == "eager" and str(error) in sel["reason"] and not sel["measured"]
+    assert not any(tmp_path.iterdir())  # a failure is not cached as a decision
+
+
+def test_auto_really_measures_onnxruntime(model: RadFlashModel, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No fakes: both candidates built and timed here; whichever wins encodes like eager."""
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("RADFLASH_CACHE", str(cache))
+    backend = make_backend("auto", model, batch_size=2)
+    sel = backend.selection
+    assert sel["measured"] and set(sel["candidates"]) == {"eager", "onnxruntime"}
+    assert all(c["ms_per_batch"] > 0 for c in sel["candidates"].values())
+    assert backend.name == sel["chosen"] in ("eager", "onnxruntime")
+    x = pixels(2)
+    with torch.inference_mode():
+        assert rel_err(backend.encode(x), eager(model, x)) < 1e-3
+
+
+def test_score_manifest_records_the_choice(model: RadFlashModel, fake_auto, tmp_path: Path) -> None:
+    from radflash.score import score
+    from radflash.training.phantom_dicom import write_archive
+
+    write_archive(tmp_path / "archive", 3, seed=int(torch.randint(0, 2**16, ())))
+    fake_auto.script = script_for(0.05, 1.5)
+    run = score(tmp_path / "archive", tmp_path / "out", model=model, backend="auto", batch_size=2, workers=0,
+                progress=False)
+    written = json.loads(run.manifest_path.read_text())
+    sel = written["backend_selection"]
+    assert written["backend"] == sel["chosen"] == "onnxruntime" and sel["batch_size"] == 2
+    assert {n: c["iterations"] for n, c in sel["candidates"].items()} == {"eager": 3, "onnxruntime": 3}
+    assert sel["candidates"]["eager"]["ms_per_batch"] > sel["candidates"]["onnxruntime"]["ms_per_batch"]
+    assert run.scored == 3
+    model.set_backend("eager")
+
+
+def test_score_cli_shows_the_measurement(fake_auto, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from radflash.checkpoint import save_checkpoint
+    from radflash.cli import cli
+    from radflash.training.phantom_dicom import write_archive
+
+    cfg = dataclasses.replace(preset("tiny"), image_size=SIZE)
+    ckpt = save_checkpoint(random_checkpoint(cfg, seed=4), tmp_path / "ckpt")
+    write_archive(tmp_path / "archive", 2, seed=int(torch.randint(0, 2**16, ())))
+    fake_auto.script = script_for(0.04, 0.5)  # eager twice as fast
+    res = CliRunner().invoke(cli, ["score", str(tmp_path / "archive"), "-o", str(tmp_path / "out"), "--model",
+                                   str(ckpt), "--backend", "auto", "--batch-size", "2", "--workers", "0"],
+                             env={"COLUMNS": "400"})  # one table row per line
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if "backend choice" in x)
+    assert "auto → eager (eager " in line and " ms, onnxruntime " in line and "ms per batch of 2" in line
 
 
 # ---- TensorRT: everything up to the real library ---------------------------------------------------

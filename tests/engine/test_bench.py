@@ -28,6 +28,7 @@ pytest.importorskip("transformers", reason="the reference path needs transformer
 ROW_KEYS = {"backend", "batch_size", "stage", "images", "radflash", "reference", "ratio", "images_per_s",
             "reference_images_per_s", "limit"}
 STATS_KEYS = {"n", "mean_ms", "median_ms", "p95_ms", "p99_ms", "min_ms", "max_ms", "samples_ms"}
+TAILS = {"p95_ms", "p99_ms"}  # left out at the 3 iterations of the CLI run (p95 needs ≥ 20 samples)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,7 @@ def test_cli_prints_a_table_with_ratios(bench_run) -> None:
     for stage in ("preprocess", "encode", "head", "maps", E2E):
         assert stage in out
     assert out.count("×") >= 10  # every timed line carries reference time / radflash time
+    assert "p95 ms" not in out and "p99 ms" not in out and "p95/p99 not shown: at most 3 samples" in out
     assert "TFLOP/s" in out and "GB/s" in out  # physical limits printed beside the results
 
 
@@ -68,11 +70,12 @@ def test_json_schema(bench_run) -> None:
     assert {"cpu", "cpu_cores_usable", "versions", "gpu", "date"} <= set(data["machine"])
     assert data["machine"]["versions"]["torch"]
     assert data["config"]["batch_sizes"] == [1, 2] and data["config"]["iterations"] == 3
+    assert "vlcabs" not in data["config"]["reference"]  # the reference head is its own code
     assert data["peaks"]["matmul_flops_per_s"] > 0 and data["peaks"]["copy_bytes_per_s"] > 0
     assert {"encode", "head", "maps"} <= set(data["formulas"])
     for row in data["rows"]:
         assert set(row) == ROW_KEYS
-        assert set(row["radflash"]) == STATS_KEYS and set(row["reference"]) == STATS_KEYS
+        assert set(row["radflash"]) == STATS_KEYS - TAILS and set(row["reference"]) == STATS_KEYS - TAILS
         assert len(row["radflash"]["samples_ms"]) == row["radflash"]["n"]
         assert math.isclose(row["ratio"], row["reference"]["median_ms"] / row["radflash"]["median_ms"])
         assert row["images_per_s"] > 0
@@ -164,6 +167,101 @@ def test_native_to_released_inverts_the_converter() -> None:
         assert torch.equal(back[k], v), k
 
 
+# ---- the reference head: independent code, equal results ---------------------------------------------
+def spec_head64(tokens: torch.Tensor, text: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spec's formulas, literally, in float64: s = ⟨t̂, v̂⟩/τ, a = softmax(s), g = Σ a v̂, logit = ⟨t̂, ĝ⟩/τ."""
+    v = torch.nn.functional.layer_norm(tokens.double(), (tokens.shape[-1],), weight.double(), bias.double(), eps)
+    v = v / v.norm(dim=-1, keepdim=True)
+    t = text.double() / text.double().norm(dim=-1, keepdim=True)
+    s = torch.einsum("td,bnd->btn", t, v) / tau
+    g = torch.einsum("btn,bnd->btd", torch.softmax(s, dim=-1), v)
+    g = g / g.norm(dim=-1, keepdim=True)
+    return torch.einsum("btd,td->bt", g, t) / tau, s[..., 1:]
+
+
+@pytest.fixture(scope="module")
+def small_pair():
+    from radflash.reference import ReferenceRadZero
+
+    model = RadFlashModel(random_checkpoint(SMALL, seed=11), device="cpu", dtype=torch.float32)
+    return model, ReferenceRadZero.from_model(model)
+
+
+@pytest.mark.parametrize(("b", "t", "n"), [(1, 1, 17), (3, 5, 26), (2, 14, 37)])  # B = T = 1: no squeeze slips
+def test_reference_head_equals_radflash_head(small_pair, b: int, t: int, n: int) -> None:
+    model, ref = small_pair
+    d = SMALL.vision.hidden
+    tokens = 2 * torch.randn(b, n, d) + torch.randn(d)  # a shared offset per channel: the LayerNorm matters
+    with torch.inference_mode():
+        text = model.module.head_norm(torch.randn(t, d))  # prompts come through the shared LayerNorm
+        ours, our_maps = model.module.head(tokens, text, return_maps=True)
+        theirs, their_maps = ref.head(tokens, text, return_maps=True)
+    norm = model.module.head_norm
+    truth, truth_maps = spec_head64(tokens, text, norm.weight, norm.bias, norm.eps, model.tau)
+    # fp32 error bound: unit-vector dot products over D terms carry ≲ D·eps each (×4 for the LayerNorm and
+    # the normalisations); s scales it by 1/τ, and the softmax passes an error δs on to the logit ≲ δs/τ.
+    eps, tau = torch.finfo(torch.float32).eps, model.tau
+    maps_tol, logit_tol = 4 * d * eps / tau, 4 * d * eps / tau**2
+    assert theirs.shape == ours.shape == (b, t) and their_maps.shape == our_maps.shape == (b, t, n - 1)
+    for got, want, tol in ((ours, truth, logit_tol), (theirs, truth, logit_tol), (our_maps, truth_maps, maps_tol),
+                           (their_maps, truth_maps, maps_tol)):
+        assert float((got.double() - want).abs().max()) <= tol
+    assert float((theirs - ours).abs().max()) <= 2 * logit_tol
+    if b * t > 1:
+        assert float(truth.std()) > 100 * logit_tol  # the logits vary far beyond the tolerance
+
+
+def test_reference_module_imports_no_radflash_head_code() -> None:
+    """By inspection: reference.py may use radflash's config and errors (and the API as a type), nothing else."""
+    import ast
+
+    import radflash.reference as reference
+
+    tree = ast.parse(Path(reference.__file__).read_text())
+    type_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and ast.unparse(node.test) ==
+                 "TYPE_CHECKING" for n in ast.walk(node)}
+    used: dict[str, bool] = {}  # radflash module → imported at run time (not only for type checking)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] == "radflash":
+                used[name] = used.get(name, False) or id(node) not in type_only
+    forbidden = [m for m in used if m.startswith(("radflash.kernels", "radflash.models", "radflash.backends"))
+                 or m.rsplit(".", 1)[-1] in {"kernels", "models", "vlcabs", "vlcabs_ref", "upsample_maps"}]
+    assert not forbidden
+    runtime = {m for m, at_runtime in used.items() if at_runtime}
+    assert {m.split(".")[1] for m in runtime if m != "radflash"} <= {"config", "errors"}, runtime
+    dynamic = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+               and n.value.startswith(("radflash.kernels", "radflash.models"))]
+    assert not dynamic  # no importlib detour either
+
+
+def test_reference_head_runs_without_radflash_kernels(small_pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    import radflash.kernels
+
+    vlcabs_module = importlib.import_module("radflash.kernels.vlcabs")  # the attribute is the function
+    radzero = importlib.import_module("radflash.models.radzero")
+
+    def trap(*args, **kwargs):
+        raise AssertionError("the reference head called radflash's head code")
+
+    for mod, name in ((radflash.kernels, "vlcabs_ref"), (radflash.kernels, "vlcabs"), (vlcabs_module, "vlcabs_ref"),
+                      (vlcabs_module, "vlcabs"), (radzero, "vlcabs"), (radzero, "vlcabs_ref")):
+        monkeypatch.setattr(mod, name, trap)
+    _, ref = small_pair
+    logits, maps = ref.head(torch.randn(2, 17, SMALL.vision.hidden), torch.randn(3, SMALL.vision.hidden),
+                            return_maps=True)
+    assert logits.shape == (2, 3) and maps.shape == (2, 3, 16) and torch.isfinite(logits).all()
+
+
 # ---- timing and formulas -----------------------------------------------------------------------------
 def test_percentiles_match_numpy() -> None:
     xs = list(np.random.rand(37))
@@ -171,6 +269,73 @@ def test_percentiles_match_numpy() -> None:
         assert math.isclose(percentile(xs, q), float(np.percentile(xs, q)))
     st = Stats.from_seconds([0.001, 0.003, 0.002])
     assert (st.median_ms, st.min_ms, st.max_ms) == pytest.approx((2.0, 1.0, 3.0))
+
+
+@pytest.mark.parametrize("n", [1, 3, 19, 20, 57, 99, 100, 131])
+def test_tail_percentiles_only_with_enough_samples(n: int) -> None:
+    seconds = (0.001 + 0.01 * np.random.rand(n)).tolist()
+    ms = 1e3 * np.asarray(seconds)
+    st = Stats.from_seconds(seconds)
+    d = st.to_dict()
+    for q, need, attr in ((95, 20, "p95_ms"), (99, 100, "p99_ms")):
+        if n >= need:
+            assert getattr(st, attr) == pytest.approx(float(np.percentile(ms, q)), rel=1e-12) and attr in d
+        else:
+            assert getattr(st, attr) is None and attr not in d  # left out: not NaN, not a relabelled maximum
+    assert "NaN" not in json.dumps(d) and d["median_ms"] == pytest.approx(float(np.median(ms)), rel=1e-12)
+
+
+@pytest.mark.parametrize(("n", "shown"), [(3, []), (20, ["p95 ms"]), (100, ["p95 ms", "p99 ms"])])
+def test_table_shows_a_tail_column_only_when_a_row_supports_it(n: int, shown: list[str]) -> None:
+    from radflash.bench import HEADERS, BenchReport, Row, headers, table_rows
+
+    many = Stats.from_seconds((0.001 + 0.001 * np.random.rand(n)).tolist())
+    few = Stats.from_seconds([0.002, 0.003])  # a score row: always too few
+    rows = [Row("eager", 1, E2E, 1, many, None, None, 1.0, None), Row("eager", 1, SCORE, 4, few, None, None, 1.0, None)]
+    report = BenchReport(machine={}, config={}, peaks=None, rows=rows)
+    cols = headers(report)
+    assert [h for h in cols if h.startswith("p9")] == shown and [h for h in HEADERS if h in cols] == cols
+    body = table_rows(report)
+    assert all(len(r) == len(cols) for r in body)
+    for h in shown:
+        assert body[0][cols.index(h)] != "—" and body[1][cols.index(h)] == "—"
+
+
+def test_bench_auto_prints_its_measurement(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bench --backend auto`` times eager vs ONNX Runtime at the largest batch and says so (fake clock)."""
+    import radflash.backends as backends
+    from radflash.backends import auto
+    from radflash.bench import bench, summary_lines
+
+    monkeypatch.setenv("RADFLASH_CACHE", str(tmp_path))
+    monkeypatch.setattr(backends, "_importable", lambda name: name == "onnxruntime")
+    real_build = backends._build
+
+    class FakeOrt:
+        name = "onnxruntime"
+
+        def __init__(self, model: RadFlashModel) -> None:
+            self.encode = model.module.image_tokens
+
+    monkeypatch.setattr(backends, "_build", lambda name, m, o: FakeOrt(m) if name == "onnxruntime"
+                        else real_build(name, m, o))
+    timed: list[tuple[str, int]] = []
+    eager_s = float(np.random.uniform(0.01, 0.1))
+
+    def fake_time(backend, pixels: torch.Tensor) -> float:
+        timed.append((backend.name, pixels.shape[0]))
+        return eager_s if backend.name == "eager" else eager_s / 2
+
+    monkeypatch.setattr(auto, "time_encode", fake_time)
+    cfg = dataclasses.replace(preset("tiny"), image_size=56)
+    model = RadFlashModel(random_checkpoint(cfg, seed=2), device="cpu")
+    report = bench(model=model, device="cpu", backends=["auto"], batch_sizes=[1, 3], prompts=2, iterations=1,
+                   warmup=0, include_reference=False, archive_files=0)
+    assert {b for _, b in timed} == {3}  # measured at the largest batch size only
+    sel = report.config["auto_selection"]
+    assert sel["chosen"] == "onnxruntime" and sel["candidates"]["eager"]["ms_per_batch"] == pytest.approx(1e3 * eager_s)
+    line = next(x for x in summary_lines(report) if x.startswith("backend auto → onnxruntime"))
+    assert f"eager {1e3 * eager_s:.4g} ms" in line and "per batch of 3" in line and "2.00× eager" in line
 
 
 def test_stage_clock_segments_partition_the_iteration() -> None:

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import radflash
 from radflash.checkpoint import load_checkpoint, save_checkpoint
+from radflash.config import ModelConfig, preset
 from radflash.convert import convert_radzero
 from radflash.errors import CheckpointError, InputError
 from radflash.factory import random_checkpoint
+from radflash.models import RadZero
 from tests.engine.hf_reference import ReleasedRadZero, Sizes
 
 PROMPTS = ["There is pleural effusion", "There is pneumothorax of the right lung"]
@@ -85,7 +90,122 @@ def test_unknown_config_field(tiny_folder: Path) -> None:
     meta = json.loads((tiny_folder / "config.json").read_text())
     meta["model"]["vision"]["registers"] = 4
     (tiny_folder / "config.json").write_text(json.dumps(meta))
-    assert "unknown config field(s) registers" in _error(load_checkpoint, tiny_folder)
+    msg = _error(load_checkpoint, tiny_folder)
+    assert msg.startswith(f"{tiny_folder / 'config.json'}: model.vision.registers: unknown key (known: ")
+
+
+@pytest.fixture
+def model_builds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The default device of every RadZero construction: "meta" costs nothing, anything else allocates."""
+    devices: list[str] = []
+    build = RadZero.__init__
+
+    def spy(self: RadZero, cfg: ModelConfig) -> None:
+        devices.append(torch.get_default_device().type)
+        build(self, cfg)
+
+    monkeypatch.setattr(RadZero, "__init__", spy)
+    return devices
+
+
+def _edit_meta(path: Path, edit: Callable[[dict], None]) -> None:
+    """Change the config of a folder or single-file checkpoint in place (weights untouched)."""
+    if path.is_dir():
+        meta = json.loads((path / "config.json").read_text())
+        edit(meta)
+        (path / "config.json").write_text(json.dumps(meta))
+        return
+    with safe_open(str(path), framework="pt") as fh:
+        header = dict(fh.metadata())
+    tensors = load_file(str(path))
+    meta = json.loads(header["radflash.config"])
+    edit(meta)
+    save_file(tensors, str(path), metadata={**header, "radflash.config": json.dumps(meta)})
+
+
+def _set(key: str, value: object) -> Callable[[dict], None]:
+    def edit(meta: dict) -> None:
+        *parents, last = key.split(".")
+        node = meta
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return edit
+
+
+@pytest.mark.parametrize("single_file", [False, True], ids=["folder", "single-file"])
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("model.vision.layers", 1_000_000, "model.vision.layers: must be ≤ 256 (got 1000000)"),
+    ("model.vision.heads", 0, "model.vision.heads: must be ≥ 1 (got 0)"),
+    ("model.vision.patch", 0, "model.vision.patch: must be ≥ 1 (got 0)"),
+    ("model.std", [0, 0, 0], "model.std: every value must be > 0, images are divided by it (got [0.0, 0.0, 0.0])"),
+    ("model_id", 5, "model_id: must be a string (got 5)"),
+    ("format_version", "one", "format_version: must be an integer (got 'one')"),
+    ("modelid", "x", "modelid: unknown key (did you mean model_id?)"),
+])
+def test_bad_config_is_one_line_before_any_model_is_built(tmp_path: Path, model_builds: list[str], single_file: bool,
+                                                         key: str, value: object, expected: str) -> None:
+    """The issue's cases: these used to divide by zero, allocate ~24 GB, or score NaN with exit 0."""
+    cfg = dataclasses.replace(preset("tiny"), image_size=56)
+    path = save_checkpoint(random_checkpoint(cfg), tmp_path / ("m.safetensors" if single_file else "m"))
+    _edit_meta(path, _set(key, value))
+    model_builds.clear()
+    msg = _error(radflash.load, path, device="cpu")
+    where = path if single_file else path / "config.json"
+    assert msg.startswith(f"{where}: ") and expected in msg
+    assert model_builds == []
+
+
+def test_config_that_does_not_describe_the_weights_fails_from_the_header(tmp_path: Path,
+                                                                         model_builds: list[str]) -> None:
+    """More layers than stored, or a different width: refused from the safetensors header, on meta only."""
+    tiny = preset("tiny")
+    cfg = dataclasses.replace(tiny, image_size=56, vision=dataclasses.replace(tiny.vision, layers=2))
+    path = save_checkpoint(random_checkpoint(cfg), tmp_path / "m")
+    model_builds.clear()
+    radflash.load(path, device="cpu")  # control: a good checkpoint builds a real model
+    assert model_builds == ["meta", "cpu"]
+
+    _edit_meta(path, _set("model.vision.layers", 3))
+    model_builds.clear()
+    msg = _error(radflash.load, path, device="cpu")
+    assert msg.startswith(f"{path / 'model.safetensors'}: weights do not match the config; ")
+    assert "missing: vision.blocks.2." in msg and "unexpected" not in msg
+    assert model_builds == ["meta"]
+
+    _edit_meta(path, _set("model.vision.layers", 2))
+    _edit_meta(path, _set("model.vision.pos_grid", 8))
+    model_builds.clear()
+    msg = _error(load_checkpoint, path)
+    assert msg.endswith("weights do not match the config; 1 wrong shape (file≠config): "
+                        "vision.pos_embed (1, 257, 192)≠(1, 65, 192)")
+    assert model_builds == ["meta"]
+
+
+def test_newer_format_version_asks_for_an_upgrade(tiny_folder: Path) -> None:
+    def newer(meta: dict) -> None:
+        meta["format_version"] = 99
+        meta["field_from_the_future"] = 1
+
+    _edit_meta(tiny_folder, newer)
+    assert "format version 99 is newer than this radflash supports (1); upgrade radflash" in _error(
+        load_checkpoint, tiny_folder)
+
+
+def test_cli_score_with_a_bad_checkpoint_is_one_line(tiny_folder: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from radflash.cli import cli
+
+    _edit_meta(tiny_folder, _set("model.std", [0, 0, 0]))
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    res = CliRunner().invoke(cli, ["score", str(inputs), "-o", str(tmp_path / "out"), "--model", str(tiny_folder),
+                                   "-q"])
+    assert res.exit_code == 1, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in res.output
+    assert lines[0].startswith(f"Error: {tiny_folder / 'config.json'}: model.std: every value must be > 0")
 
 
 def test_non_safetensors_weights_are_refused(tiny_folder: Path) -> None:
@@ -137,9 +257,9 @@ def test_bad_device_string(tiny_folder: Path) -> None:
     assert "unknown device" in _error(radflash.load, tiny_folder, device="tpu")
 
 
-def test_cuda_requested_without_cuda_warns_and_uses_cpu(tiny_folder: Path) -> None:
+def test_cuda_requested_without_cuda_is_an_error(tiny_folder: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
-    with pytest.warns(UserWarning, match="CUDA is not available"):
-        model = radflash.load(tiny_folder, device="cuda")
-    assert model.device.type == "cpu"
+    for device in ("cuda", "cuda:7", torch.device("cuda", 1)):
+        assert "CUDA is not available" in _error(radflash.load, tiny_folder, device=device)
+    assert radflash.load(tiny_folder, device="auto").device.type == "cpu"

@@ -91,3 +91,36 @@ def test_export_tensorrt_cli_without_tensorrt(ckpt_dir: Path, tmp_path: Path) ->
         pass
     res = CliRunner().invoke(cli, ["export", "tensorrt", str(ckpt_dir), str(tmp_path / "e.plan")])
     assert res.exit_code == 1 and "pip install tensorrt" in res.output and "Traceback" not in res.output
+
+
+def test_onnx_cache_key_names_everything_that_makes_a_graph_stale() -> None:
+    from radflash.export import onnx_cache_key
+
+    kw = dict(model_key="ab" * 32, image_size=518, precision="fp32", opset=18, radflash_version="0.1.0",
+              torch_version="2.13.0+cpu", onnx_version="1.23.2", ort_version="1.32.0")
+    key = onnx_cache_key(**kw)
+    assert key == "abababababababab-518px-fp32-opset18-rf0.1.0-torch2.13.0+cpu-onnx1.23.2-ort1.32.0.onnx"
+    for field, value in (("model_key", "cd" * 32), ("image_size", 1036), ("precision", "fp16"), ("opset", 20),
+                         ("radflash_version", "0.2.0"), ("torch_version", "2.14.0"), ("onnx_version", "1.24.0"),
+                         ("ort_version", "1.33.0"), ("onnx_version", None)):
+        assert onnx_cache_key(**{**kw, field: value}) != key, field
+    odd = onnx_cache_key(**{**kw, "torch_version": "2.13.0/../x y"})
+    assert "/" not in odd and " " not in odd  # a version string can never leave the cache folder
+
+
+def test_onnx_cache_path_follows_the_installed_versions(model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime
+
+    import radflash
+    from radflash.export import DEFAULT_OPSET, onnx_cache_path
+
+    monkeypatch.setenv("RADFLASH_CACHE", str(tmp_path))
+    path = onnx_cache_path(model, image_size=SIZE, precision="fp32")
+    assert path.parent == tmp_path / "onnx"
+    for part in (f"{SIZE}px", f"opset{DEFAULT_OPSET}", f"rf{radflash.__version__}", f"torch{torch.__version__}",
+                 f"ort{onnxruntime.__version__}", "-onnx"):
+        assert part in path.name, part
+    monkeypatch.setattr(radflash, "__version__", radflash.__version__ + ".dev1")
+    assert onnx_cache_path(model, image_size=SIZE, precision="fp32") != path
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    assert "torch0.0.0" in onnx_cache_path(model, image_size=SIZE, precision="fp32").name

@@ -11,9 +11,6 @@ import pytest
 import radflash
 from radflash.api import DEMO_MODEL
 
-pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "model.safetensors").is_file(),
-                                reason="demo model not built (radflash train training/configs/demo.yaml)")
-
 NOTICE = "radflash demo model: trained on synthetic phantom radiographs only — NOT for clinical use."
 
 

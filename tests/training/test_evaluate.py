@@ -1,4 +1,4 @@
-"""Evaluation metrics against hand/brute-force counts on tiny arrays."""
+"""Evaluation metrics against hand/brute-force counts and scikit-learn, on fresh random inputs with ties."""
 
 from __future__ import annotations
 
@@ -6,8 +6,31 @@ import itertools
 
 import numpy as np
 import pytest
+from sklearn import metrics  # the independent reference; a test-only dependency ('test' extra)
 
 from radflash.training.evaluate import auprc, auroc, box_mask, dice, pointing_hit, roc_curve
+from tests.tolerances import Tol, tolerance
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A generator drawn from the per-test seed (tests/conftest.py), so every run replays."""
+    return np.random.default_rng(np.random.randint(2**31))
+
+
+def _tied_sample(rng: np.random.Generator, n: int, decimals: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores that separate the classes a little, rounded so many of them tie; both classes present."""
+    labels = rng.random(n) < rng.uniform(0.2, 0.8)
+    pos, neg = rng.choice(n, 2, replace=False)
+    labels[pos], labels[neg] = True, False
+    scores = np.round(rng.normal(size=n) + 0.7 * labels, decimals)
+    scores[neg] = scores[pos]  # at least one positive–negative tie, whatever the rounding gave
+    return scores, labels
+
+
+def _float64_sum_tol(n: int) -> Tol:
+    """AUROC/AP are sums of at most n terms in [0, 1], computed in float64."""
+    return tolerance(np.float64, terms=n)
 
 
 def _auroc_brute(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -18,13 +41,13 @@ def _auroc_brute(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("n", [2, 7, 17, 101])
-def test_auroc_matches_pairwise_count(n: int) -> None:
-    rng = np.random.default_rng(n)
+def test_auroc_matches_pairwise_count(n: int, rng: np.random.Generator) -> None:
+    tol = _float64_sum_tol(n * n)
     for _ in range(5):
         labels = rng.random(n) < 0.4
         labels[0], labels[-1] = True, False  # both classes present
         scores = np.round(rng.normal(size=n) + labels, 1)  # rounding makes ties
-        assert auroc(scores, labels) == pytest.approx(_auroc_brute(scores, labels), abs=1e-12)
+        assert auroc(scores, labels) == tol.approx(_auroc_brute(scores, labels))
 
 
 def test_auroc_edge_cases() -> None:
@@ -34,19 +57,54 @@ def test_auroc_edge_cases() -> None:
     assert np.isnan(auroc(np.array([0.1, 0.2]), np.array([1, 1])))
 
 
-def test_roc_curve_area_equals_auroc() -> None:
-    rng = np.random.default_rng(0)
-    labels = rng.random(60) < 0.5
-    scores = np.round(rng.normal(size=60) + labels, 1)
+def test_roc_curve_area_equals_auroc(rng: np.random.Generator) -> None:
+    scores, labels = _tied_sample(rng, 60, 1)
     fpr, tpr = roc_curve(scores, labels)
     assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
     area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))  # trapezoids = ties count ½
-    assert area == pytest.approx(auroc(scores, labels), abs=1e-12)
+    assert area == _float64_sum_tol(60).approx(auroc(scores, labels))
+
+
+@pytest.mark.parametrize(("n", "decimals"), [(3, 0), (17, 1), (60, 1), (250, 2), (1000, 3)])
+def test_roc_curve_matches_sklearn(n: int, decimals: int, rng: np.random.Generator) -> None:
+    scores, labels = _tied_sample(rng, n, decimals)
+    fpr, tpr = roc_curve(scores, labels)
+    sk_fpr, sk_tpr, _ = metrics.roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_array_equal(fpr, sk_fpr)  # count / count: both sides round the same quotient
+    np.testing.assert_array_equal(tpr, sk_tpr)
+
+
+@pytest.mark.parametrize(("n", "decimals"), [(3, 0), (17, 1), (60, 1), (250, 2), (1000, 3)])
+def test_auroc_and_auprc_match_sklearn_with_ties(n: int, decimals: int, rng: np.random.Generator) -> None:
+    tol = _float64_sum_tol(n)
+    for _ in range(4):
+        scores, labels = _tied_sample(rng, n, decimals)
+        assert len(np.unique(scores)) < n, "the sample must contain ties"
+        assert auroc(scores, labels) == tol.approx(metrics.roc_auc_score(labels, scores))
+        assert auprc(scores, labels) == tol.approx(metrics.average_precision_score(labels, scores))
+
+
+@pytest.mark.parametrize("n", [5, 40, 300])
+def test_metrics_do_not_depend_on_input_order(n: int, rng: np.random.Generator) -> None:
+    """Tied scores are one threshold: shuffling the rows must not change either area."""
+    scores, labels = _tied_sample(rng, n, 0)  # integers: heavy ties
+    tol = _float64_sum_tol(n)
+    for _ in range(5):
+        perm = rng.permutation(n)
+        assert auprc(scores[perm], labels[perm]) == tol.approx(auprc(scores, labels))
+        assert auroc(scores[perm], labels[perm]) == tol.approx(auroc(scores, labels))
+
+
+def test_auprc_ties_from_the_issue() -> None:
+    """One tie between a positive and a negative: precision ½ at recall 1, whichever comes first."""
+    assert auprc(np.array([0.5, 0.5, 0.1]), np.array([1, 0, 0])) == 0.5
+    assert auprc(np.array([0.5, 0.5, 0.1]), np.array([0, 1, 0])) == 0.5
+    assert np.isnan(auprc(np.array([0.5, 0.1]), np.array([0, 0])))
 
 
 def test_auprc_by_hand() -> None:
     # descending: 0.9(+) 0.8(-) 0.7(+) 0.1(-): precision at positives 1/1 and 2/3
-    assert auprc(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0])) == pytest.approx((1 + 2 / 3) / 2)
+    assert auprc(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0])) == _float64_sum_tol(2).approx((1 + 2 / 3) / 2)
     assert auprc(np.array([0.3, 0.2]), np.array([1, 1])) == 1.0
 
 

@@ -16,6 +16,7 @@ from radflash.checkpoint import load_checkpoint
 from radflash.errors import InputError
 from radflash.training.data import Collator, MimicStyleDataset, batch_indices
 from radflash.training.trainer import STATE_FILE, TrainConfig, lr_at, train
+from tests.tolerances import tolerance
 
 SENTENCES = [
     "There is nodule of the left upper lung", "There is no pneumothorax", "There is pleural effusion",
@@ -72,13 +73,17 @@ def test_training_lowers_loss_and_resume_is_exact(mimic_folder: Path, tmp_path: 
         train(cfg, progress=False, on_step=interrupt)
     assert (tmp_path / "resumed" / "checkpoints" / "step_000004" / STATE_FILE).is_file()
     resumed = train(cfg, resume="latest", progress=False)
-    assert [v for _, v in resumed.losses] == pytest.approx(losses, abs=1e-6)
+    # the resumed run redoes the same float32 arithmetic: equal up to float32 rounding of the loss
+    assert [v for _, v in resumed.losses] == tolerance(torch.float32, magnitude=max(losses)).approx(losses)
 
     a = load_checkpoint(full.final_checkpoint).state_dict
     b = load_checkpoint(resumed.final_checkpoint).state_dict
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+        if a[k].is_floating_point():
+            tolerance(a[k].dtype, magnitude=float(a[k].abs().max())).assert_close(b[k], a[k], msg=k)
+        else:
+            assert torch.equal(a[k], b[k]), k
 
 
 def test_checkpoint_is_loadable_and_backbone_can_be_frozen(mimic_folder: Path, tmp_path: Path) -> None:
@@ -139,7 +144,7 @@ def test_cli_reports_user_errors_without_traceback(tmp_path: Path) -> None:
     cfg.write_text("steps: 1\nbatch_sizes: 4\n")
     result = CliRunner().invoke(cli, ["train", str(cfg)])
     assert result.exit_code == 1
-    assert "unknown key(s) batch_sizes" in result.output
+    assert f"{cfg}: batch_sizes: unknown key (did you mean batch_size?)" in result.output
     assert "Traceback" not in result.output
 
 
@@ -149,15 +154,26 @@ def test_ddp_two_cpu_processes_match_one_process(mimic_folder: Path, tmp_path: P
 
     The loss over the all-gathered batch equals the single-process loss, and the gathered
     gradients (summed by all_gather's backward, averaged by DDP) equal the single-process ones.
+    Both are compared where they are pure functions of the data: at step 1, before the runs can
+    drift, through the loss and AdamW's first moment (``exp_avg`` = (1 − β₁)·gradient, linear in the
+    gradient). The weights themselves are not compared elementwise: AdamW's first update is
+    lr·g/(|g| + ε), so a gradient of rounding-noise size flips sign and moves the weight by up to
+    2·lr however correct the gathering is. Step 2's loss (the next global batch, split across the
+    ranks) is held to a first-order bound from the measured weight difference.
     """
     import os
     import subprocess
     import sys
 
     import yaml
+    from safetensors import safe_open
 
-    base = _config(mimic_folder, tmp_path / "single", steps=3, checkpoint_every=0).to_dict()
-    single = train(TrainConfig.from_dict(base), progress=False)
+    from radflash.training.trainer import STATE_FILE
+    from tests.tolerances import tolerance
+
+    base = _config(mimic_folder, tmp_path / "single", steps=2, checkpoint_every=1, warmup_steps=1,
+                   grad_clip=0).to_dict()  # unclipped: exp_avg is exactly (1 − β₁)·gradient
+    train(TrainConfig.from_dict(base), progress=False)
     ddp_cfg = {**base, "batch_size": 4, "output": str(tmp_path / "ddp")}
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(ddp_cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -165,10 +181,31 @@ def test_ddp_two_cpu_processes_match_one_process(mimic_folder: Path, tmp_path: P
            "-m", "radflash", "train", str(tmp_path / "ddp.yaml"), "-q"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ddp = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "step_000003")
-    ref = load_checkpoint(single.final_checkpoint)
-    for k, v in ref.state_dict.items():
-        torch.testing.assert_close(ddp.state_dict[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+    def state(run: str, step: int) -> tuple[dict[str, torch.Tensor], list[float], dict[str, torch.Tensor]]:
+        """AdamW's first moments, the logged losses and the weights saved at ``step``."""
+        folder = tmp_path / run / "checkpoints" / f"step_{step:06d}"
+        with safe_open(str(folder / STATE_FILE), framework="pt") as fh:
+            meta = json.loads(fh.metadata()["radflash.trainer"])
+            moments = {k: fh.get_tensor(k) for k in fh.keys() if k.endswith(".exp_avg")}  # noqa: SIM118
+        return moments, [v for _, v in meta["losses"]], load_checkpoint(folder).state_dict
+
+    m_ref, loss_ref, w1_ref = state("single", 1)
+    m_ddp, loss_ddp, w1_ddp = state("ddp", 1)
+    assert loss_ddp[0] == tolerance(torch.float32, terms=8).approx(loss_ref[0])
+    assert m_ddp.keys() == m_ref.keys()
+    for k, ref in m_ref.items():
+        # Each weight's gradient sums 8 images × ≤ 130 token positions: float32 rounding, normwise.
+        tol = tolerance(torch.float32, terms=8 * 130, magnitude=float(ref.abs().max()))
+        assert (m_ddp[k] - ref).abs().max() <= tol.bound(float(ref.abs().max())), k
+
+    m2_ref, losses_ref, _ = state("single", 2)
+    _, losses_ddp, _ = state("ddp", 2)
+    # exp_avg₂ = β₁·exp_avg₁ + (1 − β₁)·g₂ with β₁ = 0.9, so the step-2 gradient is read off the state.
+    grad2 = sum(float(((m2_ref[k] - 0.9 * m_ref[k]) / 0.1).double().pow(2).sum()) for k in m_ref) ** 0.5
+    drift = sum(float((w1_ddp[k].double() - v.double()).pow(2).sum()) for k, v in w1_ref.items()) ** 0.5
+    bound = 2 * grad2 * drift + tolerance(torch.float32, terms=8).bound(abs(losses_ref[1]))
+    assert abs(losses_ddp[1] - losses_ref[1]) <= bound
 
 
 def test_duplicate_sentences_are_not_negatives() -> None:
