@@ -60,11 +60,11 @@ setup(
         "pillow>=10",
         "pyarrow>=15",
         "pyyaml>=6",
-        "rich>=13",  # summary tables and progress bars (radflash.progress)
+        "rich>=13",  # summary tables and progress bars (radflash.util.progress)
         "pydantic>=2",  # config validation
     ],
     # Optional features: each is imported only where it is used, and its absence there is a
-    # one-line error naming the extra (radflash._optional.require).
+    # one-line error naming the extra (radflash.util.optional.require).
     extras_require={
         "onnx": ONNX,
         "plot": PLOT,

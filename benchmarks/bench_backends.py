@@ -37,8 +37,8 @@ def make_model(preset: str, size: int, *, device: str = "cpu", dtype: str = "flo
     import dataclasses
 
     from radflash.api import RadFlashModel
-    from radflash.config import preset as get_preset
-    from radflash.factory import random_checkpoint
+    from radflash.checkpoints.factory import random_checkpoint
+    from radflash.models.config import preset as get_preset
 
     cfg = dataclasses.replace(get_preset(preset), image_size=size)
     return RadFlashModel(random_checkpoint(cfg, seed=0), device=device, dtype=dtype)
@@ -67,8 +67,8 @@ def images_per_s(fns: dict[str, Callable[[torch.Tensor], torch.Tensor]], x: torc
 
 def cpu_backends(model, tmp: Path) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     from radflash.backends import make_backend
+    from radflash.backends.export import export_onnx
     from radflash.calibration.quantize import quantize_onnxruntime
-    from radflash.export import export_onnx
 
     size = model.config.image_size
     fp32 = tmp / f"{size}-fp32.onnx"

@@ -8,11 +8,11 @@ each backend and batch B: median / p95 latency over CUDA-event-timed iterations 
 compilation excluded), images/s, and
 
     achieved TFLOP/s = B · FLOP/image / median time,
-    FLOP/image       = L·[2·N·(4·D² + 2·D·M) + 4·N²·D] + 2·P·(C·p²)·D   (radflash.bench.encoder_flops;
+    FLOP/image       = L·[2·N·(4·D² + 2·D·M) + 4·N²·D] + 2·P·(C·p²)·D   (radflash.bench.harness.encoder_flops;
                        ≈ 0.35 TFLOP for L = 14, N = 1370, D = 768, M = 3072)
 
 as a fraction of a measured bf16 matmul rate (2·n³ / t for an 8192² @ 8192² matmul, best of 5;
-radflash.timing.measure_peaks), the practical ceiling for these GEMM-dominated layers. The
+radflash.util.timing.measure_peaks), the practical ceiling for these GEMM-dominated layers. The
 eager bf16 row is the baseline of the ``× eager`` column. Without CUDA it exits with a message.
 """
 
@@ -45,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     from cpu_shapes import ENCODER_GPU
 
     from radflash.api import RadFlashModel
-    from radflash.bench import encoder_flops
+    from radflash.bench.harness import encoder_flops
+    from radflash.checkpoints.factory import random_checkpoint
     from radflash.errors import BackendUnavailable
-    from radflash.factory import random_checkpoint
-    from radflash.sysinfo import machine_info, one_line
-    from radflash.timing import Stats, measure_peaks, time_fn
+    from radflash.util.sysinfo import machine_info, one_line
+    from radflash.util.timing import Stats, measure_peaks, time_fn
 
     device = torch.device("cuda")
     peaks = measure_peaks(device, torch.bfloat16)

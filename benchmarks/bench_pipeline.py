@@ -4,7 +4,7 @@
 
 * serial   : for each file, one at a time: ``try_load`` → ``model.preprocess`` → ``model.score``
              (what a user writes without radflash's pipeline).
-* pipeline : ``radflash.score.score(files, workers=W)``: decode in W processes (no torch in them;
+* pipeline : ``radflash.archive.verb.score(files, workers=W)``: decode in W processes (no torch in them;
              the parent resizes), batched inference, everything written to memory. Its wall time
              includes spawning the workers.
 * decode   : ``try_load`` alone, serially, per transfer syntax (images/s and decoded MP/s).
@@ -82,13 +82,13 @@ def load_model():
     if (DEMO_MODEL / "config.json").exists():
         return radflash.load(device="cpu"), "demo"
     from radflash.api import RadFlashModel
-    from radflash.factory import random_checkpoint
+    from radflash.checkpoints.factory import random_checkpoint
 
     return RadFlashModel(random_checkpoint("tiny", seed=0), device="cpu"), "random tiny"
 
 
 def bench_serial(model, paths: list[Path], prompts: list[str], rules) -> float:
-    from radflash.imageio import try_load
+    from radflash.io.imageio import try_load
 
     t0 = time.perf_counter()
     for p in paths:
@@ -99,7 +99,7 @@ def bench_serial(model, paths: list[Path], prompts: list[str], rules) -> float:
 
 
 def bench_decode(paths: list[Path], rules) -> tuple[float, float]:
-    from radflash.imageio import try_load
+    from radflash.io.imageio import try_load
 
     t0 = time.perf_counter()
     pixels = 0
@@ -123,9 +123,9 @@ def main() -> None:
 
     import torch
 
+    from radflash.archive.verb import score
     from radflash.findings import default_prompts
-    from radflash.score import score
-    from radflash.selection import SelectionRules
+    from radflash.io.selection import SelectionRules
 
     rules = SelectionRules()
     model, model_name = load_model()

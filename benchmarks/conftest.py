@@ -27,7 +27,7 @@ def results_log(request: pytest.FixtureRequest):
     yield rows
     path = request.config.getoption("--results-md")
     if path and rows:
-        from radflash.sysinfo import machine_info, one_line
+        from radflash.util.sysinfo import machine_info, one_line
 
         info = machine_info("cpu")
         versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)

@@ -68,7 +68,7 @@ def test_preprocess(benchmark, record, s) -> None:
 
 @pytest.fixture(scope="module")
 def dicom_files(tmp_path_factory: pytest.TempPathFactory):
-    phantom_dicom = pytest.importorskip("radflash.training.phantom_dicom")
+    phantom_dicom = pytest.importorskip("radflash.synthetic.dicom_archive")
     from radflash.training.phantoms import generate_phantom
 
     root = tmp_path_factory.mktemp("dicom")
@@ -86,7 +86,7 @@ def dicom_files(tmp_path_factory: pytest.TempPathFactory):
 def test_dicom_decode(benchmark, record, dicom_files, s) -> None:
     if s not in dicom_files:
         pytest.skip("JPEG 2000 encoder not installed (pip install pylibjpeg-openjpeg)")
-    from radflash.imageio import load_image
+    from radflash.io.imageio import load_image
 
     img = benchmark.pedantic(lambda: load_image(dicom_files[s]), **ROUNDS)
     assert img.pixels.shape == (s.size, s.size)

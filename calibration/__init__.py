@@ -1,6 +1,6 @@
 """Post-training calibration: INT8 quantisation of the image tower and per-finding score calibration.
 
-``radflash.calibration.scores.apply`` is what scoring calls; it imports neither onnx nor matplotlib.
+``radflash.checkpoints.calibration`` is what scoring calls; it imports neither onnx nor matplotlib.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy", ".dc
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """One grayscale image as float32 H×W in [0, 1] (PNG/JPEG/TIFF via Pillow, .npy, DICOM via radflash.imageio)."""
+    """One grayscale image as float32 H×W in [0, 1] (PNG/JPEG/TIFF via Pillow, .npy, DICOM via radflash.io.imageio)."""
     path = Path(path)
     suffix = path.suffix.lower()
     try:
@@ -26,7 +26,7 @@ def read_image(path: str | Path) -> np.ndarray:
                 arr = arr / 255.0 if arr.max() <= 255 else (arr - arr.min()) / max(float(np.ptp(arr)), 1e-6)
             return arr
         if suffix == ".dcm":
-            from radflash import imageio  # the engine's DICOM loader (modality LUT, VOI, MONOCHROME1)
+            from radflash.io import imageio  # the engine's DICOM loader (modality LUT, VOI, MONOCHROME1)
 
             return np.asarray(imageio.load_image(path), dtype=np.float32)
         from PIL import Image
@@ -49,10 +49,10 @@ def list_images(folder: str | Path, *, limit: int | None = None) -> list[Path]:
 
 
 def phantom_samples(n: int, *, seed: int, size: int) -> Sequence:
-    """``n`` labelled phantom samples (needs radflash.training.phantoms)."""
+    """``n`` labelled phantom samples (needs radflash.synthetic.phantoms)."""
     try:
+        from radflash.synthetic.phantoms import FINDINGS  # noqa: F401  (fails early when the generator is absent)
         from radflash.training.data import PhantomDataset
-        from radflash.training.phantoms import FINDINGS  # noqa: F401  (fails early when the generator is absent)
     except ImportError as exc:
         raise InputError(f"phantoms are not available in this build ({exc}); pass images instead") from None
     return PhantomDataset(seed=seed, length=n, size=size)

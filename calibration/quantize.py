@@ -87,7 +87,7 @@ def _pixels(model: RadFlashModel, images: Sequence[np.ndarray]) -> torch.Tensor:
 
 def quantize_onnxruntime(fp32_onnx: Path, out: Path, calib: torch.Tensor, *, batch: int = 4,
                          op_types: Sequence[str] = ("MatMul", "Gemm", "Conv")) -> None:
-    from radflash._optional import require
+    from radflash.util.optional import require
 
     for module in ("onnx", "onnxruntime.quantization"):  # the quantiser edits the graph with onnx
         require(module, extra="onnx", purpose="INT8 quantisation")
@@ -157,8 +157,8 @@ def quantize_int8(
     ``auroc_phantoms`` > 0 also scores that many fresh phantoms (seed ``auroc_seed``) with fp32 and
     int8 encoders and reports the macro AUROC drop (target ≤ 0.01).
     """
+    from radflash.backends.export import _as_model, export_onnx
     from radflash.backends.onnxrt import OnnxRuntimeBackend
-    from radflash.export import _as_model, export_onnx
 
     model = _as_model(model)
     method = _pick_method(method)

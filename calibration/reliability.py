@@ -30,7 +30,7 @@ def expected_calibration_error(probs: Any, labels: Any, *, bins: int = 10) -> fl
 def plot_reliability(curves: Mapping[str, tuple[Any, Any]], path: str | Path, *, bins: int = 10,
                      title: str = "") -> Path:
     """One PNG with a reliability curve per entry of ``curves`` (label → (probs, labels)), ECE in the legend."""
-    from radflash.plotting import pyplot, save_figure
+    from radflash.util.plotting import pyplot, save_figure
 
     plt = pyplot()
 

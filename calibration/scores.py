@@ -27,22 +27,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from radflash.checkpoints.calibration import _as_numpy, _sigmoid, apply
 from radflash.errors import InputError
 
 log = logging.getLogger("radflash.calibration")
 
+
 RULES = ("youden", "f1")
+
+
 _GOLDEN = (math.sqrt(5) - 1) / 2
-
-
-def _as_numpy(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().float().cpu().numpy()
-    return np.asarray(x, dtype=np.float64)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow for large |x|
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
@@ -129,27 +123,6 @@ def fit(logits: Any, labels: Any, names: Sequence[str], *, rule: str = "youden",
     return out
 
 
-def apply(calibration: dict, names: list[str], logits: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Calibrated probabilities sigmoid(logit / T_name) (B, F) and, when thresholds are stored, p ≥ thr.
-
-    Findings without a stored temperature keep T = 1; without a stored threshold they use 0.5 (the
-    uncalibrated sigmoid decision). ``positive`` is ``None`` when the calibration has no thresholds.
-    ``logits`` may be a tensor or an array; results are CPU/same-device tensors.
-    """
-    z = logits if isinstance(logits, torch.Tensor) else torch.as_tensor(np.asarray(logits))
-    z = z.float()
-    if z.ndim != 2 or z.shape[1] != len(names):
-        raise InputError(f"logits of shape {tuple(z.shape)} do not match {len(names)} finding names")
-    temps = calibration.get("temperature") or {}
-    thrs = calibration.get("threshold") or {}
-    t = torch.tensor([float(temps.get(n, 1.0)) for n in names], device=z.device)
-    probs = torch.sigmoid(z / t)
-    if not thrs:
-        return probs, None
-    thr = torch.tensor([float(thrs.get(n, 0.5)) for n in names], device=z.device)
-    return probs, probs >= thr
-
-
 # ---- the verb behind `radflash calibrate scores` ------------------------------------------------
 def read_labels_csv(path: str | Path, names: Sequence[str]) -> tuple[list[Path], np.ndarray, np.ndarray, list[str]]:
     """CSV with a ``path`` column (relative to the CSV) and one 0/1 column per finding (blank = unknown).
@@ -224,7 +197,7 @@ def calibrate_scores(
     from radflash.api import DEMO_MODEL, RadFlashModel
     from radflash.calibration import phantom_samples, read_image
     from radflash.calibration.reliability import expected_calibration_error, plot_reliability
-    from radflash.checkpoint import load_checkpoint, save_checkpoint
+    from radflash.checkpoints.format import load_checkpoint, save_checkpoint
 
     if (labels_csv is None) == (phantoms is None):
         raise InputError("give exactly one of labels_csv= or phantoms=")

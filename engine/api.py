@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from radflash.checkpoint import Checkpoint, check_state_dict, load_checkpoint
+from radflash.checkpoints.format import Checkpoint, check_state_dict, load_checkpoint
 from radflash.devices import resolve_device, resolve_dtype
 from radflash.errors import InputError
 from radflash.kernels import MapResult, upsample_maps

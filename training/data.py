@@ -55,7 +55,7 @@ def sample_seed(seed: int, index: int) -> int:
 
 
 class PhantomDataset(torch.utils.data.Dataset):
-    """Seeded synthetic radiographs generated on the fly (``radflash.training.phantoms``).
+    """Seeded synthetic radiographs generated on the fly (``radflash.synthetic.phantoms``).
 
     ``exclude`` lists (finding, location) combinations that never appear (held out for the
     zero-shot test); ``findings`` draws exactly those (name or (name, location)) in every image. ``augment`` applies a
@@ -139,7 +139,7 @@ class PhantomDataset(torch.utils.data.Dataset):
         return sample
 
     def _draw(self, index: int) -> Sample:
-        from radflash.training.phantoms import generate_phantom
+        from radflash.synthetic.phantoms import generate_phantom
 
         seed = sample_seed(self.seed, index)
         kwargs: dict = {"exclude": self.exclude}

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import radflash
-from radflash.training.phantom_dicom import write_archive
+from radflash.synthetic.dicom_archive import write_archive
 
 DEMO_ARCHIVE = Path(radflash.__file__).resolve().parent / "assets" / "demo_archive"
 SEED, FILMS = 2026, 16

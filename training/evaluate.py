@@ -26,6 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from radflash.checkpoints.format import Checkpoint
+from radflash.training.config import TrainConfig
+from radflash.training.data import PhantomDataset
+
 THRESHOLDS = tuple(round(float(t), 2) for t in np.arange(0.05, 0.96, 0.05))
 
 
@@ -136,7 +140,7 @@ def predict(model: Any, dataset: Any, prompts: dict[str, str], *, batch_size: in
     dices = np.full((n, f, k), np.nan)
     spec = np.full((n, f, k), np.nan)
     thr = torch.tensor(list(thresholds), dtype=torch.float32)
-    from radflash.progress import progress_bar
+    from radflash.util.progress import progress_bar
 
     bar = progress_bar(n, desc="evaluate", enabled=progress)
     for start in range(0, n, batch_size):
@@ -258,7 +262,7 @@ def summarise(pred: Predictions, thresholds: dict[str, float], *, model: str, da
 
 def plot_roc(pred: Predictions, path: str | Path, *, title: str = "") -> Path:
     """One ROC curve per finding (AUROC in the legend); Agg backend."""
-    from radflash.plotting import pyplot, save_figure
+    from radflash.util.plotting import pyplot, save_figure
 
     plt = pyplot()
 
@@ -279,8 +283,8 @@ def plot_roc(pred: Predictions, path: str | Path, *, title: str = "") -> Path:
 # ---- the verb behind `radflash evaluate` --------------------------------------------------------
 def phantom_eval_prompts(model: Any) -> dict[str, str]:
     """Prompts for the phantom findings: the checkpoint's own where it names them, else canonical."""
+    from radflash.synthetic.phantoms import FINDINGS
     from radflash.training.data import canonical_prompt
-    from radflash.training.phantoms import FINDINGS
 
     own = getattr(model, "default_prompts", {}) or {}
     return {name: own.get(name, canonical_prompt(name, None)) for name in FINDINGS}
@@ -385,3 +389,18 @@ def evaluate_phantoms(
         (out / "metrics.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         plot_roc(pred, out / "roc.png", title=f"{model.model_id}: {report.data}")
     return report
+
+
+def _calibrate(ck: Checkpoint, cfg: TrainConfig) -> dict[str, Any]:
+    """Per-prompt segmentation thresholds chosen on phantom VALIDATION images (not the test seed)."""
+    from radflash.api import RadFlashModel
+    from radflash.training.evaluate import choose_thresholds
+
+    model = RadFlashModel(ck, device="cpu")
+    val = PhantomDataset(seed=cfg.data.val_seed, length=cfg.calibrate_n, size=cfg.data.size)
+    thresholds = choose_thresholds(model, val, prompts=ck.prompts)
+    return {
+        "map_thresholds": thresholds,
+        "map_thresholds_chosen_on": f"phantoms seed={cfg.data.val_seed} n={cfg.calibrate_n}",
+        "map_thresholds_metric": "mean Dice on positive validation images",
+    }

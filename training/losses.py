@@ -17,8 +17,12 @@ only ever appears as a negative in the row terms of other images' sentences.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from radflash.errors import InputError
+from radflash.models import RadZero
+from radflash.training.data import Batch
+from radflash.training.distributed import _gather
 
 
 def multi_positive_nce(cos: torch.Tensor, owner: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
@@ -45,3 +49,70 @@ def multi_positive_nce(cos: torch.Tensor, owner: torch.Tensor, tau: torch.Tensor
     keep = (owner[None, :] != owner[:, None]) | torch.eye(k, dtype=torch.bool, device=cos.device)
     loss_col = torch.logsumexp(col.masked_fill(~keep, float("-inf")), dim=1) - positive
     return 0.5 * (loss_row.mean() + loss_col.mean())
+
+
+def contrastive_loss(model: RadZero, tokens: torch.Tensor, text: torch.Tensor, batch: Batch,
+                     *, distributed: bool = False, mask_duplicates: bool = False) -> torch.Tensor:
+    """Multi-positive NCE on ℓ = cosine(LN tokens, LN sentence features), arranged sentences × images.
+
+    ℓ is computed once per UNIQUE sentence text and then indexed per sentence instance.
+    """
+    from radflash.training.losses import multi_positive_nce
+
+    text_index, owner, hashes = batch.text_index, batch.owner, batch.text_hash
+    if mask_duplicates and hashes is None:
+        raise ValueError("mask_duplicates needs batch.text_hash")
+    if distributed:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        b_local = torch.tensor([tokens.shape[0], text.shape[0]], device=tokens.device)
+        counts = [torch.zeros_like(b_local) for _ in range(world)]
+        dist.all_gather(counts, b_local)
+        img_off = sum(int(c[0]) for c in counts[:rank])
+        txt_off = sum(int(c[1]) for c in counts[:rank])
+        tokens, text = _gather(tokens), _gather(text)
+        text_index = _gather(text_index + txt_off, grad=False)
+        owner = _gather(owner + img_off, grad=False)
+        if mask_duplicates:
+            hashes = _gather(hashes, grad=False)
+    cos = model.cosine(tokens.float(), text.float())  # (B, U)
+    cos = cos[:, text_index].T  # (K, B)
+    if mask_duplicates:
+        h = hashes[text_index]  # (K,)
+        owns = torch.nn.functional.one_hot(owner, cos.shape[1]).to(cos.dtype)  # (K, B)
+        dup = ((h[:, None] == h[None, :]).to(cos.dtype) @ owns) > 0  # image j owns a copy of k's text
+        dup[torch.arange(len(owner), device=cos.device), owner] = False
+        # A finite "minus infinity": exp(-1e4/τ) is 0 in both NCE terms, and unlike -inf its gradient
+        # with respect to τ is 0 · finite = 0, not 0 · inf = NaN.
+        cos = cos.masked_fill(dup, -1e4)
+    return multi_positive_nce(cos, owner, model.log_tau.exp())
+
+
+def map_loss(model: RadZero, tokens: torch.Tensor, text: torch.Tensor, batch: Batch, *,
+             balanced: bool = False, pointing_weight: float = 0.0) -> torch.Tensor:
+    """BCE between the prompt maps sigmoid(s) (patch tokens, CLS dropped, as ``similarity_maps``) and
+    the fraction of each patch covered by the prompt's finding (0 everywhere where it is false).
+
+    ``balanced``: within a map that has a target, the covered patches weigh as much in total as the
+    uncovered ones. ``pointing_weight``: plus that weight × the cross-entropy between softmax(s) over
+    the patches and the target normalised to a distribution, on maps that have a target.
+    """
+    if batch.map_rows is None or batch.map_targets is None:
+        raise ValueError("map_loss needs a batch collated with map_prompts")
+    v = torch.nn.functional.normalize(tokens[:, 1:].float(), dim=-1)
+    t = torch.nn.functional.normalize(text[batch.map_rows].float(), dim=-1)
+    s = torch.einsum("bnd,fd->bfn", v, t) / model.log_tau.exp()  # (B, F, N)
+    target = batch.map_targets.flatten(2).to(s.dtype)
+    covered = target.sum(-1, keepdim=True)  # (B, F, 1)
+    if balanced:
+        # an empty map's weight is irrelevant: it only ever multiplies a zero target
+        pos_weight = ((target.shape[-1] - covered) / covered.clamp(min=1e-6)).clamp(1.0, 1e3)
+        loss = -(pos_weight * target * torch.nn.functional.logsigmoid(s)
+                 + (1 - target) * torch.nn.functional.logsigmoid(-s)).mean()
+    else:
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(s, target)
+    if pointing_weight:
+        has = covered[..., 0] > 0  # (B, F)
+        if has.any():
+            q = target[has] / covered[has]
+            loss = loss - pointing_weight * (q * torch.log_softmax(s[has], dim=-1)).sum(-1).mean()
+    return loss

@@ -51,7 +51,7 @@ RADIOLOGY_WORDS = (
 
 def phantom_corpus(n_reports: int = CORPUS_REPORTS, seed: int = CORPUS_SEED) -> list[str]:
     """Reports and minimal sentences of ``n_reports`` seeded phantoms (small images: only text is used)."""
-    from radflash.training.phantoms import FINDINGS, generate_batch
+    from radflash.synthetic.phantoms import FINDINGS, generate_batch
     from radflash.training.sentences import CERTAINTIES, extract_sentences, prompt_for
 
     texts: list[str] = []

@@ -51,8 +51,8 @@ MIN_GAIN = 1.05  # ONNX Runtime must be ≥ 5% faster than eager to be chosen (r
 def selection_key(model: RadFlashModel, *, batch_size: int, image_size: int) -> dict[str, Any]:
     """Every input the timing depends on: a change in any of them means measuring again."""
     from radflash import __version__
-    from radflash.export import DEFAULT_OPSET, model_key
-    from radflash.sysinfo import cpu_model, package_version, usable_cores
+    from radflash.backends.export import DEFAULT_OPSET, model_key
+    from radflash.util.sysinfo import cpu_model, package_version, usable_cores
 
     return {
         "model": model_key(model), "image_size": int(image_size), "batch_size": int(batch_size),
@@ -69,7 +69,7 @@ def _digest(key: Mapping[str, Any]) -> str:
 
 
 def cache_path() -> Path:
-    from radflash.export import cache_dir
+    from radflash.backends.export import cache_dir
 
     return cache_dir() / CACHE_FILE
 
@@ -104,7 +104,7 @@ def _write_cache(path: Path, entries: dict[str, Any]) -> None:
 # ---- timing ---------------------------------------------------------------------------------------
 def time_encode(backend: EncoderBackend, pixels: torch.Tensor) -> float:
     """Seconds for one ``encode`` of ``pixels``, synchronised on CUDA (tests replace this with a fake clock)."""
-    from radflash.timing import synchronize
+    from radflash.util.timing import synchronize
 
     synchronize(pixels.device)
     start = time.perf_counter()

@@ -5,9 +5,9 @@ shapes, but callers send whatever batch they have (the score pipeline closes a b
 ``--batch-size`` images *or* a max-wait, so the last batch is usually short). Each call is padded
 to the next bucket, run, and the outputs sliced back; batches larger than the biggest bucket are
 split into chunks. Transformers never mix batch rows, so padding cannot change another image's
-result beyond GEMM blocking noise (tested in ``tests/engine/test_backends.py``).
+result beyond GEMM blocking noise (tested in ``tests/engine/backends/test_backends.py``).
 
-Nothing here knows about :class:`radflash.batching.Batcher`: it works on any tensor function.
+Nothing here knows about :class:`radflash.archive.batching.Batcher`: it works on any tensor function.
 """
 
 from __future__ import annotations

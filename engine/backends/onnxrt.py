@@ -3,7 +3,7 @@
 The graph has a dynamic batch axis, so no bucket padding is needed; batches larger than
 ``max_batch`` are split. Without ``onnx_path`` the graph is exported once and cached under
 ``~/.cache/radflash/onnx`` keyed by model sha256, image size, precision, opset and the radflash,
-torch, onnx and onnxruntime versions (:func:`radflash.export.onnx_cache_key`). On CUDA models the
+torch, onnx and onnxruntime versions (:func:`radflash.backends.export.onnx_cache_key`). On CUDA models the
 CUDA provider is used when installed (``onnxruntime-gpu``), with I/O bound straight to torch CUDA tensors.
 """
 
@@ -31,11 +31,11 @@ class OnnxRuntimeBackend:
 
     def __init__(self, model: RadFlashModel, *, precision: str = "fp32", onnx_path: str | Path | None = None,
                  providers: list[str] | None = None, threads: int | None = None, max_batch: int = 64) -> None:
-        from radflash._optional import require
+        from radflash.util.optional import require
 
         ort = require("onnxruntime", extra="onnx", purpose="the onnxruntime backend",
                       note=" (or onnxruntime-gpu on CUDA)")
-        from radflash.export import export_onnx, onnx_cache_path, ort_session
+        from radflash.backends.export import export_onnx, onnx_cache_path, ort_session
 
         if precision not in PRECISIONS:
             raise InputError(f"unknown onnxruntime precision {precision!r}; choose from {', '.join(PRECISIONS)}")
@@ -86,7 +86,7 @@ class OnnxRuntimeBackend:
         return out.to(device=self.device, dtype=self.dtype)
 
     def _run(self, pixels: torch.Tensor) -> torch.Tensor:
-        from radflash.export import run_session
+        from radflash.backends.export import run_session
 
         if not self.on_cuda:
             return run_session(self.session, pixels.detach().cpu())

@@ -127,7 +127,7 @@ def build_for_model(model: RadFlashModel, out: str | Path | None = None, *, prec
                     max_batch: int = 64, opt_batch: int = 16, onnx_path: str | Path | None = None,
                     trt: Any = None) -> Path:
     """Engine for ``model`` at ``out`` (default: the engine cache), exporting the ONNX graph as needed."""
-    from radflash.export import cache_dir, export_onnx, model_key
+    from radflash.backends.export import cache_dir, export_onnx, model_key
 
     trt = trt or import_tensorrt()
     if not torch.cuda.is_available():

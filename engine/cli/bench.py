@@ -1,4 +1,4 @@
-"""``radflash bench``: parse options, call :func:`radflash.bench.bench`, print/save the report."""
+"""``radflash bench``: parse options, call :func:`radflash.bench.harness.bench`, print/save the report."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 
 
 def _model(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    from radflash.config import PRESETS
+    from radflash.models.config import PRESETS
 
     if value is None or value in PRESETS or Path(value).exists():
         return value
@@ -66,11 +66,11 @@ def bench(model_path: str | None, device: str, backends: tuple[str, ...], batch_
     """Time decode, preprocessing, encoder, head, maps and the score path beside the reference."""
     from rich.console import Console
 
-    from radflash.bench import bench as run_bench
-    from radflash.bench import render_table, summary_lines, to_markdown
+    from radflash.bench.harness import bench as run_bench
+    from radflash.bench.report import render_table, summary_lines, to_markdown
 
     if plot_path is not None:  # fail before the benchmark runs, not after
-        from radflash.plotting import require_plotting
+        from radflash.util.plotting import require_plotting
 
         require_plotting("--plot")
     report = run_bench(model=model_path, device=device, backends=backends, batch_sizes=batch_sizes,
@@ -85,7 +85,7 @@ def bench(model_path: str | None, device: str, backends: tuple[str, ...], batch_
         report.to_json(json_path)
         console.print(f"JSON written to {json_path}", highlight=False, markup=False)
     if plot_path is not None:
-        from radflash.bench_plot import plot_report
+        from radflash.bench.plots import plot_report
 
         plot_report(report, plot_path)
         console.print(f"plot written to {plot_path}", highlight=False, markup=False)

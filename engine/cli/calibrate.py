@@ -69,7 +69,7 @@ def scores(model: str | None, model_opt: str | None, labels_csv: str | None, pha
 
     _one_source(labels_csv, phantoms, "--labels")
     if not no_plot:  # fail before fitting, not after
-        from radflash.plotting import require_plotting
+        from radflash.util.plotting import require_plotting
 
         require_plotting("the reliability diagram (or pass --no-plot)")
     report = calibrate_scores(_model(model, model_opt), out, labels_csv=labels_csv, phantoms=phantoms, rule=rule,

@@ -22,7 +22,7 @@ def radzero(src: Path, dst: Path, model_id: str | None) -> None:
     SRC holds config.json, model.safetensors, tokenizer.json and preprocessor_config.json.
     DST is a folder, or a single file if it ends in .safetensors.
     """
-    from radflash.convert import convert_radzero
+    from radflash.checkpoints.converters.radzero import convert_radzero
 
     out = convert_radzero(src, dst, model_id=model_id)
     click.echo(f"wrote {out}")

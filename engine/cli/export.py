@@ -44,7 +44,7 @@ def export() -> None:
 def onnx(paths: tuple[str, ...], model_path: str | None, image_size: int | None, precision: str, max_batch: int,
          opset: int, no_validate: bool) -> None:
     """Write the image tower as ONNX to OUT (dynamic batch axis) and validate it against eager PyTorch."""
-    from radflash.export import export_onnx
+    from radflash.backends.export import export_onnx
 
     model, out = _model_and_out(paths, model_path)
     result = export_onnx(model, out, image_size=image_size, precision=precision, max_batch=max_batch, opset=opset,
@@ -69,7 +69,7 @@ def onnx(paths: tuple[str, ...], model_path: str | None, image_size: int | None,
 def tensorrt(paths: tuple[str, ...], model_path: str | None, precision: str, max_batch: int, opt_batch: int,
              onnx_path: str | None) -> None:
     """Build a TensorRT engine (plan) for the image tower and write it to OUT."""
-    from radflash.export import export_tensorrt
+    from radflash.backends.export import export_tensorrt
 
     model, out = _model_and_out(paths, model_path)
     path = export_tensorrt(model, out, precision=precision, max_batch=max_batch, opt_batch=opt_batch,

@@ -1,4 +1,4 @@
-"""``radflash score``: parse options, call :func:`radflash.score.score`, print a summary."""
+"""``radflash score``: parse options, call :func:`radflash.archive.verb.score`, print a summary."""
 
 from __future__ import annotations
 
@@ -73,8 +73,8 @@ def score(inputs: tuple[Path, ...], output: Path | None, model_path: str | None,
         raise click.UsageError(f"--part-id {part_id} must be smaller than --num-parts {num_parts}")
     if resume and output is None:
         raise click.UsageError("--resume needs -o/--output: the folder of the run to continue")
-    from radflash.score import DEMO_ARCHIVE
-    from radflash.score import score as score_fn
+    from radflash.archive.verb import DEMO_ARCHIVE
+    from radflash.archive.verb import score as score_fn
 
     rules = _rules(include_lateral, modalities)
     if not inputs and not quiet:
@@ -94,7 +94,7 @@ def _rules(include_lateral: bool, modalities: tuple[str, ...] | None):
     """SelectionRules from the flags; ``None`` keeps the library defaults."""
     if not include_lateral and modalities is None:
         return None
-    from radflash.selection import SelectionRules
+    from radflash.io.selection import SelectionRules
 
     kwargs: dict = {}
     if include_lateral:

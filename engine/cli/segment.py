@@ -1,4 +1,4 @@
-"""``radflash segment``: maps, masks and grounding for any prompts (parsing only; logic in radflash.segment)."""
+"""``radflash segment``: maps, masks and grounding for any prompts (parsing only; logic in radflash.segment.verb)."""
 
 from __future__ import annotations
 
@@ -72,8 +72,8 @@ def segment(inputs: tuple[Path, ...], outdir: Path, prompt_texts: tuple[str, ...
         raise click.UsageError("give at least one --prompt TEXT or a --prompts FILE")
     try:
         from radflash.findings import load_prompt_file
-        from radflash.segment import segment as run_segment
-        from radflash.segment import summary_table
+        from radflash.segment.summary import summary_table
+        from radflash.segment.verb import segment as run_segment
 
         prompts: dict[str, dict] = dict(load_prompt_file(prompt_file)) if prompt_file is not None else {}
         for text in prompt_texts:

@@ -23,7 +23,7 @@ def train(config: Path, resume: str | None, output: Path | None, steps: int | No
     Checkpoints land in <output>/checkpoints/step_*/ in radflash's own format (load them with
     radflash.load); <output>/loss.png shows the loss curve.
     """
-    from radflash.training.trainer import TrainConfig
+    from radflash.training.config import TrainConfig
     from radflash.training.trainer import train as run_training
 
     cfg = TrainConfig.from_yaml(config)
@@ -73,7 +73,7 @@ def evaluate(model_path: str | None, data: str, seed: int, n: int, val_seed: int
         finding, location = (s.strip() for s in item.split(":", 1))
         combos.append((finding, location))
     if out is not None:  # roc.png: fail before evaluating, not after
-        from radflash.plotting import require_plotting
+        from radflash.util.plotting import require_plotting
 
         require_plotting("roc.png (--out)")
     report = evaluate_phantoms(

@@ -12,8 +12,8 @@ import math
 import torch
 from torch import nn
 
-from radflash.config import ModelConfig
 from radflash.kernels import vlcabs, vlcabs_ref
+from radflash.models.config import ModelConfig
 from radflash.models.text import TextEncoder
 from radflash.models.vit import AlignTransformer, VisionTransformer
 

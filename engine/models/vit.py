@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radflash.config import VisionConfig
+from radflash.models.config import VisionConfig
 
 
 class SelfAttention(nn.Module):

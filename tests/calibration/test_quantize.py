@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from radflash.checkpoints.factory import random_checkpoint
 from radflash.cli import cli
-from radflash.config import preset
-from radflash.factory import random_checkpoint
+from radflash.models.config import preset
 
 
 @pytest.fixture(scope="module")
 def ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from radflash.checkpoint import save_checkpoint
+    from radflash.checkpoints.format import save_checkpoint
 
     cfg = dataclasses.replace(preset("tiny"), image_size=56)
     return save_checkpoint(random_checkpoint(cfg, seed=7), tmp_path_factory.mktemp("q") / "tiny")

@@ -13,7 +13,8 @@ import torch
 from click.testing import CliRunner
 
 from radflash.calibration.reliability import expected_calibration_error, plot_reliability
-from radflash.calibration.scores import apply, fit, fit_temperature, fit_threshold, nll
+from radflash.calibration.scores import fit, fit_temperature, fit_threshold, nll
+from radflash.checkpoints.calibration import apply
 from radflash.errors import InputError
 
 Z_SCORE = 6.0  # statistical bounds below are this many standard errors: a false alarm ~1e-9 per check
@@ -73,9 +74,9 @@ def test_fit_skips_findings_without_both_classes() -> None:
 
 def test_calibration_survives_save_load_and_is_applied(tmp_path: Path) -> None:
     from radflash.api import RadFlashModel
-    from radflash.checkpoint import load_checkpoint, save_checkpoint
-    from radflash.config import preset
-    from radflash.factory import random_checkpoint
+    from radflash.checkpoints.factory import random_checkpoint
+    from radflash.checkpoints.format import load_checkpoint, save_checkpoint
+    from radflash.models.config import preset
 
     ck = random_checkpoint(dataclasses.replace(preset("tiny"), image_size=56), seed=0)
     rng = np.random.default_rng(2)
@@ -117,10 +118,10 @@ def test_reliability_plot_and_ece(tmp_path: Path, rng: np.random.Generator) -> N
 def test_calibrate_scores_cli_with_a_labels_csv(tmp_path: Path) -> None:
     from PIL import Image
 
-    from radflash.checkpoint import load_checkpoint, save_checkpoint
+    from radflash.checkpoints.factory import random_checkpoint
+    from radflash.checkpoints.format import load_checkpoint, save_checkpoint
     from radflash.cli import cli
-    from radflash.config import preset
-    from radflash.factory import random_checkpoint
+    from radflash.models.config import preset
 
     ck = random_checkpoint(dataclasses.replace(preset("tiny"), image_size=56), seed=0)
     src = save_checkpoint(ck, tmp_path / "src")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import Dinov2Config, Dinov2Model, MPNetConfig, MPNetModel
 
-from radflash.factory import randomize_, wordpiece_tokenizer
+from radflash.checkpoints.factory import randomize_, wordpiece_tokenizer
 
 HEAD = "loss_fns.KeyPhraseAlignmentLoss."
 ALIGN = "align_transformer.transformer_layers.layer."

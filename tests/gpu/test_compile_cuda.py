@@ -16,8 +16,8 @@ from torch._dynamo.utils import counters
 
 from radflash.api import RadFlashModel
 from radflash.backends import make_backend
-from radflash.config import preset
-from radflash.factory import random_checkpoint
+from radflash.checkpoints.factory import random_checkpoint
+from radflash.models.config import preset
 from tests.gpu.numerics import EPS, bound, max_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -20,7 +20,7 @@ from tests.gpu.numerics import DTYPES, EPS, bilinear_f64, bound, fp32_math, head
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-vl_mod = importlib.import_module("radflash.kernels.vlcabs")
+vl_mod = importlib.import_module("radflash.kernels.vlcabs_head")
 maps_mod = importlib.import_module("radflash.kernels.maps")
 
 TAU = 0.07

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import radflash
-from radflash.score import DEMO_ARCHIVE, ScoreRun, score
+from radflash.archive.verb import DEMO_ARCHIVE, ScoreRun, score
 from tests.gpu.numerics import EPS, bound, fp32_math, max_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

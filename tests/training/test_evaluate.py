@@ -131,9 +131,9 @@ def test_evaluate_phantoms_end_to_end(tmp_path) -> None:
     import dataclasses
     import json
 
-    from radflash.checkpoint import save_checkpoint
-    from radflash.config import preset
-    from radflash.factory import random_checkpoint
+    from radflash.checkpoints.factory import random_checkpoint
+    from radflash.checkpoints.format import save_checkpoint
+    from radflash.models.config import preset
     from radflash.training.evaluate import evaluate_phantoms
 
     base = preset("tiny")

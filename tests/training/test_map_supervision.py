@@ -7,16 +7,11 @@ import pytest
 import torch
 
 from radflash.preprocess import Preprocessing
+from radflash.training.config import ModelSection, TrainConfig, model_config
 from radflash.training.data import Collator, PhantomDataset, prompt_grid_masks, with_plain_twins
+from radflash.training.losses import map_loss
 from radflash.training.phantoms import generate_phantom
-from radflash.training.trainer import (
-    ModelSection,
-    TrainConfig,
-    build_tokenizer,
-    map_loss,
-    map_prompts,
-    model_config,
-)
+from radflash.training.trainer import build_tokenizer, map_prompts
 from tests.tolerances import tolerance
 
 

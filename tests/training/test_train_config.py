@@ -9,10 +9,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from radflash.config import MAX_LAYERS
 from radflash.errors import InputError
+from radflash.models.config import MAX_LAYERS
+from radflash.training import config as train_config
 from radflash.training import trainer
-from radflash.training.trainer import TrainConfig, model_config
+from radflash.training.config import TrainConfig, model_config
 
 DEMO_YAML = Path(__file__).resolve().parents[2] / "training" / "configs" / "demo.yaml"
 
@@ -100,7 +101,7 @@ def test_cross_key_rules_still_apply(tmp_path: Path) -> None:
 
 def test_empty_sections_mean_defaults(tmp_path: Path) -> None:
     cfg = TrainConfig.from_yaml(_yaml(tmp_path, "steps: 2\nmodel:\ndata:\n"))
-    assert cfg.model == trainer.ModelSection() and cfg.data == trainer.DataSection()
+    assert cfg.model == train_config.ModelSection() and cfg.data == train_config.DataSection()
 
 
 @pytest.mark.parametrize("text", ["- steps: 2\n", "steps: [unclosed\n"])
@@ -110,9 +111,9 @@ def test_not_a_mapping_or_not_yaml(tmp_path: Path, text: str) -> None:
 
 
 def test_model_overrides_build_the_validated_config() -> None:
-    sec = trainer.ModelSection(image_size=56, align_layers=1, vision={"layers": "1"}, text={"layers": 2})
+    sec = train_config.ModelSection(image_size=56, align_layers=1, vision={"layers": "1"}, text={"layers": 2})
     cfg = model_config(sec)
-    base = model_config(trainer.ModelSection())
+    base = model_config(train_config.ModelSection())
     assert cfg == dataclasses.replace(base, image_size=56, align_layers=1,
                                       vision=dataclasses.replace(base.vision, layers=1),
                                       text=dataclasses.replace(base.text, layers=2))

@@ -12,10 +12,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 import radflash
-from radflash.checkpoint import load_checkpoint
+from radflash.checkpoints.format import load_checkpoint
 from radflash.errors import InputError
+from radflash.training.config import TrainConfig
 from radflash.training.data import Collator, MimicStyleDataset, batch_indices
-from radflash.training.trainer import STATE_FILE, TrainConfig, lr_at, train
+from radflash.training.state import STATE_FILE
+from radflash.training.trainer import lr_at, train
 from tests.tolerances import tolerance
 
 SENTENCES = [
@@ -102,7 +104,7 @@ def test_checkpoint_is_loadable_and_backbone_can_be_frozen(mimic_folder: Path, t
 
 def test_collate_deduplicates_sentences(mimic_folder: Path) -> None:
     ds = MimicStyleDataset(mimic_folder, sentences=mimic_folder / "sentences.json")
-    ckpt = radflash.factory.random_checkpoint("tiny")
+    ckpt = radflash.checkpoints.factory.random_checkpoint("tiny")
     from radflash.preprocess import Preprocessing
 
     batch = Collator(ckpt.tokenizer, Preprocessing(56, (0.5,) * 3, (0.25,) * 3))([ds[i] for i in range(8)])
@@ -168,7 +170,7 @@ def test_ddp_two_cpu_processes_match_one_process(mimic_folder: Path, tmp_path: P
     import yaml
     from safetensors import safe_open
 
-    from radflash.training.trainer import STATE_FILE
+    from radflash.training.state import STATE_FILE
     from tests.tolerances import tolerance
 
     base = _config(mimic_folder, tmp_path / "single", steps=2, checkpoint_every=1, warmup_steps=1,
@@ -212,11 +214,10 @@ def test_duplicate_sentences_are_not_negatives() -> None:
     """mask_duplicates removes exactly the pairs (sentence k, image j≠g(k) owning the same text)."""
     import dataclasses
 
-    from radflash.config import preset
     from radflash.models import RadZero
+    from radflash.models.config import preset
     from radflash.training.data import Batch, text_hash
-    from radflash.training.losses import multi_positive_nce
-    from radflash.training.trainer import contrastive_loss
+    from radflash.training.losses import contrastive_loss, multi_positive_nce
 
     cfg = dataclasses.replace(preset("tiny"), image_size=28)
     model = RadZero(cfg)

@@ -1,0 +1,299 @@
+"""The decode stage run by N worker processes (or inline): crash-isolated, bounded."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait as mp_wait
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from radflash.io.imageio import ImageMeta, LoadOutcome
+    from radflash.io.selection import SelectionRules
+
+
+log = logging.getLogger("radflash.pipeline")
+
+
+WORKER_BYTES_PER_PIXEL = 40
+
+
+# Backstop for what no header check can see (a JPEG 2000 codestream claiming other dimensions than
+# its DICOM header): a worker's heap is capped, so such a file fails with MemoryError or kills
+# only its worker (→ "decoder process crashed"). Decoding costs ~25 B per pixel of budget.
+WORKER_BASE_BYTES = 1 << 30
+
+
+def worker_memory_limit(rules: SelectionRules | None) -> int:
+    """Bytes of data segment a decode worker may use: a base plus a margin per pixel of budget."""
+    from radflash.io.selection import DEFAULT_MAX_PIXELS
+
+    budget = rules.max_pixels if rules is not None else DEFAULT_MAX_PIXELS
+    return WORKER_BASE_BYTES + WORKER_BYTES_PER_PIXEL * budget
+
+
+def _limit_memory(rules: SelectionRules | None) -> None:
+    try:
+        import resource
+    except ImportError:  # not on Windows: the pixel budget alone bounds memory there
+        return
+    limit = worker_memory_limit(rules)
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        if soft == resource.RLIM_INFINITY or soft > limit:
+            resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    except (ValueError, OSError) as exc:
+        log.debug("decode worker memory limit not set: %s", exc)
+
+
+# (path, rules) → LoadOutcome; radflash.io.imageio.try_load by default. Must be importable (spawn).
+Loader = Callable[[Path, "SelectionRules | None"], "LoadOutcome"]
+
+
+# ---- typed hand-offs between stages -----------------------------------------------------------
+@dataclass(frozen=True)
+class DecodeTask:
+    index: int
+    path: str
+
+
+@dataclass
+class Decoded:
+    """One file after the decode stage: H×W float32 pixels in [0, 1] when ``status == "loaded"``
+    (the source resolution; :func:`run_pipeline` resizes them to S×S before batching)."""
+
+    index: int
+    path: str
+    status: str  # loaded | skipped | failed
+    reason: str | None = None
+    pixels: np.ndarray | None = None
+    meta: ImageMeta | None = None  # whenever a header was read (skipped files too)
+    decode_s: float = 0.0
+
+
+# ---- decode stage ------------------------------------------------------------------------------
+def default_loader() -> Loader:
+    from radflash.io.imageio import try_load
+
+    return try_load
+
+
+def resize_for_model(pixels: np.ndarray, image_size: int) -> np.ndarray:
+    """H×W [0, 1] → S×S [0, 1] with exactly the resize of :func:`radflash.preprocess.preprocess`."""
+    import torch
+
+    from radflash.preprocess import Preprocessing, preprocess
+
+    if pixels.shape == (image_size, image_size):
+        return np.ascontiguousarray(pixels, dtype=np.float32).clip(0.0, 1.0)
+    identity = Preprocessing(image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    with torch.inference_mode():
+        out = preprocess(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)), identity)
+    return out[0, 0].numpy().copy()
+
+
+def decode_one(task: DecodeTask, loader: Loader, rules: SelectionRules | None) -> Decoded:
+    """Read, select and decode one file at its own resolution; every failure becomes a record."""
+    t0 = time.perf_counter()
+    try:
+        outcome = loader(Path(task.path), rules)
+        if outcome.status != "loaded":
+            return Decoded(task.index, task.path, outcome.status, outcome.reason, meta=outcome.meta,
+                           decode_s=time.perf_counter() - t0)
+        image = outcome.image
+        pixels = np.ascontiguousarray(image.pixels, dtype=np.float32)
+        return Decoded(task.index, task.path, "loaded", None, pixels, image.meta, time.perf_counter() - t0)
+    except Exception as exc:  # the loader promises not to raise; a bug there must not stop the run
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        return Decoded(task.index, task.path, "failed", reason, decode_s=time.perf_counter() - t0)
+
+
+def _worker_main(conn, loader: Loader | None, rules: SelectionRules | None) -> None:
+    """Worker process loop (top-level so that ``spawn`` can import it). Imports no torch."""
+    import pydicom  # noqa: F401  (imported before READY: a file's timeout must not pay for it)
+
+    _limit_memory(rules)
+    loader = loader or default_loader()
+    try:
+        conn.send(_READY)  # imports done: per-file timeouts start counting now
+        while True:
+            task = conn.recv()
+            if task is None:
+                return
+            conn.send(decode_one(task, loader, rules))
+    except (EOFError, KeyboardInterrupt, BrokenPipeError):
+        return
+
+
+_READY = "ready"
+
+
+STARTUP_TIMEOUT = 300.0  # s for a fresh worker to import numpy/pydicom (slow disks, cold caches)
+
+
+@dataclass
+class _Worker:
+    proc: Any
+    conn: Any
+    inflight: deque = field(default_factory=deque)  # DecodeTasks in the order they were sent
+    head_since: float = field(default_factory=time.monotonic)  # when the oldest in-flight task started
+    ready: bool = False  # spawn + imports take seconds; that must not count against a file
+
+
+class DecodePool:
+    """``workers`` spawn processes, each fed ``depth`` tasks at a time over its own pipe.
+
+    Items come back at the source resolution (see :class:`Decoded`); callers resize if they need to.
+    """
+
+    def __init__(self, workers: int, *, loader: Loader | None = None, rules: SelectionRules | None = None,
+                 depth: int = 2, timeout: float | None = 120.0) -> None:
+        if workers < 1:
+            raise ValueError("DecodePool needs at least one worker; use decode_inline for workers=0")
+        self.n = workers
+        self.loader = loader
+        self.rules = rules
+        self.depth = max(1, depth)
+        self.timeout = timeout
+        self.restarts = 0
+        self._ctx = mp.get_context("spawn")
+        self._workers: list[_Worker] = []
+
+    def _start(self) -> _Worker:
+        parent, child = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(target=_worker_main, args=(child, self.loader, self.rules),
+                                 daemon=True, name="radflash-decode")
+        proc.start()
+        child.close()
+        return _Worker(proc, parent)
+
+    def _stop(self, w: _Worker, *, kill: bool = False) -> None:
+        kill = kill or not w.ready  # still importing: nothing to finish, don't wait for it
+        if not kill:
+            try:
+                w.conn.send(None)
+            except (OSError, BrokenPipeError):
+                kill = True
+            w.proc.join(timeout=5)
+        if w.proc.is_alive():
+            w.proc.kill()
+            w.proc.join(timeout=5)
+        w.conn.close()
+
+    def _limit(self, w: _Worker) -> float:
+        return (self.timeout or 0.0) if w.ready else STARTUP_TIMEOUT
+
+    def run(self, tasks: Iterable[DecodeTask]) -> Generator[Decoded, None, None]:
+        """Decoded items in completion order; exactly one per task, whatever happens to workers."""
+        source = iter(tasks)
+        retry: deque[DecodeTask] = deque()  # tasks queued behind a crashed file: not its fault
+        exhausted = False
+
+        def next_task() -> DecodeTask | None:
+            nonlocal exhausted
+            if retry:
+                return retry.popleft()
+            if not exhausted:
+                task = next(source, None)
+                if task is not None:
+                    return task
+                exhausted = True
+            return None
+
+        slots: list[_Worker | None] = [self._start() for _ in range(self.n)]
+        self._workers = slots
+        try:
+            while True:
+                # feed: keep every worker `depth` deep so a finished decode is followed immediately
+                for i in range(len(slots)):
+                    if slots[i] is None and (retry or not exhausted):
+                        slots[i] = self._start()  # replaces a crashed worker once there is work for it
+                        self.restarts += 1
+                    w = slots[i]
+                    while w is not None and len(w.inflight) < self.depth:
+                        task = next_task()
+                        if task is None:
+                            break
+                        if not w.inflight and w.ready:
+                            w.head_since = time.monotonic()
+                        w.inflight.append(task)
+                        w.conn.send(task)
+                busy = [w for w in slots if w is not None and w.inflight]
+                if not busy:
+                    return
+                wait_s = 1.0
+                if self.timeout is not None:
+                    wait_s = max(0.0, min(self._limit(w) - (time.monotonic() - w.head_since) for w in busy))
+                ready = set(mp_wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=wait_s))
+                for i, w in enumerate(slots):
+                    if w is None or not w.inflight:
+                        continue
+                    if w.conn in ready:
+                        try:
+                            item = w.conn.recv()
+                        except (EOFError, OSError):
+                            item = None  # died mid-message; handled as a crash below
+                        if isinstance(item, str) and item == _READY:
+                            w.ready, w.head_since = True, time.monotonic()
+                            continue
+                        if item is not None:
+                            w.inflight.popleft()
+                            w.head_since = time.monotonic()
+                            paused = time.monotonic()
+                            yield item
+                            # time spent blocked on the consumer is not decode time
+                            pause = time.monotonic() - paused
+                            for other in slots:
+                                if other is not None:
+                                    other.head_since += pause
+                            continue
+                    dead = not w.proc.is_alive() or w.proc.sentinel in ready or w.conn in ready
+                    late = self.timeout is not None and time.monotonic() - w.head_since > self._limit(w)
+                    if not (dead or late):
+                        continue
+                    if not w.ready:  # not a file's fault: a broken environment
+                        raise RuntimeError(f"decode worker failed to start (exit code {w.proc.exitcode}); "
+                                           f"try --workers 0 to see the error in-process")
+                    culprit = w.inflight.popleft()
+                    retry.extendleft(reversed(w.inflight))
+                    w.inflight.clear()
+                    self._stop(w, kill=True)
+                    slots[i] = None
+                    reason = (f"decoder timed out after {self.timeout:g} s" if late and not dead else
+                              f"decoder process crashed (exit code {w.proc.exitcode})")
+                    log.warning("%s: %s; the worker is replaced", culprit.path, reason)
+                    yield Decoded(culprit.index, culprit.path, "failed", reason)
+        finally:
+            for w in slots:
+                if w is not None:
+                    self._stop(w, kill=bool(w.inflight))
+            self._workers = []
+
+
+def decode_inline(tasks: Iterable[DecodeTask], *, loader: Loader | None = None,
+                  rules: SelectionRules | None = None) -> Generator[Decoded, None, None]:
+    """``workers=0``: decode in the calling process (no crash isolation)."""
+    loader = loader or default_loader()
+    for task in tasks:
+        yield decode_one(task, loader, rules)
+
+
+def decode_stream(paths: Sequence[str | Path], *, workers: int, loader: Loader | None = None,
+                  rules: SelectionRules | None = None, depth: int = 2,
+                  timeout: float | None = 120.0) -> tuple[Generator[Decoded, None, None], DecodePool | None]:
+    """One :class:`Decoded` per path (completion order with workers, input order without) and the
+    pool (``None`` for ``workers=0``), whose ``restarts`` count is valid once the stream is done."""
+    tasks = (DecodeTask(i, str(p)) for i, p in enumerate(paths))
+    if workers > 0:
+        pool = DecodePool(workers, loader=loader, rules=rules, depth=depth, timeout=timeout)
+        return pool.run(tasks), pool
+    return decode_inline(tasks, loader=loader, rules=rules), None

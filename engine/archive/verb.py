@@ -1,0 +1,417 @@
+"""``score()``: zero-shot scores for every image in a set of files or folders (a whole archive).
+
+The verb function behind ``radflash score``: it resolves the model, the findings, the file list
+(discovery + sharding) and the output folder, then hands the work to
+:func:`radflash.archive.pipeline.run_pipeline`. With ``output=None`` nothing touches the disk and the
+tables come back in memory; with a folder, results are committed in crash-safe parts, so a killed
+run continues with ``resume=True`` without redoing or duplicating committed files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from radflash.archive.pipeline import PipelineConfig, PipelineStats, PromptSet, run_pipeline
+from radflash.archive.sinks import (
+    FORMATS,
+    FileRecord,
+    MemoryStore,
+    OutputLock,
+    PartStore,
+    TableSpec,
+    path_from_text,
+    path_text,
+    read_manifest,
+    split_tables,
+    status_counts,
+    write_manifest,
+)
+from radflash.checkpoints.calibration import score_calibrated
+from radflash.errors import InputError
+
+if TYPE_CHECKING:
+    from radflash.api import RadFlashModel
+    from radflash.io.selection import SelectionRules
+
+log = logging.getLogger("radflash.score")
+
+DEMO_ARCHIVE = Path(__file__).resolve().parents[1] / "assets" / "demo_archive"
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class ScoreRun:
+    """Summary of a score run; ``results``/``status`` hold the full tables (also when saved)."""
+
+    output: Path | None
+    discovered: int  # files in this shard
+    scored: int
+    skipped: int
+    failed: int
+    resumed: int  # files already committed by an earlier, interrupted run
+    elapsed_s: float
+    images_per_s: float | None  # files processed by *this* invocation / its wall time
+    results: pa.Table
+    status: pa.Table
+    manifest: dict = field(repr=False)
+    results_path: Path | None = None
+    status_path: Path | None = None
+    manifest_path: Path | None = None
+    demo: bool = False  # True when no inputs were given and the embedded demo archive was scored
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {"discovered": self.discovered, "scored": self.scored, "skipped": self.skipped,
+                "failed": self.failed}
+
+
+def score(
+    inputs: str | Path | Sequence[str | Path] | None = None,
+    output: str | Path | None = None,
+    *,
+    model: str | Path | RadFlashModel | None = None,
+    findings: str | Path | Mapping[str, Any] | Sequence[str] | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    batch_size: int = 16,
+    workers: int | None = None,
+    backend: str = "eager",
+    fmt: str = "parquet",
+    include_phi: bool = False,
+    resume: bool = False,
+    num_parts: int = 1,
+    part_id: int = 0,
+    rules: SelectionRules | None = None,
+    progress: bool = True,
+    commit_every: int = 256,
+    timeout: float | None = 120.0,
+    max_pixels: int | None = None,
+) -> ScoreRun:
+    """Score every image under ``inputs`` (files/folders, searched recursively).
+
+    Args:
+        inputs: files or folders; ``None`` scores the small embedded demo archive.
+        output: a folder for results/status/manifest (see :mod:`radflash.archive.sinks`); ``None`` keeps
+            everything in memory (``ScoreRun.results`` / ``.status``).
+        model: checkpoint path or a loaded :class:`RadFlashModel`; ``None`` = embedded demo model.
+        findings: ``None`` = the 14 CheXpert findings ("There is {finding}"); a YAML/JSON/TXT prompt
+            file; a mapping name → prompt (or → {prompt, threshold}); or a list of prompts.
+        workers: decode processes; 0 decodes in-process; ``None`` = min(4, CPU count).
+        resume: continue an interrupted run in ``output``: committed files are skipped.
+        num_parts, part_id: score only shard ``part_id`` of ``num_parts`` (deterministic split).
+        rules: a :class:`radflash.io.selection.SelectionRules` (modalities, views...); ``None`` = default.
+        commit_every: files per committed part (the most work a crash can lose).
+        timeout: seconds one file may take to decode before its worker is killed and it is failed.
+        max_pixels: the pixel budget (default :data:`radflash.io.selection.DEFAULT_MAX_PIXELS`): a
+            file whose header claims more pixels is failed before it is decoded.
+
+    With an output folder the run holds ``OUT/.radflash.lock`` (:class:`radflash.archive.sinks.OutputLock`)
+    from before the model loads until the tables are written: a second run into the same folder
+    fails at once with the holder's pid, host and start time. Files are matched to an earlier
+    run's committed rows by resolved path, so a resume may spell the inputs differently.
+    """
+    kwargs = dict(locals())
+    if output is None:
+        return _score(**kwargs)
+    PartStore.check_output(Path(output), resume=resume)  # fail fast, before waiting on anything
+    with OutputLock(Path(output)):
+        return _score(**kwargs)
+
+
+def _score(
+    inputs: str | Path | Sequence[str | Path] | None = None,
+    output: str | Path | None = None,
+    *,
+    model: str | Path | RadFlashModel | None = None,
+    findings: str | Path | Mapping[str, Any] | Sequence[str] | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    batch_size: int = 16,
+    workers: int | None = None,
+    backend: str = "eager",
+    fmt: str = "parquet",
+    include_phi: bool = False,
+    resume: bool = False,
+    num_parts: int = 1,
+    part_id: int = 0,
+    rules: SelectionRules | None = None,
+    progress: bool = True,
+    commit_every: int = 256,
+    timeout: float | None = 120.0,
+    max_pixels: int | None = None,
+) -> ScoreRun:
+    """:func:`score` itself, run under the output folder's lock."""
+    t0 = time.perf_counter()
+    started = datetime.now(timezone.utc)
+    if fmt not in FORMATS:
+        raise InputError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if batch_size < 1:
+        raise InputError(f"batch_size must be ≥ 1, got {batch_size}")
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise InputError(f"part_id must be in [0, num_parts): got part {part_id} of {num_parts}")
+    if workers is not None and workers < 0:
+        raise InputError(f"workers must be ≥ 0, got {workers}")
+    prompt_set = resolve_findings(findings)
+    out_dir = Path(output) if output is not None else None
+    if out_dir is not None:
+        PartStore.check_output(out_dir, resume=resume)
+    if model is None or isinstance(model, (str, Path)):
+        from radflash.devices import resolve_device
+
+        resolve_device(device)  # an absent --device fails here, not after discovery and model load
+    if max_pixels is not None:
+        from radflash.io.selection import SelectionRules
+
+        rules = dataclasses.replace(rules or SelectionRules(), max_pixels=max_pixels)
+
+    # ---- files -----------------------------------------------------------------------------
+    from radflash.io.discovery import discover_entries, shard
+
+    demo = inputs is None
+    if demo:
+        log.info("no inputs given: scoring the embedded demo archive %s", DEMO_ARCHIVE)
+        inputs = [DEMO_ARCHIVE]
+    elif isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    input_list = [Path(p) for p in inputs]  # type: ignore[union-attr]
+    if not input_list:
+        raise InputError("no inputs given")
+    t_disc = time.perf_counter()
+    found = discover_entries(input_list)
+    all_paths = found.files
+    paths = shard(all_paths, num_parts, part_id) if num_parts > 1 else list(all_paths)
+    left_out = found.skipped  # hidden, links, FIFOs...: one skipped row each, never opened
+    if num_parts > 1:
+        mine = {p.as_posix() for p in shard([p for p, _ in left_out], num_parts, part_id)}
+        left_out = [(p, r) for p, r in left_out if p.as_posix() in mine]
+    discover_s = time.perf_counter() - t_disc
+
+    # ---- model -----------------------------------------------------------------------------
+    t_model = time.perf_counter()
+    from radflash.api import as_model
+    rf_model = as_model(model, device=device, dtype=dtype, backend="eager" if backend == "auto" else backend)
+    if backend == "auto":  # timed at this run's batch size (radflash.backends.auto)
+        rf_model.set_backend("auto", batch_size=batch_size)
+    load_model_s = time.perf_counter() - t_model
+    calibrated = score_calibrated(rf_model.calibration)
+    spec = TableSpec(prompt_set.names, include_phi=include_phi,
+                     with_positive=calibrated or any(t is not None for t in prompt_set.thresholds))
+    if rules is None:
+        from radflash.io.selection import SelectionRules
+
+        rules = SelectionRules()
+
+    manifest: dict[str, Any] = {
+        "manifest_version": MANIFEST_VERSION,
+        "complete": False,
+        "started": started.isoformat(timespec="seconds"),
+        "model": {"id": rf_model.model_id, "sha256": rf_model.sha256, "calibrated": calibrated,
+                  "image_size": rf_model.config.image_size},
+        "findings": {n: {"prompt": p, "threshold": t}
+                     for n, p, t in zip(prompt_set.names, prompt_set.prompts, prompt_set.thresholds)},
+        "versions": _versions(),
+        "device": str(rf_model.device), "dtype": str(rf_model.dtype).removeprefix("torch."),
+        "backend": rf_model.backend_name,
+        "backend_selection": rf_model.backend_selection,  # auto: candidates' ms/batch, reason, cache hit
+        "args": {
+            "inputs": [path_text(p) for p in input_list], "output": None if out_dir is None else path_text(out_dir),
+            "model": model if model is None or isinstance(model, (str, Path)) else rf_model.model_id,
+            "findings": findings if findings is None or isinstance(findings, (str, Path)) else "<in memory>",
+            "device": device, "dtype": dtype, "batch_size": batch_size, "workers": workers,
+            "backend": backend, "format": fmt, "include_phi": include_phi, "resume": resume,
+            "num_parts": num_parts, "part_id": part_id, "commit_every": commit_every, "timeout": timeout,
+            "rules": dataclasses.asdict(rules) if dataclasses.is_dataclass(rules) else repr(rules),
+        },
+        "demo_archive": demo,
+    }
+
+    # ---- output / resume --------------------------------------------------------------------
+    store: PartStore | MemoryStore
+    done: set[str] = set()
+    committed_before = 0
+    if out_dir is not None:
+        previous = read_manifest(out_dir) if resume else None
+        if previous is not None:
+            _check_resumable(previous, manifest, out_dir)
+            manifest["resumed_from"] = previous.get("started")
+            manifest["runs"] = int(previous.get("runs", 1)) + 1
+        store = PartStore(out_dir, spec)
+        committed = store.open()
+        done = {resume_key(path_from_text(p)) for p in committed.column("path").to_pylist()}
+        committed_before = committed.num_rows
+        write_manifest(out_dir, manifest)
+    else:
+        store = MemoryStore(spec)
+    # files are recorded by absolute path and matched by resolved path: a resume that spells the
+    # inputs differently (relative vs absolute, through a symlink) finds what was committed
+    todo = [Path(os.path.abspath(p)) for p in paths if resume_key(p) not in done]
+    unread = [FileRecord(path=path_text(os.path.abspath(p)), status="skipped", reason=reason)
+              for p, reason in left_out if resume_key(p) not in done]
+    if unread:
+        store.commit(unread)
+    paths = [*paths, *(p for p, _ in left_out)]
+    if resume and committed_before:
+        log.info("resuming: %d files already committed, %d to go", len(paths) - len(todo), len(todo))
+
+    n_workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    n_workers = min(n_workers, len(todo))  # no point spawning idle decoders for a handful of files
+    config = PipelineConfig(batch_size=batch_size, workers=n_workers, commit_every=commit_every,
+                            timeout=timeout, include_phi=include_phi, rules=rules)
+    bar = _progress_bar(len(todo), enabled=progress, initial_counts=_done_counts(store, out_dir))
+    try:
+        stats = run_pipeline(todo, rf_model, prompt_set, store, config,
+                             on_record=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    # ---- consolidate -------------------------------------------------------------------------
+    if isinstance(store, PartStore):
+        results_path, status_path, results, status = store.finalize(fmt)  # type: ignore[arg-type]
+    else:
+        results, status = split_tables(store.table(), spec)
+        results_path = status_path = None
+    counts = status_counts(status.column("status").to_pylist())
+    elapsed = time.perf_counter() - t0
+    manifest.update({
+        "complete": True,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "counts": {"discovered": len(paths), "discovered_all_shards": len(all_paths) + len(found.skipped), **counts,
+                   "committed_before_this_run": committed_before, "processed_this_run": stats.total},
+        "timings": {"discover_s": round(discover_s, 3), "load_model_s": round(load_model_s, 3),
+                    **_timings(stats), "total_s": round(elapsed, 3)},
+    })
+    manifest_path = write_manifest(out_dir, manifest) if out_dir is not None else None
+    return ScoreRun(
+        output=out_dir, discovered=len(paths), resumed=committed_before, elapsed_s=elapsed,
+        images_per_s=round(stats.total / stats.wall_s, 2) if stats.wall_s > 0 and stats.total else None,
+        results=results, status=status, manifest=manifest, results_path=results_path,
+        status_path=status_path, manifest_path=manifest_path, demo=demo, **counts,
+    )
+
+
+def resolve_findings(findings: str | Path | Mapping[str, Any] | Sequence[str] | None) -> PromptSet:
+    """Any accepted ``findings`` form → names, prompts and thresholds (validated, non-empty)."""
+    from radflash.findings import default_prompts, load_prompt_file
+
+    if findings is None:
+        entries: dict[str, Any] = dict(default_prompts())
+    elif isinstance(findings, (str, Path)):
+        entries = load_prompt_file(findings)
+    elif isinstance(findings, Mapping):
+        entries = dict(findings)
+    elif isinstance(findings, Sequence):
+        entries = {str(p): str(p) for p in findings}
+    else:
+        raise InputError(f"findings must be a prompt file, a mapping or a list of prompts, "
+                         f"got {type(findings).__name__}")
+    if not entries:
+        raise InputError("no findings given")
+    names, prompts, thresholds = [], [], []
+    for name, value in entries.items():
+        if isinstance(value, Mapping):
+            prompt, threshold = value.get("prompt"), value.get("threshold")
+        else:
+            prompt, threshold = value, None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(f"finding {name!r} has no prompt text")
+        if "." in str(name):
+            # result columns are "<finding>.logit"; a dot in the name would make them ambiguous
+            raise InputError(f"finding name {name!r} contains '.'; use another name for it")
+        names.append(str(name))
+        prompts.append(prompt.strip())
+        thresholds.append(None if threshold is None else float(threshold))
+    return PromptSet(tuple(names), tuple(prompts), tuple(thresholds))
+
+
+def resume_key(path: str | os.PathLike) -> str:
+    """The identity of a file across runs: its absolute path with symlinks resolved (never raises,
+    even for a symlink loop), so ``data/x.dcm`` and ``/home/u/data/x.dcm`` are one file."""
+    return os.path.realpath(path)
+
+
+def _check_resumable(previous: dict, current: dict, out_dir: Path) -> None:
+    """A resumed run must produce the same columns from the same model and select files by the
+    same rules, or parts would disagree; each difference is named with both values."""
+    problems = []
+    old_model, new_model = previous.get("model", {}), current["model"]
+    if old_model.get("sha256") != new_model["sha256"]:
+        problems.append(f"model {old_model.get('id')!r} sha256 {str(old_model.get('sha256'))[:12]} ≠ "
+                        f"{new_model['id']!r} sha256 {str(new_model['sha256'])[:12]}")
+    if previous.get("findings") != current["findings"]:
+        problems.append("findings/prompts differ")
+    old_args = previous.get("args", {})
+    for key in ("include_phi", "num_parts", "part_id"):
+        if old_args.get(key) != current["args"][key]:
+            problems.append(f"{key} {old_args.get(key)!r} ≠ {current['args'][key]!r}")
+    # selection rules (modalities, views, pixel budget...) decide which files get scored
+    old_rules, new_rules = old_args.get("rules"), json.loads(json.dumps(current["args"]["rules"]))
+    if isinstance(old_rules, dict) and isinstance(new_rules, dict):
+        for key in sorted(set(old_rules) | set(new_rules)):
+            if old_rules.get(key) != new_rules.get(key):
+                problems.append(f"rules.{key} {old_rules.get(key)!r} ≠ {new_rules.get(key)!r}")
+    elif old_rules != new_rules:
+        problems.append(f"rules {old_rules!r} ≠ {new_rules!r}")
+    if problems:
+        raise InputError(f"{out_dir}: cannot resume, the earlier run used other settings ({'; '.join(problems)})")
+    if previous.get("args", {}).get("inputs") != current["args"]["inputs"]:
+        log.warning("resuming with other inputs than the earlier run (%s); committed files are kept",
+                    previous.get("args", {}).get("inputs"))
+
+
+def _done_counts(store: Any, out_dir: Path | None) -> dict[str, int]:
+    if out_dir is None or not isinstance(store, PartStore):
+        return {}
+    return status_counts(store.read_parts().column("status").to_pylist())
+
+
+def _timings(stats: PipelineStats) -> dict[str, Any]:
+    d = stats.as_dict()
+    return {"pipeline_wall_s": d["wall_s"], **{k: d[k] for k in (
+        "decode_cpu_s", "resize_s", "inference_s", "write_s", "images_per_s", "batches", "worker_restarts")}}
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import pydicom
+    import torch
+
+    from radflash import __version__
+
+    return {"radflash": __version__, "torch": torch.__version__, "pydicom": pydicom.__version__,
+            "pyarrow": pa.__version__, "numpy": numpy.__version__, "python": sys.version.split()[0],
+            "platform": platform.platform()}
+
+
+class _Progress:
+    """The shared rich bar (radflash.util.progress) with images/s and live scored/skipped/failed counts."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+
+    def update(self, record: Any) -> None:
+        self.bar.update(count=record.status)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _progress_bar(total: int, *, enabled: bool, initial_counts: Mapping[str, int]) -> _Progress | None:
+    from radflash.util.progress import progress_bar
+
+    bar = progress_bar(total, desc="scoring", enabled=enabled,
+                       fields={"scored": 0, "skipped": 0, "failed": 0, **initial_counts})
+    return None if bar is None else _Progress(bar)

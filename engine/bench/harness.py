@@ -1,0 +1,391 @@
+"""``bench()``: latency of every stage of radflash beside the RadZero reference, in one run.
+
+For each backend and batch size B one timed loop runs the whole path per iteration
+
+    decode (B DICOM files) → preprocess → image encoder → head (VL-CABS) → maps (upsampling)
+
+with a :class:`radflash.util.timing.StageClock` boundary after each stage. ``e2e`` is that
+iteration's total and the stage times are its consecutive segments, so per iteration the
+stages sum to at most ``e2e`` (exactly, up to loop overhead) and so do their means.
+The reference path (:mod:`radflash.bench.reference`: transformers modules, fp32, eager, same weights;
+the RadZero code's own unfused head, sharing no code with radflash's, and plain-torch maps; the
+reference code's pydicom/PIL decode and preprocessing) runs the
+same loop on the same files in the same process, so every row carries
+``ratio = reference median / radflash median`` (> 1: radflash is faster).
+``score`` times the whole :func:`radflash.archive.verb.score` verb (in-process decode) on a small
+synthetic archive against a serial reference loop over the same files.
+
+Warm-up iterations are excluded; CUDA timings use events and one synchronize per iteration.
+p95/p99 are reported only from 20/100 samples on (:data:`radflash.util.timing.MIN_SAMPLES`). ``auto``
+is resolved by timing its candidates at the largest batch size; the record is in ``config``.
+Physical limits beside the results (formulas in :data:`FORMULAS`): the encoder's achieved FLOP/s
+as a fraction of a measured matmul rate in the model's dtype, and the head's and maps' bytes/s
+as a fraction of a measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from radflash.bench.inputs import _build_archive, _image_loader, _Inputs, _inputs, bench_prompts
+from radflash.bench.report import E2E, SCORE, STAGES, BenchReport, Limit, MemoryRow, Row
+from radflash.errors import BackendUnavailable, InputError
+from radflash.util.timing import Peaks, StageClock, Stats, measure_peaks, peak_memory, reset_peak_memory
+
+if TYPE_CHECKING:
+    from radflash.api import RadFlashModel
+    from radflash.checkpoints.format import Checkpoint
+
+
+log = logging.getLogger("radflash.bench")
+
+
+SCORE_RUNS = 3  # whole-archive runs of the score path (each run already covers archive_files images)
+
+
+# ---- formulas ---------------------------------------------------------------------------------------
+def encoder_flops(cfg: Any, image_size: int) -> float:
+    """FLOP per image of the ViT + align layers (:data:`FORMULAS` ``encode``)."""
+    v = cfg.vision
+    patches = (image_size // v.patch) ** 2
+    n, d, m = patches + 1, v.hidden, v.mlp
+    layers = v.layers + cfg.align_layers
+    return layers * (2 * n * (4 * d * d + 2 * d * m) + 4 * n * n * d) + 2 * patches * (v.in_chans * v.patch**2) * d
+
+
+def head_bytes(b: int, t: int, n: int, d: int, *, e_tok: int, e_txt: int, e_s: int) -> int:
+    return b * n * d * e_tok + t * d * e_txt + b * t * 4 + b * t * (n - 1) * e_s
+
+
+def maps_bytes(b: int, t: int, n_patches: int, h: int, w: int, *, e_s: int, e_out: int) -> int:
+    return b * t * n_patches * e_s + b * t * h * w * e_out
+
+
+# ---- model ------------------------------------------------------------------------------------------
+def _checkpoint(model: str | Path | None, skipped: list[dict[str, str]]) -> Checkpoint:
+    from radflash.api import DEMO_MODEL
+    from radflash.checkpoints.factory import random_checkpoint
+    from radflash.checkpoints.format import load_checkpoint
+    from radflash.models.config import PRESETS
+
+    if model is None:
+        if (DEMO_MODEL / "model.safetensors").exists():
+            return load_checkpoint(DEMO_MODEL)
+        skipped.append({"what": "demo model", "reason": "not built yet; a random 'tiny' model (same shapes) is used"})
+        model = "tiny"
+    if isinstance(model, str) and model in PRESETS and not Path(model).exists():
+        return random_checkpoint(model, seed=0, model_id=f"random-{model}")
+    return load_checkpoint(model)
+
+
+def _resolve_model(model: Any, device: str, image_size: int | None,
+                   skipped: list[dict[str, str]]) -> RadFlashModel:
+    """A RadFlashModel at ``image_size``: a path, a preset name (random weights), an instance or None."""
+    from radflash.api import RadFlashModel
+    from radflash.checkpoints.format import Checkpoint
+
+    if isinstance(model, RadFlashModel):
+        if image_size is None or image_size == model.config.image_size:
+            return model
+        ckpt = Checkpoint(config=model.config, state_dict=model.module.state_dict(), tokenizer=model.tokenizer,
+                          model_id=model.model_id, prompts=dict(model.default_prompts))
+        device, dtype = model.device, model.dtype
+    elif model is None or isinstance(model, (str, Path)):
+        ckpt, dtype = _checkpoint(model, skipped), None
+    else:
+        kind = type(model).__name__
+        raise InputError(f"model must be a checkpoint path, a preset name or a RadFlashModel, got {kind}")
+    if image_size is not None and image_size != ckpt.config.image_size:
+        patch = ckpt.config.vision.patch
+        if image_size % patch:
+            raise InputError(f"image size {image_size} is not a multiple of the patch size {patch}")
+        ckpt = dataclasses.replace(ckpt, config=dataclasses.replace(ckpt.config, image_size=image_size))
+    return RadFlashModel(ckpt, device=device, dtype=dtype)
+
+
+def _check_args(backends: Sequence[str], batch_sizes: Sequence[int], prompts: int, iterations: int,
+                warmup: int, archive_files: int) -> list[str]:
+    from radflash.backends import BACKENDS
+
+    if isinstance(backends, str):
+        backends = [backends]
+    names = [b for b in BACKENDS if b != "auto"]
+    chosen: list[str] = []
+    for b in backends:
+        if b == "all":
+            chosen += names
+        elif b in BACKENDS:
+            chosen.append(b)
+        else:
+            raise InputError(f"unknown backend {b!r}; choose from {', '.join([*BACKENDS, 'all'])}")
+    if not batch_sizes or any(int(b) != b or b < 1 for b in batch_sizes):
+        raise InputError(f"batch sizes must be integers ≥ 1, got {list(batch_sizes)}")
+    for name, value, low in (("prompts", prompts, 1), ("iterations", iterations, 1), ("warmup", warmup, 0),
+                             ("archive_files", archive_files, 0)):
+        if value < low:
+            raise InputError(f"{name} must be ≥ {low}, got {value}")
+    return list(dict.fromkeys(chosen))
+
+
+# ---- the verb -----------------------------------------------------------------------------------------
+def bench(
+    *,
+    model: str | Path | RadFlashModel | None = None,
+    device: str = "auto",
+    backends: Sequence[str] = ("eager",),
+    batch_sizes: Sequence[int] = (1, 8),
+    image_size: int | None = None,
+    prompts: int = 14,
+    iterations: int = 10,
+    warmup: int = 2,
+    include_reference: bool = True,
+    archive_files: int = 16,
+    threads: int | None = None,
+) -> BenchReport:
+    """Time every stage of radflash (and the reference, side by side) for each backend and batch size.
+
+    Args:
+        model: checkpoint path, a preset name (``tiny``/``base``: random weights of that size), a loaded
+            :class:`RadFlashModel`, or ``None`` (the demo model; a random tiny one if not built).
+        backends: encoder backends (``eager``, ``compile``, ``onnxruntime``, ``tensorrt``, ``all``); ones
+            that cannot run here are listed in ``report.skipped`` with the reason.
+        image_size: input side S (multiple of the patch); ``None`` = the model's own.
+        prompts: number of text prompts T (the defaults first, then generated variants).
+        iterations, warmup: timed and excluded iterations per backend and batch size.
+        include_reference: also run the transformers reference path (needs transformers) for the ratios.
+        archive_files: size of the synthetic DICOM archive for ``decode`` and ``score`` (0: in-memory images).
+        threads: torch intra-op threads during the run, restored afterwards (``None``: as set). On a CPU
+            shared with other jobs use 1: with more threads than free cores every parallel op can stall
+            for a scheduler time slice (measured: the reference encoder 1.2 s instead of 40 ms at 2
+            threads on 2 cores at load 7).
+    """
+    names = _check_args(backends, batch_sizes, prompts, iterations, warmup, archive_files)
+    if threads is None:
+        threads = torch.get_num_threads()
+    if threads < 1:
+        raise InputError(f"threads must be ≥ 1, got {threads}")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _bench(model, device, names, batch_sizes, image_size, prompts, iterations, warmup,
+                      include_reference, archive_files)
+    finally:
+        torch.set_num_threads(previous_threads)  # the caller's process setting, restored
+
+
+def _bench(model: Any, device: str, names: list[str], batch_sizes: Sequence[int], image_size: int | None,
+           prompts: int, iterations: int, warmup: int, include_reference: bool, archive_files: int) -> BenchReport:
+    from radflash.util.sysinfo import machine_info
+
+    batch_sizes = sorted({int(b) for b in batch_sizes})
+    skipped: list[dict[str, str]] = []
+    rf = _resolve_model(model, device, image_size, skipped)
+    original_backend = rf.backend_name
+    cfg, dev = rf.config, rf.device
+    prompt_list = bench_prompts(prompts, list(rf.default_prompts.values()) or ["There is pleural effusion"])
+    peaks = measure_peaks(dev, rf.dtype)
+    reference = _reference(rf, skipped) if include_reference else None
+
+    with tempfile.TemporaryDirectory(prefix="radflash-bench-") as tmp:
+        files = _build_archive(Path(tmp) / "archive", archive_files, skipped)
+        inputs = _inputs(files, cfg.image_size)
+        report = BenchReport(
+            machine=machine_info(dev), peaks=peaks, skipped=skipped,
+            config={
+                "model": rf.model_id, "image_size": cfg.image_size, "patch": cfg.vision.patch,
+                "tokens": (cfg.image_size // cfg.vision.patch) ** 2 + 1, "width": cfg.vision.hidden,
+                "encoder_layers": cfg.vision.layers + cfg.align_layers, "device": str(dev),
+                "dtype": str(rf.dtype).removeprefix("torch."), "backends": names, "batch_sizes": batch_sizes,
+                "prompts": prompts, "iterations": iterations, "warmup": warmup, "threads": torch.get_num_threads(),
+                "archive_files": len(files), "map_size": list(inputs.map_size),
+                "reference": None if reference is None else "transformers Dinov2Model + Dinov2Layer + MPNetModel, "
+                "fp32 eager; the RadZero code's unfused head (LayerNorm, normalise, bmm/τ, softmax, weighted sum, "
+                "cosine); F.interpolate maps; pydicom + PIL decode/preprocess",
+                "e2e": "one timed loop per iteration: " + " → ".join(STAGES) + "; stages are its segments",
+            },
+        )
+        ref_stages: dict[int, dict[str, Stats]] = {}
+        ref_score: dict[int, Stats] = {}
+        if reference is not None:
+            for b in batch_sizes:
+                log.info("reference, batch %d", b)
+                reset_ok = reset_peak_memory(dev)
+                ref_stages[b] = _loop(_reference_iteration(reference, inputs, prompt_list, cfg), b, dev,
+                                      iterations, warmup)
+                report.memory.append(MemoryRow("reference", b, peak_memory(dev, reset_ok=reset_ok)))
+                if files:
+                    ref_score[b] = _time_runs(lambda b=b: _reference_score(reference, files, prompt_list, b),
+                                              dev, iterations, warmup if b == batch_sizes[0] else 0)
+        score_ok = True
+        try:
+            for name in names:
+                try:
+                    # auto is timed at the largest batch size (the throughput setting) and says what it measured
+                    rf.set_backend(name, **({"batch_size": batch_sizes[-1]} if name == "auto" else {}))
+                except (BackendUnavailable, InputError, ImportError) as exc:
+                    skipped.append({"what": f"backend {name}", "reason": str(exc)})
+                    continue
+                if name == "auto":
+                    report.config["auto_selection"] = rf.backend_selection
+                if name == "compile" and warmup == 0:
+                    warnings.warn("compile backend with warmup=0: the first iteration includes compilation",
+                                  stacklevel=2)
+                for b in batch_sizes:
+                    log.info("radflash %s, batch %d", name, b)
+                    reset_ok = reset_peak_memory(dev)
+                    stages = _loop(_radflash_iteration(rf, inputs, prompt_list), b, dev, iterations, warmup)
+                    report.memory.append(MemoryRow(name, b, peak_memory(dev, reset_ok=reset_ok)))
+                    for stage, st in stages.items():
+                        ref = ref_stages.get(b, {}).get(stage)
+                        report.rows.append(_row(name, b, stage, b, st, ref, _limit(stage, st, rf, b, len(prompt_list),
+                                                                               inputs, peaks)))
+                    if files and score_ok:
+                        try:
+                            st = _time_runs(lambda b=b: _radflash_score(rf, files, prompt_list, b),
+                                            dev, iterations, warmup if b == batch_sizes[0] else 0)
+                        except ImportError as exc:
+                            skipped.append({"what": "score", "reason": str(exc)})
+                            score_ok = False
+                            continue
+                        report.rows.append(_row(name, b, SCORE, len(inputs.files), st, ref_score.get(b), None))
+        finally:
+            if rf.backend_name != original_backend:
+                rf.set_backend(original_backend)
+    return report
+
+
+def _reference(rf: RadFlashModel, skipped: list[dict[str, str]]):
+    from radflash.bench.reference import ReferenceRadZero
+
+    try:
+        return ReferenceRadZero.from_model(rf)
+    except BackendUnavailable as exc:
+        skipped.append({"what": "reference", "reason": str(exc)})
+        return None
+
+
+def _row(backend: str, b: int, stage: str, images: int, st: Stats, ref: Stats | None, limit: Limit | None) -> Row:
+    from radflash.util.timing import images_per_s
+
+    return Row(backend=backend, batch_size=b, stage=stage, images=images, radflash=st, reference=ref,
+               ratio=None if ref is None else ref.median_ms / st.median_ms, images_per_s=images_per_s(images, st),
+               reference_images_per_s=None if ref is None else images_per_s(images, ref), limit=limit)
+
+
+def _limit(stage: str, st: Stats, rf: RadFlashModel, b: int, t: int, inputs: _Inputs, peaks: Peaks) -> Limit | None:
+    cfg = rf.config
+    n, d = (cfg.image_size // cfg.vision.patch) ** 2 + 1, cfg.vision.hidden
+    e = torch.finfo(rf.dtype).bits // 8
+    if stage == "encode":
+        kind, amount, peak = "flop", b * encoder_flops(cfg, cfg.image_size), peaks.matmul_flops_per_s
+    elif stage == "head":
+        kind, amount, peak = "bytes", head_bytes(b, t, n, d, e_tok=e, e_txt=e, e_s=e), peaks.copy_bytes_per_s
+    elif stage == "maps":
+        h, w = inputs.map_size
+        kind, amount, peak = "bytes", maps_bytes(b, t, n - 1, h, w, e_s=e, e_out=2), peaks.copy_bytes_per_s
+    else:
+        return None
+    rate = amount / (st.median_ms / 1e3)
+    return Limit(kind=kind, amount=float(amount), achieved_per_s=rate, peak_per_s=peak, fraction=rate / peak)
+
+
+# ---- timed loops --------------------------------------------------------------------------------------
+def _loop(iteration, b: int, dev: torch.device, iterations: int, warmup: int) -> dict[str, Stats]:
+    """Run ``iteration(clock, i, b)`` warmup + iterations times; stage and e2e stats of the timed ones."""
+    clock = StageClock(dev)
+    for i in range(warmup):
+        clock.start()
+        iteration(clock, i, b)
+        clock.stop()
+    samples: dict[str, list[float]] = {}
+    for i in range(iterations):
+        clock.start()
+        iteration(clock, warmup + i, b)
+        for stage, s in clock.stop().items():
+            samples.setdefault(E2E if stage == "total" else stage, []).append(s)
+    return {stage: Stats.from_seconds(v) for stage, v in samples.items()}
+
+
+def _radflash_iteration(rf: RadFlashModel, inputs: _Inputs, prompt_list: list[str]):
+    from radflash.kernels import upsample_maps
+
+    text = rf.encode_text(prompt_list)  # prompt embeddings are fixed per run: cached, not timed
+    grid = rf.grid_for((rf.config.image_size // rf.config.vision.patch) ** 2)
+    load = _image_loader() if inputs.files else None
+
+    @torch.inference_mode()
+    def iteration(clock: StageClock, i: int, b: int) -> None:
+        batch = inputs.batch(i, b)
+        if load is not None:
+            batch = [load(p).pixels for p in batch]
+            clock.mark("decode")
+        pixels = rf.preprocess(batch)
+        clock.mark("preprocess")
+        tokens = rf.encode_images(pixels=pixels)
+        clock.mark("encode")
+        _, sims = rf.module.head(tokens, text, return_maps=True)
+        clock.mark("head")
+        upsample_maps(sims.view(b, len(prompt_list), *grid), inputs.map_size, output="prob")
+        clock.mark("maps")
+
+    return iteration
+
+
+def _reference_iteration(ref: Any, inputs: _Inputs, prompt_list: list[str], cfg: Any):
+    text = ref.text_features(prompt_list)
+    side = cfg.image_size // cfg.vision.patch
+
+    @torch.inference_mode()
+    def iteration(clock: StageClock, i: int, b: int) -> None:
+        batch = inputs.batch(i, b)
+        if inputs.files:
+            batch = [ref.decode(p) for p in batch]
+            clock.mark("decode")
+        else:
+            batch = [(255 * img).astype(np.uint8) for img in batch]
+        pixels = ref.preprocess(batch)
+        clock.mark("preprocess")
+        tokens = ref.image_tokens(pixels)
+        clock.mark("encode")
+        _, sims = ref.head(tokens, text, return_maps=True)
+        clock.mark("head")
+        ref.maps(sims, (side, side), inputs.map_size)
+        clock.mark("maps")
+
+    return iteration
+
+
+def _time_runs(fn, dev: torch.device, iterations: int, warmup: int) -> Stats:
+    """Whole-archive runs: one warm-up if any (the first batch size only: the timed loop before it has
+    already warmed the model, this pays the score path's one-time imports), then up to SCORE_RUNS runs."""
+    from radflash.util.timing import time_fn
+
+    return Stats.from_seconds(time_fn(fn, device=dev, iterations=min(iterations, SCORE_RUNS), warmup=min(warmup, 1)))
+
+
+def _radflash_score(rf: RadFlashModel, files: list[Path], prompt_list: list[str], b: int) -> None:
+    from radflash.archive.verb import score
+
+    run = score(files, None, model=rf, findings=prompt_list, batch_size=b, workers=0, backend=rf.backend_name,
+                progress=False)
+    if run.scored != len(files):
+        raise InputError(f"score path scored {run.scored} of {len(files)} synthetic chest films "
+                         f"({run.skipped} skipped, {run.failed} failed)")
+
+
+@torch.inference_mode()
+def _reference_score(ref: Any, files: list[Path], prompt_list: list[str], b: int) -> None:
+    """The serial loop a user of the reference code writes: decode → preprocess → encode → logits."""
+    text = ref.text_features(prompt_list)
+    for start in range(0, len(files), b):
+        pixels = ref.preprocess([ref.decode(p) for p in files[start:start + b]])
+        ref.head(ref.image_tokens(pixels), text)

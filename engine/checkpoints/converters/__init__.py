@@ -1,0 +1,1 @@
+"""One module per released checkpoint layout (radzero today)."""

@@ -1,0 +1,90 @@
+"""Randomly initialised checkpoints: for tests, benchmarks and as the trainer's starting point.
+
+Real weights never ship with radflash; latency depends only on shapes, so benchmarks of the
+published sizes use random weights of the right architecture.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from radflash.checkpoints.format import Checkpoint
+from radflash.findings import default_prompts
+from radflash.models import RadZero
+from radflash.models.config import ModelConfig, preset
+from radflash.tokenizer import PromptTokenizer
+
+SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")  # MPNet's ids 0..3 (pad = 1)
+BASIC_WORDS = (
+    "there", "is", "are", "no", "may", "be", "of", "the", "a", "and", "or", "in", "with", "left",
+    "right", "upper", "lower", "lung", "lungs", "lobe", "apical", "basal", "bilateral", "small", "large",
+    "moderate", "pleural", "effusion", "pneumothorax", "cardiomegaly", "nodule", "mass", "consolidation",
+    "atelectasis", "edema", "opacity", "fracture", "lesion", "pneumonia", "support", "devices",
+    "enlarged", "cardiomediastinum", "other", "finding", "heart", "normal", "clear",
+)
+
+
+def wordpiece_tokenizer(words: Iterable[str] = BASIC_WORDS, *, vocab_size: int | None = None) -> Tokenizer:
+    """An MPNet-shaped WordPiece tokenizer over a fixed word list (+ single characters as fallback)."""
+    vocab: dict[str, int] = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    chars = sorted({c for w in words for c in w} | set("abcdefghijklmnopqrstuvwxyz0123456789.,;:-'()/"))
+    for token in [*chars, *[f"##{c}" for c in chars], *words]:
+        vocab.setdefault(token, len(vocab))
+    if vocab_size is not None:
+        for i in range(len(vocab), vocab_size):
+            vocab[f"[unused{i}]"] = i
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    tok.decoder = decoders.WordPiece()
+    return tok
+
+
+def randomize_(module: torch.nn.Module, *, seed: int | None = None, std: float = 0.02) -> torch.nn.Module:
+    """Non-trivial random weights everywhere (LayerNorm gains/biases and LayerScale included).
+
+    Default inits leave LayerNorms at 1/0 and position tables at 0, which would let parity tests
+    pass with a wrong parameter mapping; randomising everything makes such bugs visible.
+    """
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("log_tau"):
+                p.fill_(math.log(0.07))
+            elif p.ndim == 1 and _is_gain(name.lower()):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=gen))
+    return module
+
+
+def _is_gain(name: str) -> bool:
+    return ("norm" in name and name.endswith("weight")) or name.endswith(("ls1", "ls2", "lambda1"))
+
+
+def random_checkpoint(
+    config: ModelConfig | str = "tiny",
+    *,
+    seed: int | None = None,
+    tokenizer: Tokenizer | None = None,
+    model_id: str = "random",
+) -> Checkpoint:
+    cfg = preset(config) if isinstance(config, str) else config
+    tok = tokenizer or wordpiece_tokenizer(vocab_size=cfg.text.vocab)
+    if tok.get_vocab_size() > cfg.text.vocab:
+        raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens, model vocab is {cfg.text.vocab}")
+    module = randomize_(RadZero(cfg), seed=seed)
+    return Checkpoint(
+        config=cfg,
+        state_dict={k: v.clone() for k, v in module.state_dict().items()},
+        tokenizer=PromptTokenizer(tok, pad_id=cfg.text.pad_id, max_length=cfg.text.max_length),
+        model_id=model_id,
+        prompts=default_prompts(),
+    )

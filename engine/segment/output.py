@@ -1,0 +1,171 @@
+"""Writing one image's outputs and the run report (writer orchestration)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from radflash.errors import InputError
+from radflash.io.safe_paths import inside
+from radflash.segment.results import ImageResult, PromptSpec, SegmentRun, _Item
+
+if TYPE_CHECKING:
+    from radflash.api import RadFlashModel
+
+
+log = logging.getLogger("radflash.segment")
+
+
+FORMATS = ("png", "npz", "dicom-seg", "nifti")
+
+
+REPORT = "report.json"
+
+
+def _check_formats(formats: Sequence[str] | str) -> tuple[str, ...]:
+    if isinstance(formats, str):
+        formats = [formats]
+    out = []
+    for f in formats:
+        for part in str(f).split(","):
+            part = part.strip().lower()
+            if not part:
+                continue
+            if part not in FORMATS:
+                raise InputError(f"unknown output format {part!r}; choose from {', '.join(FORMATS)}")
+            if part not in out:
+                out.append(part)
+    from radflash.util.optional import require
+
+    if "dicom-seg" in out:  # fail before the model loads, not on the first image
+        require("highdicom", extra="seg", purpose="--format dicom-seg")
+    if "nifti" in out:
+        require("nibabel", extra="nifti", purpose="--format nifti")
+    return tuple(out)
+
+
+# ---- writing -----------------------------------------------------------------------------------
+class _Writer:
+    """Writes one image's outputs under OUTDIR/<name>/ (every path checked to stay inside OUTDIR)."""
+
+    def __init__(self, out: Path, rf: RadFlashModel, specs: tuple[PromptSpec, ...], formats: tuple[str, ...],
+                 preview: bool) -> None:
+        self.out, self.rf, self.specs, self.formats, self.preview = out, rf, specs, formats, preview
+        self._series: dict[str, tuple[str, int]] = {}  # study UID → (SEG series UID, instances so far)
+
+    def path(self, name: str, filename: str) -> Path:
+        return inside(self.out, name, filename)
+
+    def rel(self, path: Path) -> str:
+        return path.relative_to(self.out).as_posix()
+
+    def npz(self, name: str):
+        from radflash.segment.writers import NpzWriter
+
+        return NpzWriter(self.path(name, "maps.npz"))
+
+    def write_image(self, item: _Item, result: ImageResult, masks: np.ndarray) -> None:
+        from radflash.segment import writers as sw
+
+        name = result.name
+        # Each output is independent: one that fails is noted and the others are still written.
+        if "png" in self.formats:
+            for t, s in enumerate(self.specs):
+                self._try(result, "png", lambda t=t, s=s: sw.write_mask_png(self.path(name, f"mask-{s.slug}.png"),
+                                                                           masks[t]), key=f"mask:{s.name}")
+        if "dicom-seg" in self.formats:
+            if item.meta is None or item.meta.kind != "dicom":  # PNG/JPEG sources and arrays
+                result.notes.append("dicom-seg: not written, the source is not a DICOM file")
+            else:
+                self._try(result, "dicom-seg", lambda: self._seg(item, name, masks))
+        if "nifti" in self.formats:
+            spacing = item.meta.pixel_spacing if item.meta is not None else None  # mm (row, column)
+            self._try(result, "nifti", lambda: sw.write_nifti(self.path(name, "masks.nii.gz"), masks,
+                                                              spacing=spacing))
+        if self.preview:
+            overlays = [sw.Overlay(s.name, masks[t], g.point, g.bbox, g.max_prob)
+                        for t, s in enumerate(self.specs) for g in [result.groundings[s.name]]]
+            self._try(result, "preview", lambda: sw.write_preview(self.path(name, "preview.png"), item.pixels,
+                                                                  overlays))
+        json_path = self.path(name, "result.json")
+        result.files["json"] = self.rel(json_path)
+        text = json.dumps(image_record(result, self.specs), indent=2, ensure_ascii=False) + "\n"
+        sw.atomic_write(json_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+    def _try(self, result: ImageResult, kind: str, fn, *, key: str | None = None) -> None:
+        from radflash.segment.writers import WriteError
+
+        try:
+            path = fn()
+        except (WriteError, InputError, OSError) as exc:
+            result.notes.append(f"{kind}: failed ({str(exc).splitlines()[0]})")
+            log.warning("%s: %s output failed: %s", result.source, kind, exc)
+            return
+        result.files[key or kind] = self.rel(path)
+
+    def _seg(self, item: _Item, name: str, masks: np.ndarray) -> Path:
+        from radflash.segment.writers import SegmentInfo, SegSeries, write_dicom_seg
+        from radflash.util.optional import require
+
+        study = item.meta.study_instance_uid or ""
+        hd = require("highdicom", extra="seg", purpose="DICOM SEG output")
+        series_uid, n = self._series.get(study, (str(hd.UID()), 0))
+        self._series[study] = (series_uid, n + 1)
+        path = write_dicom_seg(
+            self.path(name, "seg.dcm"), item.meta, masks,
+            [SegmentInfo(s.name, s.prompt, s.threshold) for s in self.specs],
+            model_id=self.rf.model_id, model_sha256=self.rf.sha256 or "",
+            series=SegSeries(series_uid, instance_number=n + 1),
+        )
+        return path
+
+
+# ---- records, report, summary ------------------------------------------------------------------
+def image_record(result: ImageResult, specs: Sequence[PromptSpec]) -> dict[str, Any]:
+    """The per-image JSON: source, size, and for each prompt its threshold and grounding."""
+    return {
+        "source": result.source,
+        "sop_instance_uid": result.sop_instance_uid,
+        "size": {"height": result.size[0], "width": result.size[1]},
+        "coordinates": "pixels of the source image; point = (x, y); bbox = [x_min, y_min, x_max, y_max] inclusive",
+        "prompts": [
+            {"name": s.name, "prompt": s.prompt, "threshold": s.threshold, "file_key": s.slug,
+             **result.groundings[s.name].to_dict()}
+            for s in specs if s.name in result.groundings
+        ],
+        "files": dict(result.files),
+        "notes": list(result.notes),
+    }
+
+
+def build_report(run: SegmentRun, rf: RadFlashModel, *, started: datetime, complete: bool,
+                 preview: bool) -> dict[str, Any]:
+    from radflash import __version__
+
+    positives = run.positives
+    return {
+        "complete": complete,
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "elapsed_s": round(run.elapsed_s, 3),
+        "radflash_version": __version__,
+        "model": {"id": rf.model_id, "sha256": rf.sha256, "notice": rf.notice,
+                  "image_size": rf.config.image_size},
+        "device": str(rf.device),
+        "formats": list(run.formats),
+        "preview": preview,
+        "prompts": [{**asdict(s), "positives": positives[s.name]} for s in run.prompts],
+        "counts": {**run.counts, "inputs": len(run.images) + sum(f.status != "partial" for f in run.failures)},
+        "images": [{"source": r.source, "name": r.name, "json": r.files.get("json"),
+                    "positive": [s.name for s in run.prompts if s.name in r.groundings
+                                 and r.groundings[s.name].positive]}
+                   for r in run.images],
+        "failures": [asdict(f) for f in run.failures],
+    }

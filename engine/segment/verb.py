@@ -1,0 +1,326 @@
+"""``segment()``: pixel maps, masks and grounding for any prompts, at each image's own size.
+
+The verb behind ``radflash segment``. One RadZero similarity map per image and prompt gives
+everything: upsampled to the ORIGINAL resolution and passed through a sigmoid it is the
+probability map (saved as float16 ``.npz``); thresholded it is the mask (PNG, DICOM SEG,
+NIfTI); its arg-max is the grounding point, and the largest component of the mask gives a box.
+
+Stages (data flows one way)::
+
+    discover → DecodePool (try_load + selection rules, worker processes) → input order → Batcher
+             → encode_images (one batch) → per image: similarity_maps(tokens, size=(H, W)) in prompt
+             chunks → masks + grounding → writers (atomic) → per-image JSON → report.json
+
+Why it is shaped this way:
+
+* The image tower runs once per batch; prompt embeddings are encoded once per run (the model
+  caches them), so many prompts cost only the cheap head and the upsampling.
+* Maps are made at each image's own size (radiographs differ: 1955×1841, 3000×2500...), one
+  image at a time and in chunks of prompts, so hundreds of open-vocabulary prompts on a large
+  image never need a gigabyte-sized float stack.
+* Files are decoded by the score pipeline's :class:`radflash.archive.decode_pool.DecodePool` (full
+  resolution, since the maps are made at the source size): decoding overlaps the map/writer work
+  of earlier images, and a file whose decoder crashes or hangs fails alone. Results are re-ordered
+  to input order, so output names (collisions get ``-2``...) do not depend on decode timing.
+* One mask rule everywhere: ``mask = prob > threshold`` on the float32 probability, computed by
+  :func:`radflash.kernels.upsample_maps` (``output="mask"``). The float16 maps saved to ``.npz``
+  agree except for pixels within float16 rounding (≤ 2⁻¹¹ relative) of the threshold.
+* A file that cannot be read, or an output that cannot be produced for one image, is recorded
+  with its reason and the run goes on; files are written atomically, so whatever was written
+  stays valid if the run dies later.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from radflash.errors import InputError, RadflashError
+from radflash.io.safe_paths import NameAllocator, image_output_name, inside
+from radflash.segment.grounding import ground
+from radflash.segment.output import REPORT, _check_formats, _Writer, build_report
+from radflash.segment.prompts import resolve_prompts
+from radflash.segment.results import ImageResult, InputFailure, PromptSpec, SegmentRun, _Item
+
+if TYPE_CHECKING:
+    from radflash.api import RadFlashModel
+    from radflash.archive.decode_pool import Decoded
+    from radflash.io.selection import SelectionRules
+
+
+log = logging.getLogger("radflash.segment")
+
+
+MAP_BUDGET_BYTES = 256 * 2**20  # float16 maps held at once per image (prompt chunking)
+
+
+# ---- the verb ----------------------------------------------------------------------------------
+def segment(
+    inputs: str | Path | np.ndarray | Any | Sequence[str | Path | np.ndarray | Any],
+    outdir: str | Path | None = None,
+    *,
+    prompts: Sequence[str] | Mapping[str, Any] | str | Path,
+    thresholds: float | Sequence[float] | Mapping[str, float] | None = None,
+    model: str | Path | RadFlashModel | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    backend: str = "eager",
+    batch_size: int = 8,
+    formats: Sequence[str] = ("png", "npz"),
+    preview: bool = False,
+    rules: SelectionRules | None = None,
+    workers: int | None = None,
+    timeout: float | None = 120.0,
+    progress: bool = True,
+    max_pixels: int | None = None,
+) -> SegmentRun:
+    """Probability maps, masks and grounding for every image × prompt, at each image's own size.
+
+    Args:
+        inputs: DICOM/PNG/JPEG files or folders (searched recursively, same discovery and
+            selection rules as ``score``), and/or in-memory H×W arrays in [0, 1] (or uint8).
+        outdir: folder for the outputs; ``None`` writes nothing and keeps the float16 maps and
+            uint8 masks in :attr:`ImageResult.probs` / ``.masks``.
+        prompts: a list of prompt texts (any text: findings or anatomy, e.g. "left lung"); a
+            mapping name → text or name → {prompt, threshold}; or a YAML/JSON/TXT prompt file
+            (a ``Path``, or a ``str`` naming an existing file).
+        thresholds: mask threshold(s) on the probability map: one float for all prompts, one per
+            prompt, or name → float. A threshold given with a prompt (file/mapping) wins, then
+            this argument, then the checkpoint's calibrated map thresholds, then 0.5.
+        formats: any of ``png`` (masks), ``npz`` (float16 maps), ``dicom-seg`` (DICOM sources
+            only), ``nifti`` (needs nibabel). The per-image JSON is always written.
+        preview: also write an overlay PNG (image + masks + points + legend) at the source size.
+        rules: a :class:`radflash.io.selection.SelectionRules`; ``None`` = the default rules.
+        workers: decode processes for files; 0 decodes in-process; ``None`` = min(4, CPU count,
+            files), and 0 for a single file (nothing to overlap its decode with).
+        timeout: seconds one file may take to decode before its worker is killed and it is failed.
+        max_pixels: the pixel budget shared with ``score`` (files above it fail from their header).
+    """
+    t0 = time.perf_counter()
+    started = datetime.now(timezone.utc)
+    formats = _check_formats(formats)
+    if max_pixels is not None:
+        from dataclasses import replace
+
+        from radflash.io.selection import SelectionRules
+
+        rules = replace(rules or SelectionRules(), max_pixels=max_pixels)
+    if outdir is not None:
+        from radflash.archive.sinks import check_creatable
+
+        check_creatable(outdir)  # a file on the path fails before the model loads
+    if batch_size < 1:
+        raise InputError(f"batch_size must be ≥ 1, got {batch_size}")
+    if workers is not None and workers < 0:
+        raise InputError(f"workers must be ≥ 0, got {workers}")
+    if outdir is None and (formats or preview):
+        log.debug("no outdir: formats %s and preview are not written", formats)
+    from radflash.api import as_model
+    rf = as_model(model, device=device, dtype=dtype, backend=backend)
+    specs = resolve_prompts(prompts, thresholds, calibration=rf.calibration, default_prompts=rf.default_prompts)
+    rf.encode_text([s.prompt for s in specs])  # validate + cache all prompt embeddings up front
+
+    out = None
+    if outdir is not None:
+        out = Path(outdir)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"{out}: output exists and is not a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        out = out.resolve()
+
+    arrays, paths = _split_inputs(inputs)
+    failures: list[InputFailure] = []
+    if paths:
+        from radflash.io.discovery import discover
+
+        files = list(discover(paths))
+        if rules is None:
+            from radflash.io.selection import SelectionRules
+
+            rules = SelectionRules()
+    else:
+        files = []
+    total = len(arrays) + len(files)
+    if total == 0:
+        raise InputError("no input images found" + (f" under {', '.join(map(str, paths))}" if paths else ""))
+
+    writer = _Writer(out, rf, specs, formats, preview) if out is not None else None
+    names = NameAllocator(fallback="image")
+    images: list[ImageResult] = []
+    if workers is None:  # a single file has nothing to overlap its decode with: no spawn cost
+        workers = min(4, os.cpu_count() or 1, len(files)) if len(files) > 1 else 0
+    bar = _progress(total, enabled=progress)
+    items = _decoded(arrays, files, rules, failures, bar, workers=min(workers, len(files)), timeout=timeout)
+    try:
+        from radflash.archive.batching import Batcher
+
+        for batch in Batcher(batch_size, max_wait=None).from_iterable(items):
+            tokens = rf.encode_images([item.pixels for item in batch.items])
+            for i, item in enumerate(batch.items):
+                meta = item.meta
+                uid = meta.sop_instance_uid if meta is not None else None
+                stem = image_output_name(None, item.source if meta is not None else None, item.index)
+                name = names.claim(image_output_name(uid, None, item.index) if uid else stem, fallback=stem)
+                try:
+                    result = _segment_one(rf, tokens[i:i + 1], item, name, uid, specs, writer)
+                except (RadflashError, OSError) as exc:  # this image's outputs; the next may still work
+                    failures.append(InputFailure(item.source, "failed", f"{exc}".splitlines()[0]))
+                else:
+                    images.append(result)
+                    failed = [n for n in result.notes if ": failed" in n]
+                    if failed:  # the image's other outputs (and its JSON) were written
+                        failures.append(InputFailure(item.source, "partial", "; ".join(failed)))
+                if bar is not None:
+                    bar.update(1)
+            del tokens
+    finally:
+        items.close()  # stops decode workers promptly if the run ended early
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - t0
+        run = SegmentRun(outdir=out, model_id=rf.model_id, prompts=specs, formats=formats, images=images,
+                         failures=failures, elapsed_s=elapsed)
+        report = build_report(run, rf, started=started, complete=sys.exc_info()[0] is None, preview=preview)
+        run.report = report
+        if out is not None:
+            from radflash.segment.writers import atomic_write
+
+            path = inside(out, REPORT)
+            text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+            atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            run.report_path = path
+    return run
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+def _split_inputs(inputs: Any) -> tuple[list[np.ndarray], list[Path]]:
+    import torch
+
+    if isinstance(inputs, (str, Path, np.ndarray, torch.Tensor)):
+        inputs = [inputs]
+    if not isinstance(inputs, Sequence) or not inputs:
+        raise InputError("no inputs given")
+    arrays, paths = [], []
+    for x in inputs:
+        if isinstance(x, (str, Path)):
+            paths.append(Path(x))
+        elif isinstance(x, torch.Tensor):
+            arrays.append(x.detach().cpu().numpy())
+        elif isinstance(x, np.ndarray):
+            arrays.append(x)
+        else:
+            raise InputError(f"inputs must be paths or arrays, got {type(x).__name__}")
+    return arrays, paths
+
+
+def _decoded(arrays: list[np.ndarray], files: list[Path], rules: SelectionRules | None,
+             failures: list[InputFailure], bar: Any, *, workers: int, timeout: float | None) -> Iterator[_Item]:
+    """In-memory arrays, then the files through the shared decode stage (input order);
+    unloadable files are recorded in ``failures``."""
+    from radflash.archive.decode_pool import decode_stream
+    from radflash.preprocess import as_image_list
+
+    index = 0
+    for arr in arrays:
+        index += 1
+        try:
+            (img,) = as_image_list(arr)
+        except (InputError, ValueError) as exc:
+            failures.append(InputFailure(f"<array {index}>", "failed", str(exc)))
+            if bar is not None:
+                bar.update(1)
+            continue
+        yield _Item(index, f"<array {index}>", img.float().numpy())
+    if not files:
+        return
+    stream, _ = decode_stream(files, workers=workers, rules=rules, timeout=timeout)
+    try:
+        for d in _in_input_order(stream):
+            if d.status != "loaded":
+                failures.append(InputFailure(d.path, d.status, d.reason or "no image"))
+                if bar is not None:
+                    bar.update(1)
+                continue
+            yield _Item(index + 1 + d.index, d.path, d.pixels, d.meta)
+    finally:
+        stream.close()  # stops the worker processes when the run ends early
+
+
+def _in_input_order(stream: Iterator[Decoded]) -> Iterator[Decoded]:
+    """Re-order a decode stream (completion order) by task index. The pool has at most
+    workers × depth tasks in flight, so at most that many items wait here."""
+    waiting: dict[int, Decoded] = {}
+    following = 0
+    for d in stream:
+        waiting[d.index] = d
+        while following in waiting:
+            yield waiting.pop(following)
+            following += 1
+    yield from (waiting[i] for i in sorted(waiting))  # only if indices had gaps (they never do)
+
+
+# ---- one image ---------------------------------------------------------------------------------
+def _segment_one(rf: RadFlashModel, tokens: Any, item: _Item, name: str, uid: str | None,
+                 specs: tuple[PromptSpec, ...], writer: _Writer | None) -> ImageResult:
+    h, w = item.pixels.shape
+    t_all = len(specs)
+    chunk = max(1, min(t_all, MAP_BUDGET_BYTES // (3 * h * w)))  # uint8 mask + float16 map per prompt
+    keep_probs = writer is None
+    need_probs = keep_probs or (writer is not None and "npz" in writer.formats)
+    masks = np.zeros((t_all, h, w), np.uint8)
+    probs = np.zeros((t_all, h, w), np.float16) if keep_probs else None
+    peaks, peak_probs = np.zeros((t_all, 2), np.int64), np.zeros(t_all, np.float32)
+    result = ImageResult(item.source, name, (h, w), uid, {})
+    npz = writer.npz(name) if writer is not None and "npz" in writer.formats else None
+    try:
+        for lo in range(0, t_all, chunk):
+            part = specs[lo:lo + chunk]
+            texts, sl = [s.prompt for s in part], slice(lo, lo + len(part))
+            # The mask is the kernel's (prob > threshold in float32), never re-derived from the
+            # float16 map: one rule for every caller. Maps and masks come from the same pass.
+            res = rf.similarity_maps(prompts=texts, tokens=tokens, size=(h, w), output="both" if need_probs else "mask",
+                                     threshold=[s.threshold for s in part])
+            masks[sl] = res.masks[0].cpu().numpy()
+            peaks[sl] = res.peak[0].cpu().numpy()
+            peak_probs[sl] = res.peak_prob[0].float().cpu().numpy()
+            if need_probs:
+                p_np = res.probs[0].cpu().numpy()
+                if probs is not None:
+                    probs[sl] = p_np
+                if npz is not None:
+                    for j, s in enumerate(part):
+                        npz.add(s.slug, p_np[j])
+                del p_np
+            del res
+        if npz is not None:
+            npz.add_strings("_names", [s.name for s in specs])
+            npz.add_strings("_prompts", [s.prompt for s in specs])
+            npz.commit()
+            result.files["npz"] = writer.rel(npz.path)  # type: ignore[union-attr]
+            npz = None
+    finally:
+        if npz is not None:  # not committed: an error came first
+            npz.discard()
+    for t, s in enumerate(specs):
+        result.groundings[s.name] = ground(masks[t], peak_yx=tuple(peaks[t]), peak_prob=float(peak_probs[t]))
+    if writer is not None:
+        writer.write_image(item, result, masks)
+    else:
+        result.probs, result.masks = probs, masks
+    return result
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+def _progress(total: int, *, enabled: bool):
+    from radflash.util.progress import progress_bar
+
+    return progress_bar(total, desc="segmenting", enabled=enabled)

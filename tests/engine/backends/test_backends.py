@@ -1,0 +1,470 @@
+"""Every backend available here vs eager on random images; bucket padding; auto's measured choice; TensorRT.
+
+Tolerances (max |backend − eager| / max |eager|, random tiny model at 56² = 17 tokens):
+compile 1e-4 (inductor reorders fp32 reductions), onnxruntime fp32 1e-3 (the export bound),
+onnxruntime int8 0.15 with mean error ≤ 6% of the mean |token| (8-bit activations through 6
+layers of a random, unstructured model; measured 3.4%).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from radflash.api import RadFlashModel
+from radflash.backends import make_backend
+from radflash.backends.buckets import bucket_for, pad_to, plan, run_bucketed
+from radflash.backends.tensorrt import build_engine, engine_cache_key, network_plan
+from radflash.checkpoints.factory import random_checkpoint
+from radflash.errors import BackendUnavailable, InputError
+from radflash.models.config import preset
+
+SIZE = 56  # 4×4 patches + CLS: keeps CPU compile and export fast
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+@pytest.fixture(scope="module")
+def model() -> RadFlashModel:
+    cfg = dataclasses.replace(preset("tiny"), image_size=SIZE)
+    return RadFlashModel(random_checkpoint(cfg, seed=3), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("radflash-cache")
+
+
+def pixels(b: int) -> torch.Tensor:
+    return torch.randn(b, 3, SIZE, SIZE)
+
+
+def eager(model: RadFlashModel, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.module.image_tokens(x)
+
+
+# ---- buckets ------------------------------------------------------------------------------------
+def test_bucket_plan() -> None:
+    assert [bucket_for(n) for n in (1, 2, 3, 5, 17, 64)] == [1, 2, 4, 8, 32, 64]
+    assert plan(3) == [(0, 3, 4)]
+    assert plan(130) == [(0, 64, 64), (64, 128, 64), (128, 130, 2)]
+    assert plan(7, (2, 8)) == [(0, 7, 8)]
+    with pytest.raises(InputError):
+        bucket_for(65)
+    assert pad_to(torch.ones(3, 2), 4)[3].abs().sum() == 0
+
+
+def test_run_bucketed_keeps_rows_and_shapes() -> None:
+    seen = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.shape[0])
+        return x * 2
+
+    x = torch.randn(11, 5)
+    torch.testing.assert_close(run_bucketed(fn, x, (1, 4)), x * 2)
+    assert seen == [4, 4, 4]  # 4 + 4 + (3 padded to 4)
+
+
+# ---- parity with eager ---------------------------------------------------------------------------
+def test_eager_backend_is_the_module(model: RadFlashModel) -> None:
+    x = pixels(2)
+    torch.testing.assert_close(model.encode_images(pixels=x), eager(model, x))
+
+
+@pytest.mark.slow
+def test_compile_matches_eager_and_padding_never_mixes_images(model: RadFlashModel) -> None:
+    backend = make_backend("compile", model, buckets=(4,))  # one bucket: one CPU compile (~40 s)
+    x = pixels(3)  # padded to 4; single images below are padded with 3 zero images
+    with torch.inference_mode():
+        together = backend.encode(x)
+        alone = torch.cat([backend.encode(x[i:i + 1]) for i in range(3)])
+        shuffled = backend.encode(x.flip(0)).flip(0)
+    ref = eager(model, x)
+    assert together.shape == ref.shape
+    assert rel_err(together, ref) < 1e-4
+    # image i gives the same tokens alone (+3 padding rows) and among others, in any position
+    assert rel_err(alone, together) < 1e-4
+    assert rel_err(shuffled, together) < 1e-4
+
+
+def test_onnxruntime_fp32_matches_eager_and_caches(model: RadFlashModel, cache: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("RADFLASH_CACHE", str(cache))
+    backend = make_backend("onnxruntime", model)
+    assert backend.onnx_path.parent == cache / "onnx" and f"{SIZE}px-fp32-opset" in backend.onnx_path.name
+    stamp = backend.onnx_path.stat().st_mtime_ns
+    for b in (1, 5):  # dynamic batch axis: no padding needed
+        x = pixels(b)
+        got = backend.encode(x)
+        assert got.shape == (b, 17, 192) and got.dtype == model.dtype
+        assert rel_err(got, eager(model, x)) < 1e-3
+    again = make_backend("onnxruntime", model)  # cached graph reused, not re-exported
+    assert again.onnx_path == backend.onnx_path and again.onnx_path.stat().st_mtime_ns == stamp
+    # through the public API too
+    model.set_backend("onnxruntime")
+    try:
+        x = pixels(2)
+        assert rel_err(model.encode_images(pixels=x), eager(model, x)) < 1e-3
+    finally:
+        model.set_backend("eager")
+
+
+def test_onnxruntime_int8_needs_a_graph(model: RadFlashModel) -> None:
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(InputError, match="calibrate quantize"):
+        make_backend("onnxruntime", model, precision="int8")
+
+
+def test_onnxruntime_int8_matches_eager_loosely(model: RadFlashModel, cache: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("onnxruntime")
+    from radflash.backends.export import export_onnx
+    from radflash.calibration.quantize import quantize_onnxruntime
+
+    monkeypatch.setenv("RADFLASH_CACHE", str(cache))
+    fp32 = tmp_path / "fp32.onnx"
+    export_onnx(model, fp32, validate=False)
+    # smooth, image-like calibration inputs, preprocessed like real ones
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, SIZE), torch.linspace(0, 1, SIZE), indexing="ij")
+    calib = [(0.5 + 0.4 * torch.sin(4 * xx + i) * torch.cos(3 * yy)).clamp(0, 1) for i in range(8)]
+    quantize_onnxruntime(fp32, tmp_path / "int8.onnx", model.preprocess(calib))
+    backend = make_backend("onnxruntime", model, precision="int8", onnx_path=tmp_path / "int8.onnx")
+    held = model.preprocess([(0.5 + 0.4 * torch.cos(5 * xx + i) * torch.sin(2 * yy)).clamp(0, 1) for i in range(3)])
+    got, ref = backend.encode(held), eager(model, held)
+    assert rel_err(got, ref) < 0.15
+    assert float((got - ref).abs().mean() / ref.abs().mean()) < 0.06
+
+
+def test_unknown_and_unavailable_backends(model: RadFlashModel) -> None:
+    with pytest.raises(InputError, match="unknown backend"):
+        make_backend("jax", model)
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(BackendUnavailable, match="pip install tensorrt"):
+            make_backend("tensorrt", model)
+
+
+# ---- auto: measured, cached, recorded ------------------------------------------------------------
+class FakeOrt:
+    """Stands in for the ONNX Runtime backend: eager's numbers under another name (no export needed)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model: RadFlashModel) -> None:
+        self.module = model.module
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.module.image_tokens(pixels)
+
+
+@pytest.fixture
+def fake_auto(model: RadFlashModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A private cache, onnxruntime 'installed' as :class:`FakeOrt`, and a clock that reads from a script.
+
+    ``clock.script[name]`` is the list of seconds the next timed calls of that backend take (warm-up
+    calls included); ``clock.calls`` counts every call and ``clock.shapes`` records the batches timed.
+    """
+    import radflash.backends as backends
+    from radflash.backends import auto
+
+    monkeypatch.setenv("RADFLASH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(backends, "_importable", lambda name: name == "onnxruntime")
+    real_build = backends._build
+    monkeypatch.setattr(backends, "_build", lambda name, m, opts: FakeOrt(m) if name == "onnxruntime"
+                        else real_build(name, m, opts))
+    clock = SimpleNamespace(script={}, calls={"eager": 0, "onnxruntime": 0}, shapes=[])
+
+    def fake_time(backend, pixels: torch.Tensor) -> float:
+        clock.calls[backend.name] += 1
+        clock.shapes.append(tuple(pixels.shape))
+        return clock.script[backend.name].pop(0)
+
+    monkeypatch.setattr(auto, "time_encode", fake_time)
+    return clock
+
+
+def script_for(eager_s: float, speedup: float) -> dict[str, list[float]]:
+    """Warm-up + ITERATIONS timings per candidate, ±1% noise around eager_s and eager_s / speedup."""
+    from radflash.backends.auto import ITERATIONS, WARMUP
+
+    def noisy(seconds: float) -> list[float]:
+        return (seconds * (1 + 0.01 * (2 * torch.rand(WARMUP + ITERATIONS, dtype=torch.float64) - 1))).tolist()
+
+    return {"eager": noisy(eager_s), "onnxruntime": noisy(eager_s / speedup)}
+
+
+@pytest.mark.parametrize(("speedup", "expected"), [(2.0, "onnxruntime"), (1.02, "eager"), (0.6, "eager")])
+def test_auto_times_both_and_keeps_the_faster(model: RadFlashModel, fake_auto, speedup: float, expected: str,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    import statistics
+
+    from radflash.backends.auto import ITERATIONS, WARMUP
+
+    eager_s = float(torch.empty(()).uniform_(0.005, 0.5))
+    fake_auto.script = script_for(eager_s, speedup)
+    timed = {k: v[WARMUP:] for k, v in fake_auto.script.items()}  # what the medians must be taken of
+    batch = int(torch.randint(1, 6, ()))
+    with caplog.at_level(logging.INFO, logger="radflash.backends"):
+        backend = make_backend("auto", model, batch_size=batch, precision="fp16")  # other options are ignored
+    sel = backend.selection
+    assert backend.name == expected == sel["chosen"] and sel["measured"] and not sel["cached"]
+    assert fake_auto.calls == {"eager": WARMUP + ITERATIONS, "onnxruntime": WARMUP + ITERATIONS}
+    assert set(fake_auto.shapes) == {(batch, 3, SIZE, SIZE)}  # timed at the run's batch size
+    for name, samples in timed.items():  # ms are recorded rounded to 4 decimals: half a unit in the last place
+        assert sel["candidates"][name]["ms_per_batch"] == pytest.approx(1e3 * statistics.median(samples), abs=5e-5)
+        assert sel["candidates"][name]["iterations"] == ITERATIONS
+    assert sel["batch_size"] == batch and sel["image_size"] == SIZE and sel["reason"]
+    # the log line carries both measurements, not just the verdict
+    line = next(r.getMessage() for r in caplog.records if "auto →" in r.getMessage())
+    assert f"auto → {expected}" in line and "eager" in line and "onnxruntime" in line and " ms" in line
+
+
+def test_auto_decision_is_cached_per_key(model: RadFlashModel, fake_auto, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import radflash
+    from radflash.backends.auto import CACHE_FILE
+
+    fake_auto.script = script_for(0.02, 3.0)
+    first = make_backend("auto", model, batch_size=2).selection
+    assert first["chosen"] == "onnxruntime" and not first["cached"]
+    assert Path(first["cache_file"]) == tmp_path / "cache" / CACHE_FILE and Path(first["cache_file"]).is_file()
+    calls = dict(fake_auto.calls)
+
+    again = make_backend("auto", model, batch_size=2)
+    assert again.selection["cached"] and again.name == "onnxruntime" and fake_auto.calls == calls  # not re-timed
+    assert again.selection["candidates"] == first["candidates"]
+
+    # any part of the key changing means measuring again: the batch size, a version
+    fake_auto.script = script_for(0.02, 0.5)
+    other_batch = make_backend("auto", model, batch_size=3).selection
+    assert not other_batch["cached"] and other_batch["chosen"] == "eager"
+    fake_auto.script = script_for(0.02, 0.5)
+    monkeypatch.setattr(radflash, "__version__", radflash.__version__ + ".post1")
+    new_version = make_backend("auto", model, batch_size=2).selection
+    assert not new_version["cached"] and new_version["chosen"] == "eager"
+    assert new_version["key"]["radflash"].endswith(".post1")
+
+
+def test_auto_survives_a_corrupt_cache(model: RadFlashModel, fake_auto, tmp_path: Path,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    from radflash.backends.auto import CACHE_FILE
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / CACHE_FILE).write_text("{not json")
+    fake_auto.script = script_for(0.01, 2.0)
+    with caplog.at_level(logging.WARNING, logger="radflash.backends"):
+        sel = make_backend("auto", model, batch_size=1).selection
+    assert sel["measured"] and not sel["cached"] and "ignoring the backend cache" in caplog.text
+    assert json.loads((tmp_path / "cache" / CACHE_FILE).read_text())["schema"] == 1  # rewritten whole
+
+
+@pytest.mark.parametrize(("device", "dtype", "has", "expected", "why"), [
+    ("cuda", torch.bfloat16, {"tensorrt", "onnxruntime"}, "tensorrt", "tensorrt is importable"),
+    ("cuda", torch.bfloat16, {"onnxruntime"}, "compile", "tensorrt is not installed"),
+    ("cpu", torch.float32, set(), "eager", "onnxruntime is not installed"),
+    ("cpu", torch.bfloat16, {"onnxruntime"}, "eager", "float32"),
+])
+def test_auto_without_a_measurement_says_why(device: str, dtype: torch.dtype, has: set[str], expected: str,
+                                             why: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from radflash.backends import auto
+
+    monkeypatch.setenv("RADFLASH_CACHE", str(tmp_path))
+    monkeypatch.setattr(auto, "time_encode", lambda *a: pytest.fail("nothing should be timed"))
+    fake = SimpleNamespace(device=torch.device(device), dtype=dtype, module=None,
+                           config=SimpleNamespace(image_size=SIZE))
+    backend, sel = auto.select(fake, batch_size=4, build=lambda name: SimpleNamespace(name=name),
+                               importable=lambda name: name in has)
+    assert backend.name == expected == sel["chosen"] and why in sel["reason"]
+    assert not sel["measured"] and sel["candidates"] == {} and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("error", [BackendUnavailable("onnxscript is not installed"),
+                                   InputError("enc.onnx: ONNX export failed (KeyError: 'x')")])
+def test_auto_falls_back_to_eager_when_onnxruntime_cannot_be_built(model: RadFlashModel, error: Exception,
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from radflash.backends import auto
+
+    monkeypatch.setenv("RADFLASH_CACHE", str(tmp_path))
+
+    def build(name: str):
+        raise error
+
+    backend, sel = auto.select(model, batch_size=2, build=build, importable=lambda name: True)
+    assert backend.name == sel["chosen"] == "eager" and str(error) in sel["reason"] and not sel["measured"]
+    assert not any(tmp_path.iterdir())  # a failure is not cached as a decision
+
+
+def test_auto_really_measures_onnxruntime(model: RadFlashModel, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No fakes: both candidates built and timed here; whichever wins encodes like eager."""
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("RADFLASH_CACHE", str(cache))
+    backend = make_backend("auto", model, batch_size=2)
+    sel = backend.selection
+    assert sel["measured"] and set(sel["candidates"]) == {"eager", "onnxruntime"}
+    assert all(c["ms_per_batch"] > 0 for c in sel["candidates"].values())
+    assert backend.name == sel["chosen"] in ("eager", "onnxruntime")
+    x = pixels(2)
+    with torch.inference_mode():
+        assert rel_err(backend.encode(x), eager(model, x)) < 1e-3
+
+
+def test_score_manifest_records_the_choice(model: RadFlashModel, fake_auto, tmp_path: Path) -> None:
+    from radflash.archive.verb import score
+    from radflash.synthetic.dicom_archive import write_archive
+
+    write_archive(tmp_path / "archive", 3, seed=int(torch.randint(0, 2**16, ())))
+    fake_auto.script = script_for(0.05, 1.5)
+    run = score(tmp_path / "archive", tmp_path / "out", model=model, backend="auto", batch_size=2, workers=0,
+                progress=False)
+    written = json.loads(run.manifest_path.read_text())
+    sel = written["backend_selection"]
+    assert written["backend"] == sel["chosen"] == "onnxruntime" and sel["batch_size"] == 2
+    assert {n: c["iterations"] for n, c in sel["candidates"].items()} == {"eager": 3, "onnxruntime": 3}
+    assert sel["candidates"]["eager"]["ms_per_batch"] > sel["candidates"]["onnxruntime"]["ms_per_batch"]
+    assert run.scored == 3
+    model.set_backend("eager")
+
+
+def test_score_cli_shows_the_measurement(fake_auto, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from radflash.checkpoints.format import save_checkpoint
+    from radflash.cli import cli
+    from radflash.synthetic.dicom_archive import write_archive
+
+    cfg = dataclasses.replace(preset("tiny"), image_size=SIZE)
+    ckpt = save_checkpoint(random_checkpoint(cfg, seed=4), tmp_path / "ckpt")
+    write_archive(tmp_path / "archive", 2, seed=int(torch.randint(0, 2**16, ())))
+    fake_auto.script = script_for(0.04, 0.5)  # eager twice as fast
+    res = CliRunner().invoke(cli, ["score", str(tmp_path / "archive"), "-o", str(tmp_path / "out"), "--model",
+                                   str(ckpt), "--backend", "auto", "--batch-size", "2", "--workers", "0"],
+                             env={"COLUMNS": "400"})  # one table row per line
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if "backend choice" in x)
+    assert "auto → eager (eager " in line and " ms, onnxruntime " in line and "ms per batch of 2" in line
+
+
+# ---- TensorRT: everything up to the real library ---------------------------------------------------
+class FakeTRT:
+    """Records what build_engine asks of TensorRT."""
+
+    def __init__(self, version: str) -> None:
+        self.__version__ = version
+        self.calls: list[tuple] = []
+        rec = self.calls
+
+        class Logger:
+            WARNING = 2
+
+            def __init__(self, level: int) -> None: ...
+
+        class Profile:
+            def set_shape(self, name, lo, opt, hi):
+                rec.append(("profile", name, lo, opt, hi))
+
+        class Config:
+            def set_flag(self, flag):
+                rec.append(("flag", flag))
+
+            def add_optimization_profile(self, p):
+                rec.append(("add_profile",))
+
+        class Builder:
+            def __init__(self, logger) -> None: ...
+
+            def create_network(self, flags):
+                rec.append(("network", flags))
+                return object()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                return b"plan-bytes"
+
+        class Parser:
+            num_errors = 0
+
+            def __init__(self, network, logger) -> None: ...
+
+            def parse_from_file(self, path):
+                rec.append(("parse", path))
+                return True
+
+        self.Logger, self.Builder, self.OnnxParser = Logger, Builder, Parser
+        self.NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=5)
+        self.BuilderFlag = SimpleNamespace(FP16="FP16", BF16="BF16", INT8="INT8")
+
+
+@pytest.mark.parametrize(("version", "precision", "strong", "flags", "graph"), [
+    ("10.7.0", "fp16", False, ("FP16",), "fp32"),
+    ("10.7.0", "bf16", False, ("BF16",), "fp32"),
+    ("10.7.0", "fp32", False, (), "fp32"),
+    ("10.7.0", "int8", False, ("INT8",), "int8"),
+    ("11.0.0", "fp16", True, (), "fp16"),
+    ("11.2.1", "bf16", True, (), "bf16"),
+])
+def test_network_plan_by_version(version: str, precision: str, strong: bool, flags: tuple, graph: str) -> None:
+    plan = network_plan(FakeTRT(version), precision)
+    assert (plan.strongly_typed, plan.flags, plan.onnx_precision) == (strong, flags, graph)
+
+
+def test_network_plan_rejects_old_versions_and_bad_precision() -> None:
+    with pytest.raises(BackendUnavailable):
+        network_plan(FakeTRT("8.6.1"), "fp16")
+    with pytest.raises(InputError):
+        network_plan(FakeTRT("10.0.0"), "fp8")
+
+
+@pytest.mark.parametrize("version", ["10.7.0", "11.0.0"])
+def test_build_engine_with_fake_tensorrt(version: str, tmp_path: Path) -> None:
+    trt = FakeTRT(version)
+    out = build_engine(tmp_path / "g.onnx", tmp_path / "e.plan", precision="fp16", image_size=518, opt_batch=8,
+                       max_batch=32, trt=trt)
+    assert out.read_bytes() == b"plan-bytes"
+    assert ("network", 1 << 5 if version.startswith("11") else 0) in trt.calls
+    assert (("flag", "FP16") in trt.calls) == version.startswith("10")
+    assert ("profile", "pixels", (1, 3, 518, 518), (8, 3, 518, 518), (32, 3, 518, 518)) in trt.calls
+    with pytest.raises(InputError):
+        build_engine(tmp_path / "g.onnx", tmp_path / "e.plan", precision="fp16", image_size=518, opt_batch=64,
+                     max_batch=32, trt=trt)
+
+
+def test_engine_cache_key_names_everything_that_invalidates_a_plan() -> None:
+    kw = dict(model_key="ab" * 32, precision="fp16", image_size=518, min_batch=1, opt_batch=16, max_batch=64,
+              trt_version="10.7.0", gpu_name="NVIDIA H100 80GB HBM3")
+    key = engine_cache_key(**kw)
+    assert key == "abababababababab-518px-fp16-b1-16-64-trt10.7.0-nvidia-h100-80gb-hbm3.plan"
+    for field, value in (("trt_version", "11.0.0"), ("gpu_name", "NVIDIA A100"), ("precision", "bf16"),
+                         ("model_key", "cd" * 32), ("max_batch", 32)):
+        assert engine_cache_key(**{**kw, field: value}) != key
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT needs a CUDA GPU")
+def test_tensorrt_matches_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("tensorrt")
+    monkeypatch.setenv("RADFLASH_CACHE", str(tmp_path))
+    cfg = dataclasses.replace(preset("tiny"), image_size=SIZE)
+    cuda_model = RadFlashModel(random_checkpoint(cfg, seed=3), device="cuda", dtype="float32")
+    backend = make_backend("tensorrt", cuda_model, precision="fp32", max_batch=8, opt_batch=4)
+    x = torch.randn(3, 3, SIZE, SIZE, device="cuda")
+    with torch.inference_mode():
+        ref = cuda_model.module.image_tokens(x)
+    assert rel_err(backend.encode(x), ref) < 1e-2  # TF32 may be used by TensorRT for fp32 GEMMs
