@@ -157,10 +157,11 @@ def quantize_int8(
     ``auroc_phantoms`` > 0 also scores that many fresh phantoms (seed ``auroc_seed``) with fp32 and
     int8 encoders and reports the macro AUROC drop (target ≤ 0.01).
     """
-    from radflash.backends.export import _as_model, export_onnx
+    from radflash.api import as_model
+    from radflash.backends.export import export_onnx
     from radflash.backends.onnxrt import OnnxRuntimeBackend
 
-    model = _as_model(model)
+    model = as_model(model, device="cpu", dtype="float32")
     method = _pick_method(method)
     images, _ = _collect(model, images_dir, phantoms, seed)
     if len(images) < 2:

@@ -9,7 +9,7 @@
   between two observed scores; ties go to the LOWEST threshold (favours sensitivity: screening).
 
 Stored in the checkpoint config's ``calibration`` field next to anything else there (the trainer
-keeps segmentation ``thresholds`` in the same dict)::
+keeps segmentation ``map_thresholds`` in the same dict)::
 
     {"temperature": {name: T}, "threshold": {name: thr}, "threshold_rule": "youden",
      "fitted_on": "...", ...}
@@ -27,16 +27,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from radflash.checkpoints.calibration import _as_numpy, _sigmoid, apply
+from radflash.checkpoints.calibration import apply
 from radflash.errors import InputError
 
 log = logging.getLogger("radflash.calibration")
 
 
 RULES = ("youden", "f1")
-
-
 _GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow for large |x|
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:

@@ -2,7 +2,9 @@
 
 The wrapper owns everything around the tensor maths: tokenising and caching prompt embeddings
 (prompts are fixed per run), preprocessing, device/dtype placement and the choice of image
-encoder backend. The model module itself stays a plain ``nn.Module``.
+encoder backend. The model module itself stays a plain ``nn.Module`` of the family the
+checkpoint's config names (:mod:`radflash.models.registry`); the wrapper talks to it only through
+:class:`radflash.models.base.ModelFamily`, so a new family needs no change here.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from radflash.checkpoints.format import Checkpoint, check_state_dict, load_check
 from radflash.devices import resolve_device, resolve_dtype
 from radflash.errors import InputError
 from radflash.kernels import MapResult, upsample_maps
-from radflash.models import RadZero
+from radflash.models.registry import build
 from radflash.preprocess import ImageLike, Preprocessing, as_image_list, preprocess
 from radflash.tokenizer import check_prompts
 
@@ -51,7 +53,8 @@ class RadFlashModel:
         self.notice = ckpt.notice
         self.tokenizer = ckpt.tokenizer
         self.preprocessing = Preprocessing(self.config.image_size, self.config.mean, self.config.std)
-        module = RadZero(self.config)
+        self.family: str = self.config.architecture  # registry name, e.g. "radzero"
+        module = build(self.config)
         check_state_dict(module, ckpt.state_dict, ckpt.source or self.model_id)
         module.load_state_dict(ckpt.state_dict)
         self.module = module.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
@@ -101,8 +104,26 @@ class RadFlashModel:
         return self._encoder.encode(pixels)
 
     # ---- head -------------------------------------------------------------------------------
+    @property
+    def supports_maps(self) -> bool:
+        """Whether this model's family gives similarity maps (segmentation, grounding) besides scores."""
+        return bool(self.module.supports_maps)
+
+    def require_maps(self) -> None:
+        """Raise one clear :class:`InputError` if the family has no maps.
+
+        Verbs that need maps call this before any image is read, so a run fails once, up front,
+        instead of recording the same error for every image.
+        """
+        if not self.supports_maps:
+            raise InputError(f"model family {self.family!r} has no similarity maps; use score")
+
     @torch.inference_mode()
-    def head(self, tokens: torch.Tensor, prompts: Sequence[str], *, return_maps: bool = False):
+    def head(self, tokens: torch.Tensor, prompts: Sequence[str], *,
+             return_maps: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The family's head on image tokens and (cached) prompt features: logits (B, T), maps if asked."""
+        if return_maps:
+            self.require_maps()
         return self.module.head(tokens, self.encode_text(prompts), return_maps=return_maps)
 
     @torch.inference_mode()
@@ -131,7 +152,9 @@ class RadFlashModel:
 
         Also returns the arg-max pixel and peak probability (grounding); ``output="mask"`` gives
         thresholded uint8 masks without materialising float maps, ``"both"`` maps and masks in one pass.
+        Raises :class:`InputError` if the model's family has no maps (:attr:`supports_maps`).
         """
+        self.require_maps()  # before any image is encoded
         prompts = self._prompts(prompts)
         if size is None:
             if images is None:

@@ -46,7 +46,7 @@ def load_prompt_file(path: str | Path) -> dict[str, dict]:
             data = _parse_txt(text)
     except Exception as exc:  # yaml/json syntax errors come in many classes
         raise InputError(f"{path}: cannot parse prompt file ({type(exc).__name__}: {exc})".splitlines()[0]) from None
-    return _normalise(data, path)
+    return normalise_prompts(data, path)
 
 
 def _parse_txt(text: str) -> dict[str, str] | list[str]:
@@ -67,7 +67,9 @@ def _parse_txt(text: str) -> dict[str, str] | list[str]:
     return [prompt if name is None else f"{name}: {prompt}" for name, prompt in entries]
 
 
-def _normalise(data: object, path: Path) -> dict[str, dict]:
+def normalise_prompts(data: object, path: Path) -> dict[str, dict]:
+    """A prompt file's content (a list of prompts, or a mapping of names to prompts or to
+    ``{prompt, threshold}`` entries) as ``{name: entry}``; ``path`` names the source in errors."""
     if isinstance(data, list):
         data = {str(p): p for p in data}
     if not isinstance(data, dict) or not data:

@@ -1,4 +1,11 @@
-"""The training configuration schema (one YAML file per run)."""
+"""The training configuration: one YAML file per run, read into :class:`TrainConfig`.
+
+Pydantic dataclasses: types and ranges are checked when a YAML file is read (see
+:mod:`radflash.util.schema`), so a bad value stops ``radflash train`` with one line naming the key,
+not a TypeError mid-run. Lax mode on purpose: PyYAML reads ``lr: 1e-4`` as the string "1e-4",
+accepted as the float 1e-4. Apart from the trainer so the command line can validate a file (and
+tests can build configs) without importing the training loop.
+"""
 
 from __future__ import annotations
 
@@ -15,24 +22,15 @@ from radflash.models.config import MAX_IMAGE, PRESETS, ModelConfig, preset
 from radflash.util.schema import CONFIG as SCHEMA_CONFIG
 from radflash.util.schema import Float, Fraction, Int, validate
 
+Count = Annotated[Int, Field(ge=1)]
+NonNegInt = Annotated[Int, Field(ge=0)]
+NonNeg = Annotated[Float, Field(ge=0)]
+
 
 def _known_preset(name: str) -> str:
     if name not in PRESETS:
         raise ValueError(f"must be one of {', '.join(PRESETS)} (got {name!r})")
     return name
-
-
-NonNeg = Annotated[Float, Field(ge=0)]
-
-
-NonNegInt = Annotated[Int, Field(ge=0)]
-
-
-# ---- configuration ------------------------------------------------------------------------------
-# Pydantic dataclasses: types and ranges are checked when a YAML file is read (see radflash.util.schema),
-# so a bad value stops `radflash train` with one line naming the key, not a TypeError mid-run.
-# Lax mode on purpose: PyYAML reads `lr: 1e-4` as the string "1e-4", accepted as the float 1e-4.
-Count = Annotated[Int, Field(ge=1)]
 
 
 @config_dataclass(config=SCHEMA_CONFIG)

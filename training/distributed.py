@@ -1,4 +1,8 @@
-"""DDP helpers: rank/world discovery, device per rank, differentiable gather."""
+"""What the trainer needs from ``torchrun``: this process's rank and world, its device, and a gather.
+
+Kept in one place so that a single-process run never touches ``torch.distributed`` (only
+:func:`world_info` reads the environment, and it says whether the other two are needed).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 
-def _gather(x: torch.Tensor, *, grad: bool = True) -> torch.Tensor:
+def gather_from_ranks(x: torch.Tensor, *, grad: bool = True) -> torch.Tensor:
     """Concatenate ``x`` from all ranks along dim 0 (sizes may differ); gradients flow back.
 
     torch.distributed.nn's all_gather sums the incoming gradients over ranks in backward, so every
@@ -32,14 +36,16 @@ def _gather(x: torch.Tensor, *, grad: bool = True) -> torch.Tensor:
     return torch.cat([p[:s] for p, s in zip(parts, sizes_i)])
 
 
-def _dist_info() -> tuple[bool, int, int, int]:
+def world_info() -> tuple[bool, int, int, int]:
+    """``(distributed, rank, world, local_rank)`` from torchrun's environment; one process: ``(False, 0, 1, 0)``."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return False, 0, 1, 0
     return True, int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def _resolve_device(name: str, local_rank: int, distributed: bool) -> torch.device:
+def resolve_device(name: str, local_rank: int, distributed: bool) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; under DDP each process takes (and selects) its local GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)

@@ -13,6 +13,8 @@ Everything goes through the public API (``radflash.load`` → ``model.score`` /
   negative images = fraction of pixels left unmarked (every pixel of a negative is a true negative).
 
 Metrics are plain numpy functions on arrays, tested against brute-force counts and scikit-learn.
+The same threshold choice, made on validation phantoms at the end of training, gives the map
+thresholds a trained checkpoint carries (:func:`calibrate_map_thresholds`).
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from radflash.checkpoints.format import Checkpoint
-from radflash.training.config import TrainConfig
-from radflash.training.data import PhantomDataset
+if TYPE_CHECKING:
+    from radflash.checkpoints.format import Checkpoint
+    from radflash.training.config import TrainConfig
 
 THRESHOLDS = tuple(round(float(t), 2) for t in np.arange(0.05, 0.96, 0.05))
 
@@ -391,10 +393,15 @@ def evaluate_phantoms(
     return report
 
 
-def _calibrate(ck: Checkpoint, cfg: TrainConfig) -> dict[str, Any]:
-    """Per-prompt segmentation thresholds chosen on phantom VALIDATION images (not the test seed)."""
+# ---- thresholds stored with a trained checkpoint -------------------------------------------------
+def calibrate_map_thresholds(ck: Checkpoint, cfg: TrainConfig) -> dict[str, Any]:
+    """Per-prompt segmentation thresholds chosen on phantom VALIDATION images (not the test seed).
+
+    The trainer stores the result in the checkpoint's ``calibration``, where ``segment`` reads it
+    (:data:`radflash.segment.prompts.MAP_THRESHOLDS`).
+    """
     from radflash.api import RadFlashModel
-    from radflash.training.evaluate import choose_thresholds
+    from radflash.training.data import PhantomDataset
 
     model = RadFlashModel(ck, device="cpu")
     val = PhantomDataset(seed=cfg.data.val_seed, length=cfg.calibrate_n, size=cfg.data.size)

@@ -1,4 +1,8 @@
-"""RadZero's multi-positive NCE over (sentence, image) cosines.
+"""The training losses: RadZero's multi-positive NCE over (sentence, image) cosines, and the map loss.
+
+:func:`multi_positive_nce` is the formula below on a cosine matrix; :func:`contrastive_loss` builds
+that matrix from a batch (gathered over ranks under DDP, so negatives come from the global batch);
+:func:`map_loss` is the optional pixel-map supervision on phantoms (BCE against patch coverage).
 
 An image owns several minimal sentences, ALL of them positives (negated ones too: "There is no
 pneumothorax" describes that image as much as "There is cardiomegaly" does). Rows are sentences,
@@ -22,7 +26,7 @@ import torch.distributed as dist
 from radflash.errors import InputError
 from radflash.models import RadZero
 from radflash.training.data import Batch
-from radflash.training.distributed import _gather
+from radflash.training.distributed import gather_from_ranks
 
 
 def multi_positive_nce(cos: torch.Tensor, owner: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
@@ -57,8 +61,6 @@ def contrastive_loss(model: RadZero, tokens: torch.Tensor, text: torch.Tensor, b
 
     ℓ is computed once per UNIQUE sentence text and then indexed per sentence instance.
     """
-    from radflash.training.losses import multi_positive_nce
-
     text_index, owner, hashes = batch.text_index, batch.owner, batch.text_hash
     if mask_duplicates and hashes is None:
         raise ValueError("mask_duplicates needs batch.text_hash")
@@ -69,11 +71,11 @@ def contrastive_loss(model: RadZero, tokens: torch.Tensor, text: torch.Tensor, b
         dist.all_gather(counts, b_local)
         img_off = sum(int(c[0]) for c in counts[:rank])
         txt_off = sum(int(c[1]) for c in counts[:rank])
-        tokens, text = _gather(tokens), _gather(text)
-        text_index = _gather(text_index + txt_off, grad=False)
-        owner = _gather(owner + img_off, grad=False)
+        tokens, text = gather_from_ranks(tokens), gather_from_ranks(text)
+        text_index = gather_from_ranks(text_index + txt_off, grad=False)
+        owner = gather_from_ranks(owner + img_off, grad=False)
         if mask_duplicates:
-            hashes = _gather(hashes, grad=False)
+            hashes = gather_from_ranks(hashes, grad=False)
     cos = model.cosine(tokens.float(), text.float())  # (B, U)
     cos = cos[:, text_index].T  # (K, B)
     if mask_duplicates:

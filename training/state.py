@@ -1,4 +1,8 @@
-"""Trainer state on disk (no pickle): optimiser + RNG in safetensors, checkpoints."""
+"""What a training run keeps on disk: resumable trainer state, checkpoint folders, exported checkpoints.
+
+The optimiser and RNG state needed by ``--resume`` is stored in safetensors (tensors) with the
+small scalars as JSON metadata, so nothing here uses pickle, like the rest of radflash.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +24,6 @@ STATE_FILE = "trainer_state.safetensors"
 _META_KEY = "radflash.trainer"
 
 
-# ---- trainer state (no pickle) ------------------------------------------------------------------
 def save_trainer_state(path: Path, *, optimizer: torch.optim.Optimizer, step: int,
                        extra: dict[str, Any]) -> None:
     """Optimiser tensors + RNG states in safetensors; param groups and scalars as JSON metadata."""
@@ -77,7 +80,8 @@ def export_checkpoint(ck: Checkpoint, path: str | Path, *, dtype: str = "float32
     return save_checkpoint(dataclasses.replace(ck, state_dict=state), path)
 
 
-def _prune(folder: Path, keep: int) -> None:
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    """Delete all but the ``keep`` latest ``step_*`` checkpoint folders under ``folder``."""
     import shutil
 
     ckpts = sorted(folder.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))

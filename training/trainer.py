@@ -1,13 +1,15 @@
 """Contrastive training of RadZero models (multi-positive NCE over minimal sentences).
 
-One YAML file describes a run (:class:`TrainConfig`); :func:`train` runs it on one device or, under
-``torchrun``, on several (DDP). The recipe follows the RadZero paper: AdamW, linear warm-up then
-cosine decay, gradient clipping, bf16 autocast on CUDA, optionally a frozen vision tower.
+One YAML file describes a run (:class:`radflash.training.config.TrainConfig`); :func:`train` runs
+it on one device or, under ``torchrun``, on several (DDP). The recipe follows the RadZero paper:
+AdamW, linear warm-up then cosine decay, gradient clipping, bf16 autocast on CUDA, optionally a
+frozen vision tower. This module is the loop; the losses are in :mod:`radflash.training.losses`,
+the DDP plumbing in :mod:`radflash.training.distributed`, the map thresholds stored with each
+checkpoint are chosen by :func:`radflash.training.evaluate.calibrate_map_thresholds`.
 
 Checkpoints are written in the engine's own format (``save_checkpoint``), so a training output is
 directly usable by ``radflash.load``; the optimiser/RNG state needed by ``--resume`` sits beside it
-in ``trainer_state.safetensors`` (tensors) whose metadata holds the small scalars as JSON: no
-pickle anywhere, like the rest of radflash.
+(:mod:`radflash.training.state`, no pickle).
 
 Resumption is exact: data order is a pure function of the step (:func:`data.batch_indices`), the
 learning rate a pure function of the step (:func:`lr_at`), and the optimiser state is restored
@@ -39,16 +41,16 @@ from radflash.preprocess import Preprocessing
 from radflash.tokenizer import PromptTokenizer
 from radflash.training.config import TrainConfig, model_config
 from radflash.training.data import Batch, Collator, MimicStyleDataset, PhantomDataset, batch_indices
-from radflash.training.distributed import _dist_info, _resolve_device
-from radflash.training.evaluate import _calibrate
+from radflash.training.distributed import resolve_device, world_info
+from radflash.training.evaluate import calibrate_map_thresholds
 from radflash.training.losses import contrastive_loss, map_loss
 from radflash.training.plots import plot_losses
 from radflash.training.state import (
     STATE_FILE,
-    _prune,
     export_checkpoint,
     find_latest,
     load_trainer_state,
+    prune_checkpoints,
     save_trainer_state,
 )
 
@@ -157,12 +159,12 @@ class TrainResult:
 def train(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool = True,
           on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Run ``cfg``; ``resume`` = a checkpoint folder from ``output/checkpoints`` or "latest"."""
-    distributed, rank, world, local_rank = _dist_info()
+    distributed, rank, world, local_rank = world_info()
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = _resolve_device(cfg.device, local_rank, distributed)
+    device = resolve_device(cfg.device, local_rank, distributed)
     output = Path(cfg.output)
     is_main = rank == 0
 
@@ -232,7 +234,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool 
         save_trainer_state(folder / STATE_FILE, optimizer=optimizer, step=step,
                            extra={"losses": losses, "val_losses": val_losses, "schedule": schedule,
                                   "config": cfg.to_dict(), "world_size": world})
-        _prune(output / "checkpoints", cfg.keep_checkpoints)
+        prune_checkpoints(output / "checkpoints", cfg.keep_checkpoints)
         plot_losses(losses, val_losses, output / "loss.png")
         return folder
 
@@ -294,7 +296,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool 
             if cfg.data.exclude:  # recorded so that `radflash evaluate` tests them by default
                 ck.calibration["held_out"] = [list(c) for c in cfg.data.exclude]
             if cfg.calibrate:
-                ck.calibration.update(_calibrate(ck, cfg))
+                ck.calibration.update(calibrate_map_thresholds(ck, cfg))
             save_checkpoint(ck, final)
             if cfg.export:
                 result.exported = export_checkpoint(ck, cfg.export, dtype=cfg.export_dtype)

@@ -1,18 +1,32 @@
-"""The decode stage run by N worker processes (or inline): crash-isolated, bounded."""
+"""The decode stage: read, select and decode files in N worker processes (or inline), crash-isolated.
+
+Shared by ``score`` (:mod:`radflash.archive.pipeline`) and ``segment``, which both need the
+full-resolution pixels. Decoding (JPEG 2000 especially) is single-threaded C code that can crash
+or hang on a hostile file, so it runs in spawn processes that import only numpy, pydicom, Pillow
+and :mod:`radflash.io.imageio` (never torch: that would cost seconds per worker start). Each
+worker is fed over its own pipe with at most ``depth`` tasks, so memory stays bounded and a worker
+that dies or passes ``timeout`` fails exactly the file it was on; it is replaced and the files
+queued behind it are retried. Each worker's heap is capped as a backstop (:func:`worker_memory_limit`).
+"""
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
+import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from radflash.io.source import SourceItem
 
 if TYPE_CHECKING:
     from radflash.io.imageio import ImageMeta, LoadOutcome
@@ -62,17 +76,28 @@ Loader = Callable[[Path, "SelectionRules | None"], "LoadOutcome"]
 # ---- typed hand-offs between stages -----------------------------------------------------------
 @dataclass(frozen=True)
 class DecodeTask:
+    """One :class:`SourceItem` on its way to a worker. A file goes as its path (a few bytes to
+    pickle; the worker reads it); only an item that arrived as bytes carries them over the pipe."""
+
     index: int
-    path: str
+    key: str
+    path: str | None = None
+    data: bytes | None = None
+
+    @property
+    def name(self) -> str:
+        """How messages name the item: its path, or its key when it has none."""
+        return self.path if self.path is not None else self.key
 
 
 @dataclass
 class Decoded:
-    """One file after the decode stage: H×W float32 pixels in [0, 1] when ``status == "loaded"``
+    """One item after the decode stage: H×W float32 pixels in [0, 1] when ``status == "loaded"``
     (the source resolution; :func:`run_pipeline` resizes them to S×S before batching)."""
 
     index: int
-    path: str
+    key: str  # SourceItem.key: the row key
+    path: str  # the path as the source gave it, or the key for an item that came as bytes
     status: str  # loaded | skipped | failed
     reason: str | None = None
     pixels: np.ndarray | None = None
@@ -102,19 +127,41 @@ def resize_for_model(pixels: np.ndarray, image_size: int) -> np.ndarray:
 
 
 def decode_one(task: DecodeTask, loader: Loader, rules: SelectionRules | None) -> Decoded:
-    """Read, select and decode one file at its own resolution; every failure becomes a record."""
+    """Read, select and decode one item at its own resolution; every failure becomes a record."""
     t0 = time.perf_counter()
     try:
-        outcome = loader(Path(task.path), rules)
+        with _readable(task) as path:
+            outcome = loader(path, rules)
         if outcome.status != "loaded":
-            return Decoded(task.index, task.path, outcome.status, outcome.reason, meta=outcome.meta,
+            return Decoded(task.index, task.key, task.name, outcome.status, outcome.reason, meta=outcome.meta,
                            decode_s=time.perf_counter() - t0)
         image = outcome.image
         pixels = np.ascontiguousarray(image.pixels, dtype=np.float32)
-        return Decoded(task.index, task.path, "loaded", None, pixels, image.meta, time.perf_counter() - t0)
+        return Decoded(task.index, task.key, task.name, "loaded", None, pixels, image.meta, time.perf_counter() - t0)
     except Exception as exc:  # the loader promises not to raise; a bug there must not stop the run
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        return Decoded(task.index, task.path, "failed", reason, decode_s=time.perf_counter() - t0)
+        return Decoded(task.index, task.key, task.name, "failed", reason, decode_s=time.perf_counter() - t0)
+
+
+@contextmanager
+def _readable(task: DecodeTask) -> Iterator[Path]:
+    """A file the loader can open for ``task``: its own path, or its bytes in a temporary file.
+
+    The loader's defences (header reads bounded by the file size, truncation checks before any
+    decode, stat-based refusal of FIFOs) are written against a seekable file, so bytes from a
+    network source are spooled to a private temporary file for one decode instead of giving the
+    loader a second, less tested code path. The file is removed as soon as the decode returns.
+    """
+    if task.path is not None:
+        yield Path(task.path)
+        return
+    fd, name = tempfile.mkstemp(prefix="radflash-item-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(task.data or b"")
+        yield Path(name)
+    finally:
+        os.unlink(name)
 
 
 def _worker_main(conn, loader: Loader | None, rules: SelectionRules | None) -> None:
@@ -270,8 +317,8 @@ class DecodePool:
                     slots[i] = None
                     reason = (f"decoder timed out after {self.timeout:g} s" if late and not dead else
                               f"decoder process crashed (exit code {w.proc.exitcode})")
-                    log.warning("%s: %s; the worker is replaced", culprit.path, reason)
-                    yield Decoded(culprit.index, culprit.path, "failed", reason)
+                    log.warning("%s: %s; the worker is replaced", culprit.name, reason)
+                    yield Decoded(culprit.index, culprit.key, culprit.name, "failed", reason)
         finally:
             for w in slots:
                 if w is not None:
@@ -287,13 +334,25 @@ def decode_inline(tasks: Iterable[DecodeTask], *, loader: Loader | None = None,
         yield decode_one(task, loader, rules)
 
 
-def decode_stream(paths: Sequence[str | Path], *, workers: int, loader: Loader | None = None,
+def decode_stream(items: Iterable[SourceItem | str | os.PathLike], *, workers: int, loader: Loader | None = None,
                   rules: SelectionRules | None = None, depth: int = 2,
                   timeout: float | None = 120.0) -> tuple[Generator[Decoded, None, None], DecodePool | None]:
-    """One :class:`Decoded` per path (completion order with workers, input order without) and the
-    pool (``None`` for ``workers=0``), whose ``restarts`` count is valid once the stream is done."""
-    tasks = (DecodeTask(i, str(p)) for i, p in enumerate(paths))
+    """One :class:`Decoded` per item (completion order with workers, input order without) and the
+    pool (``None`` for ``workers=0``), whose ``restarts`` count is valid once the stream is done.
+
+    A plain path stands for :meth:`SourceItem.of_path` (its key is the path's text, as given).
+    """
+    tasks = (to_task(i, item) for i, item in enumerate(items))
     if workers > 0:
         pool = DecodePool(workers, loader=loader, rules=rules, depth=depth, timeout=timeout)
         return pool.run(tasks), pool
     return decode_inline(tasks, loader=loader, rules=rules), None
+
+
+def to_task(index: int, item: SourceItem | str | os.PathLike) -> DecodeTask:
+    """The worker's view of an item: path as text or the bytes, never the item's other fields."""
+    if not isinstance(item, SourceItem):
+        item = SourceItem.of_path(item)
+    if item.skip is not None:
+        raise ValueError(f"{item.key}: an unread entry ({item.skip}) is not decoded; record it instead")
+    return DecodeTask(index, item.key, None if item.path is None else str(item.path), item.data)

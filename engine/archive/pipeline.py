@@ -2,7 +2,7 @@
 
 Stages and what they exchange::
 
-    paths ──► DecodePool ──Decoded──► resize ──► [bounded queue] ──► Batcher ──Batch──► inference ──FileRecord──► store
+    items ──► DecodePool ──Decoded──► resize ──► [bounded queue] ──► Batcher ──Batch──► inference ──FileRecord──► store
               (N spawn processes:     (feed thread,     │ skipped / failed records bypass inference ───────────┘
                read + select + decode) S×S)
 
@@ -23,6 +23,11 @@ Why this shape:
   full-resolution pixels: its maps are made at each image's own size).
 * Every hand-off is bounded (``depth`` tasks per worker, ``queue_size`` decoded images), so memory
   stays flat whatever the archive size and decoding overlaps inference.
+* Items come from a :class:`radflash.io.source.Source` (files today: a path each, which a worker
+  opens itself; bytes from a network source are sent along) and records go to a
+  :class:`radflash.archive.sinks.Sink`; the stage functions (:func:`decode_one`, :func:`resize_for_model`,
+  :class:`Scorer`, :class:`Committer`) know nothing about the local process pool that drives them
+  here, so another executor can drive the same stages.
 * Each worker is fed over its own pipe, so the parent always knows which file a worker is on:
   a worker that dies (a decoder segfault) or exceeds ``timeout`` fails exactly that file, is
   restarted, and the files queued behind it are retried. ``workers=0`` decodes in a thread of the
@@ -32,24 +37,25 @@ Why this shape:
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from radflash.archive.batching import END, Batch, Batcher
 from radflash.archive.decode_pool import Decoded, Loader, decode_stream, resize_for_model
-from radflash.archive.sinks import FileRecord, path_text, storable
+from radflash.archive.sinks import FileRecord, Sink, storable
 from radflash.checkpoints.calibration import score_calibrated
 
 if TYPE_CHECKING:
     from radflash.api import RadFlashModel
     from radflash.io.selection import SelectionRules
+    from radflash.io.source import SourceItem
 
 
 log = logging.getLogger("radflash.pipeline")
@@ -157,7 +163,7 @@ class Scorer:
         m = d.meta  # ImageMeta text fields are already stripped, and None when empty
         phi = self.include_phi and m is not None
         return FileRecord(
-            path=path_text(d.path), status=status, reason=storable(reason),  # type: ignore[arg-type]
+            path=storable(d.key), status=status, reason=storable(reason),  # type: ignore[arg-type]
             sop_instance_uid=m and m.sop_instance_uid, study_instance_uid=m and m.study_instance_uid,
             series_instance_uid=m and m.series_instance_uid, modality=m and m.modality,
             view_position=m and m.view_position,
@@ -177,7 +183,7 @@ class Committer:
     resumable) at a steady pace instead of piling up records in memory.
     """
 
-    def __init__(self, store: Any, commit_every: int, stats: PipelineStats,
+    def __init__(self, store: Sink, commit_every: int, stats: PipelineStats,
                  on_record: Callable[[FileRecord], None] | None = None) -> None:
         self.store = store
         self.commit_every = max(1, commit_every)
@@ -209,25 +215,26 @@ class Committer:
 
 
 def run_pipeline(
-    paths: Sequence[str | Path],
+    items: Iterable[SourceItem | str | os.PathLike],
     model: RadFlashModel,
     prompts: PromptSet,
-    store: Any,
+    store: Sink,
     config: PipelineConfig,
     *,
     on_record: Callable[[FileRecord], None] | None = None,
 ) -> PipelineStats:
-    """Score ``paths`` into ``store`` (``.commit(records)``); returns counts and timings.
+    """Score ``items`` (source items, or plain paths) into ``store``; returns counts and timings.
 
-    One record per path reaches the store, whatever the decoders do. Records of files that need no
-    inference (skipped/failed) go straight to the writer so they never occupy a batch slot.
+    One record per item reaches the store, keyed by the item's key, whatever the decoders do.
+    Records of items that need no inference (skipped/failed) go straight to the writer so they
+    never occupy a batch slot. Unread entries (``SourceItem.skip``) are the caller's to record.
     """
     stats = PipelineStats()
     t_start = time.perf_counter()
     image_size = model.config.image_size
     scorer = Scorer(model, prompts, include_phi=config.include_phi)
     committer = Committer(store, config.commit_every, stats, on_record)
-    decoded_stream, pool = decode_stream(paths, workers=config.workers, loader=config.loader, rules=config.rules,
+    decoded_stream, pool = decode_stream(items, workers=config.workers, loader=config.loader, rules=config.rules,
                                          depth=config.depth, timeout=config.timeout)
 
     loaded_q: queue.Queue = queue.Queue(maxsize=config.queue_size or 2 * config.batch_size)
@@ -291,10 +298,10 @@ def _resized(d: Decoded, image_size: int, stats: PipelineStats) -> Decoded:
     try:
         pixels = resize_for_model(d.pixels, image_size)
     except InputError as exc:  # e.g. a 1-pixel-high image: nothing to resize from
-        return Decoded(d.index, d.path, "failed", str(exc).splitlines()[0], meta=d.meta, decode_s=d.decode_s)
+        return Decoded(d.index, d.key, d.path, "failed", str(exc).splitlines()[0], meta=d.meta, decode_s=d.decode_s)
     finally:
         stats.resize_s += time.perf_counter() - t0
-    return Decoded(d.index, d.path, "loaded", None, pixels, d.meta, d.decode_s)
+    return Decoded(d.index, d.key, d.path, "loaded", None, pixels, d.meta, d.decode_s)
 
 
 def _infer(batch: Batch[Decoded], scorer: Scorer, committer: Committer, stats: PipelineStats) -> None:

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -43,6 +43,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from radflash.errors import InputError
+from radflash.io.source import path_from_text as path_from_text  # re-exported: rows store path text
+from radflash.io.source import path_text as path_text
 
 log = logging.getLogger("radflash.writers")
 
@@ -53,32 +55,11 @@ FORMATS = ("parquet", "csv")
 PARTS_DIR = "parts"
 MANIFEST = "manifest.json"
 LOCK_FILE = ".radflash.lock"
-_ESCAPE_RE = re.compile(r"\\(\\|x[0-9a-f]{2})")
 _PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 
 ID_COLUMNS = ("path", "sop_instance_uid", "study_instance_uid", "series_instance_uid")
 PHI_COLUMNS = ("patient_id", "patient_name")
 STATUS_COLUMNS = ("path", "status", "reason", "sop_instance_uid", "modality", "view_position")
-
-
-def path_text(path: str | os.PathLike) -> str:
-    """A path as storable text (UTF-8 safe): bytes that are not UTF-8 become ``\\xNN`` and a
-    backslash becomes ``\\\\``, so the text is unambiguous; any other path is unchanged.
-
-    Python hands undecodable name bytes over as lone surrogates (``surrogateescape``), which
-    Parquet, CSV and JSON cannot hold; this form can, and :func:`path_from_text` inverts it.
-    """
-    raw = os.fsencode(path)
-    return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
-
-
-def path_from_text(text: str) -> str:
-    """The path (as Python spells it: ``os.fsdecode`` of its bytes) that :func:`path_text` wrote."""
-    def unescape(m: re.Match) -> str:
-        code = m.group(1)
-        return "\\" if code == "\\" else os.fsdecode(bytes([int(code[1:], 16)]))
-
-    return _ESCAPE_RE.sub(unescape, text)
 
 
 def storable(text: str | None) -> str | None:
@@ -166,6 +147,28 @@ def split_tables(parts: pa.Table, spec: TableSpec) -> tuple[pa.Table, pa.Table]:
     return scored.select(spec.result_columns()), parts.select(list(STATUS_COLUMNS))
 
 
+# (results path, status path, results, status); the paths are None for a sink that writes no tables
+Finalized = tuple[Path | None, Path | None, pa.Table, pa.Table]
+
+
+class Sink(Protocol):
+    """Where a run's rows go: the pipeline commits batches, the verb finalises once at the end.
+
+    A batch mixes scored rows and status-only rows (skipped/failed), and one ``commit`` must make
+    all of them durable together or not at all: that is what lets a killed run resume without
+    losing or duplicating a file. :class:`PartStore` (crash-safe Parquet parts, consolidated to
+    Parquet/CSV) and :class:`MemoryStore` implement it; a DICOMweb STOW-RS sink would too.
+    """
+
+    def commit(self, records: Sequence[FileRecord]) -> object:
+        """Store ``records`` durably (all or none); an empty batch is a no-op."""
+        ...
+
+    def finalize(self, fmt: Format) -> Finalized:
+        """After the last commit: the consolidated results and status tables (and where they went)."""
+        ...
+
+
 class MemoryStore:
     """Collects records in memory: used when ``score()`` is called without an output folder."""
 
@@ -181,6 +184,11 @@ class MemoryStore:
         if not self._tables:
             return self.spec.schema().empty_table()
         return pa.concat_tables(self._tables)
+
+    def finalize(self, fmt: Format) -> Finalized:
+        """The tables :meth:`PartStore.finalize` would write; nothing is written (``fmt`` unused)."""
+        results, status = split_tables(self.table(), self.spec)
+        return None, None, results, status
 
 
 class PartStore:
@@ -250,7 +258,7 @@ class PartStore:
         self._next += 1
         return final
 
-    def finalize(self, fmt: Format) -> tuple[Path, Path, pa.Table, pa.Table]:
+    def finalize(self, fmt: Format) -> Finalized:
         """Consolidate all parts into ``results.<fmt>`` and ``status.<fmt>``."""
         results, status = split_tables(self.read_parts(), self.spec)
         ext = "parquet" if fmt == "parquet" else "csv"

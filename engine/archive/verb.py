@@ -1,7 +1,7 @@
 """``score()``: zero-shot scores for every image in a set of files or folders (a whole archive).
 
-The verb function behind ``radflash score``: it resolves the model, the findings, the file list
-(discovery + sharding) and the output folder, then hands the work to
+The verb function behind ``radflash score``: it resolves the model, the findings, the source of
+items (files: discovery + sharding) and the sink (the output folder), then hands the work to
 :func:`radflash.archive.pipeline.run_pipeline`. With ``output=None`` nothing touches the disk and the
 tables come back in memory; with a folder, results are committed in crash-safe parts, so a killed
 run continues with ``resume=True`` without redoing or duplicating committed files.
@@ -16,7 +16,8 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,15 +33,13 @@ from radflash.archive.sinks import (
     OutputLock,
     PartStore,
     TableSpec,
-    path_from_text,
-    path_text,
     read_manifest,
-    split_tables,
     status_counts,
     write_manifest,
 )
 from radflash.checkpoints.calibration import score_calibrated
 from radflash.errors import InputError
+from radflash.io.source import FileSource, Source, SourceItem, path_from_text, path_text
 
 if TYPE_CHECKING:
     from radflash.api import RadFlashModel
@@ -79,7 +78,7 @@ class ScoreRun:
 
 
 def score(
-    inputs: str | Path | Sequence[str | Path] | None = None,
+    inputs: str | Path | Sequence[str | Path] | Source | None = None,
     output: str | Path | None = None,
     *,
     model: str | Path | RadFlashModel | None = None,
@@ -103,7 +102,8 @@ def score(
     """Score every image under ``inputs`` (files/folders, searched recursively).
 
     Args:
-        inputs: files or folders; ``None`` scores the small embedded demo archive.
+        inputs: files or folders; or a :class:`radflash.io.source.Source` (items with a path or
+            bytes, e.g. from a network); ``None`` scores the small embedded demo archive.
         output: a folder for results/status/manifest (see :mod:`radflash.archive.sinks`); ``None`` keeps
             everything in memory (``ScoreRun.results`` / ``.status``).
         model: checkpoint path or a loaded :class:`RadFlashModel`; ``None`` = embedded demo model.
@@ -111,7 +111,8 @@ def score(
             file; a mapping name → prompt (or → {prompt, threshold}); or a list of prompts.
         workers: decode processes; 0 decodes in-process; ``None`` = min(4, CPU count).
         resume: continue an interrupted run in ``output``: committed files are skipped.
-        num_parts, part_id: score only shard ``part_id`` of ``num_parts`` (deterministic split).
+        num_parts, part_id: score only shard ``part_id`` of ``num_parts`` (deterministic split of
+            files; a :class:`Source` given directly is a shard already).
         rules: a :class:`radflash.io.selection.SelectionRules` (modalities, views...); ``None`` = default.
         commit_every: files per committed part (the most work a crash can lose).
         timeout: seconds one file may take to decode before its worker is killed and it is failed.
@@ -123,39 +124,145 @@ def score(
     fails at once with the holder's pid, host and start time. Files are matched to an earlier
     run's committed rows by resolved path, so a resume may spell the inputs differently.
     """
-    kwargs = dict(locals())
+    with _output_lock(output, resume=resume):
+        t0 = time.perf_counter()
+        started = datetime.now(timezone.utc)
+        _check_options(fmt=fmt, batch_size=batch_size, num_parts=num_parts, part_id=part_id, workers=workers)
+        prompt_set = resolve_findings(findings)
+        out_dir = Path(output) if output is not None else None
+        if out_dir is not None:
+            PartStore.check_output(out_dir, resume=resume)
+        if model is None or isinstance(model, (str, Path)):
+            from radflash.devices import resolve_device
+
+            resolve_device(device)  # an absent --device fails here, not after discovery and model load
+        from radflash.io.selection import SelectionRules
+
+        rules = rules or SelectionRules()
+        if max_pixels is not None:
+            rules = dataclasses.replace(rules, max_pixels=max_pixels)
+
+        # ---- items ---------------------------------------------------------------------------
+        source, demo = _source_of(inputs, num_parts=num_parts, part_id=part_id)
+        t_disc = time.perf_counter()
+        items = list(source)  # unread entries (hidden, links, FIFOs...) included: one skipped row each
+        discover_s = time.perf_counter() - t_disc
+
+        # ---- model ---------------------------------------------------------------------------
+        t_model = time.perf_counter()
+        from radflash.api import as_model
+        rf_model = as_model(model, device=device, dtype=dtype, backend="eager" if backend == "auto" else backend)
+        if backend == "auto":  # timed at this run's batch size (radflash.backends.auto)
+            rf_model.set_backend("auto", batch_size=batch_size)
+        load_model_s = time.perf_counter() - t_model
+        calibrated = score_calibrated(rf_model.calibration)
+        spec = TableSpec(prompt_set.names, include_phi=include_phi,
+                         with_positive=calibrated or any(t is not None for t in prompt_set.thresholds))
+
+        described = source.describe()
+        manifest: dict[str, Any] = {
+            "manifest_version": MANIFEST_VERSION,
+            "complete": False,
+            "started": started.isoformat(timespec="seconds"),
+            "model": {"id": rf_model.model_id, "sha256": rf_model.sha256, "calibrated": calibrated,
+                      "image_size": rf_model.config.image_size},
+            "findings": {n: {"prompt": p, "threshold": t}
+                         for n, p, t in zip(prompt_set.names, prompt_set.prompts, prompt_set.thresholds)},
+            "versions": _versions(),
+            "device": str(rf_model.device), "dtype": str(rf_model.dtype).removeprefix("torch."),
+            "backend": rf_model.backend_name,
+            "backend_selection": rf_model.backend_selection,  # auto: candidates' ms/batch, reason, cache hit
+            "args": {
+                "inputs": described.get("inputs"), "output": None if out_dir is None else path_text(out_dir),
+                "model": model if model is None or isinstance(model, (str, Path)) else rf_model.model_id,
+                "findings": findings if findings is None or isinstance(findings, (str, Path)) else "<in memory>",
+                "device": device, "dtype": dtype, "batch_size": batch_size, "workers": workers,
+                "backend": backend, "format": fmt, "include_phi": include_phi, "resume": resume,
+                "num_parts": num_parts, "part_id": part_id, "commit_every": commit_every, "timeout": timeout,
+                "rules": dataclasses.asdict(rules) if dataclasses.is_dataclass(rules) else repr(rules),
+            },
+            "source": described,
+            "demo_archive": demo,
+        }
+
+        # ---- output / resume -----------------------------------------------------------------
+        store: PartStore | MemoryStore
+        done: set[str] = set()
+        committed_before = 0
+        if out_dir is not None:
+            previous = read_manifest(out_dir) if resume else None
+            if previous is not None:
+                _check_resumable(previous, manifest, out_dir)
+                manifest["resumed_from"] = previous.get("started")
+                manifest["runs"] = int(previous.get("runs", 1)) + 1
+            store = PartStore(out_dir, spec)
+            committed = store.open()
+            keys = committed.column("path").to_pylist()
+            # files by resolved path (see _done_key); items without a path by their key
+            done = {resume_key(path_from_text(k)) for k in keys} | set(keys)
+            committed_before = committed.num_rows
+            write_manifest(out_dir, manifest)
+        else:
+            store = MemoryStore(spec)
+        todo = [_absolute(item) for item in items if item.skip is None and _done_key(item) not in done]
+        unread = [FileRecord(path=item.key, status="skipped", reason=item.skip)
+                  for item in items if item.skip is not None and _done_key(item) not in done]
+        if unread:
+            store.commit(unread)
+        if resume and committed_before:
+            log.info("resuming: %d files already committed, %d to go", len(items) - len(todo), len(todo))
+
+        n_workers = min(4, os.cpu_count() or 1) if workers is None else workers
+        n_workers = min(n_workers, len(todo))  # no point spawning idle decoders for a handful of files
+        config = PipelineConfig(batch_size=batch_size, workers=n_workers, commit_every=commit_every,
+                                timeout=timeout, include_phi=include_phi, rules=rules)
+        bar = _progress_bar(len(todo), enabled=progress, initial_counts=_done_counts(store, out_dir))
+        try:
+            stats = run_pipeline(todo, rf_model, prompt_set, store, config,
+                                 on_record=bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+
+        # ---- consolidate ---------------------------------------------------------------------
+        results_path, status_path, results, status = store.finalize(fmt)  # type: ignore[arg-type]
+        counts = status_counts(status.column("status").to_pylist())
+        elapsed = time.perf_counter() - t0
+        all_shards = source.entries_all_shards if isinstance(source, FileSource) else len(items)
+        manifest.update({
+            "complete": True,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "counts": {"discovered": len(items), "discovered_all_shards": all_shards, **counts,
+                       "committed_before_this_run": committed_before, "processed_this_run": stats.total},
+            "timings": {"discover_s": round(discover_s, 3), "load_model_s": round(load_model_s, 3),
+                        **_timings(stats), "total_s": round(elapsed, 3)},
+        })
+        manifest_path = write_manifest(out_dir, manifest) if out_dir is not None else None
+        return ScoreRun(
+            output=out_dir, discovered=len(items), resumed=committed_before, elapsed_s=elapsed,
+            images_per_s=round(stats.total / stats.wall_s, 2) if stats.wall_s > 0 and stats.total else None,
+            results=results, status=status, manifest=manifest, results_path=results_path,
+            status_path=status_path, manifest_path=manifest_path, demo=demo, **counts,
+        )
+
+
+@contextmanager
+def _output_lock(output: str | Path | None, *, resume: bool) -> Iterator[None]:
+    """Hold ``OUT/.radflash.lock`` around a run into a folder (nothing for an in-memory run).
+
+    The folder is checked first, so a non-empty OUT without ``resume`` fails at once rather than
+    after waiting on anything; it is checked again under the lock, where nothing can race it.
+    """
     if output is None:
-        return _score(**kwargs)
-    PartStore.check_output(Path(output), resume=resume)  # fail fast, before waiting on anything
+        yield
+        return
+    PartStore.check_output(Path(output), resume=resume)
     with OutputLock(Path(output)):
-        return _score(**kwargs)
+        yield
 
 
-def _score(
-    inputs: str | Path | Sequence[str | Path] | None = None,
-    output: str | Path | None = None,
-    *,
-    model: str | Path | RadFlashModel | None = None,
-    findings: str | Path | Mapping[str, Any] | Sequence[str] | None = None,
-    device: str = "auto",
-    dtype: str | None = None,
-    batch_size: int = 16,
-    workers: int | None = None,
-    backend: str = "eager",
-    fmt: str = "parquet",
-    include_phi: bool = False,
-    resume: bool = False,
-    num_parts: int = 1,
-    part_id: int = 0,
-    rules: SelectionRules | None = None,
-    progress: bool = True,
-    commit_every: int = 256,
-    timeout: float | None = 120.0,
-    max_pixels: int | None = None,
-) -> ScoreRun:
-    """:func:`score` itself, run under the output folder's lock."""
-    t0 = time.perf_counter()
-    started = datetime.now(timezone.utc)
+def _check_options(*, fmt: str, batch_size: int, num_parts: int, part_id: int, workers: int | None) -> None:
+    """One-line errors for bad option values, before anything slow (findings, model, discovery)."""
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     if batch_size < 1:
@@ -164,143 +271,42 @@ def _score(
         raise InputError(f"part_id must be in [0, num_parts): got part {part_id} of {num_parts}")
     if workers is not None and workers < 0:
         raise InputError(f"workers must be ≥ 0, got {workers}")
-    prompt_set = resolve_findings(findings)
-    out_dir = Path(output) if output is not None else None
-    if out_dir is not None:
-        PartStore.check_output(out_dir, resume=resume)
-    if model is None or isinstance(model, (str, Path)):
-        from radflash.devices import resolve_device
 
-        resolve_device(device)  # an absent --device fails here, not after discovery and model load
-    if max_pixels is not None:
-        from radflash.io.selection import SelectionRules
 
-        rules = dataclasses.replace(rules or SelectionRules(), max_pixels=max_pixels)
+def _source_of(inputs: str | Path | Sequence[str | Path] | Source | None, *, num_parts: int,
+               part_id: int) -> tuple[Source, bool]:
+    """``inputs`` as a :class:`Source`, and whether it is the embedded demo archive.
 
-    # ---- files -----------------------------------------------------------------------------
-    from radflash.io.discovery import discover_entries, shard
-
+    Sharding is by file path, so only a file source can be sharded here; any other source is
+    already one shard (its owner splits the work), and asking to shard it again is an error.
+    """
+    if isinstance(inputs, Source):
+        if num_parts > 1:
+            raise InputError("num_parts/part_id shard files; shard a custom source when building it")
+        return inputs, False
     demo = inputs is None
-    if demo:
+    if inputs is None:
         log.info("no inputs given: scoring the embedded demo archive %s", DEMO_ARCHIVE)
         inputs = [DEMO_ARCHIVE]
     elif isinstance(inputs, (str, Path)):
         inputs = [inputs]
-    input_list = [Path(p) for p in inputs]  # type: ignore[union-attr]
-    if not input_list:
+    paths = [Path(p) for p in inputs]
+    if not paths:
         raise InputError("no inputs given")
-    t_disc = time.perf_counter()
-    found = discover_entries(input_list)
-    all_paths = found.files
-    paths = shard(all_paths, num_parts, part_id) if num_parts > 1 else list(all_paths)
-    left_out = found.skipped  # hidden, links, FIFOs...: one skipped row each, never opened
-    if num_parts > 1:
-        mine = {p.as_posix() for p in shard([p for p, _ in left_out], num_parts, part_id)}
-        left_out = [(p, r) for p, r in left_out if p.as_posix() in mine]
-    discover_s = time.perf_counter() - t_disc
+    return FileSource(paths, num_parts=num_parts, part_id=part_id), demo
 
-    # ---- model -----------------------------------------------------------------------------
-    t_model = time.perf_counter()
-    from radflash.api import as_model
-    rf_model = as_model(model, device=device, dtype=dtype, backend="eager" if backend == "auto" else backend)
-    if backend == "auto":  # timed at this run's batch size (radflash.backends.auto)
-        rf_model.set_backend("auto", batch_size=batch_size)
-    load_model_s = time.perf_counter() - t_model
-    calibrated = score_calibrated(rf_model.calibration)
-    spec = TableSpec(prompt_set.names, include_phi=include_phi,
-                     with_positive=calibrated or any(t is not None for t in prompt_set.thresholds))
-    if rules is None:
-        from radflash.io.selection import SelectionRules
 
-        rules = SelectionRules()
+def _done_key(item: SourceItem) -> str:
+    """What ties an item to a row committed by an earlier run: a file's resolved path (so a
+    resume may spell the inputs differently: relative, absolute, through a symlink), else its key."""
+    return resume_key(item.path) if item.path is not None else item.key
 
-    manifest: dict[str, Any] = {
-        "manifest_version": MANIFEST_VERSION,
-        "complete": False,
-        "started": started.isoformat(timespec="seconds"),
-        "model": {"id": rf_model.model_id, "sha256": rf_model.sha256, "calibrated": calibrated,
-                  "image_size": rf_model.config.image_size},
-        "findings": {n: {"prompt": p, "threshold": t}
-                     for n, p, t in zip(prompt_set.names, prompt_set.prompts, prompt_set.thresholds)},
-        "versions": _versions(),
-        "device": str(rf_model.device), "dtype": str(rf_model.dtype).removeprefix("torch."),
-        "backend": rf_model.backend_name,
-        "backend_selection": rf_model.backend_selection,  # auto: candidates' ms/batch, reason, cache hit
-        "args": {
-            "inputs": [path_text(p) for p in input_list], "output": None if out_dir is None else path_text(out_dir),
-            "model": model if model is None or isinstance(model, (str, Path)) else rf_model.model_id,
-            "findings": findings if findings is None or isinstance(findings, (str, Path)) else "<in memory>",
-            "device": device, "dtype": dtype, "batch_size": batch_size, "workers": workers,
-            "backend": backend, "format": fmt, "include_phi": include_phi, "resume": resume,
-            "num_parts": num_parts, "part_id": part_id, "commit_every": commit_every, "timeout": timeout,
-            "rules": dataclasses.asdict(rules) if dataclasses.is_dataclass(rules) else repr(rules),
-        },
-        "demo_archive": demo,
-    }
 
-    # ---- output / resume --------------------------------------------------------------------
-    store: PartStore | MemoryStore
-    done: set[str] = set()
-    committed_before = 0
-    if out_dir is not None:
-        previous = read_manifest(out_dir) if resume else None
-        if previous is not None:
-            _check_resumable(previous, manifest, out_dir)
-            manifest["resumed_from"] = previous.get("started")
-            manifest["runs"] = int(previous.get("runs", 1)) + 1
-        store = PartStore(out_dir, spec)
-        committed = store.open()
-        done = {resume_key(path_from_text(p)) for p in committed.column("path").to_pylist()}
-        committed_before = committed.num_rows
-        write_manifest(out_dir, manifest)
-    else:
-        store = MemoryStore(spec)
-    # files are recorded by absolute path and matched by resolved path: a resume that spells the
-    # inputs differently (relative vs absolute, through a symlink) finds what was committed
-    todo = [Path(os.path.abspath(p)) for p in paths if resume_key(p) not in done]
-    unread = [FileRecord(path=path_text(os.path.abspath(p)), status="skipped", reason=reason)
-              for p, reason in left_out if resume_key(p) not in done]
-    if unread:
-        store.commit(unread)
-    paths = [*paths, *(p for p, _ in left_out)]
-    if resume and committed_before:
-        log.info("resuming: %d files already committed, %d to go", len(paths) - len(todo), len(todo))
-
-    n_workers = min(4, os.cpu_count() or 1) if workers is None else workers
-    n_workers = min(n_workers, len(todo))  # no point spawning idle decoders for a handful of files
-    config = PipelineConfig(batch_size=batch_size, workers=n_workers, commit_every=commit_every,
-                            timeout=timeout, include_phi=include_phi, rules=rules)
-    bar = _progress_bar(len(todo), enabled=progress, initial_counts=_done_counts(store, out_dir))
-    try:
-        stats = run_pipeline(todo, rf_model, prompt_set, store, config,
-                             on_record=bar.update if bar is not None else None)
-    finally:
-        if bar is not None:
-            bar.close()
-
-    # ---- consolidate -------------------------------------------------------------------------
-    if isinstance(store, PartStore):
-        results_path, status_path, results, status = store.finalize(fmt)  # type: ignore[arg-type]
-    else:
-        results, status = split_tables(store.table(), spec)
-        results_path = status_path = None
-    counts = status_counts(status.column("status").to_pylist())
-    elapsed = time.perf_counter() - t0
-    manifest.update({
-        "complete": True,
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "counts": {"discovered": len(paths), "discovered_all_shards": len(all_paths) + len(found.skipped), **counts,
-                   "committed_before_this_run": committed_before, "processed_this_run": stats.total},
-        "timings": {"discover_s": round(discover_s, 3), "load_model_s": round(load_model_s, 3),
-                    **_timings(stats), "total_s": round(elapsed, 3)},
-    })
-    manifest_path = write_manifest(out_dir, manifest) if out_dir is not None else None
-    return ScoreRun(
-        output=out_dir, discovered=len(paths), resumed=committed_before, elapsed_s=elapsed,
-        images_per_s=round(stats.total / stats.wall_s, 2) if stats.wall_s > 0 and stats.total else None,
-        results=results, status=status, manifest=manifest, results_path=results_path,
-        status_path=status_path, manifest_path=manifest_path, demo=demo, **counts,
-    )
+def _absolute(item: SourceItem) -> SourceItem:
+    """The item with an absolute path: files are decoded (and named in messages) by absolute path."""
+    if item.path is None:
+        return item
+    return dataclasses.replace(item, path=Path(os.path.abspath(item.path)))
 
 
 def resolve_findings(findings: str | Path | Mapping[str, Any] | Sequence[str] | None) -> PromptSet:

@@ -18,9 +18,12 @@ synthetic archive against a serial reference loop over the same files.
 Warm-up iterations are excluded; CUDA timings use events and one synchronize per iteration.
 p95/p99 are reported only from 20/100 samples on (:data:`radflash.util.timing.MIN_SAMPLES`). ``auto``
 is resolved by timing its candidates at the largest batch size; the record is in ``config``.
-Physical limits beside the results (formulas in :data:`FORMULAS`): the encoder's achieved FLOP/s
-as a fraction of a measured matmul rate in the model's dtype, and the head's and maps' bytes/s
-as a fraction of a measured copy bandwidth.
+Physical limits beside the results (formulas in :data:`radflash.bench.report.FORMULAS`): the
+encoder's achieved FLOP/s as a fraction of a measured matmul rate in the model's dtype, and the
+head's and maps' bytes/s as a fraction of a measured copy bandwidth.
+
+This module is the measuring; what is timed comes from :mod:`radflash.bench.inputs`, and the
+report it fills (types, table, markdown) is :mod:`radflash.bench.report`.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from radflash.bench.inputs import _build_archive, _image_loader, _Inputs, _inputs, bench_prompts
+from radflash.bench.inputs import BenchInputs, bench_prompts, build_archive, image_loader, make_inputs
 from radflash.bench.report import E2E, SCORE, STAGES, BenchReport, Limit, MemoryRow, Row
 from radflash.errors import BackendUnavailable, InputError
 from radflash.util.timing import Peaks, StageClock, Stats, measure_peaks, peak_memory, reset_peak_memory
@@ -54,7 +57,7 @@ SCORE_RUNS = 3  # whole-archive runs of the score path (each run already covers 
 
 # ---- formulas ---------------------------------------------------------------------------------------
 def encoder_flops(cfg: Any, image_size: int) -> float:
-    """FLOP per image of the ViT + align layers (:data:`FORMULAS` ``encode``)."""
+    """FLOP per image of the ViT + align layers (:data:`radflash.bench.report.FORMULAS` ``encode``)."""
     v = cfg.vision
     patches = (image_size // v.patch) ** 2
     n, d, m = patches + 1, v.hidden, v.mlp
@@ -196,8 +199,8 @@ def _bench(model: Any, device: str, names: list[str], batch_sizes: Sequence[int]
     reference = _reference(rf, skipped) if include_reference else None
 
     with tempfile.TemporaryDirectory(prefix="radflash-bench-") as tmp:
-        files = _build_archive(Path(tmp) / "archive", archive_files, skipped)
-        inputs = _inputs(files, cfg.image_size)
+        files = build_archive(Path(tmp) / "archive", archive_files, skipped)
+        inputs = make_inputs(files, cfg.image_size)
         report = BenchReport(
             machine=machine_info(dev), peaks=peaks, skipped=skipped,
             config={
@@ -281,7 +284,7 @@ def _row(backend: str, b: int, stage: str, images: int, st: Stats, ref: Stats | 
                reference_images_per_s=None if ref is None else images_per_s(images, ref), limit=limit)
 
 
-def _limit(stage: str, st: Stats, rf: RadFlashModel, b: int, t: int, inputs: _Inputs, peaks: Peaks) -> Limit | None:
+def _limit(stage: str, st: Stats, rf: RadFlashModel, b: int, t: int, inputs: BenchInputs, peaks: Peaks) -> Limit | None:
     cfg = rf.config
     n, d = (cfg.image_size // cfg.vision.patch) ** 2 + 1, cfg.vision.hidden
     e = torch.finfo(rf.dtype).bits // 8
@@ -315,12 +318,12 @@ def _loop(iteration, b: int, dev: torch.device, iterations: int, warmup: int) ->
     return {stage: Stats.from_seconds(v) for stage, v in samples.items()}
 
 
-def _radflash_iteration(rf: RadFlashModel, inputs: _Inputs, prompt_list: list[str]):
+def _radflash_iteration(rf: RadFlashModel, inputs: BenchInputs, prompt_list: list[str]):
     from radflash.kernels import upsample_maps
 
     text = rf.encode_text(prompt_list)  # prompt embeddings are fixed per run: cached, not timed
     grid = rf.grid_for((rf.config.image_size // rf.config.vision.patch) ** 2)
-    load = _image_loader() if inputs.files else None
+    load = image_loader() if inputs.files else None
 
     @torch.inference_mode()
     def iteration(clock: StageClock, i: int, b: int) -> None:
@@ -340,7 +343,7 @@ def _radflash_iteration(rf: RadFlashModel, inputs: _Inputs, prompt_list: list[st
     return iteration
 
 
-def _reference_iteration(ref: Any, inputs: _Inputs, prompt_list: list[str], cfg: Any):
+def _reference_iteration(ref: Any, inputs: BenchInputs, prompt_list: list[str], cfg: Any):
     text = ref.text_features(prompt_list)
     side = cfg.image_size // cfg.vision.patch
 

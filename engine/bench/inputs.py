@@ -1,4 +1,10 @@
-"""Bench inputs: prompts, the synthetic DICOM archive, in-memory images."""
+"""What the bench times: prompt lists of any size, a synthetic DICOM archive, or in-memory images.
+
+Built before any timing starts and shared by the radflash and reference loops, so both sides
+decode the same files and score the same prompts. When the archive cannot be written (radflash's DICOM
+modules not importable, or ``archive_files=0``) the bench falls back to seeded in-memory images and
+records why in the report's ``skipped`` list.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,6 @@ import numpy as np
 SYNTHETIC_SIZE = 512  # side of in-memory images when no DICOM archive can be built
 
 
-# ---- prompts and inputs -------------------------------------------------------------------------------
 _LOCATIONS = ("left upper lobe", "right upper lobe", "left lower lobe", "right lower lobe", "left lung", "right lung")
 
 
@@ -28,7 +33,9 @@ def bench_prompts(n: int, defaults: Sequence[str]) -> list[str]:
 
 
 @dataclass
-class _Inputs:
+class BenchInputs:
+    """The images of every timed iteration: DICOM files when an archive was built, else arrays."""
+
     files: list[Path]  # DICOM files (empty: synthetic in-memory images)
     synthetic: list[np.ndarray]  # float32 [0, 1] H×W, used when files is empty
     map_size: tuple[int, int]
@@ -38,7 +45,7 @@ class _Inputs:
         return [pool[(i * b + j) % len(pool)] for j in range(b)]
 
 
-def _build_archive(root: Path, n: int, skipped: list[dict[str, str]]) -> list[Path]:
+def build_archive(root: Path, n: int, skipped: list[dict[str, str]]) -> list[Path]:
     """``n`` synthetic chest films in the encodings real archives hold (J2K, MONOCHROME1, 8–16 bit...).
 
     The archive's clutter (knees, CT, broken files) is written too but left out of the timed
@@ -58,20 +65,22 @@ def _build_archive(root: Path, n: int, skipped: list[dict[str, str]]) -> list[Pa
     return [root / e.path for e in read_manifest(root) if e.expected == "loaded"][:n]
 
 
-def _inputs(files: list[Path], image_size: int) -> _Inputs:
+def make_inputs(files: list[Path], image_size: int) -> BenchInputs:
+    """The archive's files (maps at the first file's size), or four seeded images when there are none."""
     if files:
         from radflash.io.imageio import load_image
 
         h, w = load_image(files[0]).pixels.shape[-2:]
-        return _Inputs(files, [], (int(h), int(w)))
+        return BenchInputs(files, [], (int(h), int(w)))
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:SYNTHETIC_SIZE, 0:SYNTHETIC_SIZE] / SYNTHETIC_SIZE
     synthetic = [np.clip(0.5 + 0.3 * np.sin(3 * xx + k) * np.cos(2 * yy) + rng.normal(0, 0.02, xx.shape), 0, 1)
                  .astype(np.float32) for k in range(4)]
-    return _Inputs([], synthetic, (SYNTHETIC_SIZE, SYNTHETIC_SIZE))
+    return BenchInputs([], synthetic, (SYNTHETIC_SIZE, SYNTHETIC_SIZE))
 
 
-def _image_loader():
+def image_loader():
+    """radflash's DICOM loader, imported only when files are timed (its decoders are optional)."""
     from radflash.io.imageio import load_image
 
     return load_image

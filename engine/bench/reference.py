@@ -44,6 +44,23 @@ INSTALL_HINT = "the reference path needs transformers: pip install 'transformers
 
 _DINO_PLAIN = {"norm1": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
                "attn.proj": "attention.o_proj"}
+# Tensors outside the layers that only change name: radflash name → released name.
+_RENAMED = {
+    "vision.cls_token": "vision_model.embeddings.cls_token",
+    "vision.pos_embed": "vision_model.embeddings.position_embeddings",
+    "vision.patch_embed.weight": "vision_model.embeddings.patch_embeddings.projection.weight",
+    "vision.patch_embed.bias": "vision_model.embeddings.patch_embeddings.projection.bias",
+    "vision.norm.weight": "vision_model.layernorm.weight",
+    "vision.norm.bias": "vision_model.layernorm.bias",
+    "text.word_embed.weight": "text_model.embeddings.word_embeddings.weight",
+    "text.pos_embed.weight": "text_model.embeddings.position_embeddings.weight",
+    "text.embed_norm.weight": "text_model.embeddings.LayerNorm.weight",
+    "text.embed_norm.bias": "text_model.embeddings.LayerNorm.bias",
+    "text.relative_bias.weight": "text_model.encoder.relative_attention_bias.weight",
+    "head_norm.weight": HEAD + "layer_norm.weight",
+    "head_norm.bias": HEAD + "layer_norm.bias",
+    "log_tau": HEAD + "loss_temperature",
+}
 _MPNET_PLAIN = {"out": "attention.attn.o", "attn_norm": "attention.LayerNorm", "fc1": "intermediate.dense",
                 "fc2": "output.dense", "mlp_norm": "output.LayerNorm"}
 # transformers ≤ 4.x names of the DINOv2 attention projections (5.x: q_proj, k_proj, v_proj, o_proj)
@@ -66,38 +83,19 @@ def native_to_released(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
     Inverse of :func:`radflash.checkpoints.converters.radzero.released_to_native`: fused qkv projections are split back,
     LayerScale gains renamed, and the unused ``mask_token`` is added as zeros.
     """
-    out: dict[str, torch.Tensor] = {}
-    d = cfg.vision.hidden
-    v, e = "vision_model.", "vision_model.embeddings."
-    out[e + "cls_token"] = state["vision.cls_token"]
-    out[e + "mask_token"] = torch.zeros(1, d, dtype=state["vision.cls_token"].dtype)
-    out[e + "position_embeddings"] = state["vision.pos_embed"]
-    out[e + "patch_embeddings.projection.weight"] = state["vision.patch_embed.weight"]
-    out[e + "patch_embeddings.projection.bias"] = state["vision.patch_embed.bias"]
-    out[v + "layernorm.weight"] = state["vision.norm.weight"]
-    out[v + "layernorm.bias"] = state["vision.norm.bias"]
+    out = {theirs: state[ours] for ours, theirs in _RENAMED.items()}
+    out["vision_model.embeddings.mask_token"] = torch.zeros(1, cfg.vision.hidden, dtype=state["vision.cls_token"].dtype)
     for i in range(cfg.vision.layers):
-        _dino_layer(state, f"vision.blocks.{i}.", f"{v}encoder.layer.{i}.", out)
+        _dino_layer(state, f"vision.blocks.{i}.", f"vision_model.encoder.layer.{i}.", out)
     for i in range(cfg.align_layers):
         _dino_layer(state, f"align.blocks.{i}.", f"{ALIGN}{i}.", out)
-
-    t = "text_model."
-    out[t + "embeddings.word_embeddings.weight"] = state["text.word_embed.weight"]
-    out[t + "embeddings.position_embeddings.weight"] = state["text.pos_embed.weight"]
-    out[t + "embeddings.LayerNorm.weight"] = state["text.embed_norm.weight"]
-    out[t + "embeddings.LayerNorm.bias"] = state["text.embed_norm.bias"]
-    out[t + "encoder.relative_attention_bias.weight"] = state["text.relative_bias.weight"]
     for i in range(cfg.text.layers):
-        p, q = f"text.layers.{i}.", f"{t}encoder.layer.{i}."
+        p, q = f"text.layers.{i}.", f"text_model.encoder.layer.{i}."
         for part in ("weight", "bias"):
             for name, chunk in zip("qkv", state[f"{p}qkv.{part}"].chunk(3)):
                 out[f"{q}attention.attn.{name}.{part}"] = chunk
             for ours, theirs in _MPNET_PLAIN.items():
                 out[f"{q}{theirs}.{part}"] = state[f"{p}{ours}.{part}"]
-
-    out[HEAD + "layer_norm.weight"] = state["head_norm.weight"]
-    out[HEAD + "layer_norm.bias"] = state["head_norm.bias"]
-    out[HEAD + "loss_temperature"] = state["log_tau"]
     return {k: t.detach().clone().contiguous() for k, t in out.items()}
 
 

@@ -1,4 +1,8 @@
-"""The bench report types and their formatting (table, summary lines, markdown)."""
+"""The bench report: its types (rows, limits, memory peaks), JSON schema and renderings.
+
+Apart from the harness so that the command line's table, the markdown and the plots
+(:mod:`radflash.bench.plots`) depend only on what was measured, not on the code that measures it.
+"""
 
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ FORMULAS = {
 }
 
 
-# ---- report ---------------------------------------------------------------------------------------
+# ---- types -----------------------------------------------------------------------------------------
 @dataclass
 class Limit:
     kind: str  # "flop" or "bytes"

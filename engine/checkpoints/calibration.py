@@ -1,4 +1,8 @@
-"""Applying a checkpoint's score calibration (fitting lives in radflash.calibration.scores)."""
+"""Applying a checkpoint's score calibration: per-finding temperature and decision threshold.
+
+Scoring (:mod:`radflash.archive`) needs only this half; the fitting, with its CSV reading and
+plots, is :mod:`radflash.calibration.scores`, outside the engine, so the engine never imports it.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +14,11 @@ import torch
 from radflash.errors import InputError
 
 
-# ---- inference + writing -----------------------------------------------------------------------
 def score_calibrated(calibration: dict | None) -> bool:
     """Whether a checkpoint carries image-level score calibration (:mod:`radflash.calibration.scores`:
     per-finding ``temperature``/``threshold``). The same dict may hold only the trainer's
-    segmentation-map ``thresholds``, which say nothing about image-level probabilities."""
+    segmentation-map ``map_thresholds``, which say nothing about image-level probabilities."""
     return bool(calibration) and bool(calibration.get("temperature") or calibration.get("threshold"))
-
-
-def _as_numpy(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().float().cpu().numpy()
-    return np.asarray(x, dtype=np.float64)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow for large |x|
 
 
 def apply(calibration: dict, names: list[str], logits: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

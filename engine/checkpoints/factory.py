@@ -14,8 +14,8 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from radflash.checkpoints.format import Checkpoint
 from radflash.findings import default_prompts
-from radflash.models import RadZero
 from radflash.models.config import ModelConfig, preset
+from radflash.models.registry import build
 from radflash.tokenizer import PromptTokenizer
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")  # MPNet's ids 0..3 (pad = 1)
@@ -80,7 +80,7 @@ def random_checkpoint(
     tok = tokenizer or wordpiece_tokenizer(vocab_size=cfg.text.vocab)
     if tok.get_vocab_size() > cfg.text.vocab:
         raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens, model vocab is {cfg.text.vocab}")
-    module = randomize_(RadZero(cfg), seed=seed)
+    module = randomize_(build(cfg), seed=seed)  # the family the config names
     return Checkpoint(
         config=cfg,
         state_dict={k: v.clone() for k, v in module.state_dict().items()},

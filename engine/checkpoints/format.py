@@ -198,10 +198,10 @@ def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     The model is built on the meta device (no storage), so the table always matches the real
     module; the schema's size bounds keep even the largest allowed config quick to build.
     """
-    from radflash.models import RadZero
+    from radflash.models.registry import build
 
     with torch.device("meta"), _SkipInit():
-        module = RadZero(config)
+        module = build(config)  # the family the config names
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 

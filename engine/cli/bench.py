@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from radflash.cli.options import device_option, kernels_option
+from radflash.cli.options import device_option, kernels_option, model_argument
 
 BENCH_BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt", "auto", "all")
 
@@ -23,18 +23,8 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     return sizes
 
 
-def _model(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    from radflash.models.config import PRESETS
-
-    if value is None or value in PRESETS or Path(value).exists():
-        return value
-    raise click.BadParameter(f"{value!r} is neither a checkpoint path nor a preset ({', '.join(PRESETS)})")
-
-
 @click.command()
-@click.option("--model", "model_path", default=None, callback=_model,
-              help="Checkpoint folder/.safetensors, or a preset name (tiny, base: random weights of that size). "
-                   "Default: the embedded demo model.")
+@model_argument(presets=True)
 @device_option
 @click.option("--backend", "backends", type=click.Choice(BENCH_BACKENDS), multiple=True, default=("eager",),
               show_default=True, help="Image-encoder backend; repeat the flag for several, or 'all'.")

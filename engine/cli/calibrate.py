@@ -2,25 +2,38 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
-
-def _model(positional: str | None, option: str | None) -> str | None:
-    if positional is not None and option is not None:
-        raise click.UsageError("give the model either as MODEL or as --model, not both")
-    return positional if positional is not None else option
+from radflash.cli.options import Decorator, model_argument, stack
 
 
-def _one_source(images: object, phantoms: object, first: str) -> None:
-    if (images is None) == (phantoms is None):
-        raise click.UsageError(f"give exactly one of {first} or --phantoms")
+def _inputs(source: str, dest: str, source_type: click.ParamType, source_help: str, *, phantoms_help: str,
+            out_type: click.ParamType, out_help: str) -> Decorator:
+    """What both subcommands take: the model, one data source (``source`` or ``--phantoms N``) and ``--out``.
 
+    The "exactly one source" check runs before the MODEL/--model one, and before anything heavy is
+    imported, so a mistyped call fails at once.
+    """
+    def one_source(f: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(f)
+        def command(**kwargs: Any) -> Any:
+            if (kwargs[dest] is None) == (kwargs["phantoms"] is None):
+                raise click.UsageError(f"give exactly one of {source} or --phantoms")
+            return f(**kwargs)
+        return command
 
-_model_arg = click.argument("model", required=False, type=click.Path(exists=True))
-_model_opt = click.option("--model", "model_opt", type=click.Path(exists=True), default=None,
-                          help="Checkpoint folder or .safetensors file (default: the embedded demo model).")
+    options = stack(
+        model_argument(positional=True),  # MODEL positionally: the historical spelling, kept working
+        click.option(source, dest, type=source_type, default=None, help=source_help),
+        click.option("--phantoms", type=click.IntRange(min=2), default=None, help=phantoms_help),
+        click.option("--out", required=True, type=out_type, help=out_help),
+    )
+    return stack(one_source, options)
 
 
 @click.group()
@@ -29,49 +42,43 @@ def calibrate() -> None:
 
 
 @calibrate.command("quantize")
-@_model_arg
-@_model_opt
-@click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Folder of representative images (PNG/JPEG/TIFF/.npy/DICOM).")
-@click.option("--phantoms", type=click.IntRange(min=2), default=None, help="Use N synthetic phantoms instead.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="model.int8.onnx")
+@_inputs("--images", "images_dir", click.Path(exists=True, file_okay=False),
+         "Folder of representative images (PNG/JPEG/TIFF/.npy/DICOM).",
+         phantoms_help="Use N synthetic phantoms instead.",
+         out_type=click.Path(dir_okay=False, path_type=Path), out_help="model.int8.onnx")
 @click.option("--holdout", type=click.IntRange(min=1), default=8, show_default=True,
               help="Images held out of calibration for the accuracy report.")
 @click.option("--method", type=click.Choice(("auto", "modelopt", "onnxruntime")), default="auto", show_default=True,
               help="auto: NVIDIA ModelOpt where installed, else onnxruntime.quantization.")
 @click.option("--auroc-phantoms", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also report the macro AUROC drop on this many fresh phantoms.")
-def quantize(model: str | None, model_opt: str | None, images_dir: str | None, phantoms: int | None, out: Path,
-             holdout: int, method: str, auroc_phantoms: int) -> None:
+def quantize(model_path: str | None, images_dir: str | None, phantoms: int | None, out: Path, holdout: int,
+             method: str, auroc_phantoms: int) -> None:
     """Write an INT8 Q/DQ ONNX graph of the image encoder, calibrated on representative images."""
     from radflash.calibration.quantize import quantize_int8
 
-    _one_source(images_dir, phantoms, "--images")
-    report = quantize_int8(_model(model, model_opt), out, images_dir=images_dir, phantoms=phantoms, holdout=holdout,
+    report = quantize_int8(model_path, out, images_dir=images_dir, phantoms=phantoms, holdout=holdout,
                            method=method, auroc_phantoms=auroc_phantoms)
     click.echo(report.summary())
 
 
 @calibrate.command("scores")
-@_model_arg
-@_model_opt
-@click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="CSV: a 'path' column (relative to the CSV) and one 0/1 column per finding (blank = unknown).")
-@click.option("--phantoms", type=click.IntRange(min=2), default=None, help="Fit on N labelled phantoms instead.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint to write (folder).")
+@_inputs("--labels", "labels_csv", click.Path(exists=True, dir_okay=False),
+         "CSV: a 'path' column (relative to the CSV) and one 0/1 column per finding (blank = unknown).",
+         phantoms_help="Fit on N labelled phantoms instead.",
+         out_type=click.Path(path_type=Path), out_help="Checkpoint to write (folder).")
 @click.option("--rule", type=click.Choice(("youden", "f1")), default="youden", show_default=True,
               help="Threshold rule: maximise Youden's J (TPR − FPR) or F1.")
 @click.option("--no-plot", is_flag=True, help="Skip the reliability-diagram PNG.")
-def scores(model: str | None, model_opt: str | None, labels_csv: str | None, phantoms: int | None, out: Path,
-           rule: str, no_plot: bool) -> None:
+def scores(model_path: str | None, labels_csv: str | None, phantoms: int | None, out: Path, rule: str,
+           no_plot: bool) -> None:
     """Fit per-finding temperature and threshold; store them in the checkpoint's calibration."""
     from radflash.calibration.scores import calibrate_scores
 
-    _one_source(labels_csv, phantoms, "--labels")
     if not no_plot:  # fail before fitting, not after
         from radflash.util.plotting import require_plotting
 
         require_plotting("the reliability diagram (or pass --no-plot)")
-    report = calibrate_scores(_model(model, model_opt), out, labels_csv=labels_csv, phantoms=phantoms, rule=rule,
+    report = calibrate_scores(model_path, out, labels_csv=labels_csv, phantoms=phantoms, rule=rule,
                               plot=not no_plot)
     click.echo(report.summary())

@@ -1,33 +1,129 @@
-"""Options shared by several commands, defined once."""
+"""Options shared by several commands, defined once.
+
+Every command takes its model through :func:`model_argument`, and ``score``/``segment`` take their
+common inference block through :func:`inference_options`, so a flag's name, default, help text and
+error messages cannot drift apart between commands.
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
+F = TypeVar("F", bound=Callable[..., Any])
+Decorator = Callable[[F], F]
+
 BACKEND_CHOICES = ("auto", "eager", "compile", "onnxruntime", "tensorrt")
 
-
-def model_option(f: Callable) -> Callable:
-    return click.option(
-        "--model", "model_path", type=click.Path(exists=True, dir_okay=True, file_okay=True), default=None,
-        help="Checkpoint folder or .safetensors file (default: the embedded demo model).",
-    )(f)
+MODEL_HELP = "Checkpoint folder or .safetensors file (default: the embedded demo model)."
+PRESET_MODEL_HELP = ("Checkpoint folder/.safetensors, or a preset name (tiny, base: random weights of that size). "
+                     "Default: the embedded demo model.")
+BOTH_MODELS = "give the model either as MODEL or as --model, not both"
 
 
-def device_option(f: Callable) -> Callable:
+def stack(*decorators: Decorator) -> Decorator:
+    """Apply ``decorators`` as if written one per line in this order (so ``--help`` lists them so)."""
+    def apply(f: F) -> F:
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        return f
+    return apply
+
+
+def _merge_kwargs(resolve: Callable[[dict[str, Any]], dict[str, Any]]) -> Decorator:
+    """Wrap a command callback so ``resolve`` turns the raw parsed values into the ones it takes.
+
+    Used where two spellings feed one value (MODEL or ``--model``): the check needs both values at
+    once, which no single parameter callback sees reliably (click runs them in command-line order).
+    ``functools.wraps`` carries the click parameters, name and docstring over to the wrapper.
+    """
+    def decorate(f: F) -> F:
+        @functools.wraps(f)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            return f(*args, **resolve(kwargs))
+        return command  # type: ignore[return-value]
+    return decorate
+
+
+def _model_or_preset(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Accept an existing path or a preset name; the preset list is read lazily (it imports the models)."""
+    from radflash.models.config import PRESETS
+
+    if value is None or value in PRESETS or Path(value).exists():
+        return value
+    raise click.BadParameter(f"{value!r} is neither a checkpoint path nor a preset ({', '.join(PRESETS)})")
+
+
+def model_argument(*, positional: bool = False, followed_by: str | None = None, presets: bool = False) -> Decorator:
+    """The one way a command takes its model; the callback always receives it as ``model_path``.
+
+    ``--model PATH`` is the canonical spelling everywhere (``None``: the embedded demo model).
+    ``positional=True`` also accepts the model as a leading positional MODEL, for the commands that
+    took it so before ``--model`` existed (``calibrate``, ``export``: kept for backward
+    compatibility); giving both is a usage error. ``followed_by="out"`` is for a required positional
+    after the optional MODEL (``export``'s ``[MODEL] OUT``): click cannot put an optional argument
+    before a required one, so both are read as one list and split here; the callback receives the
+    second as a :class:`~pathlib.Path` under that name. ``presets=True`` also accepts a preset name
+    (``bench``: random weights of that size), which is why that option has no ``exists`` check.
+    """
+    if presets:
+        if positional or followed_by is not None:
+            raise TypeError("model_argument: presets are only accepted by --model")
+        return click.option("--model", "model_path", default=None, callback=_model_or_preset, help=PRESET_MODEL_HELP)
+    if not positional:
+        if followed_by is not None:
+            raise TypeError("model_argument: followed_by needs positional=True")
+        return click.option("--model", "model_path", type=click.Path(exists=True), default=None, help=MODEL_HELP)
+    option = click.option("--model", "model_option", type=click.Path(exists=True), default=None, help=MODEL_HELP)
+    if followed_by is None:
+        return stack(click.argument("model", required=False, type=click.Path(exists=True)), option,
+                     _merge_kwargs(_model_from_argument))
+    split = functools.partial(_model_from_paths, followed_by)
+    return stack(click.argument("model_paths", nargs=-1, required=True, metavar=f"[MODEL] {followed_by.upper()}"),
+                 option, _merge_kwargs(split))
+
+
+def _model_from_argument(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """MODEL or ``--model`` → ``model_path``."""
+    positional, option = kwargs.pop("model"), kwargs.pop("model_option")
+    if positional is not None and option is not None:
+        raise click.UsageError(BOTH_MODELS)
+    return {**kwargs, "model_path": positional if positional is not None else option}
+
+
+def _model_from_paths(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``[MODEL] OUT`` (plus ``--model``) → ``model_path`` and ``name``; the MODEL is checked here, not by click."""
+    paths, option = kwargs.pop("model_paths"), kwargs.pop("model_option")
+    if len(paths) == 1:
+        return {**kwargs, "model_path": option, name: Path(paths[0])}
+    if len(paths) == 2:
+        if option is not None:
+            raise click.UsageError(BOTH_MODELS)
+        if not Path(paths[0]).exists():
+            raise click.BadParameter(f"{paths[0]}: no such checkpoint", param_hint="MODEL")
+        return {**kwargs, "model_path": paths[0], name: Path(paths[1])}
+    raise click.UsageError(f"expected [MODEL] {name.upper()}")
+
+
+def device_option(f: F) -> F:
+    """``--device``: validated by the verbs (an absent ``cuda:N`` fails there, before the model loads)."""
     return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(f)
 
 
-def backend_option(f: Callable) -> Callable:
+def backend_option(f: F) -> F:
+    """``--backend`` for the commands that run one encoder backend (``bench`` takes several: its own flag)."""
     return click.option(
         "--backend", type=click.Choice(BACKEND_CHOICES), default="eager", show_default=True,
         help="Image-encoder backend.",
     )(f)
 
 
-def kernels_option(f: Callable) -> Callable:
+def kernels_option(f: F) -> F:
+    """``--kernels``: applied as it is parsed, so the choice holds before any model code runs."""
     return click.option(
         "--kernels", type=click.Choice(("auto", "triton", "torch")), default="auto", show_default=True,
         help="Head/map kernels: Triton on CUDA (auto), or force one implementation.",
@@ -43,16 +139,19 @@ def _apply_kernels(ctx: click.Context, param: click.Parameter, value: str) -> st
     return value
 
 
-def quiet_option(f: Callable) -> Callable:
+def quiet_option(f: F) -> F:
+    """``-q/--quiet``: for scripts and logs that want no progress bar or table."""
     return click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary table.")(f)
 
 
-def batch_size_option(default: int = 16) -> Callable[[Callable], Callable]:
+def batch_size_option(default: int = 16) -> Decorator:
+    """``--batch-size`` with a per-command default (segment's maps need more memory per image)."""
     return click.option("--batch-size", type=click.IntRange(min=1), default=default, show_default=True,
                         help="Images per forward pass.")
 
 
-def workers_option(f: Callable) -> Callable:
+def workers_option(f: F) -> F:
+    """``--workers``: decode processes; ``None`` lets the pipeline size the pool to the machine and input."""
     return click.option(
         "--workers", type=click.IntRange(min=0), default=None,
         help="Decode processes (0 = decode in-process). Default: min(4, CPUs, files).",
@@ -74,9 +173,21 @@ def _pixel_budget(ctx: click.Context, param: click.Parameter, value: str | None)
     return pixels
 
 
-def max_pixels_option(f: Callable) -> Callable:
+def max_pixels_option(f: F) -> F:
+    """``--max-pixels``: the decompression-bomb budget, checked from each file's header."""
     return click.option(
         "--max-pixels", callback=_pixel_budget, default=None, metavar="N[M]",
         help="Pixel budget per file (rows × columns × frames): larger files fail from their header, "
              "before decoding. Default 50M (real CR/DX ≤ ~15M).",
     )(f)
+
+
+def inference_options(*, batch_size: int) -> Decorator:
+    """The block ``score`` and ``segment`` share: model, device, backend, kernels, batch size, workers,
+    pixel budget and quiet, in that order; only the batch-size default differs between them.
+
+    The callback receives ``model_path``, ``device``, ``backend``, ``batch_size``, ``workers``,
+    ``max_pixels`` and ``quiet`` (``--kernels`` takes effect while parsing and is not passed).
+    """
+    return stack(model_argument(), device_option, backend_option, kernels_option, batch_size_option(batch_size),
+                 workers_option, max_pixels_option, quiet_option)

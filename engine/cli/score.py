@@ -6,16 +6,7 @@ from pathlib import Path
 
 import click
 
-from radflash.cli.options import (
-    backend_option,
-    batch_size_option,
-    device_option,
-    kernels_option,
-    max_pixels_option,
-    model_option,
-    quiet_option,
-    workers_option,
-)
+from radflash.cli.options import inference_options
 
 PREVIEW_ROWS = 10
 
@@ -33,14 +24,9 @@ def _modalities(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Output folder (results, status, manifest). Without it a preview is printed and nothing saved.")
-@model_option
 @click.option("--findings", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Prompt file (YAML/JSON/TXT). Default: the 14 CheXpert findings, 'There is {finding}'.")
-@device_option
-@batch_size_option(16)
-@workers_option
-@backend_option
-@kernels_option
+@inference_options(batch_size=16)
 @click.option("--format", "fmt", type=click.Choice(("parquet", "csv")), default="parquet", show_default=True,
               help="Format of the consolidated results/status tables.")
 @click.option("--include-phi", is_flag=True, help="Copy patient name and ID into the results.")
@@ -56,8 +42,6 @@ def _modalities(ctx: click.Context, param: click.Parameter, value: str | None) -
               help="Files per committed part: the most work a crash can lose.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
               help="Seconds one file may take to decode before it is recorded as failed.")
-@max_pixels_option
-@quiet_option
 def score(inputs: tuple[Path, ...], output: Path | None, model_path: str | None, findings: Path | None,
           device: str, batch_size: int, workers: int | None, backend: str, fmt: str, include_phi: bool,
           resume: bool, num_parts: int, part_id: int, include_lateral: bool, modalities: tuple[str, ...] | None,

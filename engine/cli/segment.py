@@ -6,16 +6,7 @@ from pathlib import Path
 
 import click
 
-from radflash.cli.options import (
-    backend_option,
-    batch_size_option,
-    device_option,
-    kernels_option,
-    max_pixels_option,
-    model_option,
-    quiet_option,
-    workers_option,
-)
+from radflash.cli.options import inference_options
 from radflash.errors import RadflashError
 
 FORMAT_NAMES = ("png", "npz", "dicom-seg", "nifti")
@@ -50,14 +41,7 @@ def _formats(ctx: click.Context, param: click.Parameter, value: tuple[str, ...])
 @click.option("--format", "formats", multiple=True, callback=_formats, metavar="LIST",
               help="Outputs: png, npz, dicom-seg, nifti (comma list or repeated; default png,npz).")
 @click.option("--preview", is_flag=True, help="Also write overlay PNGs at the source size.")
-@model_option
-@device_option
-@backend_option
-@kernels_option
-@batch_size_option(default=8)
-@workers_option
-@max_pixels_option
-@quiet_option
+@inference_options(batch_size=8)
 def segment(inputs: tuple[Path, ...], outdir: Path, prompt_texts: tuple[str, ...], prompt_file: Path | None,
             threshold: float | None, formats: tuple[str, ...], preview: bool, model_path: str | None,
             device: str, backend: str, batch_size: int, workers: int | None, max_pixels: int | None,

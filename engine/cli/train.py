@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from radflash.cli.options import batch_size_option, device_option, model_option, quiet_option
+from radflash.cli.options import batch_size_option, device_option, model_argument, quiet_option
 
 
 @click.command()
@@ -40,7 +40,7 @@ def train(config: Path, resume: str | None, output: Path | None, steps: int | No
 
 
 @click.command()
-@model_option
+@model_argument()
 @click.option("--data", type=click.Choice(["phantoms"]), default="phantoms", show_default=True,
               help="Labelled evaluation data (synthetic phantoms with masks).")
 @click.option("--seed", type=int, default=1000, show_default=True, help="Test images' seed.")

@@ -164,8 +164,12 @@ def _not_a_file(path: Path) -> str | None:
 
 
 def shard_key(path: str | Path) -> int:
-    """Stable 64-bit hash of a path's POSIX string (Python's ``hash`` is salted per process)."""
-    digest = hashlib.blake2b(Path(path).as_posix().encode("utf-8"), digest_size=8).digest()
+    """Stable 64-bit hash of a path's POSIX string (Python's ``hash`` is salted per process).
+
+    ``surrogateescape``: a name that is not valid UTF-8 (a Latin-1 archive) hashes its own bytes
+    instead of raising; every other name hashes exactly as before, so no file changes shard.
+    """
+    digest = hashlib.blake2b(Path(path).as_posix().encode("utf-8", "surrogateescape"), digest_size=8).digest()
     return int.from_bytes(digest, "big")
 
 

@@ -23,6 +23,7 @@ from pydantic import AfterValidator, Field, model_validator
 from pydantic.dataclasses import dataclass
 
 from radflash.errors import CheckpointError
+from radflash.models.registry import check_name as _known_family
 from radflash.util.schema import CONFIG, RGB, Float, Int, validate
 
 FORMAT_NAME = "radflash"
@@ -113,7 +114,8 @@ class ModelConfig:
     image_size: Annotated[Int, Field(ge=1, le=MAX_IMAGE)] = 518
     mean: RGB = IMAGENET_MEAN
     std: Annotated[RGB, AfterValidator(_positive_std)] = IMAGENET_STD
-    architecture: Literal["radzero"] = "radzero"
+    # the model family (radflash.models.registry): which module is built from this config
+    architecture: Annotated[str, AfterValidator(_known_family)] = "radzero"
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

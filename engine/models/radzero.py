@@ -19,6 +19,11 @@ from radflash.models.vit import AlignTransformer, VisionTransformer
 
 
 class RadZero(nn.Module):
+    """The ``radzero`` family (see :class:`radflash.models.base.ModelFamily`)."""
+
+    # VL-CABS keeps the per-patch similarities s, so pixel maps come with the scores.
+    supports_maps = True
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg

@@ -1,4 +1,10 @@
-"""Writing one image's outputs and the run report (writer orchestration)."""
+"""What a segment run writes: per-image files (masks, maps, DICOM SEG, NIfTI, preview, JSON) and the report.
+
+:func:`check_formats` validates ``--format`` before the model loads, so a missing optional
+dependency fails at once rather than on the first image. :class:`OutputWriter` decides which
+files one image gets and records each one that fails in the image's notes instead of stopping
+the run; the file formats themselves are in :mod:`radflash.segment.writers`.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import numpy as np
 
 from radflash.errors import InputError
 from radflash.io.safe_paths import inside
-from radflash.segment.results import ImageResult, PromptSpec, SegmentRun, _Item
+from radflash.segment.results import DecodedItem, ImageResult, PromptSpec, SegmentRun
 
 if TYPE_CHECKING:
     from radflash.api import RadFlashModel
@@ -29,7 +35,8 @@ FORMATS = ("png", "npz", "dicom-seg", "nifti")
 REPORT = "report.json"
 
 
-def _check_formats(formats: Sequence[str] | str) -> tuple[str, ...]:
+def check_formats(formats: Sequence[str] | str) -> tuple[str, ...]:
+    """``"png,npz"`` / ``["png", "nifti"]`` → validated lower-case formats, de-duplicated, in order."""
     if isinstance(formats, str):
         formats = [formats]
     out = []
@@ -51,8 +58,7 @@ def _check_formats(formats: Sequence[str] | str) -> tuple[str, ...]:
     return tuple(out)
 
 
-# ---- writing -----------------------------------------------------------------------------------
-class _Writer:
+class OutputWriter:
     """Writes one image's outputs under OUTDIR/<name>/ (every path checked to stay inside OUTDIR)."""
 
     def __init__(self, out: Path, rf: RadFlashModel, specs: tuple[PromptSpec, ...], formats: tuple[str, ...],
@@ -71,7 +77,7 @@ class _Writer:
 
         return NpzWriter(self.path(name, "maps.npz"))
 
-    def write_image(self, item: _Item, result: ImageResult, masks: np.ndarray) -> None:
+    def write_image(self, item: DecodedItem, result: ImageResult, masks: np.ndarray) -> None:
         from radflash.segment import writers as sw
 
         name = result.name
@@ -110,7 +116,7 @@ class _Writer:
             return
         result.files[key or kind] = self.rel(path)
 
-    def _seg(self, item: _Item, name: str, masks: np.ndarray) -> Path:
+    def _seg(self, item: DecodedItem, name: str, masks: np.ndarray) -> Path:
         from radflash.segment.writers import SegmentInfo, SegSeries, write_dicom_seg
         from radflash.util.optional import require
 
@@ -127,7 +133,7 @@ class _Writer:
         return path
 
 
-# ---- records, report, summary ------------------------------------------------------------------
+# ---- records and report ------------------------------------------------------------------------
 def image_record(result: ImageResult, specs: Sequence[PromptSpec]) -> dict[str, Any]:
     """The per-image JSON: source, size, and for each prompt its threshold and grounding."""
     return {

@@ -1,4 +1,9 @@
-"""Prompt and threshold parsing for segment."""
+"""Prompts and mask thresholds of a segment run: every accepted form → validated :class:`PromptSpec` s.
+
+Prompts come as text, a list, a mapping or a prompt file; each prompt's threshold is taken from
+the first of: the prompt file, the ``thresholds`` argument, the map thresholds the trainer stored
+in the checkpoint, 0.5. Kept apart from the verb so the rules can be tested without a model.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,6 @@ DEFAULT_THRESHOLD = 0.5
 MAP_THRESHOLDS = "map_thresholds"
 
 
-# ---- prompts -----------------------------------------------------------------------------------
 def resolve_prompts(
     prompts: Sequence[str] | Mapping[str, Any] | str | Path,
     thresholds: float | Sequence[float] | Mapping[str, float] | None = None,
@@ -28,14 +32,14 @@ def resolve_prompts(
     default_prompts: Mapping[str, str] | None = None,
 ) -> tuple[PromptSpec, ...]:
     """Any accepted ``prompts``/``thresholds`` form → validated :class:`PromptSpec` s (non-empty)."""
-    from radflash.findings import _normalise, load_prompt_file
+    from radflash.findings import load_prompt_file, normalise_prompts
 
     if isinstance(prompts, Path) or (isinstance(prompts, str) and os.path.isfile(prompts)):
         entries = load_prompt_file(prompts)
     elif isinstance(prompts, str):
         entries = {prompts.strip(): {"prompt": prompts.strip(), "threshold": None}}
     elif isinstance(prompts, Mapping):
-        entries = _normalise(dict(prompts), Path("prompts"))
+        entries = normalise_prompts(dict(prompts), Path("prompts"))
     elif isinstance(prompts, Sequence):
         texts = [p.strip() for p in prompts if isinstance(p, str)]
         if len(texts) != len(prompts) or not all(texts):

@@ -1,4 +1,10 @@
-"""Typed results of a segment run."""
+"""The typed values a segment run hands around and returns.
+
+:class:`PromptSpec` (one resolved prompt), :class:`ImageResult` and :class:`InputFailure` (one
+image's outcome), :class:`SegmentRun` (the whole call) and :class:`DecodedItem` (an image between
+decoding and segmentation). They live apart from the verb so that the prompt parser, the output
+writers and the summary can all use them without importing the verb or each other.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,6 @@ if TYPE_CHECKING:
     from radflash.io.imageio import ImageMeta
 
 
-# ---- typed results ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PromptSpec:
     """One prompt of the run: ``name`` (for files and tables), text, and its mask threshold."""
@@ -80,8 +85,9 @@ class SegmentRun:
 
 
 @dataclass
-class _Item:
-    """A decoded image on its way through the run."""
+class DecodedItem:
+    """A decoded image on its way through the run: its position in the input order, its source (a
+    path, or ``<array i>``) and its full-resolution pixels, since maps are made at the source size."""
 
     index: int
     source: str

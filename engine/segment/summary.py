@@ -1,4 +1,7 @@
-"""The rich summary table printed after a segment run."""
+"""The rich summary table printed after a segment run (the command line's view of a :class:`SegmentRun`).
+
+Presentation only: the verb returns a :class:`SegmentRun` and the command line renders it with this.
+"""
 
 from __future__ import annotations
 

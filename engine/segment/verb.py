@@ -7,7 +7,7 @@ NIfTI); its arg-max is the grounding point, and the largest component of the mas
 
 Stages (data flows one way)::
 
-    discover → DecodePool (try_load + selection rules, worker processes) → input order → Batcher
+    FileSource → DecodePool (try_load + selection rules, worker processes) → input order → Batcher
              → encode_images (one batch) → per image: similarity_maps(tokens, size=(H, W)) in prompt
              chunks → masks + grounding → writers (atomic) → per-image JSON → report.json
 
@@ -47,14 +47,15 @@ import numpy as np
 from radflash.errors import InputError, RadflashError
 from radflash.io.safe_paths import NameAllocator, image_output_name, inside
 from radflash.segment.grounding import ground
-from radflash.segment.output import REPORT, _check_formats, _Writer, build_report
+from radflash.segment.output import REPORT, OutputWriter, build_report, check_formats
 from radflash.segment.prompts import resolve_prompts
-from radflash.segment.results import ImageResult, InputFailure, PromptSpec, SegmentRun, _Item
+from radflash.segment.results import DecodedItem, ImageResult, InputFailure, PromptSpec, SegmentRun
 
 if TYPE_CHECKING:
     from radflash.api import RadFlashModel
     from radflash.archive.decode_pool import Decoded
     from radflash.io.selection import SelectionRules
+    from radflash.io.source import SourceItem
 
 
 log = logging.getLogger("radflash.segment")
@@ -107,7 +108,7 @@ def segment(
     """
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc)
-    formats = _check_formats(formats)
+    formats = check_formats(formats)
     if max_pixels is not None:
         from dataclasses import replace
 
@@ -126,6 +127,7 @@ def segment(
         log.debug("no outdir: formats %s and preview are not written", formats)
     from radflash.api import as_model
     rf = as_model(model, device=device, dtype=dtype, backend=backend)
+    rf.require_maps()  # a family without maps fails once here, not once per image
     specs = resolve_prompts(prompts, thresholds, calibration=rf.calibration, default_prompts=rf.default_prompts)
     rf.encode_text([s.prompt for s in specs])  # validate + cache all prompt embeddings up front
 
@@ -139,21 +141,21 @@ def segment(
 
     arrays, paths = _split_inputs(inputs)
     failures: list[InputFailure] = []
+    files: list[SourceItem] = []
     if paths:
-        from radflash.io.discovery import discover
+        from radflash.io.source import FileSource
 
-        files = list(discover(paths))
+        # unread entries (hidden files, FIFOs, link loops) hold no image to segment: left out
+        files = [item for item in FileSource(paths) if item.skip is None]
         if rules is None:
             from radflash.io.selection import SelectionRules
 
             rules = SelectionRules()
-    else:
-        files = []
     total = len(arrays) + len(files)
     if total == 0:
         raise InputError("no input images found" + (f" under {', '.join(map(str, paths))}" if paths else ""))
 
-    writer = _Writer(out, rf, specs, formats, preview) if out is not None else None
+    writer = OutputWriter(out, rf, specs, formats, preview) if out is not None else None
     names = NameAllocator(fallback="image")
     images: list[ImageResult] = []
     if workers is None:  # a single file has nothing to overlap its decode with: no spawn cost
@@ -222,8 +224,8 @@ def _split_inputs(inputs: Any) -> tuple[list[np.ndarray], list[Path]]:
     return arrays, paths
 
 
-def _decoded(arrays: list[np.ndarray], files: list[Path], rules: SelectionRules | None,
-             failures: list[InputFailure], bar: Any, *, workers: int, timeout: float | None) -> Iterator[_Item]:
+def _decoded(arrays: list[np.ndarray], files: list[SourceItem], rules: SelectionRules | None,
+             failures: list[InputFailure], bar: Any, *, workers: int, timeout: float | None) -> Iterator[DecodedItem]:
     """In-memory arrays, then the files through the shared decode stage (input order);
     unloadable files are recorded in ``failures``."""
     from radflash.archive.decode_pool import decode_stream
@@ -239,7 +241,7 @@ def _decoded(arrays: list[np.ndarray], files: list[Path], rules: SelectionRules 
             if bar is not None:
                 bar.update(1)
             continue
-        yield _Item(index, f"<array {index}>", img.float().numpy())
+        yield DecodedItem(index, f"<array {index}>", img.float().numpy())
     if not files:
         return
     stream, _ = decode_stream(files, workers=workers, rules=rules, timeout=timeout)
@@ -250,7 +252,7 @@ def _decoded(arrays: list[np.ndarray], files: list[Path], rules: SelectionRules 
                 if bar is not None:
                     bar.update(1)
                 continue
-            yield _Item(index + 1 + d.index, d.path, d.pixels, d.meta)
+            yield DecodedItem(index + 1 + d.index, d.path, d.pixels, d.meta)
     finally:
         stream.close()  # stops the worker processes when the run ends early
 
@@ -269,8 +271,8 @@ def _in_input_order(stream: Iterator[Decoded]) -> Iterator[Decoded]:
 
 
 # ---- one image ---------------------------------------------------------------------------------
-def _segment_one(rf: RadFlashModel, tokens: Any, item: _Item, name: str, uid: str | None,
-                 specs: tuple[PromptSpec, ...], writer: _Writer | None) -> ImageResult:
+def _segment_one(rf: RadFlashModel, tokens: Any, item: DecodedItem, name: str, uid: str | None,
+                 specs: tuple[PromptSpec, ...], writer: OutputWriter | None) -> ImageResult:
     h, w = item.pixels.shape
     t_all = len(specs)
     chunk = max(1, min(t_all, MAP_BUDGET_BYTES // (3 * h * w)))  # uint8 mask + float16 map per prompt

@@ -1,4 +1,6 @@
-"""Float64 references and error bounds shared by the GPU tests (no test functions here).
+"""Error bounds, precision switches and the float64 bilinear shared by the GPU tests (no test functions here).
+
+The float64 VL-CABS head is in :mod:`tests.references`, shared with the CPU kernel tests.
 
 Bounds follow the project rule: an implementation's error against a float64 reference may be at
 most twice plain torch's own error in the same precision on the same data, plus one rounding term
@@ -51,34 +53,6 @@ def fp32_math(*, tf32: bool) -> Iterator[None]:
     finally:
         torch.set_float32_matmul_precision(old_mm)
         torch.backends.cudnn.allow_tf32 = old_conv
-
-
-def head_f64(
-    tokens: torch.Tensor,
-    text: torch.Tensor,
-    tau: float,
-    ln_weight: torch.Tensor | None = None,
-    ln_bias: torch.Tensor | None = None,
-    eps: float = 1e-5,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """VL-CABS from the spec's formulas in float64: logits (B, T), patch maps s (B, T, N−1), ‖Σ a·v̂‖ (B, T).
-
-    Written out here (LayerNorm by hand, softmax by max-shift) so it shares no code with radflash.
-    """
-    x = tokens.double()
-    if ln_weight is not None:
-        mu = x.mean(-1, keepdim=True)
-        var = ((x - mu) ** 2).mean(-1, keepdim=True)
-        x = (x - mu) / torch.sqrt(var + eps) * ln_weight.double() + ln_bias.double()
-    v = x / x.norm(dim=-1, keepdim=True)
-    t = text.double() / text.double().norm(dim=-1, keepdim=True)
-    s = torch.einsum("bnd,td->btn", v, t) / tau
-    a = torch.exp(s - s.amax(-1, keepdim=True))
-    a = a / a.sum(-1, keepdim=True)
-    g = torch.einsum("btn,bnd->btd", a, v)
-    g_norm = g.norm(dim=-1)
-    logits = (g / g_norm[..., None] * t).sum(-1) / tau
-    return logits, s[..., 1:], g_norm
 
 
 def bilinear_f64(sim: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

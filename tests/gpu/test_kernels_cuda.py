@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from radflash.kernels import upsample_maps, upsample_maps_ref, vlcabs, vlcabs_ref
-from tests.gpu.numerics import DTYPES, EPS, bilinear_f64, bound, fp32_math, head_f64, max_err
+from tests.gpu.numerics import DTYPES, EPS, bilinear_f64, bound, fp32_math, max_err
+from tests.references import head_f64
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -20,7 +20,8 @@ import radflash
 from radflash.api import RadFlashModel
 from radflash.checkpoints.factory import random_checkpoint
 from radflash.models.config import preset
-from tests.gpu.numerics import DTYPES, EPS, bilinear_f64, bound, fp32_math, head_f64, max_err
+from tests.gpu.numerics import DTYPES, EPS, bilinear_f64, bound, fp32_math, max_err
+from tests.references import head_f64
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -12,6 +12,7 @@ import torch
 
 from radflash.kernels import _dispatch as dispatch
 from radflash.kernels import set_kernel_backend, vlcabs, vlcabs_ref
+from tests.references import head_f64
 from tests.tolerances import normwise_error as rel_err
 from tests.tolerances import tolerance
 
@@ -32,30 +33,6 @@ def head_tols(dtype: torch.dtype, n: int, d: int) -> tuple[float, float]:
     terms = max(n, d)
     return (tolerance(torch.float32, terms=terms).rtol,
             tolerance(dtype, terms=terms, accumulate=torch.float32).rtol)
-
-
-def head_f64(
-    tokens: torch.Tensor,
-    text: torch.Tensor,
-    tau: float,
-    ln_weight: torch.Tensor | None = None,
-    ln_bias: torch.Tensor | None = None,
-    eps: float = 1e-5,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The spec's formulas, written out in float64 (independent of vlcabs_ref)."""
-    x = tokens.double()
-    if ln_weight is not None:
-        mu = x.mean(-1, keepdim=True)
-        var = ((x - mu) ** 2).mean(-1, keepdim=True)
-        x = (x - mu) / torch.sqrt(var + eps) * ln_weight.double() + ln_bias.double()
-    v = x / x.norm(dim=-1, keepdim=True)
-    t = text.double() / text.double().norm(dim=-1, keepdim=True)
-    s = torch.einsum("bnd,td->btn", v, t) / tau
-    a = torch.exp(s - s.amax(-1, keepdim=True))
-    a = a / a.sum(-1, keepdim=True)
-    g = torch.einsum("btn,bnd->btd", a, v)
-    logits = (g / g.norm(dim=-1, keepdim=True) * t).sum(-1) / tau
-    return logits, s[..., 1:]
 
 
 @pytest.fixture
@@ -87,7 +64,7 @@ def run_both(tokens, text, kw, return_maps=True):
 def test_vlcabs_fp32(n: int, t: int, d: int, ln: bool) -> None:
     tokens, text, kw = make_inputs(2, n, d, t, torch.float32, ln)
     (logits, maps), (ref_logits, ref_maps) = run_both(tokens, text, kw)
-    exp_logits, exp_maps = head_f64(tokens, text, TAU, kw.get("ln_weight"), kw.get("ln_bias"))
+    exp_logits, exp_maps, _ = head_f64(tokens, text, TAU, kw.get("ln_weight"), kw.get("ln_bias"))
     assert logits.shape == (2, t) and logits.dtype == torch.float32
     assert maps.shape == (2, t, n - 1) and maps.dtype == torch.float32
     assert torch.isfinite(logits).all() and torch.isfinite(maps).all()
@@ -106,7 +83,7 @@ def test_vlcabs_fp32(n: int, t: int, d: int, ln: bool) -> None:
 def test_vlcabs_half(n: int, t: int, ln: bool, dtype: torch.dtype) -> None:
     tokens, text, kw = make_inputs(2, n, 64, t, dtype, ln)
     (logits, maps), (ref_logits, ref_maps) = run_both(tokens, text, kw)
-    exp_logits, exp_maps = head_f64(tokens, text, TAU, kw.get("ln_weight"), kw.get("ln_bias"))
+    exp_logits, exp_maps, _ = head_f64(tokens, text, TAU, kw.get("ln_weight"), kw.get("ln_bias"))
     assert maps.dtype == dtype and torch.isfinite(maps.float()).all() and torch.isfinite(logits).all()
     # Inputs are already rounded to the half dtype; the head itself accumulates in fp32.
     tol_logits, tol_maps = head_tols(dtype, n, 64)
@@ -123,7 +100,7 @@ def test_vlcabs_no_maps_odd_width(ln: bool) -> None:
     tokens, text, kw = make_inputs(3, 17, 48, 5, torch.float32, ln)
     (logits, maps), (ref_logits, ref_maps) = run_both(tokens, text, kw, return_maps=False)
     assert maps is None and ref_maps is None
-    exp_logits, _ = head_f64(tokens, text, TAU, kw.get("ln_weight"), kw.get("ln_bias"))
+    exp_logits, *_ = head_f64(tokens, text, TAU, kw.get("ln_weight"), kw.get("ln_bias"))
     tol_logits, _ = head_tols(torch.float32, 17, 48)
     assert rel_err(logits, exp_logits) <= tol_logits
     assert rel_err(ref_logits, exp_logits) <= tol_logits
@@ -134,7 +111,7 @@ def test_vlcabs_many_prompts() -> None:
     """T > 2048 spans 129 prompt tiles; the last one is partial."""
     tokens, text, kw = make_inputs(1, 17, 32, 2049, torch.float32, True)
     (logits, maps), _ = run_both(tokens, text, kw)
-    exp_logits, exp_maps = head_f64(tokens, text, TAU, kw["ln_weight"], kw["ln_bias"])
+    exp_logits, exp_maps, _ = head_f64(tokens, text, TAU, kw["ln_weight"], kw["ln_bias"])
     tol_logits, tol_maps = head_tols(torch.float32, 17, 32)
     assert rel_err(logits, exp_logits) <= tol_logits
     assert rel_err(maps, exp_maps) <= tol_maps
@@ -147,7 +124,7 @@ def test_vlcabs_strided_inputs() -> None:
     text = torch.randn(32, 4).T
     with set_kernel_backend("triton"):
         logits, maps = vlcabs(tokens, text, TAU, return_maps=True)
-    exp_logits, exp_maps = head_f64(tokens, text, TAU)
+    exp_logits, exp_maps, _ = head_f64(tokens, text, TAU)
     tol_logits, tol_maps = head_tols(torch.float32, 17, 32)
     assert rel_err(logits, exp_logits) <= tol_logits
     assert rel_err(maps, exp_maps) <= tol_maps
@@ -179,7 +156,7 @@ def test_vlcabs_op_registration() -> None:
         compiled = torch.compile(lambda a, b: vlcabs(a, b, TAU, return_maps=True, **kw), backend="eager",
                                  fullgraph=True)
         logits, maps = compiled(tokens, text)
-    exp_logits, _ = head_f64(tokens, text, TAU, kw["ln_weight"], kw["ln_bias"])
+    exp_logits, *_ = head_f64(tokens, text, TAU, kw["ln_weight"], kw["ln_bias"])
     assert rel_err(logits, exp_logits) <= head_tols(torch.float32, 17, 32)[0] and maps.shape == (2, 3, 16)
 
 
