@@ -18,10 +18,19 @@ effusions keep only the side (fluid is pleural, not in a lung zone) and cardiome
 The rule-based extractor (:func:`extract_sentences`) is built for phantom reports and the common
 MIMIC-CXR phrasings; choices made:
 
-- Comparisons with prior studies are removed: a sentence whose content is a change ("has
-  increased", "unchanged", "interval", "resolved", "compared to ..." without a finding) is dropped;
-  a leading "Compared to the prior study," or an attribute like "stable"/"unchanged" in front of a
-  finding is stripped and the rest kept ("Stable small left effusion" → the effusion is there).
+- Comparisons with prior studies keep the finding's state (issue #17): "stable, mild cardiomegaly",
+  "redemonstration of ... which is unchanged", "the effusion has increased" all state a finding that
+  is there now, so only the comparison words are stripped. Resolution and removal ("has resolved",
+  "interval resolution of", "no longer seen") are negations; "nearly resolved" is still present.
+  A sentence about change without a finding ("Unchanged from prior.") yields nothing.
+- Negation and uncertainty follow the CheXpert labeler's order (pre-negation uncertainty, then
+  negation, then post-negation uncertainty) within a clause scope; "clear of", "free of", "neither
+  ... nor" negate, and "no X to suggest Y" negates Y too.
+- General statements about the method ("CT is more sensitive ...", "fractures may not be
+  demonstrated"), hypothetical mentions ("evaluate for pneumonia") and the indication/history/
+  technique/comparison sections state no finding of this study and yield nothing.
+- Side words with a preposition after the finding count ("atelectasis on the left"), as does a
+  trailing "bilaterally"; a finding given both "right and left" is bilateral.
 - Normal statements map to negatives of what they rule out: "Lungs are clear" → "There is no
   consolidation"; "Heart size is normal"/"normal cardiomediastinal silhouette" → "There is no
   cardiomegaly"; "No acute cardiopulmonary process" stays as "There is no acute cardiopulmonary
@@ -97,25 +106,33 @@ _FINDING_PATTERNS: list[tuple[str, str]] = [
     (r"enlarged cardiomediastinal silhouette|widened mediastinum|mediastinal widening", "enlarged cardiomediastinum"),
     (r"(?:enlarged|enlargement of the) (?:heart|cardiac silhouette)|cardiac enlargement|cardiomegaly",
      "cardiomegaly"),
-    (r"(?:heart|heart size|cardiac silhouette)(?: size)? (?:(?:is|are|may be|appears?|remains?) )?"
-     r"(?:mildly |moderately |markedly |severely )?"
+    (r"(?:heart|heart size|cardiac silhouette)(?: size)? (?:(?:is|are|may be|appears?|remains?) )?(?:not )?"
+     r"(?:mildly |moderately |markedly |severely |borderline |slightly )?"
      r"(?:enlarged|increased)", "cardiomegaly"),
-    (r"pleural effusions?|effusions?", "pleural effusion"),
+    (r"(?:the )?mediastinum (?:is |appears |remains )?(?:widened|enlarged)", "enlarged cardiomediastinum"),
+    # "pericardial effusion" is not pleural; the lookbehinds keep it out
+    (r"pleural effusions?|pleural fluid(?: collections?)?|(?<!pericardial )(?<!joint )effusions?", "pleural effusion"),
     (r"hydropneumothorax|pneumothora(?:x|ces)", "pneumothorax"),
-    (r"pulmonary nodules?|nodular opacit(?:y|ies)|nodules?", "lung nodule"),
-    (r"(?:lung |pulmonary )?mass(?:es)?", "lung mass"),
+    (r"pulmonary nodules?|nodular (?:opacit(?:y|ies)|densit(?:y|ies))|nodules?", "lung nodule"),
+    # "masslike opacification" names a mass, not an opacity: the compound is consumed whole
+    (r"mass[- ]?like (?:opacit(?:y|ies)|opacification|consolidation|densit(?:y|ies)|lesion)|"
+     r"(?:lung |pulmonary )?mass(?:es)?", "lung mass"),
     (r"consolidations?|consolidative opacit(?:y|ies)|airspace consolidation", "consolidation"),
     (r"atelectas(?:is|es)|atelectatic changes?|collapse", "atelectasis"),
-    (r"pulmonary edema|interstitial edema|edema|vascular congestion", "edema"),
-    (r"pneumonias?|infectious process", "pneumonia"),
-    (r"fractures?", "fracture"),
+    (r"pulmonary edema|interstitial edema|edema|edematous|(?:vascular|venous) (?:congestion|prominence|engorgement)|"
+     r"cephalization|kerley b lines|fluid overload", "edema"),
+    (r"pneumonias?|infectious process|infection|aspiration", "pneumonia"),
+    (r"fractures?|fractured", "fracture"),
     (r"lesions?", "lung lesion"),
     (r"(?:airspace |parenchymal |patchy |linear |rounded |hazy )?(?:opacit(?:y|ies)|opacification)|"
-     r"airspace disease", "lung opacity"),
+     r"airspace disease|infiltrates?|infiltration|(?:increased )?densit(?:y|ies)", "lung opacity"),
     (r"pleural thickening|pleural plaques?", "pleural other"),
-    (r"(?:endotracheal|enteric|nasogastric|chest) tubes?|central (?:venous )?(?:line|catheter)|picc(?: line)?|"
-     r"pacemaker|(?:support )?devices?|catheters?|sternotomy wires", "support devices"),
-    (r"emphysema|hyperinflation|hyperinflated", "emphysema"),
+    (r"(?:endotracheal|enteric|nasogastric|orogastric|chest|feeding|tracheostomy|et) tubes?|tracheostomy|"
+     r"central (?:venous )?(?:line|catheter)|picc(?: line)?|pacemaker|(?:support )?devices?|catheters?|"
+     r"sternotomy wires", "support devices"),
+    # hyperinflation alone is not emphysema (CheXpert does not map it either): a normal young adult
+    # can be hyperinflated, and mapping it made clear reports look abnormal
+    (r"emphysema|emphysematous(?: changes?| lungs?)?", "emphysema"),
 ]
 _FINDING_RE = re.compile(r"\b(?:" + "|".join(f"(?P<f{i}>{p})" for i, (p, _) in enumerate(_FINDING_PATTERNS)) + r")\b")
 
@@ -123,39 +140,64 @@ _FINDING_RE = re.compile(r"\b(?:" + "|".join(f"(?P<f{i}>{p})" for i, (p, _) in e
 _NORMAL_PATTERNS: list[tuple[str, tuple[str, ...]]] = [
     (r"no acute (?:cardiopulmonary|intrathoracic|cardiothoracic) (?:process|abnormality|disease|findings?)",
      ("acute cardiopulmonary abnormality",)),
-    (r"(?:the )?lungs are (?:well[- ]expanded and |otherwise |grossly )?clear|clear lungs",
-     ("consolidation",)),
+    # "clear of X" is a negation cue for X (CheXpert's pre-negation list), not a normal statement
+    (r"(?:the )?(?:lungs|lung fields) (?:are |remain )?(?:well[- ]expanded and |otherwise |grossly )?clear(?! of)|"
+     r"clear lungs", ("consolidation",)),
+    (r"heart size(?:,| and) [a-z ,]*?(?:is|are) (?:normal|unremarkable|within normal limits)|"
+     r"(?:the )?(?:heart|cardiac silhouette) (?:is |appears )?normal in size", ("cardiomegaly",)),
     (r"(?:the )?(?:cardiomediastinal|cardiac|heart|mediastinal)(?: and hilar)? (?:silhouette|size|contours?)"
      r"(?: is| are)? (?:normal|unremarkable|within normal limits|top[- ]normal)|"
      r"normal (?:cardiomediastinal silhouette|heart size|cardiac silhouette)", ("cardiomegaly",)),
-    (r"(?:the )?(?:osseous|bony) structures are (?:intact|unremarkable)|no acute osseous abnormality",
+    (r"(?:the )?(?:osseous|bony) structures (?:are )?(?:intact|unremarkable)|"
+     r"no acute (?:osseous|bony) abnormalit(?:y|ies)",
      ("fracture",)),
     (r"(?:the )?pleural (?:spaces|surfaces) are (?:clear|normal)", ("pleural effusion", "pneumothorax")),
 ]
 _NORMAL_RE = [(re.compile(r"\b" + p + r"\b"), names) for p, names in _NORMAL_PATTERNS]
 
-_NEG_PRE = re.compile(r"\b(?:no|without|negative for|free of|absence of|no evidence of|there is no|there are no)\b")
-_NEG_POST = re.compile(r"\b(?:(?:is|are) (?:not (?:seen|identified|present|visualized|appreciated|evident)|absent)|"
-                       r"(?:has|have) resolved)\b")
-_HEDGE_PRE = re.compile(r"\b(?:may (?:represent|reflect|be|indicate)|could (?:represent|reflect|be)|possibl[ey]|"
+# Negation and uncertainty follow the CheXpert labeler's three passes: pre-negation uncertainty
+# ("cannot exclude X", "X is not excluded") wins over negation, negation over post-negation
+# uncertainty ("possible X"). Scope is the clause (see _TERMINATORS), as NegBio's dependency
+# scope mostly is for the list-like sentences of chest X-ray reports.
+_NEG_PRE = re.compile(r"\b(?:no|without|negative for|free of|clear of|absence of|no evidence of|no signs? of|"
+                      r"there is no|there are no|neither|nor|(?:interval )?(?:resolution|removal) of|"
+                      r"rather than)\b")
+_NEG_POST = re.compile(r"\b(?:(?:is|are) not (?:seen|identified|present|visualized|appreciated|evident|enlarged)|"
+                       r"(?:is|are) absent|(?:has|have) (?:been )?(?:removed|resolved)|"
+                       r"(?:is|are) no longer (?:seen|visualized|present|identified|evident|visible)|"
+                       r"(?<!nearly )(?<!partially )(?<!almost )resolved)\b")
+# Hypothetical mentions (NegEx's "evaluate for"): the finding is a question, not a statement.
+_HYPOTHETICAL = re.compile(r"\b(?:evaluat(?:e|ion)|assess(?:ment)?|eval) for\b|\bto (?:evaluate|assess|exclude)\b")
+_HEDGE_PRE = re.compile(r"\b(?:cannot rule out|can not rule out|may (?:represent|reflect|be|indicate)|"
+                        r"could (?:represent|reflect|be)|possibl[ey]|borderline|equivocal|suggesting|"
                         r"probabl[ey]|likely|suggestive of|suggests?|concerning for|suspicious for|"
                         r"worrisome for|question of|questionable|cannot exclude|can not exclude|"
                         r"differential (?:diagnosis )?includes|versus|vs\.?|presumed|suspected|"
                         r"compatible with|consistent with)\b")
-_HEDGE_POST = re.compile(r"\b(?:(?:cannot|can not|can't) be (?:excluded|ruled out)|(?:is|are) not excluded|"
+_HEDGE_POST = re.compile(r"\b(?:(?:cannot|can not|can't) be (?:entirely |completely )?(?:excluded|ruled out)|"
+                         r"(?:is|are) not (?:entirely )?excluded|^ ?(?:versus|vs\.?)|"
                          r"(?:is|are) (?:possible|suspected|questioned)|may be present|not (?:entirely )?excluded)\b")
-_TERMINATORS = re.compile(r"\b(?:but|however|although|though|except|aside from|apart from|whereas|which|while)\b|;")
+_TERMINATORS = re.compile(r"\b(?:but|however|although|though|except|aside from|apart from|whereas|which|while|"
+                          r"there (?:is|are))\b|;")
+# "No consolidation to suggest pneumonia": the hedge sits inside the negated phrase, so Y is negated too
+_NEGATED_HEDGES = re.compile(r"(?:concerning|suspicious|worrisome) for|suggests?|suggestive of|suggesting")
 _CERTAIN_AFTER_HEDGE = ("consistent with", "compatible with")  # radiologists use these as near-certain
 
-_COMPARISON_DROP = re.compile(
-    r"\b(?:(?:has|have) (?:increased|decreased|improved|worsened|resolved|progressed|enlarged|grown)|"
-    r"(?:is|are) (?:unchanged|stable|similar|improved|worse|increased|decreased|new)|unchanged|"
-    r"no (?:significant )?(?:interval )?change|interval|since the (?:prior|previous)|compared (?:to|with)|"
-    r"in comparison|(?:increase|decrease|improvement|worsening|resolution) (?:in|of)|"
-    r"again (?:seen|noted|demonstrated)|redemonstrat\w*)\b")
+# Comparison and temporal phrases keep the finding's state: a stable, unchanged, increased or
+# improving finding is still there, so only the comparison words go. Resolution and removal are
+# negations (_NEG_PRE/_NEG_POST); "no change in X" must not negate X, so it is stripped first.
+_GENERAL = re.compile(
+    # general statements about the method, not about this patient (issue #17): no finding is stated
+    r"\b(?:may not be (?:demonstrated|visible|apparent|seen|detected|evident|identified)|"
+    r"(?:more |less |in)sensitive|(?:could|can|may) be obtained|recommend(?:ed|s)?|consider (?:a |chest )?ct|"
+    r"if (?:clinically indicated|there is (?:clinical )?concern)|(?:difficult|hard) to (?:detect|see|assess)|"
+    r"(?:evaluation|assessment) (?:for|of) [a-z ]+ (?:is |was )?limited|correlat(?:e|ion))\b")
 _COMPARISON_STRIP = [
     re.compile(r"^(?:as )?compared (?:to|with) (?:the )?(?:prior|previous|earlier)[^,]*,\s*"),
     re.compile(r"^(?:in comparison (?:to|with)|since) (?:the )?(?:prior|previous)[^,]*,\s*"),
+    re.compile(r"\bno (?:significant |substantial )?(?:interval )?change in (?:the )?(?:appearance of (?:the )?)?"),
+    re.compile(r"\b(?:slight |mild )?interval (?:increase|decrease|improvement|worsening|development|progression|"
+               r"change) (?:in|of) (?:the )?(?:size of (?:the )?)?"),
     re.compile(r"\b(?:stable|unchanged|persistent|persisting|again seen|similar|known|previously seen|"
                r"redemonstrated|new|newly|slightly|minimally)\s+"),
     re.compile(r",?\s*(?:unchanged|stable|similar)(?: (?:in size|in appearance))?"
@@ -170,9 +212,10 @@ _ZONE_WORDS = {"upper": "upper", "apical": "upper", "apex": "upper", "apices": "
                "basal": "lower", "base": "lower", "bases": "lower", "retrocardiac": "lower",
                "bibasilar": "lower", "bibasal": "lower", "biapical": "upper", "infrahilar": "lower"}
 _FILLER = {"lung", "lungs", "lobe", "lobes", "zone", "zones", "field", "fields", "hemithorax", "the", "of", "pulmonary",
-           "costophrenic", "angle", "angles", "sided", "-sided", "lobar"}
+           "costophrenic", "angle", "angles", "sided", "-sided", "lobar", "side", "perihilar", "hilum", "hilar"}
 _LOC_WORD = re.compile(r"[a-z]+")
-_PREPOSITION_BEFORE = re.compile(r"\b(?:in|at|of|within|involving|along|over|projecting over|overlying|"
+_PREPOSITION_BEFORE = re.compile(r"\b(?:in|at|of|on|to|within|involving|along|over|projecting over|overlying|"
+                                 r"throughout|near|adjacent to|seen on|noted on|present on|"
                                  r"in the region of|at the level of)\s+(?:the\s+)?$")
 
 
@@ -213,12 +256,29 @@ def _locations_in(text: str, start: int, end: int) -> list[tuple[int, int, str |
 
 # ---- the rule-based extractor --------------------------------------------------------------------
 _HEADER = re.compile(r"\b(?:findings|impression|conclusion|history|indication|technique|comparison|"
-                     r"examination|exam)\s*:", re.IGNORECASE)
+                     r"examination|exam|reason for (?:exam|examination|study)|clinical (?:history|information))\s*:",
+                     re.IGNORECASE)
+
+
+# The reason for the exam is a question, not a finding ("INDICATION: rule out pneumonia").
+_SKIP_SECTION = re.compile(r"\b(?:history|indication|reason for (?:exam|examination|study)|clinical (?:history|"
+                           r"information)|technique|comparison)\s*:", re.IGNORECASE)
 
 
 def split_sentences(report: str) -> list[str]:
-    """Sentences of a report; decimals ("1.2 cm") and section headers do not split."""
-    text = _HEADER.sub(". ", report.replace("\n", " "))
+    """Sentences of a report; decimals ("1.2 cm") and section headers do not split. The text of
+    history/indication/technique/comparison sections is left out: it states no finding of this study."""
+    text = report.replace("\n", " ")
+    kept: list[str] = []
+    opened_at: int | None = None  # where the header of the current section starts
+    pos = 0
+    for m in _HEADER.finditer(text):
+        if opened_at is None or not _SKIP_SECTION.match(text, opened_at):
+            kept.append(text[pos:m.start()])
+        opened_at, pos = m.start(), m.end()
+    if opened_at is None or not _SKIP_SECTION.match(text, opened_at):
+        kept.append(text[pos:])
+    text = ". ".join(kept)
     parts = re.split(r"(?<=[.!?])\s+|(?<=[a-z])\.(?=[A-Z])|\.$", text)
     return [p.strip(" .") for p in parts if p and p.strip(" .")]
 
@@ -227,7 +287,8 @@ def extract_mentions(report: str) -> list[Mention]:
     """Every (finding, certainty, location) statement of a report, comparisons dropped, in order."""
     out: list[Mention] = []
     for sentence in split_sentences(report):
-        out += _sentence_mentions(sentence.lower())
+        for piece in _bounded(sentence.lower()):
+            out += _sentence_mentions(piece)
     seen: set[Mention] = set()
     unique = []
     for m in out:
@@ -235,6 +296,26 @@ def extract_mentions(report: str) -> list[Mention]:
             seen.add(m)
             unique.append(m)
     return unique
+
+
+_MAX_SENTENCE = 600  # real report sentences are < 300 characters
+
+
+def _bounded(sentence: str) -> list[str]:
+    """A run-on "sentence" (no punctuation for kilobytes) cut at spaces into pieces of at most
+    ``_MAX_SENTENCE`` characters: scope and location rules scan a clause several times, so one
+    100 KB clause would take tens of seconds, and no real clause is that long."""
+    if len(sentence) <= _MAX_SENTENCE:
+        return [sentence]
+    pieces, start = [], 0
+    while start < len(sentence):
+        end = min(start + _MAX_SENTENCE, len(sentence))
+        if end < len(sentence):
+            cut = sentence.rfind(" ", start + 1, end)
+            end = cut if cut > start else end
+        pieces.append(sentence[start:end])
+        start = end
+    return pieces
 
 
 def extract_sentences(report: str) -> list[str]:
@@ -245,7 +326,7 @@ def extract_sentences(report: str) -> list[str]:
 def _strip_comparison(s: str) -> str | None:
     for pattern in _COMPARISON_STRIP:
         s = pattern.sub("", s).strip(" ,")
-    if not s or _COMPARISON_DROP.search(s):
+    if not s or _GENERAL.search(s):
         return None
     return s
 
@@ -271,12 +352,24 @@ def _sentence_mentions(s: str) -> list[Mention]:
     if not found:
         return [m for _, m in sorted(mentions, key=lambda t: t[0])]
     certainty = [_certainty(s, found, i) for i in range(len(found))]
-    locations = _assign_locations(s, found, certainty)
+    keep = [i for i, c in enumerate(certainty) if c is not None]
+    found = [found[i] for i in keep]
+    certain = [str(certainty[i]) for i in keep]
+    locations = _assign_locations(s, found, certain)
     for i, (start, _, name) in enumerate(found):
-        locs = locations[i] or [(None, None)]
+        locs = _merge_sides(locations[i]) or [(None, None)]
         for side, zone in locs:
-            mentions.append((start, Mention(name, certainty[i], canonical_location(side, zone, name))))
+            mentions.append((start, Mention(name, certain[i], canonical_location(side, zone, name))))
     return [m for _, m in sorted(mentions, key=lambda t: t[0])]
+
+
+def _merge_sides(locs: list[tuple[str | None, str | None]]) -> list[tuple[str | None, str | None]]:
+    """"Right and left pleural effusions" is one bilateral finding, not two one-sided ones."""
+    sides = {side for side, _ in locs}
+    if {"left", "right"} <= sides:
+        zones = {zone for _, zone in locs}
+        return [("bilateral", zones.pop() if len(zones) == 1 else None)]
+    return locs
 
 
 def _scope_start(s: str, pos: int) -> int:
@@ -292,14 +385,22 @@ def _scope_end(s: str, pos: int) -> int:
     return m.start() if m else len(s)
 
 
-def _certainty(s: str, found: list[tuple[int, int, str]], i: int) -> str:
+def _certainty(s: str, found: list[tuple[int, int, str]], i: int) -> str | None:
+    """present / possible / absent for ``found[i]``, or None for a hypothetical mention."""
     start, end, _ = found[i]
     lo, hi = _scope_start(s, start), _scope_end(s, end)
     before = s[lo:end]  # the span too: "heart size may be enlarged" hedges inside the match
+    if _HYPOTHETICAL.search(s, lo, start):
+        return None
+    if re.search(r"\bnot\b", s[start:end]):  # "heart is not enlarged" is one finding pattern
+        return "absent"
     neg = _NEG_PRE.search(before)
     hedge = None
     for m in _HEDGE_PRE.finditer(before):
         hedge = m
+    if neg and hedge is not None and neg.start() < hedge.start() and _NEGATED_HEDGES.fullmatch(hedge.group()) \
+            and not re.search(r"\b(?:is|are|was|were|may|which)\b", s[neg.end():hedge.start()]):
+        return "absent"  # "no consolidation to suggest pneumonia" (CheXpert negates Y here too)
     if neg and (hedge is None or neg.start() > hedge.start()):
         return "absent"
     if hedge is not None:
@@ -310,7 +411,7 @@ def _certainty(s: str, found: list[tuple[int, int, str]], i: int) -> str:
     tail = s[end:nxt] if own_verb and nxt < hi else s[end:hi]
     if _NEG_POST.search(tail):
         return "absent"
-    if _HEDGE_POST.search(tail):
+    if _HEDGE_POST.search(tail) or re.match(r"\s*(?:versus|vs\.?)\s", s[end:hi]):
         return "possible"
     return "present"
 

@@ -25,6 +25,7 @@ COMMANDS = {
     "bench": "radflash.cli.bench:bench",
     "train": "radflash.cli.train:train",
     "evaluate": "radflash.cli.train:evaluate",
+    "sentences": "radflash.cli.sentences:sentences",
     "export": "radflash.cli.export:export",
     "calibrate": "radflash.cli.calibrate:calibrate",
     "models": "radflash.cli.listing:models",

@@ -42,7 +42,8 @@ REAL = [
     ("Small left apical pneumothorax is present.", ["There is pneumothorax of the left upper lung"]),
     ("Moderate right pleural effusion with adjacent atelectasis.",
      ["There is pleural effusion of the right lung", "There is atelectasis of the right lung"]),
-    ("Compared to the prior study, the effusion has increased.", []),
+    # comparisons keep the finding's state (issue #17): an increased effusion is present
+    ("Compared to the prior study, the effusion has increased.", ["There is pleural effusion"]),
     ("Unchanged from prior.", []),
     ("No significant interval change.", []),
     ("Stable small left pleural effusion.", ["There is pleural effusion of the left lung"]),
@@ -89,7 +90,9 @@ def test_phantom_reports_agree_with_their_labels() -> None:
         for s in sentences - expected:
             if s.startswith("There is no "):
                 assert not any(s == prompt_for(n, None, "absent") for n in names), (seed, ph.report, s)
-            else:  # the only extra positive: the opacity that a hedged finding explains
+            elif any(s == prompt_for(n) for n in names):
+                pass  # a comparison restating a drawn finding ("the mass has increased") keeps it present
+            else:  # the only other extra positive: the opacity that a hedged finding explains
                 assert s.startswith("There is lung opacity of the "), (seed, ph.report, s)
                 assert any(f.hedged and s.endswith(f"of the {f.location}") for f in ph.findings)
 
