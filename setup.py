@@ -31,6 +31,8 @@ PLOT = ["matplotlib>=3.8"]  # loss curves, ROC, reliability and benchmark PNGs
 SEG = ["highdicom>=0.23"]  # segment --format dicom-seg
 JPEGLS = ["pyjpegls>=1.3", "pylibjpeg-libjpeg>=2.1"]  # JPEG-LS / JPEG lossless: opt-in, libjpeg is GPL
 NIFTI = ["nibabel>=5"]  # segment --format nifti
+RAY = ["ray[data]>=2.40"]  # score/segment --ray: decode tasks and inference actors on Ray Data
+DICOMWEB = ["dicomweb-client>=0.59", *SEG]  # dicomweb+http(s):// inputs; --store builds SRs with highdicom
 
 packages: list[str] = []
 for name, folder in PACKAGE_DIR.items():
@@ -73,7 +75,9 @@ setup(
         "tensorrt": ["tensorrt>=10"],
         "jpegls": JPEGLS,
         "nifti": NIFTI,
+        "dicomweb": DICOMWEB,
         "bench": ["transformers>=4.44"],  # the reference path that `radflash bench` compares against
+        "ray": RAY,  # `score --ray`: decode tasks and inference actors on a Ray cluster
         # Everything the test suite exercises: every extra but tensorrt (NVIDIA GPUs only) and the
         # GPL libjpeg plugin (the decoder tests cover both its presence and its absence, and a
         # permissive test install keeps "no decoder → skipped with a reason" exercised), plus
@@ -84,12 +88,13 @@ setup(
             "transformers>=4.44",
             "pydicom-data>=1.0",
             "triton>=3.0",
-            *ONNX, *PLOT, *SEG, *NIFTI,
+            *ONNX, *PLOT, *SEG, *NIFTI, *DICOMWEB,
             "pyjpegls>=1.3",
             "scipy>=1.11",
             "scikit-learn>=1.3",
             "psutil>=5.9",
             "ruff>=0.6",
+            *RAY,
         ],
     },
     entry_points={"console_scripts": ["radflash=radflash.cli:main"]},

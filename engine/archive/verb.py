@@ -43,6 +43,7 @@ from radflash.io.source import FileSource, Source, SourceItem, path_from_text, p
 
 if TYPE_CHECKING:
     from radflash.api import RadFlashModel
+    from radflash.archive.ray_executor import RayOptions
     from radflash.io.selection import SelectionRules
 
 log = logging.getLogger("radflash.score")
@@ -98,6 +99,9 @@ def score(
     commit_every: int = 256,
     timeout: float | None = 120.0,
     max_pixels: int | None = None,
+    auth: Any = None,
+    stow: str | None = None,
+    ray: RayOptions | None = None,
 ) -> ScoreRun:
     """Score every image under ``inputs`` (files/folders, searched recursively).
 
@@ -118,6 +122,11 @@ def score(
         timeout: seconds one file may take to decode before its worker is killed and it is failed.
         max_pixels: the pixel budget (default :data:`radflash.io.selection.DEFAULT_MAX_PIXELS`): a
             file whose header claims more pixels is failed before it is decoded.
+        auth: a :class:`radflash.io.dicomweb.Auth` for ``dicomweb+http(s)://`` inputs (default: netrc).
+        stow: store one DICOM SR per scored image with STOW-RS (:mod:`radflash.archive.stow`): a
+            ``dicomweb+http(s)://`` root, or ``"same"`` for the DICOMweb server scored from.
+        ray: run the same stages on a Ray cluster (:mod:`radflash.archive.ray_executor`): decode as
+            CPU tasks, inference in an actor pool on ``device``; ``None`` runs them locally.
 
     With an output folder the run holds ``OUT/.radflash.lock`` (:class:`radflash.archive.sinks.OutputLock`)
     from before the model loads until the tables are written: a second run into the same folder
@@ -132,7 +141,11 @@ def score(
         out_dir = Path(output) if output is not None else None
         if out_dir is not None:
             PartStore.check_output(out_dir, resume=resume)
-        if model is None or isinstance(model, (str, Path)):
+        if ray is not None:  # before anything slow: a missing ray fails here with its install hint
+            from radflash.archive.ray_executor import connect
+
+            connect(ray)
+        elif model is None or isinstance(model, (str, Path)):
             from radflash.devices import resolve_device
 
             resolve_device(device)  # an absent --device fails here, not after discovery and model load
@@ -143,16 +156,20 @@ def score(
             rules = dataclasses.replace(rules, max_pixels=max_pixels)
 
         # ---- items ---------------------------------------------------------------------------
-        source, demo = _source_of(inputs, num_parts=num_parts, part_id=part_id)
+        source, demo = _source_of(inputs, num_parts=num_parts, part_id=part_id, auth=auth)
         t_disc = time.perf_counter()
-        items = list(source)  # unread entries (hidden, links, FIFOs...) included: one skipped row each
+        # a network source lists cheaply first and retrieves only what is still to do (below)
+        listing = getattr(source, "listing", None)
+        items = list(listing() if listing is not None else source)  # unread entries included: one skipped row each
         discover_s = time.perf_counter() - t_disc
 
         # ---- model ---------------------------------------------------------------------------
         t_model = time.perf_counter()
         from radflash.api import as_model
-        rf_model = as_model(model, device=device, dtype=dtype, backend="eager" if backend == "auto" else backend)
-        if backend == "auto":  # timed at this run's batch size (radflash.backends.auto)
+        # under Ray the driver's copy only names the model (id, hash, size); the actors run it on `device`
+        rf_model = as_model(model, device=device if ray is None else "cpu", dtype=dtype,
+                            backend="eager" if backend == "auto" or ray is not None else backend)
+        if backend == "auto" and ray is None:  # timed at this run's batch size (radflash.backends.auto)
             rf_model.set_backend("auto", batch_size=batch_size)
         load_model_s = time.perf_counter() - t_model
         calibrated = score_calibrated(rf_model.calibration)
@@ -204,11 +221,15 @@ def score(
             write_manifest(out_dir, manifest)
         else:
             store = MemoryStore(spec)
+        if stow is not None:
+            store = _stow_sink(stow, store, source, prompt_set, rf_model, auth)
         todo = [_absolute(item) for item in items if item.skip is None and _done_key(item) not in done]
         unread = [FileRecord(path=item.key, status="skipped", reason=item.skip)
                   for item in items if item.skip is not None and _done_key(item) not in done]
         if unread:
             store.commit(unread)
+        if listing is not None:
+            todo = source.retrieve(todo)  # type: ignore[attr-defined]
         if resume and committed_before:
             log.info("resuming: %d files already committed, %d to go", len(items) - len(todo), len(todo))
 
@@ -218,11 +239,20 @@ def score(
                                 timeout=timeout, include_phi=include_phi, rules=rules)
         bar = _progress_bar(len(todo), enabled=progress, initial_counts=_done_counts(store, out_dir))
         try:
-            stats = run_pipeline(todo, rf_model, prompt_set, store, config,
-                                 on_record=bar.update if bar is not None else None)
+            if ray is None:
+                stats = run_pipeline(todo, rf_model, prompt_set, store, config,
+                                     on_record=bar.update if bar is not None else None)
+            else:
+                from radflash.archive.ray_executor import run_on_ray
+
+                stats = run_on_ray(todo, model, rf_model, prompt_set, spec, store, config, manifest, ray,
+                                   device=device, dtype=dtype, backend=backend, out_dir=out_dir,
+                                   on_record=bar.update if bar is not None else None)
         finally:
             if bar is not None:
                 bar.close()
+        store.commit([FileRecord(path=key, status="failed", reason=why)
+                      for key, why in getattr(source, "failures", ())])  # instances the server would not give
 
         # ---- consolidate ---------------------------------------------------------------------
         results_path, status_path, results, status = store.finalize(fmt)  # type: ignore[arg-type]
@@ -274,7 +304,7 @@ def _check_options(*, fmt: str, batch_size: int, num_parts: int, part_id: int, w
 
 
 def _source_of(inputs: str | Path | Sequence[str | Path] | Source | None, *, num_parts: int,
-               part_id: int) -> tuple[Source, bool]:
+               part_id: int, auth: Any = None) -> tuple[Source, bool]:
     """``inputs`` as a :class:`Source`, and whether it is the embedded demo archive.
 
     Sharding is by file path, so only a file source can be sharded here; any other source is
@@ -284,6 +314,14 @@ def _source_of(inputs: str | Path | Sequence[str | Path] | Source | None, *, num
         if num_parts > 1:
             raise InputError("num_parts/part_id shard files; shard a custom source when building it")
         return inputs, False
+    from radflash.io.dicomweb import DicomWebSource, is_dicomweb
+
+    urls = [inputs] if is_dicomweb(inputs) else [] if inputs is None or isinstance(inputs, (str, Path)) else \
+        [i for i in inputs if is_dicomweb(i)]
+    if urls:  # Path() would fold the URL's '//': URLs are kept as strings from the CLI on
+        if len(urls) > 1 or (not isinstance(inputs, str) and len(inputs) > 1):  # type: ignore[arg-type]
+            raise InputError("a DICOMweb query is scored on its own: give one dicomweb+http(s):// URL")
+        return DicomWebSource(str(urls[0]), auth=auth, num_parts=num_parts, part_id=part_id), False
     demo = inputs is None
     if inputs is None:
         log.info("no inputs given: scoring the embedded demo archive %s", DEMO_ARCHIVE)
@@ -294,6 +332,21 @@ def _source_of(inputs: str | Path | Sequence[str | Path] | Source | None, *, num
     if not paths:
         raise InputError("no inputs given")
     return FileSource(paths, num_parts=num_parts, part_id=part_id), demo
+
+
+def _stow_sink(stow: str, inner: Any, source: Source, prompts: PromptSet, model: Any, auth: Any) -> Any:
+    """Wrap ``inner`` so every committed batch is first stored as SRs (see :mod:`radflash.archive.stow`)."""
+    from radflash import __version__
+    from radflash.archive.stow import StowSink, header_reader
+    from radflash.io.dicomweb import DicomWebSource
+
+    if stow == "same":
+        if not isinstance(source, DicomWebSource):
+            raise InputError("--store without a URL writes back to the DICOMweb server scored from; "
+                             "give --store dicomweb+http(s)://… for file inputs")
+        stow = "dicomweb+" + source.target.base
+    return StowSink(inner, stow, prompts=prompts, model_id=model.model_id, model_sha256=model.sha256,
+                    version=__version__, header_of=header_reader(source), auth=auth)
 
 
 def _done_key(item: SourceItem) -> str:

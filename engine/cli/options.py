@@ -191,3 +191,45 @@ def inference_options(*, batch_size: int) -> Decorator:
     """
     return stack(model_argument(), device_option, backend_option, kernels_option, batch_size_option(batch_size),
                  workers_option, max_pixels_option, quiet_option)
+
+
+LOCAL_RAY = "local"  # what ``--ray`` without an address stands for
+
+
+def _ray_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--ray`` alone → :data:`LOCAL_RAY`; ``--ray ADDRESS`` → the address.
+
+    ``--ray`` takes an optional value, so ``--ray ARCHIVE -o OUT`` would read the archive as the
+    address; a value that names an existing path is therefore refused with the fix.
+    """
+    if value is None or value == LOCAL_RAY:
+        return value
+    if Path(value).exists():
+        raise click.BadParameter(f"{value!r} is a path, not a Ray address; put --ray after the inputs "
+                                 f"(INPUTS -o OUT --ray) or give an address (--ray auto, --ray ray://HOST:10001)")
+    return value
+
+
+def ray_options(f: F) -> F:
+    """``--ray [ADDRESS]`` and the actor pool's size: run the same stages on a Ray cluster."""
+    return stack(
+        click.option("--ray", "ray_address", is_flag=False, flag_value=LOCAL_RAY, default=None,
+                     metavar="[ADDRESS]", callback=_ray_address,
+                     help="Run on Ray (pip install 'radflash[ray]'): alone, start or join a local Ray; "
+                          "with an address (auto, HOST:6379, ray://HOST:10001), join that cluster."),
+        click.option("--ray-actors", type=click.IntRange(min=1), default=None,
+                     help="Inference actors (default: one per GPU on CUDA, else 1 CPU actor)."),
+        click.option("--ray-threads", type=click.IntRange(min=1), default=None,
+                     help="Torch threads per CPU actor (default: its CPU share)."),
+    )(f)
+
+
+def ray_run_options(address: str | None, actors: int | None, threads: int | None) -> Any:
+    """The parsed ``--ray*`` flags as :class:`radflash.archive.ray_executor.RayOptions` (None: local run)."""
+    if address is None:
+        if actors is not None or threads is not None:
+            raise click.UsageError("--ray-actors/--ray-threads need --ray")
+        return None
+    from radflash.archive.ray_executor import RayOptions
+
+    return RayOptions(address=None if address == LOCAL_RAY else address, actors=actors, threads=threads)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from radflash.cli.options import inference_options
+from radflash.cli.options import inference_options, ray_options, ray_run_options
 
 PREVIEW_ROWS = 10
 
@@ -21,7 +21,7 @@ def _modalities(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 
 @click.command()
-@click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, type=click.Path())  # str: Path() would fold a dicomweb+http:// URL's '//'
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Output folder (results, status, manifest). Without it a preview is printed and nothing saved.")
 @click.option("--findings", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -42,11 +42,24 @@ def _modalities(ctx: click.Context, param: click.Parameter, value: str | None) -
               help="Files per committed part: the most work a crash can lose.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
               help="Seconds one file may take to decode before it is recorded as failed.")
-def score(inputs: tuple[Path, ...], output: Path | None, model_path: str | None, findings: Path | None,
+@click.option("--store", "stow", is_flag=False, flag_value="same", default=None, metavar="[URL]",
+              help="Store one DICOM SR per scored image with STOW-RS: on the DICOMweb server scored from, "
+                   "or on dicomweb+http(s)://URL.")
+@click.option("--token-env", metavar="VAR", default=None,
+              help="DICOMweb inputs: environment variable holding a bearer token (default: ~/.netrc).")
+@click.option("--basic-auth-env", metavar="VAR", default=None,
+              help="DICOMweb inputs: environment variable holding user:password for basic auth.")
+@ray_options
+def score(inputs: tuple[str, ...], output: Path | None, model_path: str | None, findings: Path | None,
           device: str, batch_size: int, workers: int | None, backend: str, fmt: str, include_phi: bool,
           resume: bool, num_parts: int, part_id: int, include_lateral: bool, modalities: tuple[str, ...] | None,
-          commit_every: int, timeout: float, max_pixels: int | None, quiet: bool) -> None:
+          commit_every: int, timeout: float, max_pixels: int | None, quiet: bool, token_env: str | None,
+          basic_auth_env: str | None, stow: str | None, ray_address: str | None = None, ray_actors: int | None = None,
+          ray_threads: int | None = None) -> None:
     """Score every image in INPUTS (files or folders, searched recursively) for each finding.
+
+    An input may instead be a DICOMweb study query on a PACS, e.g.
+    'dicomweb+http://host:8042/dicom-web/studies?ModalitiesInStudy=CR' (scored on its own).
 
     With no INPUTS the small embedded demo archive is scored. Writes OUTPUT/results.<fmt> (one
     row per scored image: path, UIDs, <finding>.logit and <finding>.prob), OUTPUT/status.<fmt>
@@ -59,15 +72,19 @@ def score(inputs: tuple[Path, ...], output: Path | None, model_path: str | None,
         raise click.UsageError("--resume needs -o/--output: the folder of the run to continue")
     from radflash.archive.verb import DEMO_ARCHIVE
     from radflash.archive.verb import score as score_fn
+    from radflash.io.dicomweb import Auth, is_dicomweb
 
     rules = _rules(include_lateral, modalities)
+    auth = Auth(token_env=token_env, basic_env=basic_auth_env) if token_env or basic_auth_env else None
     if not inputs and not quiet:
         click.echo(f"No inputs given: scoring the embedded demo archive ({DEMO_ARCHIVE}).", err=True)
     run = score_fn(
-        list(inputs) or None, output, model=model_path, findings=findings, device=device,
+        [i if is_dicomweb(i) else Path(i) for i in inputs] or None, output, model=model_path, findings=findings,
+        device=device,
         batch_size=batch_size, workers=workers, backend=backend, fmt=fmt, include_phi=include_phi,
         resume=resume, num_parts=num_parts, part_id=part_id, rules=rules, progress=not quiet,
-        commit_every=commit_every, timeout=timeout, max_pixels=max_pixels,
+        commit_every=commit_every, timeout=timeout, max_pixels=max_pixels, auth=auth, stow=stow,
+        ray=ray_run_options(ray_address, ray_actors, ray_threads),
     )
     if quiet:
         return

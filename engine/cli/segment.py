@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from radflash.cli.options import inference_options
+from radflash.cli.options import inference_options, ray_options, ray_run_options
 from radflash.errors import RadflashError
 
 FORMAT_NAMES = ("png", "npz", "dicom-seg", "nifti")
@@ -42,10 +42,12 @@ def _formats(ctx: click.Context, param: click.Parameter, value: tuple[str, ...])
               help="Outputs: png, npz, dicom-seg, nifti (comma list or repeated; default png,npz).")
 @click.option("--preview", is_flag=True, help="Also write overlay PNGs at the source size.")
 @inference_options(batch_size=8)
+@ray_options
 def segment(inputs: tuple[Path, ...], outdir: Path, prompt_texts: tuple[str, ...], prompt_file: Path | None,
             threshold: float | None, formats: tuple[str, ...], preview: bool, model_path: str | None,
             device: str, backend: str, batch_size: int, workers: int | None, max_pixels: int | None,
-            quiet: bool) -> None:
+            quiet: bool, ray_address: str | None = None, ray_actors: int | None = None,
+            ray_threads: int | None = None) -> None:
     """Segment and ground prompts in DICOM/PNG/JPEG INPUTS (files or folders).
 
     For each image and prompt, at the image's original size: a float16 probability map (npz), a
@@ -54,6 +56,7 @@ def segment(inputs: tuple[Path, ...], outdir: Path, prompt_texts: tuple[str, ...
     """
     if not prompt_texts and prompt_file is None:
         raise click.UsageError("give at least one --prompt TEXT or a --prompts FILE")
+    ray = ray_run_options(ray_address, ray_actors, ray_threads)
     try:
         from radflash.findings import load_prompt_file
         from radflash.segment.summary import summary_table
@@ -67,7 +70,8 @@ def segment(inputs: tuple[Path, ...], outdir: Path, prompt_texts: tuple[str, ...
             prompts.setdefault(text, {"prompt": text, "threshold": None})
         run = run_segment(list(inputs), outdir, prompts=prompts, thresholds=threshold, model=model_path,
                           device=device, backend=backend, batch_size=batch_size, formats=formats,
-                          preview=preview, workers=workers, progress=not quiet, max_pixels=max_pixels)
+                          preview=preview, workers=workers, progress=not quiet, max_pixels=max_pixels,
+                          ray=ray)
     except RadflashError as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from None
     if not quiet:

@@ -37,7 +37,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +54,7 @@ from radflash.segment.results import DecodedItem, ImageResult, InputFailure, Pro
 if TYPE_CHECKING:
     from radflash.api import RadFlashModel
     from radflash.archive.decode_pool import Decoded
+    from radflash.archive.ray_executor import RayOptions
     from radflash.io.selection import SelectionRules
     from radflash.io.source import SourceItem
 
@@ -83,6 +84,7 @@ def segment(
     timeout: float | None = 120.0,
     progress: bool = True,
     max_pixels: int | None = None,
+    ray: RayOptions | None = None,
 ) -> SegmentRun:
     """Probability maps, masks and grounding for every image × prompt, at each image's own size.
 
@@ -105,6 +107,8 @@ def segment(
             files), and 0 for a single file (nothing to overlap its decode with).
         timeout: seconds one file may take to decode before its worker is killed and it is failed.
         max_pixels: the pixel budget shared with ``score`` (files above it fail from their header).
+        ray: decode files as Ray tasks and encode them in a Ray actor pool on ``device``
+            (:func:`radflash.archive.ray_executor.encode_on_ray`); maps, masks and writers stay here.
     """
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc)
@@ -126,7 +130,13 @@ def segment(
     if outdir is None and (formats or preview):
         log.debug("no outdir: formats %s and preview are not written", formats)
     from radflash.api import as_model
-    rf = as_model(model, device=device, dtype=dtype, backend=backend)
+    if ray is not None:  # before the model loads: a missing ray fails here with its install hint
+        from radflash.archive.ray_executor import connect
+
+        connect(ray)
+    # under Ray the encoder runs in the actors; this copy makes the maps from their tokens, on CPU
+    rf = as_model(model, device=device if ray is None else "cpu", dtype=dtype,
+                  backend=backend if ray is None else "eager")
     rf.require_maps()  # a family without maps fails once here, not once per image
     specs = resolve_prompts(prompts, thresholds, calibration=rf.calibration, default_prompts=rf.default_prompts)
     rf.encode_text([s.prompt for s in specs])  # validate + cache all prompt embeddings up front
@@ -161,31 +171,31 @@ def segment(
     if workers is None:  # a single file has nothing to overlap its decode with: no spawn cost
         workers = min(4, os.cpu_count() or 1, len(files)) if len(files) > 1 else 0
     bar = _progress(total, enabled=progress)
-    items = _decoded(arrays, files, rules, failures, bar, workers=min(workers, len(files)), timeout=timeout)
+    if ray is None:
+        items = _decoded(arrays, files, rules, failures, bar, workers=min(workers, len(files)), timeout=timeout)
+        encoded = _encoded(items, rf, batch_size)
+    else:
+        encoded = _encoded_on_ray(arrays, files, rf, ray, model, failures, bar, device=device, dtype=dtype,
+                                  backend=backend, batch_size=batch_size, rules=rules)
     try:
-        from radflash.archive.batching import Batcher
-
-        for batch in Batcher(batch_size, max_wait=None).from_iterable(items):
-            tokens = rf.encode_images([item.pixels for item in batch.items])
-            for i, item in enumerate(batch.items):
-                meta = item.meta
-                uid = meta.sop_instance_uid if meta is not None else None
-                stem = image_output_name(None, item.source if meta is not None else None, item.index)
-                name = names.claim(image_output_name(uid, None, item.index) if uid else stem, fallback=stem)
-                try:
-                    result = _segment_one(rf, tokens[i:i + 1], item, name, uid, specs, writer)
-                except (RadflashError, OSError) as exc:  # this image's outputs; the next may still work
-                    failures.append(InputFailure(item.source, "failed", f"{exc}".splitlines()[0]))
-                else:
-                    images.append(result)
-                    failed = [n for n in result.notes if ": failed" in n]
-                    if failed:  # the image's other outputs (and its JSON) were written
-                        failures.append(InputFailure(item.source, "partial", "; ".join(failed)))
-                if bar is not None:
-                    bar.update(1)
-            del tokens
+        for item, tokens in encoded:
+            meta = item.meta
+            uid = meta.sop_instance_uid if meta is not None else None
+            stem = image_output_name(None, item.source if meta is not None else None, item.index)
+            name = names.claim(image_output_name(uid, None, item.index) if uid else stem, fallback=stem)
+            try:
+                result = _segment_one(rf, tokens, item, name, uid, specs, writer)
+            except (RadflashError, OSError) as exc:  # this image's outputs; the next may still work
+                failures.append(InputFailure(item.source, "failed", f"{exc}".splitlines()[0]))
+            else:
+                images.append(result)
+                failed = [n for n in result.notes if ": failed" in n]
+                if failed:  # the image's other outputs (and its JSON) were written
+                    failures.append(InputFailure(item.source, "partial", "; ".join(failed)))
+            if bar is not None:
+                bar.update(1)
     finally:
-        items.close()  # stops decode workers promptly if the run ended early
+        encoded.close()  # stops decode workers promptly if the run ended early
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - t0
@@ -255,6 +265,43 @@ def _decoded(arrays: list[np.ndarray], files: list[SourceItem], rules: Selection
             yield DecodedItem(index + 1 + d.index, d.path, d.pixels, d.meta)
     finally:
         stream.close()  # stops the worker processes when the run ends early
+
+
+def _encoded(items: Iterator[DecodedItem], rf: RadFlashModel,
+             batch_size: int) -> Generator[tuple[DecodedItem, Any], None, None]:
+    """Each item with its (1, 1+N, D) tokens: the image tower runs once per batch of ``batch_size``."""
+    from radflash.archive.batching import Batcher
+
+    try:
+        for batch in Batcher(batch_size, max_wait=None).from_iterable(items):
+            tokens = rf.encode_images([item.pixels for item in batch.items])
+            for i, item in enumerate(batch.items):
+                yield item, tokens[i:i + 1]
+            del tokens
+    finally:
+        items.close()  # type: ignore[attr-defined]
+
+
+def _encoded_on_ray(arrays: list[np.ndarray], files: list[SourceItem], rf: RadFlashModel, options: RayOptions,
+                    model: Any, failures: list[InputFailure], bar: Any, *, device: str, dtype: str | None,
+                    backend: str, batch_size: int, rules: SelectionRules | None
+                    ) -> Generator[tuple[DecodedItem, Any], None, None]:
+    """:func:`_encoded` for a Ray run: files decoded as Ray tasks and encoded by its actor pool, in
+    input order (unloadable files recorded in ``failures``); in-memory arrays are encoded here."""
+    from radflash.archive.ray_executor import encode_on_ray, plan, require_ray
+    from radflash.io.source import path_text
+
+    yield from _encoded(_decoded(arrays, [], rules, failures, bar, workers=0, timeout=None), rf, batch_size)
+    placement = plan(options, device, require_ray().cluster_resources())
+    actor_model = model if model is None else path_text(model) if isinstance(model, (str, Path)) else rf
+    for d, tokens in encode_on_ray(files, actor_model, placement, batch_size=batch_size, rules=rules, dtype=dtype,
+                                   backend=backend, first_index=len(arrays) + 1):
+        if tokens is None:
+            failures.append(InputFailure(d.path, d.status, d.reason or "no image"))
+            if bar is not None:
+                bar.update(1)
+            continue
+        yield DecodedItem(d.index, d.path, d.pixels, d.meta), tokens
 
 
 def _in_input_order(stream: Iterator[Decoded]) -> Iterator[Decoded]:

@@ -1,0 +1,511 @@
+"""The Ray executor: the score pipeline's stages scheduled by Ray Data instead of local processes.
+
+Same stages as :func:`radflash.archive.pipeline.run_pipeline`, other scheduling (Ray Data's batch
+inference recipe)::
+
+    source ──Arrow chunks──► decode_block (stateless CPU tasks: decode_one + selection + _resized)
+          ──Arrow blocks──► ScoreActor (map_batches, an actor pool: Scorer, one actor per GPU)
+          ──part-table blocks──► driver: Committer → PartStore (crash-safe parts) → finalize
+
+Why this shape:
+
+* Discovery is streamed: the driver walks the source once, packs ``CHUNK`` items at a time into an
+  Arrow table and ``ray.put`` s it, so the work list lives in the object store (spillable to disk)
+  as Arrow, never as a list of Python objects in the driver. Unread entries (hidden files, loops)
+  are committed as *skipped* while walking, as the local verb does.
+* Decode runs where the CPUs are, as plain Ray tasks over small blocks (``DECODE_BATCH`` files):
+  :func:`radflash.archive.decode_pool.decode_one` and the same resize as the local feed thread, so
+  a row's pixels and status cannot differ from a local run's. Only S×S float32 bytes (or nothing,
+  for skipped/failed files) travel on; PHI fields are dropped there unless ``include_phi``.
+* Inference is a callable class in an actor pool (:class:`ScoreActor` holding a
+  :class:`radflash.archive.pipeline.Scorer`); Ray Data restarts an actor that dies and retries the
+  batch it had in flight (``max_restarts=-1``, ``max_task_retries=-1``, Ray Data's defaults), so a
+  killed actor costs its batch's time, never its rows.
+* The driver, not the workers, writes the parts: each output block (one row per file: ~100 B plus
+  the scores) is committed through the same :class:`~radflash.archive.pipeline.Committer` and
+  :class:`~radflash.archive.sinks.PartStore` as a local run. That keeps the one property resume
+  relies on (a part is renamed into place only after its rows are durable, by one writer) and works
+  on a cluster whose nodes do not share the output folder. A batch retried by Ray is only ever
+  returned once, so nothing is committed twice; a driver killed with ``kill -9`` loses only rows
+  not yet committed, and ``--resume`` skips exactly the committed ones.
+* Backpressure is Ray Data's streaming executor: it bounds the object store bytes each operator
+  may hold, so an archive of any size runs in flat memory; the knobs are the batch size, the actor
+  count, ``DECODE_BATCH`` and the object store size (``ray start --object-store-memory``).
+
+``segment`` (:func:`encode_on_ray`) uses the same decode tasks at full resolution and an actor pool
+that only encodes; the driver makes each image's maps from the tokens and writes, in input order.
+
+``ray`` is an optional dependency (``pip install 'radflash[ray]'``), imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from radflash.archive.decode_pool import DecodeTask, decode_one, default_loader
+from radflash.archive.pipeline import Committer, PipelineConfig, PipelineStats, PromptSet, Scorer, _resized
+from radflash.archive.sinks import FileRecord, Sink, TableSpec
+from radflash.util.optional import require
+
+if TYPE_CHECKING:
+    from radflash.api import RadFlashModel
+    from radflash.io.selection import SelectionRules
+    from radflash.io.source import SourceItem
+
+log = logging.getLogger("radflash.ray")
+
+CHUNK = 256  # source items per input block put into the object store by the driver
+DECODE_BATCH = 4  # files per decode task: small, so a retried or slow task costs little
+# Memory Ray reserves per decode task: a real CR/DX (≤ ~15 MP) decodes in ~25 B/pixel, so ~400 MB;
+# it stops Ray packing more decoders on a node than its memory holds. A distinct request also keeps
+# decode its own operator (Ray Data fuses operators with equal resource requests, and fused into
+# the actor pool decode would run inside the actors, one file at a time, not as CPU tasks beside
+# them: seen on Ray 2.60). Ray Data spreads these tasks over the nodes by default (SPREAD).
+DECODE_MEMORY = 512 << 20
+
+# What the decode stage hands the actors: identity, status, header facts and the S×S pixels.
+META_COLUMNS = ("sop_instance_uid", "study_instance_uid", "series_instance_uid", "modality", "view_position",
+                "patient_id", "patient_name")
+DECODED_SCHEMA = pa.schema([
+    pa.field("key", pa.string()), pa.field("path", pa.string()), pa.field("status", pa.string()),
+    pa.field("reason", pa.string()), pa.field("has_meta", pa.bool_()),
+    *[pa.field(c, pa.string()) for c in META_COLUMNS],
+    pa.field("pixels", pa.binary()), pa.field("decode_s", pa.float64()), pa.field("resize_s", pa.float64()),
+])
+INPUT_SCHEMA = pa.schema([pa.field("key", pa.string()), pa.field("path", pa.string()),
+                          pa.field("data", pa.binary())])
+_TIMING_COLUMNS = ("__decode_s", "__resize_s", "__infer_s")  # per-block timings, dropped before commit
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How to run on Ray. ``address=None``: start or join a local Ray; else that cluster's address.
+
+    ``actors=None``: one per GPU when the model runs on CUDA, else one CPU actor. ``threads``: torch
+    threads per CPU actor (``None``: the actor's CPU share, at least 1). ``cpus_per_actor=None``:
+    1, lowered when the cluster would otherwise have no CPU left for decode tasks.
+    """
+
+    address: str | None = None
+    actors: int | None = None
+    threads: int | None = None
+    cpus_per_actor: float | None = None
+    gpus_per_actor: float = 1.0
+
+
+def require_ray() -> Any:
+    """``ray`` and ``ray.data``, or a one-line :class:`MissingDependency` with the install hint."""
+    require("ray.data", extra="ray", purpose="--ray (running on a Ray cluster)")
+    import ray
+
+    return ray
+
+
+def connect(options: RayOptions) -> bool:
+    """Join ``options.address`` (or a running local Ray, or start one); True if this call started it.
+
+    A Ray already initialised in this process (a test's ``ray.init(num_cpus=2)``, a notebook) is
+    used as it is: the run must not tear down a cluster it did not start.
+    """
+    ray = require_ray()
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"log_to_driver": False}
+    if options.address is None:
+        kwargs["include_dashboard"] = False
+    ray.init(address=options.address, **kwargs)
+    return True
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The actor pool a run gets: what the manifest reports and what ``map_batches`` asks for."""
+
+    device: str
+    actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    threads: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "actors": self.actors, "cpus_per_actor": self.cpus_per_actor,
+                "gpus_per_actor": self.gpus_per_actor, "threads_per_actor": self.threads}
+
+
+def plan(options: RayOptions, device: str, resources: dict[str, float]) -> Placement:
+    """Actors and their resources from the options, the requested device and the cluster.
+
+    ``device`` is the actors' device: ``auto`` means CUDA when the cluster has GPUs. CPU actors get
+    1 CPU each unless that would leave no CPU for decode tasks (then the rest is shared among
+    them), because Ray schedules by these logical counts and a pool that holds every CPU would
+    starve the decode stage and stall the run.
+    """
+    gpus = int(resources.get("GPU", 0))
+    cpus = float(resources.get("CPU", 1))
+    on_gpu = device.startswith("cuda") or (device == "auto" and gpus > 0)
+    if on_gpu:
+        actors = options.actors or max(1, int(gpus / options.gpus_per_actor))
+        cpu_share = options.cpus_per_actor if options.cpus_per_actor is not None else 1.0
+        return Placement("cuda" if device == "auto" else device, actors, cpu_share, options.gpus_per_actor,
+                         options.threads or 1)
+    actors = options.actors or 1
+    cpu_share = options.cpus_per_actor
+    if cpu_share is None:
+        cpu_share = 1.0 if cpus - actors >= 1 else max(0.1, round((cpus - 1) / actors, 2))
+    threads = options.threads or max(1, int(cpu_share))
+    return Placement("cpu", actors, cpu_share, 0.0, threads)
+
+
+def cluster_info(ray: Any) -> dict[str, Any]:
+    """The manifest's description of the cluster: Ray's version, the nodes and total resources."""
+    resources = ray.cluster_resources()
+    return {"ray_version": ray.__version__, "nodes": sum(1 for n in ray.nodes() if n.get("Alive")),
+            "resources": {k: v for k, v in resources.items() if not k.startswith("node:")}}
+
+
+# ---- stage 1: source → Arrow chunks in the object store ---------------------------------------
+def input_chunks(items: Iterable[SourceItem], *, is_done: Callable[[SourceItem], bool], sink: Sink,
+                 chunk: int = CHUNK) -> Iterator[tuple[pa.Table, int]]:
+    """Walk ``items`` once: yield (Arrow table of up to ``chunk`` items to decode, items seen).
+
+    Unread entries are committed as *skipped* in groups as they are met; items an earlier run
+    committed (``is_done``) are left out. Only one chunk is held as Python objects at a time.
+    """
+    rows: dict[str, list] = {"key": [], "path": [], "data": []}
+    unread: list[FileRecord] = []
+    seen = 0
+    for item in items:
+        seen += 1
+        if is_done(item):
+            continue
+        if item.skip is not None:
+            unread.append(FileRecord(path=item.key, status="skipped", reason=item.skip))
+            if len(unread) >= chunk:
+                sink.commit(unread)
+                unread = []
+            continue
+        rows["key"].append(item.key)
+        rows["path"].append(None if item.path is None else str(item.path))
+        rows["data"].append(item.data)
+        if len(rows["key"]) >= chunk:
+            yield pa.table(rows, schema=INPUT_SCHEMA), seen
+            rows = {"key": [], "path": [], "data": []}
+    if unread:
+        sink.commit(unread)
+    if rows["key"]:
+        yield pa.table(rows, schema=INPUT_SCHEMA), seen
+    yield INPUT_SCHEMA.empty_table(), seen
+
+
+# ---- stage 2: decode (stateless, CPU tasks) -----------------------------------------------------
+def decode_block(block: pa.Table, *, image_size: int, rules: SelectionRules | None,
+                 include_phi: bool) -> pa.Table:
+    """Decode + select + resize each file of ``block`` exactly as a local run's worker and feed
+    thread do (:func:`decode_one`, :func:`radflash.archive.pipeline._resized`)."""
+    loader = default_loader()
+    out: dict[str, list] = {f.name: [] for f in DECODED_SCHEMA}
+    for i, row in enumerate(block.to_pylist()):
+        d = decode_one(DecodeTask(i, row["key"], row["path"], row["data"]), loader, rules)
+        stats = PipelineStats()
+        if d.status == "loaded":
+            d = _resized(d, image_size, stats)
+        m = d.meta
+        out["key"].append(d.key)
+        out["path"].append(d.path)
+        out["status"].append(d.status)
+        out["reason"].append(d.reason)
+        out["has_meta"].append(m is not None)
+        for c in META_COLUMNS:
+            phi = c in ("patient_id", "patient_name")
+            out[c].append(None if m is None or (phi and not include_phi) else getattr(m, c))
+        out["pixels"].append(d.pixels.astype(np.float32, copy=False).tobytes() if d.status == "loaded" else None)
+        out["decode_s"].append(d.decode_s)
+        out["resize_s"].append(stats.resize_s)
+    return pa.table(out, schema=DECODED_SCHEMA)
+
+
+# ---- stage 3: inference (an actor pool) ---------------------------------------------------------
+class ScoreActor:
+    """Holds the model and a :class:`Scorer`; one per GPU (or a configured number of CPU actors).
+
+    Built once per actor (model load, prompt encoding); each call scores one batch of decoded rows
+    and returns them as part-table rows (``TableSpec.schema()``, plus per-block timings).
+    """
+
+    def __init__(self, model: str | RadFlashModel | None, device: str, dtype: str | None, backend: str,
+                 prompts: PromptSet, spec: TableSpec, include_phi: bool, threads: int | None) -> None:
+        import torch
+
+        from radflash.api import as_model
+
+        if threads and device == "cpu":
+            torch.set_num_threads(threads)
+        rf = as_model(model, device=device, dtype=dtype, backend="eager" if backend == "auto" else backend)
+        self.image_size = rf.config.image_size
+        self.scorer = Scorer(rf, prompts, include_phi=include_phi)
+        self.spec = spec
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        from radflash.archive.decode_pool import Decoded
+        from radflash.io.imageio import ImageMeta
+
+        s = self.image_size
+        loaded: list[Decoded] = []
+        records: list[FileRecord] = []
+        for row in block.to_pylist():
+            meta = ImageMeta(path=row["path"], kind="", **{c: row[c] for c in META_COLUMNS}) \
+                if row["has_meta"] else None
+            if row["status"] == "loaded":
+                pixels = np.frombuffer(row["pixels"], dtype=np.float32).reshape(s, s)
+                loaded.append(Decoded(0, row["key"], row["path"], "loaded", None, pixels, meta))
+            else:
+                records.append(self.scorer.unscored(Decoded(0, row["key"], row["path"], row["status"],
+                                                            row["reason"], meta=meta)))
+        t0 = time.perf_counter()
+        if loaded:
+            records.extend(self.scorer(loaded))
+        infer_s = time.perf_counter() - t0
+        table = self.spec.to_table(records)
+        n = table.num_rows
+        timings = (sum(block.column("decode_s").to_pylist()), sum(block.column("resize_s").to_pylist()), infer_s)
+        for name, value in zip(_TIMING_COLUMNS, timings):
+            table = table.append_column(name, pa.array([value] + [0.0] * (n - 1) if n else [], pa.float64()))
+        return table
+
+
+def records_of(table: pa.Table, spec: TableSpec) -> list[FileRecord]:
+    """Part-table rows back into :class:`FileRecord` s, so the driver commits through the same
+    :class:`Committer` (progress, counts, commit cadence) as a local run."""
+    rows = table.to_pylist()
+    scalar = [f.name for f in spec.schema() if "." not in f.name]
+    out = []
+    for r in rows:
+        logits = tuple(r[f"{n}.logit"] for n in spec.names) if r["status"] == "scored" else None
+        probs = tuple(r[f"{n}.prob"] for n in spec.names) if r["status"] == "scored" else None
+        positive = tuple(r[f"{n}.positive"] for n in spec.names) if spec.with_positive and logits else None
+        out.append(FileRecord(**{c: r[c] for c in scalar}, logits=logits, probs=probs, positive=positive))
+    return out
+
+
+def run_ray_pipeline(
+    items: Iterable[SourceItem],
+    model: str | RadFlashModel | None,
+    prompts: PromptSet,
+    spec: TableSpec,
+    store: Sink,
+    config: PipelineConfig,
+    *,
+    image_size: int,
+    placement: Placement,
+    dtype: str | None = None,
+    backend: str = "eager",
+    is_done: Callable[[SourceItem], bool] = lambda item: False,
+    progress: Callable[[int], Callable[[FileRecord], None] | None] | None = None,
+) -> tuple[PipelineStats, int]:
+    """Score ``items`` on the connected Ray cluster into ``store``; returns stats and items seen.
+
+    Ray must be connected (:func:`connect`). Every item that is not ``is_done`` ends as exactly one
+    committed record: unread entries while walking the source, the rest as blocks returned by the
+    actor pool. ``progress(n_to_score)`` is called once the walk is done (the total is only known
+    then) and returns the per-record callback.
+    """
+    ray = require_ray()  # also imports ray.data
+
+    stats = PipelineStats()
+    t_start = time.perf_counter()
+    refs = []
+    seen = todo = 0
+    for table, walked in input_chunks(items, is_done=is_done, sink=store):
+        seen = walked
+        if table.num_rows:
+            refs.append(ray.put(table))  # the object store holds the work list, not the driver
+            todo += table.num_rows
+    committer = Committer(store, config.commit_every, stats, progress(todo) if progress is not None else None)
+    if not refs:
+        stats.wall_s = time.perf_counter() - t_start
+        return stats, seen
+    # Input chunks are sized for the driver (few refs); a Ray task handles whole blocks, so they are
+    # re-cut (streaming, no shuffle) into DECODE_BATCH-file blocks: one decode task each, in parallel.
+    ds = ray.data.from_arrow_refs(refs).repartition(target_num_rows_per_block=DECODE_BATCH)
+    ds = ds.map_batches(decode_block, batch_size=DECODE_BATCH, batch_format="pyarrow", num_cpus=1,
+                        memory=DECODE_MEMORY,
+                        fn_kwargs={"image_size": image_size, "rules": config.rules,
+                                   "include_phi": config.include_phi})
+    ds = ds.map_batches(
+        ScoreActor, batch_size=config.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=placement.actors),
+        num_cpus=placement.cpus_per_actor, num_gpus=placement.gpus_per_actor or None,
+        fn_constructor_kwargs={"model": model, "device": placement.device, "dtype": dtype, "backend": backend,
+                               "prompts": prompts, "spec": spec, "include_phi": config.include_phi,
+                               "threads": placement.threads},
+    )
+    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if not block.num_rows:
+            continue
+        stats.decode_s += float(sum(block.column("__decode_s").to_pylist()))
+        stats.resize_s += float(sum(block.column("__resize_s").to_pylist()))
+        stats.inference_s += float(sum(block.column("__infer_s").to_pylist()))
+        stats.batches += 1
+        if stats.first_batch_s is None:
+            stats.first_batch_s = time.perf_counter() - t_start
+        committer.add(records_of(block.drop_columns(list(_TIMING_COLUMNS)), spec))
+    committer.flush()
+    stats.wall_s = time.perf_counter() - t_start
+    return stats, seen
+
+
+def run_on_ray(
+    todo: Iterable[SourceItem],
+    model: Any,
+    rf_model: RadFlashModel,
+    prompts: PromptSet,
+    spec: TableSpec,
+    store: Sink,
+    config: PipelineConfig,
+    manifest: dict[str, Any],
+    options: RayOptions,
+    *,
+    device: str,
+    dtype: str | None,
+    backend: str,
+    out_dir: Path | None,
+    on_record: Callable[[FileRecord], None] | None = None,
+) -> PipelineStats:
+    """The ``score`` verb's Ray branch: plan the actor pool, record it in the manifest, run.
+
+    ``model`` is what the caller gave (a path or ``None`` travels as text and every actor loads it
+    itself; an in-memory model is pickled to the actors); ``rf_model`` is the driver's copy.
+    """
+    ray = require_ray()
+    from radflash.archive.sinks import write_manifest
+    from radflash.io.source import path_text
+
+    placement = plan(options, device, ray.cluster_resources())
+    actor_model: Any = model if model is None else path_text(model) if isinstance(model, (str, Path)) else rf_model
+    manifest["device"] = placement.device
+    manifest["executor"] = {"kind": "ray", "address": options.address, **cluster_info(ray), **placement.as_dict(),
+                            "decode_batch": DECODE_BATCH, "batch_size": config.batch_size}
+    if out_dir is not None:  # a run killed mid-way still says how it was executed
+        write_manifest(out_dir, manifest)
+    log.info("ray: %d %s actor(s), %s CPU / %s GPU each", placement.actors, placement.device,
+             placement.cpus_per_actor, placement.gpus_per_actor)
+    stats, _ = run_ray_pipeline(todo, actor_model, prompts, spec, store, config,
+                                image_size=rf_model.config.image_size, placement=placement, dtype=dtype,
+                                backend=backend, progress=lambda n: on_record)
+    return stats
+
+
+# ---- segment: decode tasks + an encoder actor pool; the driver makes the maps and writes ------------
+SEGMENT_SCHEMA = pa.schema([
+    pa.field("index", pa.int64()), pa.field("key", pa.string()), pa.field("path", pa.string()),
+    pa.field("status", pa.string()), pa.field("reason", pa.string()), pa.field("meta", pa.binary()),
+    pa.field("pixels", pa.binary()), pa.field("rows", pa.int64()), pa.field("cols", pa.int64()),
+])
+
+
+def decode_full(block: pa.Table, *, rules: SelectionRules | None) -> pa.Table:
+    """``segment``'s decode task: :func:`decode_one` at the source resolution (maps are made at
+    each image's own size). The header facts travel pickled: the writers (DICOM SEG) need all of
+    them, and they stay inside this run's object store."""
+    import pickle
+
+    loader = default_loader()
+    out: dict[str, list] = {f.name: [] for f in SEGMENT_SCHEMA}
+    for row in block.to_pylist():
+        d = decode_one(DecodeTask(row["index"], row["key"], row["path"], row["data"]), loader, rules)
+        loaded = d.status == "loaded"
+        for name, value in (("index", d.index), ("key", d.key), ("path", d.path), ("status", d.status),
+                            ("reason", d.reason), ("meta", None if d.meta is None else pickle.dumps(d.meta)),
+                            ("pixels", d.pixels.astype(np.float32, copy=False).tobytes() if loaded else None),
+                            ("rows", d.pixels.shape[0] if loaded else 0), ("cols", d.pixels.shape[1] if loaded else 0)):
+            out[name].append(value)
+    return pa.table(out, schema=SEGMENT_SCHEMA)
+
+
+def _pixels(row: dict[str, Any]) -> np.ndarray:
+    return np.frombuffer(row["pixels"], dtype=np.float32).reshape(row["rows"], row["cols"])
+
+
+class EncodeActor:
+    """Holds the model; encodes the loaded images of each batch (the expensive, GPU part of
+    ``segment``) and adds their tokens as float32 bytes (``tokens``, ``token_shape``)."""
+
+    def __init__(self, model: str | RadFlashModel | None, device: str, dtype: str | None, backend: str,
+                 threads: int | None) -> None:
+        import torch
+
+        from radflash.api import as_model
+
+        if threads and device == "cpu":
+            torch.set_num_threads(threads)
+        self.model = as_model(model, device=device, dtype=dtype, backend=backend)
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        import torch
+
+        rows = block.to_pylist()
+        loaded = [i for i, r in enumerate(rows) if r["status"] == "loaded"]
+        tokens: list[bytes | None] = [None] * len(rows)
+        shape: list[list[int] | None] = [None] * len(rows)
+        if loaded:
+            with torch.inference_mode():
+                out = self.model.encode_images([_pixels(rows[i]) for i in loaded]).float().cpu().numpy()
+            for j, i in enumerate(loaded):
+                tokens[i], shape[i] = out[j].tobytes(), list(out[j].shape)
+        return block.append_column("tokens", pa.array(tokens, pa.binary())) \
+                    .append_column("token_shape", pa.array(shape, pa.list_(pa.int64())))
+
+
+def encode_on_ray(files: Sequence[SourceItem], model: Any, placement: Placement, *, batch_size: int,
+                  rules: SelectionRules | None, dtype: str | None = None, backend: str = "eager",
+                  first_index: int = 0) -> Iterator[tuple[Any, Any]]:
+    """``(Decoded, tokens of shape (1, 1+N, D) or None)`` per file, in input order, from a Ray run of
+    decode tasks and an encoder actor pool. Ray must be connected (:func:`connect`)."""
+    import pickle
+
+    import torch
+
+    ray = require_ray()
+    from radflash.archive.decode_pool import Decoded
+
+    refs = []
+    for lo in range(0, len(files), CHUNK):
+        part = files[lo:lo + CHUNK]
+        refs.append(ray.put(pa.table({
+            "index": list(range(first_index + lo, first_index + lo + len(part))),
+            "key": [f.key for f in part], "path": [None if f.path is None else str(f.path) for f in part],
+            "data": pa.array([f.data for f in part], pa.binary())})))
+    if not refs:
+        return
+    options = ray.data.DataContext.get_current().execution_options
+    ordered = options.preserve_order
+    options.preserve_order = True  # output names are claimed in input order (collisions get -2...);
+    # set before the dataset is built, which copies the context
+    ds = ray.data.from_arrow_refs(refs).repartition(target_num_rows_per_block=DECODE_BATCH)
+    ds = ds.map_batches(decode_full, batch_size=DECODE_BATCH, batch_format="pyarrow", num_cpus=1,
+                        memory=DECODE_MEMORY, fn_kwargs={"rules": rules})
+    ds = ds.map_batches(EncodeActor, batch_size=batch_size, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=placement.actors),
+                        num_cpus=placement.cpus_per_actor, num_gpus=placement.gpus_per_actor or None,
+                        fn_constructor_kwargs={"model": model, "device": placement.device, "dtype": dtype,
+                                               "backend": backend, "threads": placement.threads})
+    try:
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in block.to_pylist():
+                meta = None if row["meta"] is None else pickle.loads(row["meta"])  # our own decode task's bytes
+                if row["status"] != "loaded":
+                    yield Decoded(row["index"], row["key"], row["path"], row["status"], row["reason"], meta=meta), None
+                    continue
+                tokens = torch.from_numpy(np.frombuffer(row["tokens"], dtype=np.float32)
+                                          .reshape(row["token_shape"]).copy()).unsqueeze(0)
+                yield Decoded(row["index"], row["key"], row["path"], "loaded", None, _pixels(row).copy(), meta), tokens
+    finally:  # a later score run in this process keeps Ray's default (completion order)
+        options.preserve_order = ordered

@@ -1,0 +1,211 @@
+"""``score --ray``: the same rows as a local run, the install hint, driver kill -9 + resume, actor kill.
+
+One local Ray (``ray.init(num_cpus=2)``, ~6 s to start here) is shared by the module; the tests
+that kill things are marked ``slow``. The archive is the embedded demo archive, which mixes scored,
+skipped and failed files (16/6/3).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from click.testing import CliRunner
+
+from radflash.archive.sinks import read_manifest, read_table
+from radflash.archive.verb import DEMO_ARCHIVE, score
+from radflash.cli import cli
+from radflash.errors import InputError, MissingDependency
+
+ray = pytest.importorskip("ray")
+
+from radflash.archive.ray_executor import RayOptions, plan  # noqa: E402  (needs ray only at run time)
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> Iterator[str]:
+    """A local 2-CPU Ray, joinable by address from a subprocess (the kill -9 test's driver).
+
+    Ray ≥ 2.5x turns on token authentication for a new cluster; a second process on this machine
+    would need the token, so this throwaway test cluster runs without it.
+    """
+    previous = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        if previous is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = previous
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from radflash.checkpoints.factory import random_checkpoint
+    from radflash.checkpoints.format import save_checkpoint
+
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    save_checkpoint(random_checkpoint("tiny", seed=0, model_id="test-tiny"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The local pipeline's run of the demo archive: what every Ray run must reproduce."""
+    out = tmp_path_factory.mktemp("local") / "out"
+    return score(DEMO_ARCHIVE, out, model=tiny_model, workers=1, batch_size=4, commit_every=8, progress=False)
+
+
+def assert_same_tables(a: pa.Table, b: pa.Table) -> None:
+    """Same rows in the same (path) order; floats within 1e-5 (batch composition changes GEMMs)."""
+    assert a.schema == b.schema
+    assert a.num_rows == b.num_rows
+    for x, y in zip(a.to_pylist(), b.to_pylist()):
+        for col, value in x.items():
+            if isinstance(value, float):
+                assert y[col] == pytest.approx(value, abs=1e-5), (x["path"], col)
+            else:
+                assert y[col] == value, (x["path"], col)
+
+
+def assert_matches_reference(run, reference) -> None:
+    paths = run.status.column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == reference.discovered  # every file exactly once
+    assert_same_tables(read_table(run.status_path), read_table(reference.status_path))
+    assert_same_tables(read_table(run.results_path), read_table(reference.results_path))
+
+
+# ---- no cluster needed -----------------------------------------------------------------------------
+def test_missing_ray_is_a_one_line_install_hint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "ray.data", None)  # import ray.data → ImportError
+    with pytest.raises(MissingDependency, match=r"pip install 'radflash\[ray\]'"):
+        score(DEMO_ARCHIVE, tmp_path / "out", ray=RayOptions(), progress=False)
+    res = CliRunner().invoke(cli, ["score", str(DEMO_ARCHIVE), "-o", str(tmp_path / "o2"), "--ray", "-q"])
+    assert res.exit_code == 1, res.output
+    assert "radflash[ray]" in res.output and "Traceback" not in res.output
+
+
+def test_cli_ray_flags(tmp_path: Path) -> None:
+    res = CliRunner().invoke(cli, ["score", "--ray", str(DEMO_ARCHIVE), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "put --ray after the inputs" in res.output
+    res = CliRunner().invoke(cli, ["score", str(DEMO_ARCHIVE), "-o", str(tmp_path / "o"), "--ray-actors", "2"])
+    assert res.exit_code == 2 and "need --ray" in res.output
+    res = CliRunner().invoke(cli, ["segment", str(DEMO_ARCHIVE), "-o", str(tmp_path / "s"), "--prompt", "lung",
+                                   "--ray-threads", "2"])
+    assert res.exit_code == 2 and "need --ray" in res.output
+
+
+def test_plan_leaves_cpus_for_decode_and_puts_one_actor_per_gpu() -> None:
+    cpu = plan(RayOptions(actors=2), "auto", {"CPU": 2.0})
+    assert cpu.device == "cpu" and cpu.actors == 2 and cpu.cpus_per_actor == 0.5 and cpu.gpus_per_actor == 0
+    gpu = plan(RayOptions(), "auto", {"CPU": 32.0, "GPU": 4.0})
+    assert gpu.device == "cuda" and gpu.actors == 4 and gpu.gpus_per_actor == 1.0
+
+
+# ---- on a local Ray ------------------------------------------------------------------------------
+def test_ray_run_matches_local_run(ray_address: str, tiny_model: Path, reference, tmp_path: Path) -> None:
+    run = score(DEMO_ARCHIVE, tmp_path / "out", model=tiny_model, batch_size=4, commit_every=8,
+                progress=False, ray=RayOptions())
+    assert run.counts == reference.counts and min(run.scored, run.skipped, run.failed) > 0
+    assert_matches_reference(run, reference)
+    executor = read_manifest(tmp_path / "out")["executor"]
+    assert executor["kind"] == "ray" and executor["ray_version"] == ray.__version__
+    assert executor["actors"] == 1 and executor["resources"]["CPU"] == 2.0
+
+
+@pytest.mark.slow
+def test_driver_kill9_then_resume(ray_address: str, tiny_model: Path, reference, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "radflash", "score", str(DEMO_ARCHIVE), "-o", str(out), "--model", str(tiny_model),
+           "--batch-size", "1", "--commit-every", "1", "-q", "--ray", ray_address]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while not (out / "parts" / "part-00001.parquet").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "no part committed within 180 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not read_manifest(out)["complete"], "the run finished before it could be killed"
+    committed = read_table_parts(out)
+    assert 2 <= committed < reference.discovered
+
+    with pytest.raises(InputError, match="not empty"):
+        score(DEMO_ARCHIVE, out, model=tiny_model, progress=False, ray=RayOptions())
+    run = score(DEMO_ARCHIVE, out, model=tiny_model, resume=True, batch_size=4, progress=False, ray=RayOptions())
+    assert run.resumed == committed
+    assert run.manifest["counts"]["processed_this_run"] == run.discovered - run.resumed
+    assert_matches_reference(run, reference)
+
+
+def read_table_parts(out: Path) -> int:
+    """Rows committed so far (the parts' union)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.read_metadata(p).num_rows for p in (out / "parts").glob("part-*.parquet"))
+
+
+@pytest.mark.slow
+def test_actor_killed_mid_run_loses_nothing(ray_address: str, tiny_model: Path, reference, tmp_path: Path) -> None:
+    psutil = pytest.importorskip("psutil")
+    out = tmp_path / "out"
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(score(
+        DEMO_ARCHIVE, out, model=tiny_model, batch_size=1, commit_every=1, progress=False, ray=RayOptions())))
+    thread.start()
+    deadline = time.monotonic() + 180
+    victim = None
+    while victim is None:
+        assert thread.is_alive(), "the run finished before an actor could be killed"
+        assert time.monotonic() < deadline, "no scoring actor seen within 180 s"
+        # Killed as soon as it exists: with one file per part, the run cannot finish the 25 parts
+        # between this look and the kill, so the actor dies with work still ahead of it (waiting
+        # for the first part first would race a fast run to its end).
+        victim = next((p for p in psutil.process_iter(["cmdline"])
+                       if "ScoreActor" in " ".join(p.info["cmdline"] or ())), None)
+        time.sleep(0.02)
+    os.kill(victim.pid, signal.SIGKILL)
+    assert read_table_parts(out) < reference.discovered  # killed mid-run, with rows still to score
+    thread.join(timeout=300)
+    assert not thread.is_alive() and result, "the run did not finish after its actor was killed"
+    assert_matches_reference(result[0], reference)
+
+
+@pytest.mark.slow
+def test_segment_on_ray_writes_the_same_files(ray_address: str, tiny_model: Path, tmp_path: Path) -> None:
+    import filecmp
+    import json
+
+    from radflash.segment.verb import segment
+
+    prompts = ["left lung", "There is pneumothorax"]
+    local = segment(DEMO_ARCHIVE, tmp_path / "local", prompts=prompts, model=tiny_model, workers=1, progress=False)
+    on_ray = segment(DEMO_ARCHIVE, tmp_path / "ray", prompts=prompts, model=tiny_model, progress=False,
+                     ray=RayOptions())
+    assert len(on_ray.images) == len(local.images) > 0 and len(on_ray.failures) == len(local.failures) > 0
+
+    def files(root: Path) -> list[Path]:
+        return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+
+    assert files(tmp_path / "local") == files(tmp_path / "ray")
+    for rel in files(tmp_path / "local"):
+        a, b = tmp_path / "local" / rel, tmp_path / "ray" / rel
+        if rel.name == "report.json":  # equal but for the run's start/finish times
+            ra, rb = (json.loads(p.read_text()) for p in (a, b))
+            for r in (ra, rb):
+                for key in ("started", "finished", "elapsed_s"):
+                    r.pop(key)
+            assert ra == rb
+        else:
+            assert filecmp.cmp(a, b, shallow=False), rel

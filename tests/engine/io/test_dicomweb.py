@@ -1,0 +1,236 @@
+"""The DICOMweb source against a real Orthanc (tests/engine/orthanc.py): same numbers as files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+
+from radflash.archive.verb import DEMO_ARCHIVE, score
+from radflash.errors import InputError
+from radflash.io.dicomweb import Auth, DicomWebError, DicomWebSource, parse_target
+from tests.engine.orthanc import PASSWORD, USER, start_or_skip
+
+pytest.importorskip("dicomweb_client", reason="dicomweb-client is not installed (pip install 'radflash[dicomweb]')")
+# tests that need the server skip in start_or_skip, naming the missing Debian package
+
+ARCHIVE_FILES = sorted(p for p in DEMO_ARCHIVE.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory):
+    """Orthanc holding the demo archive (chest films in several encodings, CT/MR/knee/lateral...)."""
+    server = start_or_skip(tmp_path_factory.mktemp("orthanc"))
+    server.stored = server.upload(ARCHIVE_FILES)  # type: ignore[attr-defined]
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def from_files():
+    """Scores of the same files read from disk. Batch size 1 on both sides: the two sources batch
+    different neighbours together (the PACS refuses the broken files), and a CPU matmul's last bit
+    depends on the batch (1.5e-8 measured), so only unbatched runs can be compared bit for bit."""
+    return score(DEMO_ARCHIVE, None, workers=1, progress=False, batch_size=1)
+
+
+def _probs(run) -> dict[str, dict[str, float]]:
+    return {r["sop_instance_uid"]: {k: v for k, v in r.items() if k.endswith((".prob", ".logit"))}
+            for r in run.results.to_pylist()}
+
+
+def test_parse_target_refuses_credentials_without_echoing_them() -> None:
+    with pytest.raises(InputError) as err:
+        parse_target("dicomweb+http://bob:hunter2@pacs:8042/dicom-web/studies")
+    assert "hunter2" not in str(err.value)
+    t = parse_target("dicomweb+https://pacs/dicom-web/studies?StudyDate=20260101-20260131&ModalitiesInStudy=CR")
+    assert t.base == "https://pacs/dicom-web"
+    assert dict(t.filters) == {"StudyDate": "20260101-20260131", "ModalitiesInStudy": "CR"}
+
+
+def test_scores_over_dicomweb_equal_scores_from_files(orthanc, from_files) -> None:
+    run = score(orthanc.dicomweb + "/studies", None, workers=1, progress=False, batch_size=1)
+    assert run.counts["discovered"] == len(orthanc.stored)
+    assert _probs(run) == _probs(from_files)  # bit-identical: same bytes, same decode
+    assert run.scored == from_files.scored and run.skipped == from_files.skipped
+    path = run.results.column("path")[0].as_py()
+    assert path.startswith(f"{orthanc.url}/dicom-web/studies/") and "/instances/" in path
+    for col in ("sop_instance_uid", "study_instance_uid", "series_instance_uid"):
+        assert run.results.column(col).null_count == 0
+
+
+def test_qido_filter_and_paging(orthanc) -> None:
+    everything = list(DicomWebSource(orthanc.dicomweb, page_size=3).listing())  # 22 instances, pages of 3
+    assert len(everything) == len(orthanc.stored)
+    assert len({i.key for i in everything}) == len(everything)
+    ct = list(DicomWebSource(orthanc.dicomweb + "/studies?ModalitiesInStudy=CT", page_size=3).listing())
+    assert 0 < len(ct) < len(everything)
+
+
+def test_shards_partition_by_uid(orthanc) -> None:
+    keys = [{i.key for i in DicomWebSource(orthanc.dicomweb, num_parts=3, part_id=k).listing()} for k in range(3)]
+    assert sum(len(k) for k in keys) == len(orthanc.stored) and not (keys[0] & keys[1] or keys[1] & keys[2])
+
+
+def test_output_and_resume_retrieve_nothing_twice(orthanc, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = score(orthanc.dicomweb, out, workers=1, progress=False)
+    assert first.manifest["source"]["kind"] == "dicomweb"
+    again = score(orthanc.dicomweb, out, workers=1, progress=False, resume=True)
+    assert again.resumed == first.discovered and again.manifest["counts"]["processed_this_run"] == 0
+    assert again.results.equals(first.results)
+
+
+def test_unreachable_server_is_one_line(tmp_path: Path) -> None:
+    from radflash.io.dicomweb import Policy
+    from tests.engine.orthanc import free_port
+
+    src = DicomWebSource(f"dicomweb+http://127.0.0.1:{free_port()}/dicom-web", policy=Policy(retries=1, backoff=0.01))
+    with pytest.raises(DicomWebError, match="unreachable"):
+        list(src.listing())
+
+
+def test_auth_wrong_and_right(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = start_or_skip(tmp_path_factory.mktemp("orthanc-auth"), auth=True)
+    try:
+        server.upload(ARCHIVE_FILES[:6])
+        monkeypatch.setenv("PACS_CRED", f"{USER}:wrong-{PASSWORD}")
+        with pytest.raises(DicomWebError, match="401") as err:
+            list(DicomWebSource(server.dicomweb, auth=Auth(basic_env="PACS_CRED")).listing())
+        assert PASSWORD not in str(err.value)
+        monkeypatch.setenv("PACS_CRED", f"{USER}:{PASSWORD}")
+        run = score(server.dicomweb, tmp_path_factory.mktemp("auth-out") / "o", workers=1, progress=False,
+                    auth=Auth(basic_env="PACS_CRED"))
+        assert run.discovered > 0
+        manifest = run.manifest_path.read_text()
+        assert PASSWORD not in manifest and "PACS_CRED" in manifest
+        assert not any(PASSWORD in (r or "") for r in run.status.column("reason").to_pylist())
+        assert pc.sum(pc.equal(run.status["status"], "failed")).as_py() in (0, None)
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def fresh_orthanc(tmp_path: Path):
+    """A PACS of its own: storing SRs changes what a query lists, so the shared one stays clean."""
+    server = start_or_skip(tmp_path / "pacs")
+    server.stored = server.upload(ARCHIVE_FILES)  # type: ignore[attr-defined]
+    yield server
+    server.stop()
+
+
+def _srs(server) -> list[dict]:
+    from dicomweb_client.api import DICOMwebClient
+
+    return DICOMwebClient(server.url + "/dicom-web").search_for_instances(search_filters={"Modality": "SR"})
+
+
+def test_store_writes_one_sr_per_scored_image_once(fresh_orthanc, tmp_path: Path) -> None:
+    import pydicom
+    from dicomweb_client.api import DICOMwebClient
+
+    run = score(fresh_orthanc.dicomweb, tmp_path / "a", workers=1, progress=False, stow="same")
+    srs = _srs(fresh_orthanc)
+    assert len(srs) == run.scored
+    # a second, fresh run (new output folder) and a resume store nothing new
+    score(fresh_orthanc.dicomweb + "/studies?ModalitiesInStudy=CR", tmp_path / "b", workers=1, progress=False,
+          stow="same")
+    score(fresh_orthanc.dicomweb, tmp_path / "a", workers=1, progress=False, stow="same", resume=True)
+    assert sorted(r["00080018"]["Value"][0] for r in _srs(fresh_orthanc)) == \
+        sorted(r["00080018"]["Value"][0] for r in srs)
+
+    c = DICOMwebClient(fresh_orthanc.url + "/dicom-web")
+    row = run.results.to_pylist()[0]
+    sr = next(c.retrieve_instance(s["0020000D"]["Value"][0], s["0020000E"]["Value"][0], s["00080018"]["Value"][0])
+              for s in srs if s["0020000D"]["Value"][0] == row["study_instance_uid"])
+    assert isinstance(sr, pydicom.Dataset) and sr.Modality == "SR"
+    refs = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in sr.ContentSequence if i.ValueType == "IMAGE"]
+    assert refs == [row["sop_instance_uid"]]
+    names = list(run.manifest["findings"])
+    findings = [i for i in sr.ContentSequence if i.ValueType == "CONTAINER"]
+    assert len(findings) == len(names)
+    probs = [float(n.MeasuredValueSequence[0].NumericValue) for f in findings for n in f.ContentSequence
+             if n.ValueType == "NUM" and n.ConceptNameCodeSequence[0].CodeValue == "probability"]
+    assert probs == pytest.approx([row[f"{n}.prob"] for n in names], rel=1e-6)
+    algo = [i.TextValue for i in sr.ContentSequence if i.ValueType == "TEXT"]
+    assert run.manifest["model"]["sha256"] in " ".join(algo)
+
+
+def test_server_down_mid_run_then_resume_completes(fresh_orthanc, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from radflash.io.dicomweb import Policy
+
+    fetch, calls = DicomWebSource.fetch, []
+
+    def fetch_then_die(self, item):
+        calls.append(item.key)
+        self.policy = Policy(retries=1, backoff=0.01)  # the real policy waits ~8 s before giving up
+        if len(calls) == 9:
+            fresh_orthanc.stop()
+        return fetch(self, item)
+
+    monkeypatch.setattr(DicomWebSource, "fetch", fetch_then_die)
+    out = tmp_path / "out"
+    with pytest.raises(DicomWebError, match="unreachable"):
+        score(fresh_orthanc.dicomweb, out, workers=1, progress=False, batch_size=2, commit_every=2, stow="same")
+    monkeypatch.setattr(DicomWebSource, "fetch", fetch)
+    fresh_orthanc.start()
+    run = score(fresh_orthanc.dicomweb, out, workers=1, progress=False, batch_size=2, commit_every=2,
+                stow="same", resume=True)
+    assert 0 < run.resumed < run.discovered
+    paths = run.status.column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == len(fresh_orthanc.stored)
+    assert len(_srs(fresh_orthanc)) == run.scored  # every scored image has exactly one SR
+
+
+def test_cli_refusal_is_one_line_without_secrets(tmp_path_factory: pytest.TempPathFactory,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from radflash.cli import cli
+
+    server = start_or_skip(tmp_path_factory.mktemp("orthanc-cli"), auth=True)
+    try:
+        monkeypatch.setenv("PACS_TOKEN", "not-the-token-xyz")
+        result = CliRunner().invoke(cli, ["score", server.dicomweb + "/studies?ModalitiesInStudy=CR",
+                                           "-o", str(tmp_path_factory.mktemp("cli") / "o"), "--token-env",
+                                           "PACS_TOKEN", "--quiet"])
+        assert result.exit_code == 1, result.output
+        assert "401" in result.output and "Traceback" not in result.output
+        assert "not-the-token-xyz" not in result.output
+    finally:
+        server.stop()
+
+
+def test_instance_that_cannot_be_retrieved_is_failed_and_the_run_goes_on(orthanc, monkeypatch) -> None:
+    from radflash.io.dicomweb import DicomWebItem, InstanceRef
+
+    listing = DicomWebSource.listing
+
+    def with_a_ghost(self):
+        items = list(listing(self))
+        ref = InstanceRef(items[0].ref.study, items[0].ref.series, "1.2.3.4.5.6.7.8.9")  # listed, then deleted
+        yield DicomWebItem(self.url_of(ref), data=b"", ref=ref)
+        yield from items
+
+    monkeypatch.setattr(DicomWebSource, "listing", with_a_ghost)
+    run = score(orthanc.dicomweb, None, workers=1, progress=False)
+    failed = [r for r in run.status.to_pylist() if r["status"] == "failed"]
+    assert [r["path"].rsplit("/", 1)[-1] for r in failed] == ["1.2.3.4.5.6.7.8.9"]
+    assert failed[0]["reason"].startswith("retrieve failed: 404")
+    assert run.scored == 16
+
+
+def test_bearer_token_is_sent_and_not_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    import requests
+
+    monkeypatch.setenv("PACS_TOKEN", "tok-123")
+    session = requests.Session()
+    Auth(token_env="PACS_TOKEN").apply(session)
+    prepared = session.prepare_request(requests.Request("GET", "http://127.0.0.1:1/dicom-web/studies"))
+    assert prepared.headers["Authorization"] == "Bearer tok-123"
+    assert "tok-123" not in repr(Auth(token_env="PACS_TOKEN").describe())
+    monkeypatch.delenv("PACS_TOKEN")
+    with pytest.raises(InputError, match="PACS_TOKEN"):
+        Auth(token_env="PACS_TOKEN").apply(requests.Session())

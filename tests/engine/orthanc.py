@@ -1,0 +1,156 @@
+"""A real Orthanc PACS (with its DICOMweb plugin) on a free loopback port, for the DICOMweb tests.
+
+Tests talk to the real server rather than a mock because what matters (QIDO paging, WADO-RS
+multipart framing and transfer syntaxes, STOW-RS responses, HTTP auth) is exactly what a mock
+would get subtly wrong. The Debian packages ``orthanc`` and ``orthanc-dicomweb`` provide it
+(``.ci/run`` installs them); without them the tests skip, naming what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from base64 import b64encode
+from pathlib import Path
+
+import pytest
+
+PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc")
+USER, PASSWORD = "radflash", "s3cret-token-value"
+
+
+def orthanc_binary() -> str | None:
+    return shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc",) if os.path.exists(p)), None)
+
+
+def dicomweb_plugin() -> str | None:
+    for folder in PLUGIN_DIRS:
+        for name in sorted(Path(folder).glob("libOrthancDicomWeb.so*")) if os.path.isdir(folder) else []:
+            return str(name)
+    return None
+
+
+def skip_reason() -> str | None:
+    """Why the Orthanc tests cannot run here, or None."""
+    if orthanc_binary() is None:
+        return "Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)"
+    if dicomweb_plugin() is None:
+        return "Orthanc's DICOMweb plugin is not installed (apt-get install orthanc-dicomweb)"
+    try:
+        import dicomweb_client  # noqa: F401
+    except ImportError:
+        return "dicomweb-client is not installed (pip install 'radflash[dicomweb]')"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Orthanc:
+    """One Orthanc process over a storage folder that survives :meth:`stop`/:meth:`start`."""
+
+    def __init__(self, root: Path, *, auth: bool = False) -> None:
+        self.root = root
+        self.auth = auth
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        self.proc: subprocess.Popen | None = None
+        root.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "radflash-test",
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "StorageDirectory": str(root / "storage"),
+            "IndexDirectory": str(root / "index"),
+            "Plugins": [dicomweb_plugin()],
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": auth,
+            "RegisteredUsers": {USER: PASSWORD} if auth else {},
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "StudiesMetadata": "Full",
+                         "SeriesMetadata": "Full"},
+            "HttpDescribeErrors": True,
+            "StableAge": 1,
+        }
+        self.config_path = root / "orthanc.json"
+        self.config_path.write_text(json.dumps(config, indent=1))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb(self) -> str:
+        """The DICOMweb root as radflash spells it (``dicomweb+http://…/dicom-web``)."""
+        return f"dicomweb+{self.url}/dicom-web"
+
+    def _headers(self) -> dict[str, str]:
+        if not self.auth:
+            return {}
+        return {"Authorization": "Basic " + b64encode(f"{USER}:{PASSWORD}".encode()).decode()}
+
+    def start(self, timeout: float = 60.0) -> Orthanc:
+        with open(self.root / "orthanc.log", "ab") as log:
+            self.proc = subprocess.Popen([orthanc_binary(), str(self.config_path)], stdout=log, stderr=log,
+                                         cwd=self.root)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited with {self.proc.returncode}: "
+                                   f"{(self.root / 'orthanc.log').read_text()[-2000:]}")
+            try:
+                self.request("GET", "/system")
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.2)
+        raise RuntimeError("Orthanc did not answer /system in time")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def request(self, method: str, path: str, data: bytes | None = None,
+                content_type: str = "application/dicom") -> object:
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=self._headers())
+        if data is not None:
+            req.add_header("Content-Type", content_type)
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            body = resp.read()
+        return json.loads(body) if body[:1] in (b"{", b"[") else body
+
+    def upload(self, files: list[Path]) -> list[Path]:
+        """POST each file to /instances; returns those Orthanc accepted (it refuses non-DICOM)."""
+        stored = []
+        for path in files:
+            try:
+                self.request("POST", "/instances", path.read_bytes())
+                stored.append(path)
+            except urllib.error.HTTPError:
+                pass
+        return stored
+
+    def reset(self) -> None:
+        """Delete every patient (and so every study, series and instance)."""
+        for patient in self.request("GET", "/patients"):  # type: ignore[union-attr]
+            self.request("DELETE", f"/patients/{patient}")
+
+
+def start_or_skip(root: Path, *, auth: bool = False) -> Orthanc:
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    return Orthanc(root, auth=auth).start()
