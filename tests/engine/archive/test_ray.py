@@ -51,16 +51,6 @@ def ray_address() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from radflash.checkpoints.factory import random_checkpoint
-    from radflash.checkpoints.format import save_checkpoint
-
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    save_checkpoint(random_checkpoint("tiny", seed=0, model_id="test-tiny"), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def reference(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     """The local pipeline's run of the demo archive: what every Ray run must reproduce."""
     out = tmp_path_factory.mktemp("local") / "out"

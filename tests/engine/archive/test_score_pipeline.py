@@ -46,16 +46,6 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from radflash.checkpoints.factory import random_checkpoint
-    from radflash.checkpoints.format import save_checkpoint
-
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    save_checkpoint(random_checkpoint("tiny", seed=0, model_id="test-tiny"), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def reference(archive, tiny_model, tmp_path_factory):
     """One uninterrupted run with worker processes, written to disk: the baseline for the others."""
     from radflash.archive.verb import score

@@ -18,8 +18,7 @@ from radflash.checkpoints.converters.radzero import convert_radzero
 from radflash.checkpoints.factory import random_checkpoint
 from radflash.checkpoints.format import load_checkpoint, save_checkpoint
 from radflash.errors import CheckpointError, InputError
-from radflash.models import RadZero
-from radflash.models.config import ModelConfig, preset
+from radflash.models.config import preset
 from tests.engine.hf_reference import ReleasedRadZero, Sizes
 
 PROMPTS = ["There is pleural effusion", "There is pneumothorax of the right lung"]
@@ -92,20 +91,6 @@ def test_unknown_config_field(tiny_folder: Path) -> None:
     (tiny_folder / "config.json").write_text(json.dumps(meta))
     msg = _error(load_checkpoint, tiny_folder)
     assert msg.startswith(f"{tiny_folder / 'config.json'}: model.vision.registers: unknown key (known: ")
-
-
-@pytest.fixture
-def model_builds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The default device of every RadZero construction: "meta" costs nothing, anything else allocates."""
-    devices: list[str] = []
-    build = RadZero.__init__
-
-    def spy(self: RadZero, cfg: ModelConfig) -> None:
-        devices.append(torch.get_default_device().type)
-        build(self, cfg)
-
-    monkeypatch.setattr(RadZero, "__init__", spy)
-    return devices
 
 
 def _edit_meta(path: Path, edit: Callable[[dict], None]) -> None:
