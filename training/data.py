@@ -273,6 +273,8 @@ class MimicStyleDataset(torch.utils.data.Dataset):
         self.items = [(p, s) for p, s in items if s]  # an image without sentences has no positive
 
     def _read_sentences(self, path: Path) -> list[tuple[Path, tuple[str, ...]]]:
+        if path.suffix.lower() == ".parquet":
+            return self._read_sentence_table(path)
         if not path.is_file():
             raise InputError(f"{path}: sentences JSON not found")
         try:
@@ -286,6 +288,26 @@ class MimicStyleDataset(torch.utils.data.Dataset):
             if not isinstance(sents, list) or not all(isinstance(s, str) for s in sents):
                 raise InputError(f"{path}: entry {name!r} must be a list of strings")
             out.append((self.root / name, tuple(s.strip() for s in sents if s.strip())))
+        return out
+
+    def _read_sentence_table(self, path: Path) -> list[tuple[Path, tuple[str, ...]]]:
+        """The Parquet table ``radflash sentences`` writes: an image column and a ``sentences`` list
+        per row, read as it is (no second extraction); ``dicom_id`` rows are found under the root."""
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: cannot read the sentence table ({exc})") from None
+        img_col = _pick_column(table.column_names, None, self.IMAGE_COLUMNS, path, "image")
+        if "sentences" not in table.column_names:
+            raise InputError(f"{path}: no 'sentences' column (write it with `radflash sentences`)")
+        index = self._dicom_index() if img_col == "dicom_id" else {}
+        out = []
+        for ref, sents in zip(table.column(img_col).to_pylist(), table.column("sentences").to_pylist()):
+            ref = str(ref or "").strip()
+            file = index.get(ref, self.root / f"{ref}.jpg") if img_col == "dicom_id" else self.root / ref
+            out.append((file, tuple(s.strip() for s in sents or () if isinstance(s, str) and s.strip())))
         return out
 
     def _read_reports(self, path: Path, image_column: str | None,

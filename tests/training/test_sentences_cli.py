@@ -65,6 +65,9 @@ def test_training_reads_the_json(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     ds = MimicStyleDataset(tmp_path, sentences=tmp_path / "s.sentences.json")
     assert len(ds) == 2 and ds[0].sentences[0] == "There is pleural effusion of the right lung"
+    # The Parquet table itself is accepted too (``data.sentences: s.parquet``), with the same items.
+    table = MimicStyleDataset(tmp_path, sentences=tmp_path / "s.parquet")
+    assert table.items == ds.items
 
 
 def test_column_option_and_missing_column(tmp_path: Path) -> None:
