@@ -194,6 +194,7 @@ def markdown(rep: Report, title: str) -> str:
     return "\n".join(lines)
 
 
+# In a source checkout (the dev set is test data and is not installed with the package).
 DEVSET_DIR = Path(__file__).resolve().parent.parent / "tests" / "training" / "data"
 
 
@@ -203,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     verbose = "-v" in args
     paths = [Path(a) for a in args if a != "-v"] or [DEVSET_DIR / "sentences_tune.txt",
                                                      DEVSET_DIR / "sentences_heldout.txt"]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        sys.stderr.write(f"dev set not found: {', '.join(missing)} (run from a source checkout or give the files)\n")
+        return 2
     for path in paths:
         rep = score(load_devset(path))
         sys.stdout.write(markdown(rep, path.name) + "\n\n")

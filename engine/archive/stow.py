@@ -8,6 +8,10 @@ That order is what makes re-runs safe: an SR's SOPInstanceUID is derived from th
 SOPInstanceUID and the model hash (:func:`sr_uids`), so a batch whose STOW went through but whose
 part was never committed (a crash, a server gone mid-run) stores the *same* objects again on
 ``--resume``, and instances the server already holds are not sent at all.
+
+``segment --store`` uses the same pieces for its DICOM SEGs: :class:`Stower` (ask the server,
+then STOW-RS only what it lacks), :func:`seg_uids` (UIDs from the source SOPInstanceUID, the model
+hash and :func:`prompt_set_key`) and :func:`instance_header` (a DICOMweb source image's header).
 """
 
 from __future__ import annotations
@@ -33,6 +37,26 @@ def sr_uids(source_sop: str, source_study: str, model_sha256: str) -> tuple[str,
 
     series = generate_uid(entropy_srcs=["radflash-sr-series", source_study, model_sha256])
     sop = generate_uid(entropy_srcs=["radflash-sr", source_sop, model_sha256])
+    return series, sop
+
+
+def prompt_set_key(prompts: Sequence[tuple[str, str, float]]) -> str:
+    """A digest of a segment run's prompts (name, text, threshold): what, with the model, decides a
+    SEG's masks, so a SEG's UIDs change whenever its content could."""
+    import hashlib
+    import json
+
+    text = json.dumps([[n, p, float(t)] for n, p, t in prompts], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def seg_uids(source_sop: str, source_study: str, model_sha256: str, prompts_key: str) -> tuple[str, str]:
+    """(series UID, SOP UID) of the DICOM SEG for one source image, model and prompt set
+    (:func:`prompt_set_key`): like :func:`sr_uids`, the same inputs give the same UIDs every run."""
+    from pydicom.uid import generate_uid
+
+    series = generate_uid(entropy_srcs=["radflash-seg-series", source_study, model_sha256, prompts_key])
+    sop = generate_uid(entropy_srcs=["radflash-seg", source_sop, model_sha256, prompts_key])
     return series, sop
 
 
@@ -96,6 +120,38 @@ def _with_type2(source: Any) -> Any:
     return copy
 
 
+class Stower:
+    """STOW-RS to one DICOMweb server, sending only instances it does not hold yet.
+
+    Shared by ``score --store`` (SRs, :class:`StowSink`) and ``segment --store`` (SEGs): an
+    instance's UIDs are deterministic, so asking the server first (QIDO-RS on the SOPInstanceUID)
+    is what makes a re-run store nothing twice.
+    """
+
+    def __init__(self, url: str, *, auth: Auth | None = None, policy: Policy | None = None) -> None:
+        from radflash.io.dicomweb import parse_target
+
+        self.target = parse_target(url)
+        self.policy = policy or Policy()
+        self.client = client(self.target.base, auth=auth, policy=self.policy)
+        self.stored = 0
+        self.already = 0
+
+    def exists(self, study: str, sop: str) -> bool:
+        rows = call_with_retries(f"{self.target.base}/studies/{study}/instances",
+                                 lambda: self.client.search_for_instances(
+                                     study_instance_uid=study, search_filters={"SOPInstanceUID": sop}), self.policy)
+        return any(r.get(STUDY) for r in rows)
+
+    def store(self, datasets: Sequence[Any]) -> None:
+        """STOW-RS ``datasets`` (already checked with :meth:`exists`) in one request."""
+        if not datasets:
+            return
+        call_with_retries(f"{self.target.base}/studies (STOW-RS)", lambda: self.client.store_instances(datasets),
+                          self.policy)
+        self.stored += len(datasets)
+
+
 class StowSink:
     """A :class:`radflash.archive.sinks.Sink` that STOWs an SR per scored record, then commits inward.
 
@@ -106,24 +162,22 @@ class StowSink:
     def __init__(self, inner: Sink, url: str, *, prompts: PromptSet, model_id: str, model_sha256: str,
                  version: str, header_of: Callable[[FileRecord], Any], auth: Auth | None = None,
                  policy: Policy | None = None) -> None:
-        from radflash.io.dicomweb import parse_target
         from radflash.util.optional import require
 
         require("highdicom", extra="dicomweb", purpose="--store (DICOM Structured Reports)")
         self.inner = inner
-        self.target = parse_target(url)
+        self.stower = Stower(url, auth=auth, policy=policy)
+        self.target, self.policy, self.client = self.stower.target, self.stower.policy, self.stower.client
         self.prompts, self.model_id, self.model_sha256, self.version = prompts, model_id, model_sha256, version
         self.header_of = header_of
-        self.policy = policy or Policy()
-        self.client = client(self.target.base, auth=auth, policy=self.policy)
-        self.stored = 0
-        self.already = 0
 
-    def _exists(self, study: str, sop: str) -> bool:
-        rows = call_with_retries(f"{self.target.base}/studies/{study}/instances",
-                                 lambda: self.client.search_for_instances(
-                                     study_instance_uid=study, search_filters={"SOPInstanceUID": sop}), self.policy)
-        return any(r.get(STUDY) for r in rows)
+    @property
+    def stored(self) -> int:
+        return self.stower.stored
+
+    @property
+    def already(self) -> int:
+        return self.stower.already
 
     def commit(self, records: Sequence[FileRecord]) -> object:
         reports = []
@@ -131,20 +185,27 @@ class StowSink:
             if r.status != "scored" or not r.sop_instance_uid or not r.study_instance_uid:
                 continue
             _, sop = sr_uids(r.sop_instance_uid, r.study_instance_uid, self.model_sha256)
-            if self._exists(r.study_instance_uid, sop):
-                self.already += 1
+            if self.stower.exists(r.study_instance_uid, sop):
+                self.stower.already += 1
                 continue
             reports.append(build_sr(self.header_of(r), r, self.prompts, model_id=self.model_id,
                                     model_sha256=self.model_sha256, version=self.version))
-        if reports:
-            call_with_retries(f"{self.target.base}/studies (STOW-RS)", lambda: self.client.store_instances(reports),
-                              self.policy)
-            self.stored += len(reports)
+        self.stower.store(reports)
         return self.inner.commit(records)
 
     def finalize(self, fmt: Format) -> Finalized:
         log.info("stored %d structured reports (%d already on the server)", self.stored, self.already)
         return self.inner.finalize(fmt)
+
+
+def instance_header(source: Any, what: str, study: str, series: str, sop: str) -> Any:
+    """One instance's header (no pixels) from a :class:`radflash.io.dicomweb.DicomWebSource`'s
+    server, with WADO-RS metadata; ``what`` names it in errors (a URL without credentials)."""
+    import pydicom
+
+    meta = call_with_retries(what, lambda: source.client.retrieve_instance_metadata(study, series, sop), source.policy)
+    # bulk data (pixels) is only linked in metadata, and neither an SR nor a SEG needs it
+    return pydicom.Dataset.from_json({k: v for k, v in meta.items() if "BulkDataURI" not in v})
 
 
 def header_reader(source: Any) -> Callable[[FileRecord], Any]:
@@ -157,10 +218,7 @@ def header_reader(source: Any) -> Callable[[FileRecord], Any]:
 
     if isinstance(source, DicomWebSource):
         def from_pacs(r: FileRecord) -> Any:
-            meta = call_with_retries(r.path, lambda: source.client.retrieve_instance_metadata(
-                r.study_instance_uid, r.series_instance_uid, r.sop_instance_uid), source.policy)
-            # bulk data (pixels) is only linked in metadata, and the SR needs none of it
-            return pydicom.Dataset.from_json({k: v for k, v in meta.items() if "BulkDataURI" not in v})
+            return instance_header(source, r.path, r.study_instance_uid, r.series_instance_uid, r.sop_instance_uid)
         return from_pacs
 
     def from_file(r: FileRecord) -> Any:

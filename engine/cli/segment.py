@@ -28,7 +28,7 @@ def _formats(ctx: click.Context, param: click.Parameter, value: tuple[str, ...])
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())  # str: Path() folds a dicomweb+http:// '//'
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (one sub-folder per image, plus report.json).")
 @click.option("--prompt", "prompt_texts", multiple=True, metavar="TEXT",
@@ -41,10 +41,18 @@ def _formats(ctx: click.Context, param: click.Parameter, value: tuple[str, ...])
 @click.option("--format", "formats", multiple=True, callback=_formats, metavar="LIST",
               help="Outputs: png, npz, dicom-seg, nifti (comma list or repeated; default png,npz).")
 @click.option("--preview", is_flag=True, help="Also write overlay PNGs at the source size.")
+@click.option("--store", is_flag=False, flag_value="same", default=None, metavar="[URL]",
+              help="Store each DICOM SEG (implies --format dicom-seg) with STOW-RS: on the DICOMweb server "
+                   "segmented from, or on dicomweb+http(s)://URL. SEGs the server holds are not sent again.")
+@click.option("--token-env", metavar="VAR", default=None,
+              help="DICOMweb: environment variable holding a bearer token (default: ~/.netrc).")
+@click.option("--basic-auth-env", metavar="VAR", default=None,
+              help="DICOMweb: environment variable holding user:password for basic auth.")
 @inference_options(batch_size=8)
 @ray_options
-def segment(inputs: tuple[Path, ...], outdir: Path, prompt_texts: tuple[str, ...], prompt_file: Path | None,
-            threshold: float | None, formats: tuple[str, ...], preview: bool, model_path: str | None,
+def segment(inputs: tuple[str, ...], outdir: Path, prompt_texts: tuple[str, ...], prompt_file: Path | None,
+            threshold: float | None, formats: tuple[str, ...], preview: bool, store: str | None,
+            token_env: str | None, basic_auth_env: str | None, model_path: str | None,
             device: str, backend: str, batch_size: int, workers: int | None, max_pixels: int | None,
             quiet: bool, ray_address: str | None = None, ray_actors: int | None = None,
             ray_threads: int | None = None) -> None:
@@ -53,12 +61,16 @@ def segment(inputs: tuple[Path, ...], outdir: Path, prompt_texts: tuple[str, ...
     For each image and prompt, at the image's original size: a float16 probability map (npz), a
     binary mask (png / dicom-seg / nifti) and grounding (peak point, box of the largest region,
     peak probability) in one JSON per image.
+
+    An input may instead be a DICOMweb study query on a PACS, e.g.
+    'dicomweb+http://host:8042/dicom-web/studies?ModalitiesInStudy=CR' (segmented on its own).
     """
     if not prompt_texts and prompt_file is None:
         raise click.UsageError("give at least one --prompt TEXT or a --prompts FILE")
     ray = ray_run_options(ray_address, ray_actors, ray_threads)
     try:
         from radflash.findings import load_prompt_file
+        from radflash.io.dicomweb import Auth, is_dicomweb
         from radflash.segment.summary import summary_table
         from radflash.segment.verb import segment as run_segment
 
@@ -68,10 +80,12 @@ def segment(inputs: tuple[Path, ...], outdir: Path, prompt_texts: tuple[str, ...
             if not text:
                 raise click.BadParameter("empty prompt", param_hint="--prompt")
             prompts.setdefault(text, {"prompt": text, "threshold": None})
-        run = run_segment(list(inputs), outdir, prompts=prompts, thresholds=threshold, model=model_path,
+        auth = Auth(token_env=token_env, basic_env=basic_auth_env) if token_env or basic_auth_env else None
+        sources = [i if is_dicomweb(i) else Path(i) for i in inputs]
+        run = run_segment(sources, outdir, prompts=prompts, thresholds=threshold, model=model_path,
                           device=device, backend=backend, batch_size=batch_size, formats=formats,
                           preview=preview, workers=workers, progress=not quiet, max_pixels=max_pixels,
-                          ray=ray)
+                          ray=ray, auth=auth, store=store)
     except RadflashError as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from None
     if not quiet:

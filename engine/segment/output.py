@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -62,9 +62,13 @@ class OutputWriter:
     """Writes one image's outputs under OUTDIR/<name>/ (every path checked to stay inside OUTDIR)."""
 
     def __init__(self, out: Path, rf: RadFlashModel, specs: tuple[PromptSpec, ...], formats: tuple[str, ...],
-                 preview: bool) -> None:
+                 preview: bool, *, header_of: Callable[[DecodedItem], Any] | None = None) -> None:
+        from radflash.archive.stow import prompt_set_key
+
         self.out, self.rf, self.specs, self.formats, self.preview = out, rf, specs, formats, preview
-        self._series: dict[str, tuple[str, int]] = {}  # study UID → (SEG series UID, instances so far)
+        self.header_of = header_of  # a source DICOM header when the source is no file (DICOMweb)
+        self.prompts_key = prompt_set_key([(s.name, s.prompt, s.threshold) for s in specs])
+        self._instances: dict[str, int] = {}  # study UID → SEG instances so far (the instance number)
 
     def path(self, name: str, filename: str) -> Path:
         return inside(self.out, name, filename)
@@ -117,18 +121,24 @@ class OutputWriter:
         result.files[key or kind] = self.rel(path)
 
     def _seg(self, item: DecodedItem, name: str, masks: np.ndarray) -> Path:
+        from radflash.archive.stow import seg_uids
         from radflash.segment.writers import SegmentInfo, SegSeries, write_dicom_seg
         from radflash.util.optional import require
 
-        study = item.meta.study_instance_uid or ""
-        hd = require("highdicom", extra="seg", purpose="DICOM SEG output")
-        series_uid, n = self._series.get(study, (str(hd.UID()), 0))
-        self._series[study] = (series_uid, n + 1)
+        study, sop = item.meta.study_instance_uid, item.meta.sop_instance_uid
+        require("highdicom", extra="seg", purpose="DICOM SEG output")
+        n = self._instances.get(study or "", 0) + 1
+        self._instances[study or ""] = n
+        # UIDs from the source image, the model and the prompt set: a re-run makes the same SEG
+        # (same UIDs), which is what lets `--store` skip what a PACS already holds
+        series_uid, sop_uid = seg_uids(sop or "", study or "", self.rf.sha256 or "", self.prompts_key)
+        header = self.header_of(item) if self.header_of is not None else None
         path = write_dicom_seg(
             self.path(name, "seg.dcm"), item.meta, masks,
             [SegmentInfo(s.name, s.prompt, s.threshold) for s in self.specs],
             model_id=self.rf.model_id, model_sha256=self.rf.sha256 or "",
-            series=SegSeries(series_uid, instance_number=n + 1),
+            series=SegSeries(series_uid, instance_number=n, sop_instance_uid=sop_uid if sop else None),
+            header=header,
         )
         return path
 

@@ -55,6 +55,8 @@ if TYPE_CHECKING:
     from radflash.api import RadFlashModel
     from radflash.archive.decode_pool import Decoded
     from radflash.archive.ray_executor import RayOptions
+    from radflash.archive.stow import Stower
+    from radflash.io.dicomweb import Auth, DicomWebSource
     from radflash.io.selection import SelectionRules
     from radflash.io.source import SourceItem
 
@@ -85,6 +87,8 @@ def segment(
     progress: bool = True,
     max_pixels: int | None = None,
     ray: RayOptions | None = None,
+    auth: Auth | None = None,
+    store: str | None = None,
 ) -> SegmentRun:
     """Probability maps, masks and grounding for every image × prompt, at each image's own size.
 
@@ -109,10 +113,23 @@ def segment(
         max_pixels: the pixel budget shared with ``score`` (files above it fail from their header).
         ray: decode files as Ray tasks and encode them in a Ray actor pool on ``device``
             (:func:`radflash.archive.ray_executor.encode_on_ray`); maps, masks and writers stay here.
+        auth: credentials for DICOMweb inputs and ``store`` (:class:`radflash.io.dicomweb.Auth`).
+        store: STOW-RS each DICOM SEG written (``dicom-seg`` is added to ``formats``) to
+            ``dicomweb+http(s)://…``, or ``"same"``: the DICOMweb server the inputs come from. A
+            SEG's UIDs derive from its source image, the model and the prompt set, and SEGs the
+            server already holds are not sent, so a re-run stores nothing twice.
+
+    An input may be one DICOMweb study query (``dicomweb+http(s)://host/dicom-web/studies?…``,
+    :class:`radflash.io.dicomweb.DicomWebSource`) instead of files: its instances are retrieved
+    one at a time with WADO-RS and segmented exactly as the same files would be.
     """
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc)
+    if store is not None and "dicom-seg" not in check_formats(formats):
+        formats = (*check_formats(formats), "dicom-seg")  # --store sends the SEGs: make them
     formats = check_formats(formats)
+    web, inputs = _dicomweb_input(inputs, auth)
+    stower = _stower(store, web, auth, outdir)
     if max_pixels is not None:
         from dataclasses import replace
 
@@ -149,10 +166,16 @@ def segment(
         out.mkdir(parents=True, exist_ok=True)
         out = out.resolve()
 
-    arrays, paths = _split_inputs(inputs)
+    arrays, paths = _split_inputs(inputs) if web is None else ([], [])
     failures: list[InputFailure] = []
     files: list[SourceItem] = []
-    if paths:
+    if web is not None:  # listed now, retrieved lazily as the decoders ask (never all in memory)
+        files = web.retrieve(list(web.listing()))  # type: ignore[assignment]
+        if rules is None:
+            from radflash.io.selection import SelectionRules
+
+            rules = SelectionRules()
+    elif paths:
         from radflash.io.source import FileSource
 
         # unread entries (hidden files, FIFOs, link loops) hold no image to segment: left out
@@ -163,9 +186,11 @@ def segment(
             rules = SelectionRules()
     total = len(arrays) + len(files)
     if total == 0:
-        raise InputError("no input images found" + (f" under {', '.join(map(str, paths))}" if paths else ""))
+        where = web.target.display if web is not None else ", ".join(map(str, paths))
+        raise InputError("no input images found" + (f" under {where}" if where else ""))
 
-    writer = OutputWriter(out, rf, specs, formats, preview) if out is not None else None
+    header_of = _header_reader(web) if web is not None else None
+    writer = OutputWriter(out, rf, specs, formats, preview, header_of=header_of) if out is not None else None
     names = NameAllocator(fallback="image")
     images: list[ImageResult] = []
     if workers is None:  # a single file has nothing to overlap its decode with: no spawn cost
@@ -189,11 +214,19 @@ def segment(
                 failures.append(InputFailure(item.source, "failed", f"{exc}".splitlines()[0]))
             else:
                 images.append(result)
+                if stower is not None and "dicom-seg" in result.files:
+                    _store_seg(stower, out, result)  # type: ignore[arg-type]
                 failed = [n for n in result.notes if ": failed" in n]
                 if failed:  # the image's other outputs (and its JSON) were written
                     failures.append(InputFailure(item.source, "partial", "; ".join(failed)))
             if bar is not None:
                 bar.update(1)
+        for key, reason in web.failures if web is not None else ():  # listed, but could not be retrieved
+            failures.append(InputFailure(key, "failed", reason))
+            if bar is not None:
+                bar.update(1)
+        if stower is not None:
+            log.info("stored %d DICOM SEG objects (%d already on the server)", stower.stored, stower.already)
     finally:
         encoded.close()  # stops decode workers promptly if the run ended early
         if bar is not None:
@@ -202,6 +235,9 @@ def segment(
         run = SegmentRun(outdir=out, model_id=rf.model_id, prompts=specs, formats=formats, images=images,
                          failures=failures, elapsed_s=elapsed)
         report = build_report(run, rf, started=started, complete=sys.exc_info()[0] is None, preview=preview)
+        if stower is not None:
+            report["store"] = {"url": "dicomweb+" + stower.target.base, "stored": stower.stored,
+                               "already_on_server": stower.already}
         run.report = report
         if out is not None:
             from radflash.segment.writers import atomic_write
@@ -214,6 +250,66 @@ def segment(
 
 
 # ---- inputs ------------------------------------------------------------------------------------
+def _dicomweb_input(inputs: Any, auth: Auth | None) -> tuple[DicomWebSource | None, Any]:
+    """(the DICOMweb source, None) when ``inputs`` is one ``dicomweb+http(s)://`` query; else (None, inputs)."""
+    from radflash.io.dicomweb import DicomWebSource, is_dicomweb
+
+    if is_dicomweb(inputs):
+        inputs = [inputs]
+    elif not isinstance(inputs, (list, tuple)) or not any(is_dicomweb(i) for i in inputs):
+        return None, inputs
+    if len(inputs) > 1:
+        raise InputError("a DICOMweb query is segmented on its own: give one dicomweb+http(s):// URL")
+    return DicomWebSource(str(inputs[0]), auth=auth), None
+
+
+def _stower(store: str | None, web: DicomWebSource | None, auth: Auth | None, outdir: Any) -> Stower | None:
+    """Where ``store`` sends the SEGs (checked before the model loads), or None without ``store``."""
+    if store is None:
+        return None
+    if outdir is None:
+        raise InputError("--store sends the DICOM SEG files a run writes: give an output folder")
+    if store == "same":
+        if web is None:
+            raise InputError("--store without a URL writes back to the DICOMweb server segmented from; "
+                             "give --store dicomweb+http(s)://… for file inputs")
+        store = "dicomweb+" + web.target.base
+    from radflash.archive.stow import Stower
+
+    return Stower(store, auth=auth)
+
+
+def _header_reader(web: DicomWebSource) -> Any:
+    """A DICOMweb item's source header for its SEG (WADO-RS metadata): no file is kept to re-read."""
+    from radflash.archive.stow import instance_header
+
+    def header_of(item: DecodedItem) -> Any:
+        meta = item.meta
+        assert meta is not None
+        return instance_header(web, item.source, meta.study_instance_uid or "", meta.series_instance_uid or "",
+                               meta.sop_instance_uid or "")
+    return header_of
+
+
+def _store_seg(stower: Stower, out: Path, result: ImageResult) -> None:
+    """STOW-RS one image's SEG unless the server holds it; a refusal is noted, a server gone ends the run."""
+    import pydicom
+
+    from radflash.io.dicomweb import DicomWebError, ServerUnavailable
+
+    seg = pydicom.dcmread(inside(out, *result.files["dicom-seg"].split("/")))
+    try:
+        if stower.exists(seg.StudyInstanceUID, seg.SOPInstanceUID):
+            stower.already += 1
+            return
+        stower.store([seg])
+    except ServerUnavailable:
+        raise
+    except DicomWebError as exc:
+        result.notes.append(f"store: failed ({str(exc).splitlines()[0]})")
+        log.warning("%s: storing its DICOM SEG failed: %s", result.source, exc)
+
+
 def _split_inputs(inputs: Any) -> tuple[list[np.ndarray], list[Path]]:
     import torch
 

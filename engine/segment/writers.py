@@ -15,7 +15,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -143,6 +143,7 @@ class SegSeries:
     series_instance_uid: str
     series_number: int = 9901
     instance_number: int = 1
+    sop_instance_uid: str | None = None  # None: a fresh UID (segment derives it: radflash.archive.stow.seg_uids)
 
 
 def write_dicom_seg(
@@ -154,6 +155,7 @@ def write_dicom_seg(
     model_id: str,
     model_sha256: str = "",
     series: SegSeries | None = None,
+    header: Any = None,
 ) -> Path:
     """A binary DICOM Segmentation (one segment per prompt) referencing the source instance.
 
@@ -161,6 +163,8 @@ def write_dicom_seg(
     (without pixels, as leniently as the loader read it); rows and columns must match the masks. The
     algorithm identification names radflash and the model id, and each segment carries its
     prompt and threshold as algorithm parameters, so the SEG is interpretable without our JSON.
+    ``header`` (a pydicom Dataset without pixels) is used instead of re-reading the source: an
+    instance from a DICOMweb server has no file to re-read.
     """
     import pydicom
     from pydicom.sr.codedict import codes
@@ -179,7 +183,7 @@ def write_dicom_seg(
     meta = source if isinstance(source, ImageMeta) else ImageMeta(path=str(source), kind="dicom")
     source = meta.path
     try:
-        ds = meta.source_dataset()
+        ds = header if header is not None else meta.source_dataset()
     except (OSError, InputError, pydicom.errors.InvalidDicomError) as exc:
         raise WriteError(f"{source}: cannot re-read the DICOM header for SEG ({exc})") from None
     if "Rows" not in ds or "Columns" not in ds or "SOPInstanceUID" not in ds:
@@ -228,7 +232,7 @@ def write_dicom_seg(
             segment_descriptions=segment_descriptions,
             series_instance_uid=series.series_instance_uid,
             series_number=series.series_number,
-            sop_instance_uid=hd.UID(),
+            sop_instance_uid=series.sop_instance_uid or hd.UID(),
             instance_number=series.instance_number,
             manufacturer="radflash",
             manufacturer_model_name=_lo(model_id),

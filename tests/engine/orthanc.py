@@ -21,6 +21,13 @@ from pathlib import Path
 
 import pytest
 
+
+def _archive_files() -> list[Path]:
+    from radflash.archive.verb import DEMO_ARCHIVE
+
+    return sorted(p for p in DEMO_ARCHIVE.rglob("*") if p.is_file())
+
+
 PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc")
 USER, PASSWORD = "radflash", "s3cret-token-value"
 
@@ -154,3 +161,6 @@ def start_or_skip(root: Path, *, auth: bool = False) -> Orthanc:
     if reason is not None:
         pytest.skip(reason)
     return Orthanc(root, auth=auth).start()
+
+
+ARCHIVE_FILES = _archive_files()  # the demo archive: chest films in several encodings, CT/MR/knee/lateral...

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 
 import pytest
 
-from radflash.training.sentence_eval import CATEGORIES, CODES, DEVSET_DIR, TARGETS, load_devset, score
+from radflash.training.sentence_eval import CATEGORIES, CODES, TARGETS, load_devset, score
 from radflash.training.sentences import extract_mentions, extract_sentences
 
+DEVSET_DIR = Path(__file__).resolve().parent / "data"  # the set lives with the tests, not the package
 TUNE = load_devset(DEVSET_DIR / "sentences_tune.txt")
 HELDOUT = load_devset(DEVSET_DIR / "sentences_heldout.txt")
 

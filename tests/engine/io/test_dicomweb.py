@@ -10,21 +10,10 @@ import pytest
 from radflash.archive.verb import DEMO_ARCHIVE, score
 from radflash.errors import InputError
 from radflash.io.dicomweb import Auth, DicomWebError, DicomWebSource, parse_target
-from tests.engine.orthanc import PASSWORD, USER, start_or_skip
+from tests.engine.orthanc import ARCHIVE_FILES, PASSWORD, USER, start_or_skip
 
 pytest.importorskip("dicomweb_client", reason="dicomweb-client is not installed (pip install 'radflash[dicomweb]')")
 # tests that need the server skip in start_or_skip, naming the missing Debian package
-
-ARCHIVE_FILES = sorted(p for p in DEMO_ARCHIVE.rglob("*") if p.is_file())
-
-
-@pytest.fixture(scope="session")
-def orthanc(tmp_path_factory: pytest.TempPathFactory):
-    """Orthanc holding the demo archive (chest films in several encodings, CT/MR/knee/lateral...)."""
-    server = start_or_skip(tmp_path_factory.mktemp("orthanc"))
-    server.stored = server.upload(ARCHIVE_FILES)  # type: ignore[attr-defined]
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -109,15 +98,6 @@ def test_auth_wrong_and_right(tmp_path_factory: pytest.TempPathFactory, monkeypa
         assert pc.sum(pc.equal(run.status["status"], "failed")).as_py() in (0, None)
     finally:
         server.stop()
-
-
-@pytest.fixture()
-def fresh_orthanc(tmp_path: Path):
-    """A PACS of its own: storing SRs changes what a query lists, so the shared one stays clean."""
-    server = start_or_skip(tmp_path / "pacs")
-    server.stored = server.upload(ARCHIVE_FILES)  # type: ignore[attr-defined]
-    yield server
-    server.stop()
 
 
 def _srs(server) -> list[dict]:
