@@ -22,7 +22,7 @@ from typing import Any
 
 from radflash.archive.pipeline import PromptSet
 from radflash.archive.sinks import FileRecord, Finalized, Format, Sink
-from radflash.io.dicomweb import STUDY, Auth, Policy, call_with_retries, client
+from radflash.io.dicomweb import STUDY, Auth, DicomWebError, Policy, call_with_retries, client
 
 log = logging.getLogger("radflash.stow")
 
@@ -147,8 +147,14 @@ class Stower:
         """STOW-RS ``datasets`` (already checked with :meth:`exists`) in one request."""
         if not datasets:
             return
-        call_with_retries(f"{self.target.base}/studies (STOW-RS)", lambda: self.client.store_instances(datasets),
-                          self.policy)
+        what = f"{self.target.base}/studies (STOW-RS)"
+        reply = call_with_retries(what, lambda: self.client.store_instances(datasets), self.policy)
+        # A 202 Accepted stores only part of a request and lists the rest in FailedSOPSequence:
+        # that is a failure here too, or the caller would commit rows whose objects never arrived.
+        failed = [str(getattr(item, "ReferencedSOPInstanceUID", "?"))
+                  for item in getattr(reply, "FailedSOPSequence", None) or ()]
+        if failed:
+            raise DicomWebError(f"{what}: the server refused {len(failed)} of {len(datasets)} object(s)")
         self.stored += len(datasets)
 
 

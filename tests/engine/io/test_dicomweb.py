@@ -214,3 +214,68 @@ def test_bearer_token_is_sent_and_not_shown(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("PACS_TOKEN")
     with pytest.raises(InputError, match="PACS_TOKEN"):
         Auth(token_env="PACS_TOKEN").apply(requests.Session())
+
+
+@pytest.mark.parametrize(("failures", "status", "calls", "error"), [
+    (2, 503, 3, None),  # a PACS restarting: retried with backoff, then answers
+    (9, 503, 3, "HTTP 503"),  # still down after every retry: one line naming the status
+    (1, 404, 1, "404 Not Found"),  # a refusal is never retried
+])
+def test_5xx_is_retried_with_backoff_and_4xx_is_not(failures: int, status: int, calls: int, error: str | None) -> None:
+    """Against a real loopback HTTP server that fails ``failures`` times before answering 200."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import requests
+
+    from radflash.io.dicomweb import DicomWebError, Policy, call_with_retries
+
+    seen: list[str] = []
+
+    class Flaky(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            self.send_response(status if len(seen) <= failures else 200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web/studies"
+    try:
+        fetch = lambda: requests.get(url, timeout=5).raise_for_status()
+        policy = Policy(timeout=5, retries=2, backoff=0.01)
+        if error is None:
+            call_with_retries(url, fetch, policy)
+        else:
+            with pytest.raises(DicomWebError, match=error):
+                call_with_retries(url, fetch, policy)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(seen) == calls
+
+
+def test_partially_refused_stow_is_a_failure() -> None:
+    """A 202 whose FailedSOPSequence lists objects must not count as stored (its rows would be
+    committed while the objects never reached the PACS)."""
+    from pydicom.dataset import Dataset
+
+    from radflash.archive.stow import Stower
+    from radflash.io.dicomweb import DicomWebError
+
+    reply, refused = Dataset(), Dataset()
+    refused.ReferencedSOPInstanceUID = "1.2.3.4"
+    reply.FailedSOPSequence = [refused]
+    stower = Stower("dicomweb+http://127.0.0.1:9/dicom-web")
+    stower.client = type("Client", (), {"store_instances": lambda self, datasets: reply})()
+    with pytest.raises(DicomWebError, match="refused 1 of 2 object"):
+        stower.store([Dataset(), Dataset()])
+    assert stower.stored == 0
+    stower.client = type("Client", (), {"store_instances": lambda self, datasets: Dataset()})()
+    stower.store([Dataset(), Dataset()])
+    assert stower.stored == 2
