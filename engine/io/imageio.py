@@ -494,9 +494,13 @@ def _decode_dicom(p: Path, rules: SelectionRules) -> DecodedImage:
         raise SkippedImage(p, "no pixel data", dataclasses.replace(meta, has_pixel_data=False))
     if header.deflated:
         meta = meta_from_dataset(ds, True, path=p)
-        reason = check(meta, rules) or pixel_budget_reason(meta, rules.max_pixels)
-        if reason:  # the header was longer than the inflate cap: judged only now
-            raise SkippedImage(p, reason, meta) if not reason.startswith("image too large") else _failure(p, reason)
+        # the header was longer than the inflate cap: judged only now, in the same order as above
+        reason = check(meta, rules)
+        if reason:
+            raise SkippedImage(p, reason, meta)
+        budget = pixel_budget_reason(meta, rules.max_pixels)
+        if budget:
+            raise _failure(p, budget)
         native = _native_bytes_of(meta)
         if native is not None and len(ds.PixelData) < native:
             raise _failure(p, f"truncated: the pixel data holds {len(ds.PixelData)} bytes, "
