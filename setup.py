@@ -94,6 +94,7 @@ setup(
             "scikit-learn>=1.3",
             "psutil>=5.9",
             "ruff>=0.6",
+            "selenium>=4.10",  # report.html in headless Chromium (the browser itself: apt, see .ci/run)
             *RAY,
         ],
     },

@@ -52,13 +52,15 @@ class RadFlashModel:
         self.calibration = dict(ckpt.calibration)
         self.notice = ckpt.notice
         self.tokenizer = ckpt.tokenizer
-        self.preprocessing = Preprocessing(self.config.image_size, self.config.mean, self.config.std)
+        self.preprocessing = Preprocessing(self.config.image_size, self.config.mean, self.config.std,
+                                          self.config.letterbox)
         self.family: str = self.config.architecture  # registry name, e.g. "radzero"
         module = build(self.config)
         check_state_dict(module, ckpt.state_dict, ckpt.source or self.model_id)
         module.load_state_dict(ckpt.state_dict)
         self.module = module.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self._text_cache: dict[str, torch.Tensor] = {}
+        self._stacked: tuple[tuple[str, ...], torch.Tensor] | None = None  # the last prompt list, stacked
         self.backend_name = backend
         self._encoder = self._make_encoder(backend)
 
@@ -80,14 +82,27 @@ class RadFlashModel:
     # ---- text -------------------------------------------------------------------------------
     @torch.inference_mode()
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(T, D) prompt embeddings after the shared LayerNorm; each prompt is encoded once."""
+        """Per-prompt features (T, ...) of the family (RadZero: (T, D) after the shared LayerNorm).
+
+        Each prompt is encoded once per model. A run asks for the same prompt list with every
+        batch, so the stacked tensor of the last list is kept too: CARZero's prompt features
+        (every decoder layer's keys and values) are large enough that re-stacking them per batch
+        would cost a copy of hundreds of MB at ~190 prompts.
+        """
         check_prompts(prompts)
+        key = tuple(prompts)
+        if self._stacked is not None and self._stacked[0] == key:
+            return self._stacked[1]
         todo = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
+        feats = None
         if todo:
             ids, mask = self.tokenizer(todo)
             feats = self.module.text_features(ids.to(self.device), mask.to(self.device))
             self._text_cache.update(zip(todo, feats.unbind(0)))
-        return torch.stack([self._text_cache[p] for p in prompts])
+        stacked = feats if feats is not None and todo == list(key) else (
+            torch.stack([self._text_cache[p] for p in prompts]))
+        self._stacked = (key, stacked)
+        return stacked
 
     # ---- images -----------------------------------------------------------------------------
     def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:

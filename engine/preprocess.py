@@ -2,8 +2,12 @@
 
 Every caller (API, score pipeline, segment, bench, training, export calibration) goes through
 :func:`preprocess`, so a change of resize or normalisation can never make two paths disagree.
-Reference: grayscale → 3 equal channels, bicubic resize with antialiasing (what PIL does when it
+RadZero: grayscale → 3 equal channels, bicubic resize with antialiasing (what PIL does when it
 shrinks) to S×S ignoring aspect ratio, values in [0, 1], then per-channel mean/std.
+CARZero (``letterbox``): the longer side resized to L keeping the aspect ratio (area averaging
+when shrinking, like cv2's INTER_AREA; bilinear when enlarging), zero-padded centred to L×L,
+centre-cropped to S×S. The reference reads 8-bit PNGs; radflash keeps the full precision of
+16-bit DICOM pixel data through the resize.
 """
 
 from __future__ import annotations
@@ -25,6 +29,12 @@ class Preprocessing:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    letterbox: int | None = None  # CARZero: resize the longer side to this, pad square, centre-crop
+
+    @property
+    def geometry(self) -> Preprocessing:
+        """The same resize without normalisation (what the decode workers apply)."""
+        return Preprocessing(self.image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), self.letterbox)
 
 
 def as_image_list(images: ImageLike | Sequence[ImageLike]) -> list[torch.Tensor]:
@@ -81,9 +91,55 @@ def preprocess(
     for img in as_image_list(images):
         x = img.to(device=device, dtype=torch.float32)[None, None]
         if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+            if spec.letterbox is not None:
+                x = letterbox(x, spec.letterbox, size)
+            else:
+                x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
         resized.append(x.clamp_(0.0, 1.0))
     batch = torch.cat(resized).expand(-1, 3, -1, -1)
     mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
     return ((batch - mean) / std).to(dtype)
+
+
+def letterbox(x: torch.Tensor, side: int, crop: int) -> torch.Tensor:
+    """(1, 1, H, W) → (1, 1, crop, crop): longer side to ``side``, centred zero pad, centre crop.
+
+    Sizes follow CARZero's reference (``int()`` truncation of the shorter side, pad split
+    floor/ceil, torchvision's rounded centre crop), so the pixel grid is the one it trained on.
+    """
+    h, w = x.shape[-2:]
+    if h >= w:
+        new_h, new_w = side, max(1, int(w * (side / h)))
+    else:
+        new_h, new_w = max(1, int(h * (side / w))), side
+    x = area_resize(x, new_h, new_w)
+    top, left = (side - new_h) // 2, (side - new_w) // 2
+    x = F.pad(x, (left, side - new_w - left, top, side - new_h - top))
+    start = round((side - crop) / 2.0)
+    return x[..., start:start + crop, start:start + crop]
+
+
+def area_resize(x: torch.Tensor, new_h: int, new_w: int) -> torch.Tensor:
+    """cv2 INTER_AREA: exact box-filter averaging when shrinking, bilinear when enlarging.
+
+    torch's ``mode="area"`` (adaptive average pooling) rounds window edges to whole pixels, which
+    for non-integer factors differs from OpenCV; here each output pixel averages the input area it
+    covers with fractional edge weights, written as two small matrix products.
+    """
+    h, w = x.shape[-2:]
+    if new_h > h or new_w > w:
+        return F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    rows = _area_weights(h, new_h, x.device)
+    cols = _area_weights(w, new_w, x.device)
+    return rows @ x @ cols.T
+
+
+def _area_weights(n_in: int, n_out: int, device: torch.device | str) -> torch.Tensor:
+    """(n_out, n_in): row j averages input cells over [j·n_in/n_out, (j+1)·n_in/n_out)."""
+    scale = n_in / n_out
+    edges = torch.arange(n_out + 1, dtype=torch.float64) * scale
+    cells = torch.arange(n_in + 1, dtype=torch.float64)
+    lo = torch.maximum(edges[:-1, None], cells[None, :-1])
+    hi = torch.minimum(edges[1:, None], cells[None, 1:])
+    return ((hi - lo).clamp(min=0) / scale).to(device=device, dtype=torch.float32)

@@ -10,6 +10,7 @@ tests can build configs) without importing the training loop.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -41,7 +42,9 @@ class ModelSection:
     text: dict[str, Any] = field(default_factory=dict)
     image_size: Int | None = None
     align_layers: Int | None = None
-    tokenizer: Literal["phantom", "basic", "checkpoint"] = "phantom"  # checkpoint: the init checkpoint's own
+    # phantom/basic: built for the model's text tower (MPNet-style for RadZero, BERT-style for CARZero);
+    # checkpoint: the init checkpoint's own
+    tokenizer: Literal["phantom", "basic", "checkpoint"] = "phantom"
 
 
 @config_dataclass(config=SCHEMA_CONFIG)
@@ -79,8 +82,9 @@ class TrainConfig:
     min_lr_ratio: Fraction = 0.0
     grad_clip: NonNeg = 1.0  # 0: no clipping
     # Exclude false negatives: image j is not a negative of sentence k when j owns an identical
-    # sentence. Off = the paper's loss. On phantoms ~70% of sentences are shared negations ("There
-    # is no pneumothorax"), which then push apart images that the sentence describes equally well.
+    # sentence (CARZero: when j's own text is identical). Off = the paper's loss. On phantoms ~70%
+    # of sentences are shared negations ("There is no pneumothorax"), which then push apart images
+    # that the sentence describes equally well.
     mask_duplicate_negatives: bool = False
     # Phantoms only, off by default (not in the paper): weight of a BCE between the finding prompts'
     # patch maps sigmoid(s) and the phantom masks pooled to the patch grid. A from-scratch ViT
@@ -166,11 +170,48 @@ class TrainConfig:
                 # the init checkpoint fixes the architecture: silently ignoring these would mislead
                 raise InputError(f"{source}: model.{', model.'.join(overrides)} cannot be combined with "
                                  "model.init (its checkpoint fixes the architecture)")
+            architecture = init_architecture(sec.init)
         else:
-            model_config(sec, source=source)  # the overridden preset must be a valid model
+            architecture = model_config(sec, source=source).architecture  # must be a valid model
+        if architecture is not None:
+            self.check_family(architecture, source)
+
+    def check_family(self, architecture: str, source: str) -> None:
+        """Refuse options the model family cannot honour, one line naming the first such key.
+
+        CARZero scores a pair with its fusion decoder: it has no per-patch similarity maps (so no
+        map loss and no segmentation thresholds), no temperature and no align layers. The trainer
+        calls this again once an init or resumed checkpoint has told it the family.
+        """
+        if architecture != "carzero":
+            return
+        reasons = {
+            "map_loss_weight": "they have no similarity maps",
+            "calibrate": "segmentation thresholds need similarity maps",
+            "model.align_layers": "CARZero has no align layers",
+        }
+        given = {"map_loss_weight": bool(self.map_loss_weight), "calibrate": self.calibrate,
+                 "model.align_layers": bool(self.model.align_layers)}
+        for key, reason in reasons.items():
+            if given[key]:
+                raise InputError(f"{source}: {key}: not supported for carzero models ({reason})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def init_architecture(path: str) -> str | None:
+    """The family (``model.architecture``) an init checkpoint FOLDER's ``config.json`` names.
+
+    A cheap peek so that options the family refuses fail while the YAML file is being read; None
+    when the folder or its config cannot be read here (a single-file checkpoint, a typo): the
+    trainer checks again after loading the checkpoint, and reports a missing one there.
+    """
+    try:
+        meta = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+        return str(meta["model"].get("architecture", "radzero"))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def model_config(sec: ModelSection, *, source: str = "config") -> ModelConfig:

@@ -350,6 +350,34 @@ class MimicStyleDataset(torch.utils.data.Dataset):
         return Sample(image=image, sentences=sents, key=str(path))
 
 
+class OneSentencePerUse(torch.utils.data.Dataset):
+    """CARZero's pairing: every USE of an image comes with ONE of its sentences, drawn uniformly.
+
+    The reference trains on (image, one sentence of its report) pairs, a fresh sentence each time
+    the image is drawn (its ``full_report: false``), so that the B×B score matrices have one true
+    pair per row and column. Items are addressed by ``(index, use)``: ``use`` numbers the draw
+    (the sample's position in the stream of global batches, :func:`batch_uses`), and the sentence is
+    a pure function of ``(seed, use)``, so a resumed run pairs exactly as an uninterrupted one.
+    """
+
+    STREAM = 0x5E17  # keeps these draws apart from batch_indices' permutations, seeded (seed, epoch)
+
+    def __init__(self, base: torch.utils.data.Dataset, seed: int) -> None:
+        self.base = base
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Sample:
+        index, use = key
+        sample = self.base[index]
+        if not sample.sentences:
+            raise InputError(f"{sample.key}: no sentence to pair the image with")
+        pick = int(np.random.default_rng([self.seed, self.STREAM, use]).integers(len(sample.sentences)))
+        return dataclasses.replace(sample, sentences=(sample.sentences[pick],))
+
+
 def _pick_column(columns: list[str], wanted: str | None, candidates: Sequence[str], path: Path, what: str) -> str:
     if wanted is not None:
         if wanted not in columns:
@@ -453,3 +481,10 @@ def batch_indices(step: int, *, batch_size: int, length: int, seed: int, rank: i
             perm_cache[epoch] = np.random.default_rng([seed, epoch]).permutation(length)
         out.append(int(perm_cache[epoch][offset]))
     return out
+
+
+def batch_uses(step: int, *, batch_size: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """Positions of this rank's share of global batch ``step`` in the stream of all samples drawn:
+    a distinct number for every (step, slot) of a run, whatever the dataset's length."""
+    start = step * batch_size * world_size + rank * batch_size
+    return list(range(start, start + batch_size))

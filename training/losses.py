@@ -1,4 +1,5 @@
-"""The training losses: RadZero's multi-positive NCE over (sentence, image) cosines, and the map loss.
+"""The training losses: RadZero's multi-positive NCE over (sentence, image) cosines, the map loss,
+and CARZero's symmetric cross-entropy over its two score matrices.
 
 :func:`multi_positive_nce` is the formula below on a cosine matrix; :func:`contrastive_loss` builds
 that matrix from a batch (gathered over ranks under DDP, so negatives come from the global batch);
@@ -16,17 +17,31 @@ sentence k:
 The column term excludes the image's OTHER sentences from its own denominator, so sibling
 positives never compete. An image without any sentence in the batch has no rows: its column
 only ever appears as a negative in the row terms of other images' sentences.
+
+CARZero (:func:`carzero_loss`) pairs each image with ONE text and scores every (image, text) pair of
+the batch twice, s1 (i2t) and s2 (t2i), both (B, B) with the true pairs on the diagonal:
+
+    CE_sym(s) = ½ ( CE(s, arange B) + CE(sᵀ, arange B) )      (the reference's ``DQNCOSLoss``)
+    L         = CE_sym(s1) + CE_sym(s2)
+
+with no temperature: the fusion head's scalar scores are the logits.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from radflash.errors import InputError
 from radflash.models import RadZero
 from radflash.training.data import Batch
 from radflash.training.distributed import gather_from_ranks
+
+if TYPE_CHECKING:
+    from radflash.models.carzero import CARZero
 
 
 def multi_positive_nce(cos: torch.Tensor, owner: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
@@ -118,3 +133,64 @@ def map_loss(model: RadZero, tokens: torch.Tensor, text: torch.Tensor, batch: Ba
             q = target[has] / covered[has]
             loss = loss - pointing_weight * (q * torch.log_softmax(s[has], dim=-1)).sum(-1).mean()
     return loss
+
+
+def carzero_loss(scores: torch.Tensor, duplicates: torch.Tensor | None = None) -> torch.Tensor:
+    """CE_sym(s1) + CE_sym(s2) for scores (2, B, B) of B images (rows) against their own B texts.
+
+    ``duplicates`` (B, B) bool, optional: pairs (i, j ≠ i) whose texts are identical, so text j
+    describes image i as well as its own; they are dropped from both softmaxes (set to −∞, whose
+    softmax weight and gradient are exactly 0) instead of being pushed apart. The diagonal must
+    stay False: it holds the targets.
+    """
+    if scores.ndim != 3 or scores.shape[0] != 2 or scores.shape[1] != scores.shape[2]:
+        raise InputError(f"scores must be (2, B, B): s1 and s2 of B images against their own B texts, "
+                         f"got shape {tuple(scores.shape)}")
+    b = scores.shape[1]
+    if b == 0:
+        raise InputError("no pairs: the loss is undefined for an empty batch")
+    target = torch.arange(b, device=scores.device)
+    if duplicates is not None:
+        if duplicates.shape != (b, b) or bool(duplicates.diagonal().any()):
+            raise InputError(f"duplicates must be a (B, B) = ({b}, {b}) mask with a False diagonal")
+        scores = scores.masked_fill(duplicates, float("-inf"))
+    total = scores.new_zeros(())
+    for s in scores:  # s1 (i2t), then s2 (t2i)
+        total = total + 0.5 * (F.cross_entropy(s, target) + F.cross_entropy(s.T, target))
+    return total
+
+
+def carzero_pair_loss(model: CARZero, tokens: torch.Tensor, memory: torch.Tensor, batch: Batch, *,
+                      distributed: bool = False, mask_duplicates: bool = False) -> torch.Tensor:
+    """:func:`carzero_loss` of a batch whose image i owns exactly one text (``batch.owner`` = arange).
+
+    ``tokens`` (B, 1 + N, D) are the image tokens and ``memory`` (U, 1 + L, D) the prompt memories
+    [t; W] of the batch's U unique texts (``CARZero.image_tokens`` / ``prompt_memory``). The fusion
+    scores all B × U pairs, once per unique text, and the columns are then indexed per image, so
+    s[:, i, j] scores image i against image j's text: exactly ``CARZero.forward`` on the B texts.
+    Under DDP both are all-gathered with gradients first and every rank scores the GLOBAL batch
+    (negatives from all ranks; all_gather's backward hands each rank the global loss's gradient
+    of its own features, as for RadZero's :func:`contrastive_loss`).
+    """
+    text_index, owner, hashes = batch.text_index, batch.owner, batch.text_hash
+    if owner.shape[0] != tokens.shape[0] or not torch.equal(owner, torch.arange(len(owner), device=owner.device)):
+        raise InputError("a CARZero batch pairs every image with exactly one text, in image order")
+    if mask_duplicates and hashes is None:
+        raise ValueError("mask_duplicates needs batch.text_hash")
+    if distributed:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        local = torch.tensor([memory.shape[0]], device=memory.device)
+        counts = [torch.zeros_like(local) for _ in range(world)]
+        dist.all_gather(counts, local)
+        txt_off = sum(int(c[0]) for c in counts[:rank])
+        tokens, memory = gather_from_ranks(tokens), gather_from_ranks(memory)
+        text_index = gather_from_ranks(text_index + txt_off, grad=False)
+        if mask_duplicates:
+            hashes = gather_from_ranks(hashes, grad=False)
+    scores = model.pair_scores(tokens, memory[:, 0], model.fusion.memory_kv(memory))  # (2, B, U)
+    scores = scores[:, :, text_index]  # (2, B, B): column j = image j's text
+    duplicates = None
+    if mask_duplicates:
+        h = hashes[text_index]  # content hashes: equal texts match across ranks too
+        duplicates = (h[:, None] == h[None, :]) & ~torch.eye(len(h), dtype=torch.bool, device=h.device)
+    return carzero_loss(scores.float(), duplicates)

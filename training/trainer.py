@@ -1,9 +1,16 @@
-"""Contrastive training of RadZero models (multi-positive NCE over minimal sentences).
+"""Contrastive training of RadZero and CARZero models.
 
 One YAML file describes a run (:class:`radflash.training.config.TrainConfig`); :func:`train` runs
-it on one device or, under ``torchrun``, on several (DDP). The recipe follows the RadZero paper:
-AdamW, linear warm-up then cosine decay, gradient clipping, bf16 autocast on CUDA, optionally a
-frozen vision tower. This module is the loop; the losses are in :mod:`radflash.training.losses`,
+it on one device or, under ``torchrun``, on several (DDP). The model's family (the preset's or the
+init checkpoint's ``architecture``) picks the objective:
+
+- RadZero: multi-positive NCE over minimal sentences (every sentence of an image is a positive);
+- CARZero: each image is paired with one of its sentences per use, and the symmetric cross-entropy
+  is taken on both of the fusion decoder's (B, B) score matrices, no temperature.
+
+The recipe follows the RadZero paper: AdamW, linear warm-up then cosine decay, gradient clipping,
+bf16 autocast on CUDA, optionally a frozen vision tower. This module is the loop; the losses are in
+:mod:`radflash.training.losses`,
 the DDP plumbing in :mod:`radflash.training.distributed`, the map thresholds stored with each
 checkpoint are chosen by :func:`radflash.training.evaluate.calibrate_map_thresholds`.
 
@@ -18,6 +25,7 @@ bit for bit, so N/2 steps + resume + N/2 steps reproduces an uninterrupted N-ste
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -37,13 +45,22 @@ from radflash.checkpoints.format import Checkpoint, check_state_dict, load_check
 from radflash.errors import InputError
 from radflash.models import RadZero
 from radflash.models.config import ModelConfig
+from radflash.models.registry import build
 from radflash.preprocess import Preprocessing
 from radflash.tokenizer import PromptTokenizer
 from radflash.training.config import TrainConfig, model_config
-from radflash.training.data import Batch, Collator, MimicStyleDataset, PhantomDataset, batch_indices
+from radflash.training.data import (
+    Batch,
+    Collator,
+    MimicStyleDataset,
+    OneSentencePerUse,
+    PhantomDataset,
+    batch_indices,
+    batch_uses,
+)
 from radflash.training.distributed import resolve_device, world_info
 from radflash.training.evaluate import calibrate_map_thresholds
-from radflash.training.losses import contrastive_loss, map_loss
+from radflash.training.losses import carzero_pair_loss, contrastive_loss, map_loss
 from radflash.training.plots import plot_losses
 from radflash.training.state import (
     STATE_FILE,
@@ -73,15 +90,25 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float = 0
 
 
 def build_tokenizer(kind: str, cfg: ModelConfig) -> PromptTokenizer:
+    """A fresh tokenizer for ``cfg``'s text tower: ``phantom`` (the demo vocabulary) or ``basic``.
+
+    Shaped like the tower's own: MPNet special tokens for RadZero, BERT's (``[CLS] … [SEP]``, pad 0)
+    for a BERT tower (CARZero), with the config's text cleaning, which is part of the model.
+    """
+    style = "bert" if cfg.text.kind == "bert" else "mpnet"
     if kind == "phantom":
         from radflash.training.vocab import build_tokenizer as phantom_tokenizer
 
-        tok = phantom_tokenizer()
+        tok = phantom_tokenizer(style=style)
     else:
-        tok = wordpiece_tokenizer(vocab_size=None)
+        tok = wordpiece_tokenizer(vocab_size=None, style=style)
     if tok.get_vocab_size() > cfg.text.vocab:
         raise InputError(f"tokenizer has {tok.get_vocab_size()} tokens but the model vocabulary is {cfg.text.vocab}")
-    return PromptTokenizer(tok, pad_id=cfg.text.pad_id, max_length=cfg.text.max_length)
+    pad = tok.id_to_token(cfg.text.pad_id)
+    if pad not in ("<pad>", "[PAD]"):  # padded rows must embed as the tower's padding token
+        raise InputError(f"model.text.pad_id {cfg.text.pad_id} is {pad!r} in the {kind} tokenizer, "
+                         "not its padding token")
+    return PromptTokenizer(tok, pad_id=cfg.text.pad_id, max_length=cfg.text.max_length, cleaning=cfg.text.cleaning)
 
 
 def phantom_prompts() -> dict[str, str]:
@@ -110,6 +137,22 @@ class _Towers(nn.Module):
         return tokens, text
 
 
+class _CARZeroTowers(nn.Module):
+    """CARZero's towers for DDP: image tokens [g; P] and prompt memories [t; W].
+
+    The fusion decoder scores image × text pairs, so it runs outside, on the (gathered) features:
+    its parameters still belong to the wrapped module, so DDP averages their gradients too.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.image_tokens(pixels), self.model.prompt_memory(input_ids, attention_mask)
+
+
 def map_prompts(cfg: TrainConfig) -> list[str]:
     """The prompts whose maps the map loss supervises: each finding's plain prompt and, with
     ``map_located``, every (finding, location) prompt the generator draws except the held-out ones."""
@@ -122,6 +165,29 @@ def map_prompts(cfg: TrainConfig) -> list[str]:
         prompts += [canonical_prompt(f, loc) for f, loc in allowed_combos()
                     if loc is not None and (f, str(loc)) not in held_out]
     return prompts
+
+
+def _batch_loss(cfg: TrainConfig, model: nn.Module, towers: nn.Module, batch: Batch, *,
+                distributed: bool = False, autocast: Any = None) -> torch.Tensor:
+    """The family's training loss of one batch (``towers``: the DDP-wrapped or bare tower module).
+
+    ``autocast`` (bf16 on CUDA) covers the towers; RadZero's cosine loss runs in float32 outside it,
+    CARZero's fusion decoder inside it (a network, as costly as the ViT at the published size) with
+    its cross-entropy in float32.
+    """
+    autocast = autocast if autocast is not None else contextlib.nullcontext()
+    if isinstance(model, RadZero):
+        with autocast:
+            tokens, text = towers(batch.pixels, batch.input_ids, batch.attention_mask)
+        loss = contrastive_loss(model, tokens, text, batch, distributed=distributed,
+                                mask_duplicates=cfg.mask_duplicate_negatives)
+        if cfg.map_loss_weight:
+            loss = loss + _map_term(cfg, model, tokens, text, batch)
+        return loss
+    with autocast:
+        tokens, memory = towers(batch.pixels, batch.input_ids, batch.attention_mask)
+        return carzero_pair_loss(model, tokens, memory, batch, distributed=distributed,  # type: ignore[arg-type]
+                                 mask_duplicates=cfg.mask_duplicate_negatives)
 
 
 def _map_term(cfg: TrainConfig, model: RadZero, tokens: torch.Tensor, text: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -139,8 +205,9 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def freeze_backbone_(model: RadZero) -> None:
-    """Freeze the vision tower (RadZero's recipe); align layers, text tower, LN and τ stay trainable."""
+def freeze_backbone_(model: nn.Module) -> None:
+    """Freeze the vision tower (RadZero's recipe); align layers (RadZero), fusion (CARZero), text
+    tower, LN and τ stay trainable."""
     model.vision.requires_grad_(False)
     model.vision.eval()
 
@@ -177,22 +244,29 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool 
         if not (resume_dir / STATE_FILE).is_file():
             raise InputError(f"{resume_dir}: not a training checkpoint (no {STATE_FILE})")
     if resume_dir is not None or cfg.model.init:
-        ckpt = load_checkpoint(resume_dir or cfg.model.init)  # type: ignore[arg-type]
+        where = str(resume_dir or cfg.model.init)
+        ckpt = load_checkpoint(where)
         mcfg = ckpt.config
+        cfg.check_family(mcfg.architecture, where)  # the YAML's peek cannot see single-file checkpoints
         tokenizer = (ckpt.tokenizer if resume_dir is not None or cfg.model.tokenizer == "checkpoint"
                      else build_tokenizer(cfg.model.tokenizer, mcfg))
-        model = RadZero(mcfg)
-        check_state_dict(model, ckpt.state_dict, str(resume_dir or cfg.model.init))
+        model = build(mcfg)
+        check_state_dict(model, ckpt.state_dict, where)
         model.load_state_dict(ckpt.state_dict)
     else:
         mcfg = model_config(cfg.model)
         tokenizer = build_tokenizer(cfg.model.tokenizer, mcfg)
-        model = randomize_(RadZero(mcfg), seed=cfg.seed)
+        # CARZero's 4-layer scoring MLP needs fan-in scaled weights (0.02 makes every score equal)
+        model = randomize_(build(mcfg), seed=cfg.seed, std=None if mcfg.architecture == "carzero" else 0.02)
+    carzero = mcfg.architecture == "carzero"
+    bind = getattr(model, "bind_vocabulary", None)  # CARZero: which ids continue a word, for THIS tokenizer
+    if bind is not None:
+        bind(tokenizer.vocab)
     model.to(device)
     model.train()
     if cfg.freeze_backbone:
         freeze_backbone_(model)
-    towers: nn.Module = _Towers(model)
+    towers: nn.Module = _CARZeroTowers(model) if carzero else _Towers(model)
     if distributed:
         towers = nn.parallel.DistributedDataParallel(
             towers, device_ids=[device.index] if device.type == "cuda" else None)
@@ -201,7 +275,10 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool 
     global_bs = cfg.batch_size * world
     dataset, val_dataset = _datasets(cfg, global_bs, mcfg.grid if cfg.map_loss_weight else None)
     total = cfg.steps if cfg.steps is not None else math.ceil(cfg.epochs * len(dataset) / global_bs)  # type: ignore[operator]
-    collate = Collator(tokenizer, Preprocessing(mcfg.image_size, mcfg.mean, mcfg.std),
+    if carzero:  # one sentence per image and use, a pure function of (seed, use): see OneSentencePerUse
+        dataset = OneSentencePerUse(dataset, cfg.seed)
+        val_dataset = OneSentencePerUse(val_dataset, cfg.seed) if val_dataset is not None else None
+    collate = Collator(tokenizer, Preprocessing(mcfg.image_size, mcfg.mean, mcfg.std, mcfg.letterbox),
                        map_prompts=map_prompts(cfg) if cfg.map_loss_weight else (), grid=mcfg.grid)
 
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
@@ -228,8 +305,12 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool 
 
     def save(step: int, final: bool = False) -> Path:
         folder = output / "checkpoints" / f"step_{step:06d}"
-        ck = Checkpoint(config=mcfg, state_dict={k: v.detach().float().cpu() for k, v in model.state_dict().items()},
-                        tokenizer=tokenizer, model_id=cfg.model_id, prompts=_prompts(cfg), notice=cfg.notice)
+        # floating tensors in float32 (bf16 autocast never changes the weights' dtype); others (CARZero's
+        # bool word-continuation table) as they are
+        state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
+                 for k, v in model.state_dict().items()}
+        ck = Checkpoint(config=mcfg, state_dict=state, tokenizer=tokenizer, model_id=cfg.model_id,
+                        prompts=_prompts(cfg), notice=cfg.notice)
         save_checkpoint(ck, folder)
         save_trainer_state(folder / STATE_FILE, optimizer=optimizer, step=step,
                            extra={"losses": losses, "val_losses": val_losses, "schedule": schedule,
@@ -240,8 +321,11 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool 
 
     t0 = time.time()
     step = start
-    steps = [batch_indices(s, batch_size=cfg.batch_size, length=len(dataset), seed=cfg.seed, rank=rank,
-                           world_size=world) for s in range(start, total)]
+    steps: list[list[Any]] = [batch_indices(s, batch_size=cfg.batch_size, length=len(dataset), seed=cfg.seed,
+                                            rank=rank, world_size=world) for s in range(start, total)]
+    if carzero:  # items are (index, use): see OneSentencePerUse
+        steps = [list(zip(idx, batch_uses(s, batch_size=cfg.batch_size, rank=rank, world_size=world)))
+                 for s, idx in zip(range(start, total), steps)]
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=steps, collate_fn=collate, num_workers=cfg.data.workers,
         worker_init_fn=_worker_init if cfg.data.workers else None, prefetch_factor=4 if cfg.data.workers else None,
@@ -252,19 +336,15 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool 
         lr = lr_at(step, **schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with autocast:
-            tokens, text = towers(batch.pixels, batch.input_ids, batch.attention_mask)
-        loss = contrastive_loss(model, tokens, text, batch, distributed=distributed,
-                                mask_duplicates=cfg.mask_duplicate_negatives)
-        if cfg.map_loss_weight:
-            loss = loss + _map_term(cfg, model, tokens, text, batch)
+        loss = _batch_loss(cfg, model, towers, batch, distributed=distributed, autocast=autocast)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
         optimizer.step()
-        with torch.no_grad():
-            model.log_tau.clamp_(MIN_LOG_TAU, MAX_LOG_TAU)
+        if not carzero:  # CARZero has no temperature
+            with torch.no_grad():
+                model.log_tau.clamp_(MIN_LOG_TAU, MAX_LOG_TAU)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise FloatingPointError(f"loss became {value} at step {step}; lower lr or check the data")
@@ -272,7 +352,10 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool 
         if on_step is not None:
             on_step(step + 1, value)
         if bar is not None:
-            bar.update(1, loss=f"{value:.3f}", tau=f"{model.tau:.3f}", lr=f"{lr:.1e}")
+            shown = {"loss": f"{value:.3f}", "lr": f"{lr:.1e}"}
+            if not carzero:
+                shown["tau"] = f"{model.tau:.3f}"
+            bar.update(1, **shown)
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < total and val_dataset is not None:
             val_losses.append((done, validation_loss(model, towers, val_dataset, collate, cfg, device)))
@@ -338,22 +421,23 @@ def _datasets(cfg: TrainConfig, global_bs: int,
 
 
 @torch.no_grad()
-def validation_loss(model: RadZero, towers: nn.Module, dataset: torch.utils.data.Dataset, collate: Collator,
+def validation_loss(model: nn.Module, towers: nn.Module, dataset: torch.utils.data.Dataset, collate: Collator,
                     cfg: TrainConfig, device: torch.device) -> float:
-    """Mean contrastive loss on fixed validation batches (same batch size as training)."""
+    """Mean training loss on fixed validation batches (same batch size as training).
+
+    CARZero's validation items are ``(index, index)``: each image keeps one fixed sentence.
+    """
     was_training = model.training
     model.eval()
     values = []
     n = len(dataset)  # type: ignore[arg-type]
+    keyed = isinstance(dataset, OneSentencePerUse)
+    # the bare module: a DDP forward outside backward would wait for a gradient sync
+    inner = towers.module if isinstance(towers, nn.parallel.DistributedDataParallel) else towers
     for start in range(0, n - cfg.batch_size + 1, cfg.batch_size):
-        batch = collate([dataset[i] for i in range(start, start + cfg.batch_size)]).to(device)
-        # the bare module: a DDP forward outside backward would wait for a gradient sync
-        inner = towers.module if isinstance(towers, nn.parallel.DistributedDataParallel) else towers
-        tokens, text = inner(batch.pixels, batch.input_ids, batch.attention_mask)
-        value = contrastive_loss(model, tokens, text, batch, mask_duplicates=cfg.mask_duplicate_negatives)
-        if cfg.map_loss_weight:
-            value = value + _map_term(cfg, model, tokens, text, batch)
-        values.append(float(value))
+        keys = range(start, start + cfg.batch_size)
+        batch = collate([dataset[(i, i) if keyed else i] for i in keys]).to(device)
+        values.append(float(_batch_loss(cfg, model, inner, batch)))
     model.train(was_training)
     if cfg.freeze_backbone:
         model.vision.eval()

@@ -11,6 +11,10 @@ WordPiece with ``##`` continuations, post-processor ``<s> $A </s>``. Special ids
 ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3 as in MPNet; ``<mask>`` is 4 here (MPNet puts it last, which a
 trained-from-scratch vocabulary cannot know in advance). Built from a fixed
 corpus with a sorted vocabulary, so the same code gives byte-identical JSON.
+
+``style="bert"`` gives the same vocabulary with BERT's special tokens instead (``[PAD]`` 0,
+``[UNK]`` 1, ``[CLS]`` 2, ``[SEP]`` 3, ``[MASK]`` 4; post-processor ``[CLS] $A [SEP]``), the shape a
+CARZero text tower (BERT, pad 0) is trained with.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 PAD_ID = 1
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # BERT's order: pad 0
+BERT_PAD_ID = 0
 VOCAB_SIZE = 2000
 CORPUS_SEED = 12345
 CORPUS_REPORTS = 400
@@ -64,8 +71,12 @@ def phantom_corpus(n_reports: int = CORPUS_REPORTS, seed: int = CORPUS_SEED) -> 
     return texts
 
 
-def build_tokenizer(extra_texts: Iterable[str] = (), *, vocab_size: int = VOCAB_SIZE) -> Tokenizer:
+def build_tokenizer(extra_texts: Iterable[str] = (), *, vocab_size: int = VOCAB_SIZE,
+                    style: Literal["mpnet", "bert"] = "mpnet") -> Tokenizer:
     """The WordPiece tokenizer for the phantom corpus (+ ``extra_texts``), identical on every run.
+
+    ``style`` picks the special tokens and template: MPNet's (RadZero, the default) or BERT's
+    (CARZero); the words and pieces, and so every non-special id, are the same in both.
 
     The vocabulary is the corpus's words by descending frequency (ties alphabetical) after the
     special tokens and every single character with its ``##`` continuation, so any word still
@@ -81,7 +92,12 @@ def build_tokenizer(extra_texts: Iterable[str] = (), *, vocab_size: int = VOCAB_
     for word in RADIOLOGY_WORDS:
         counts.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(word)))
     chars = sorted(set(ALPHABET) | {c for w in counts for c in w})
-    vocab: dict[str, int] = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    specials = BERT_SPECIAL_TOKENS if style == "bert" else SPECIAL_TOKENS
+    if style == "bert":
+        bos, eos, unk = specials[2], specials[3], specials[1]
+    else:
+        bos, eos, unk = specials[0], specials[2], specials[3]
+    vocab: dict[str, int] = {t: i for i, t in enumerate(specials)}
     for token in [*chars, *(f"##{c}" for c in chars)]:
         vocab.setdefault(token, len(vocab))
     for word, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
@@ -100,16 +116,16 @@ def build_tokenizer(extra_texts: Iterable[str] = (), *, vocab_size: int = VOCAB_
         if len(vocab) >= vocab_size:
             break
         vocab.setdefault(piece, len(vocab))
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix="##",
+    tok = Tokenizer(models.WordPiece(vocab, unk_token=unk, continuing_subword_prefix="##",
                                      max_input_chars_per_word=100))
     tok.normalizer = normalizer
     tok.pre_tokenizer = pre
     tok.decoder = decoders.WordPiece(prefix="##")
+    pair = f"{bos} $A {eos} $B {eos}" if style == "bert" else f"{bos} $A {eos} {eos} $B {eos}"
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
-        special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])],
+        single=f"{bos} $A {eos}", pair=pair, special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])],
     )
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.add_special_tokens(list(specials))
     return tok
 
 

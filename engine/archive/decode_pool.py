@@ -31,6 +31,7 @@ from radflash.io.source import SourceItem
 if TYPE_CHECKING:
     from radflash.io.imageio import ImageMeta, LoadOutcome
     from radflash.io.selection import SelectionRules
+    from radflash.preprocess import Preprocessing
 
 
 log = logging.getLogger("radflash.pipeline")
@@ -112,15 +113,21 @@ def default_loader() -> Loader:
     return try_load
 
 
-def resize_for_model(pixels: np.ndarray, image_size: int) -> np.ndarray:
-    """H×W [0, 1] → S×S [0, 1] with exactly the resize of :func:`radflash.preprocess.preprocess`."""
+def resize_for_model(pixels: np.ndarray, image_size: int | Preprocessing) -> np.ndarray:
+    """H×W [0, 1] → S×S [0, 1] with exactly the resize of :func:`radflash.preprocess.preprocess`.
+
+    ``image_size`` is the side S (RadZero's plain resize) or the model's :class:`Preprocessing`
+    (its geometry: CARZero letterboxes).
+    """
     import torch
 
     from radflash.preprocess import Preprocessing, preprocess
 
-    if pixels.shape == (image_size, image_size):
+    spec = image_size if isinstance(image_size, Preprocessing) else Preprocessing(image_size, (0.0,) * 3, (1.0,) * 3)
+    size = spec.image_size
+    if pixels.shape == (size, size):
         return np.ascontiguousarray(pixels, dtype=np.float32).clip(0.0, 1.0)
-    identity = Preprocessing(image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    identity = spec.geometry
     with torch.inference_mode():
         out = preprocess(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)), identity)
     return out[0, 0].numpy().copy()
@@ -200,10 +207,13 @@ class DecodePool:
     """``workers`` spawn processes, each fed ``depth`` tasks at a time over its own pipe.
 
     Items come back at the source resolution (see :class:`Decoded`); callers resize if they need to.
+    With ``keep_workers`` the healthy workers outlive a :meth:`run` and serve the next one (a Ray
+    decode task decodes a few files per call and must not pay a process start each time);
+    :meth:`close` stops them.
     """
 
     def __init__(self, workers: int, *, loader: Loader | None = None, rules: SelectionRules | None = None,
-                 depth: int = 2, timeout: float | None = 120.0) -> None:
+                 depth: int = 2, timeout: float | None = 120.0, keep_workers: bool = False) -> None:
         if workers < 1:
             raise ValueError("DecodePool needs at least one worker; use decode_inline for workers=0")
         self.n = workers
@@ -212,8 +222,10 @@ class DecodePool:
         self.depth = max(1, depth)
         self.timeout = timeout
         self.restarts = 0
+        self.keep_workers = keep_workers
         self._ctx = mp.get_context("spawn")
-        self._workers: list[_Worker] = []
+        self._workers: list[_Worker | None] = []
+        self._idle: list[_Worker] = []  # kept by the last run (keep_workers): started, nothing in flight
 
     def _start(self) -> _Worker:
         parent, child = self._ctx.Pipe(duplex=True)
@@ -256,7 +268,7 @@ class DecodePool:
                 exhausted = True
             return None
 
-        slots: list[_Worker | None] = [self._start() for _ in range(self.n)]
+        slots: list[_Worker | None] = [self._reuse_or_start() for _ in range(self.n)]
         self._workers = slots
         try:
             while True:
@@ -321,9 +333,28 @@ class DecodePool:
                     yield Decoded(culprit.index, culprit.key, culprit.name, "failed", reason)
         finally:
             for w in slots:
-                if w is not None:
+                if w is None:
+                    continue
+                if self.keep_workers and not w.inflight and w.proc.is_alive():
+                    self._idle.append(w)
+                else:
                     self._stop(w, kill=bool(w.inflight))
             self._workers = []
+
+    def _reuse_or_start(self) -> _Worker:
+        """A worker the last run kept (if it is still alive), else a new one."""
+        while self._idle:
+            w = self._idle.pop()
+            if w.proc.is_alive():
+                return w
+            self._stop(w, kill=True)
+        return self._start()
+
+    def close(self) -> None:
+        """Stop the workers a ``keep_workers`` pool kept between runs."""
+        idle, self._idle = self._idle, []
+        for w in idle:
+            self._stop(w)
 
 
 def decode_inline(tasks: Iterable[DecodeTask], *, loader: Loader | None = None,
@@ -332,6 +363,40 @@ def decode_inline(tasks: Iterable[DecodeTask], *, loader: Loader | None = None,
     loader = loader or default_loader()
     for task in tasks:
         yield decode_one(task, loader, rules)
+
+
+_PROCESS_POOL: tuple[bytes, DecodePool] | None = None
+
+
+def process_pool(loader: Loader | None, rules: SelectionRules | None, timeout: float | None) -> DecodePool:
+    """This process's one-worker :class:`DecodePool`, kept across calls (``keep_workers``).
+
+    A Ray decode task decodes a handful of files per call in a Ray worker process that lives on
+    for later tasks; its files go through this pool so that a decoder that crashes or hangs fails
+    only its file, with the local pool's reasons, instead of killing the Ray task. The worker is
+    started once per process (Ray reuses its worker processes) and replaced when it dies or when
+    a call brings other settings.
+    """
+    import pickle
+
+    global _PROCESS_POOL
+    key = pickle.dumps((loader, rules, timeout))
+    if _PROCESS_POOL is not None and _PROCESS_POOL[0] != key:
+        _PROCESS_POOL[1].close()
+        _PROCESS_POOL = None
+    if _PROCESS_POOL is None:
+        _PROCESS_POOL = (key, DecodePool(1, loader=loader, rules=rules, timeout=timeout, keep_workers=True))
+    return _PROCESS_POOL[1]
+
+
+def decode_files(tasks: list[DecodeTask], *, loader: Loader | None, rules: SelectionRules | None,
+                 timeout: float | None, isolate: bool) -> list[Decoded]:
+    """One :class:`Decoded` per task, in task order: through :func:`process_pool` (crash-isolated,
+    ``timeout`` per file) or, without ``isolate``, in this process (as ``workers=0`` does locally)."""
+    if not isolate:
+        return list(decode_inline(tasks, loader=loader, rules=rules))
+    by_index = {d.index: d for d in process_pool(loader, rules, timeout).run(tasks)}
+    return [by_index[t.index] for t in tasks]
 
 
 def decode_stream(items: Iterable[SourceItem | str | os.PathLike], *, workers: int, loader: Loader | None = None,

@@ -43,7 +43,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from radflash.api import RadFlashModel
     from radflash.io.selection import SelectionRules
     from radflash.io.source import SourceItem
+    from radflash.preprocess import Preprocessing
 
 
 log = logging.getLogger("radflash.pipeline")
@@ -113,13 +114,24 @@ class PipelineStats:
         }
 
 
+class BatchObserver(Protocol):
+    """Sees every scored batch while its image tokens are still in memory, so a caller can derive
+    more from the same pass (e.g. :class:`radflash.report.gallery.ScoreGallery`'s similarity maps)
+    without reading the archive again. Called in the inference thread, after scoring."""
+
+    def __call__(self, model: RadFlashModel, prompts: PromptSet, items: Sequence[Decoded], tokens: Any,
+                 records: Sequence[FileRecord]) -> None: ...
+
+
 class Scorer:
     """Batch of decoded images → records with logits/probabilities (calibrated when the model is)."""
 
-    def __init__(self, model: RadFlashModel, prompts: PromptSet, *, include_phi: bool = False) -> None:
+    def __init__(self, model: RadFlashModel, prompts: PromptSet, *, include_phi: bool = False,
+                 observer: BatchObserver | None = None) -> None:
         self.model = model
         self.prompts = prompts
         self.include_phi = include_phi
+        self.observer = observer
         model.encode_text(list(prompts.prompts))  # once per run; later calls hit the cache
         self.calibrated = score_calibrated(model.calibration)
         self.with_positive = self.calibrated or any(t is not None for t in prompts.thresholds)
@@ -129,7 +141,8 @@ class Scorer:
 
         pixels = torch.from_numpy(np.stack([d.pixels for d in items]))
         batch = self.model.preprocess(pixels)  # already S×S: normalisation only
-        scores = self.model.score(tokens=self.model.encode_images(pixels=batch), prompts=list(self.prompts.prompts))
+        tokens = self.model.encode_images(pixels=batch)
+        scores = self.model.score(tokens=tokens, prompts=list(self.prompts.prompts))
         logits = scores.logits.cpu().numpy()
         probs = scores.probs.cpu().numpy()
         positive = None
@@ -144,6 +157,8 @@ class Scorer:
         for i, d in enumerate(items):
             records.append(self._record(d, "scored", None, tuple(logits[i].tolist()), tuple(probs[i].tolist()),
                                         None if positive is None else tuple(positive[i].tolist())))
+        if self.observer is not None:  # same pass, tokens still in memory (the report's gallery)
+            self.observer(self.model, self.prompts, items, tokens, records)
         return records
 
     def _apply_thresholds(self, probs: np.ndarray, positive: np.ndarray | None) -> np.ndarray | None:
@@ -222,17 +237,19 @@ def run_pipeline(
     config: PipelineConfig,
     *,
     on_record: Callable[[FileRecord], None] | None = None,
+    observer: BatchObserver | None = None,
 ) -> PipelineStats:
     """Score ``items`` (source items, or plain paths) into ``store``; returns counts and timings.
 
     One record per item reaches the store, keyed by the item's key, whatever the decoders do.
     Records of items that need no inference (skipped/failed) go straight to the writer so they
     never occupy a batch slot. Unread entries (``SourceItem.skip``) are the caller's to record.
+    ``observer`` (:class:`BatchObserver`) sees each scored batch with its image tokens.
     """
     stats = PipelineStats()
     t_start = time.perf_counter()
-    image_size = model.config.image_size
-    scorer = Scorer(model, prompts, include_phi=config.include_phi)
+    geometry = model.preprocessing  # the model's resize (CARZero letterboxes), applied in the feed thread
+    scorer = Scorer(model, prompts, include_phi=config.include_phi, observer=observer)
     committer = Committer(store, config.commit_every, stats, on_record)
     decoded_stream, pool = decode_stream(items, workers=config.workers, loader=config.loader, rules=config.rules,
                                          depth=config.depth, timeout=config.timeout)
@@ -246,7 +263,7 @@ def run_pipeline(
             for d in decoded_stream:
                 stats.decode_s += d.decode_s
                 if d.status == "loaded":
-                    d = _resized(d, image_size, stats)
+                    d = _resized(d, geometry, stats)
                 if d.status == "loaded":
                     while not stop.is_set():
                         try:
@@ -290,7 +307,7 @@ def run_pipeline(
     return stats
 
 
-def _resized(d: Decoded, image_size: int, stats: PipelineStats) -> Decoded:
+def _resized(d: Decoded, image_size: int | Preprocessing, stats: PipelineStats) -> Decoded:
     """The S×S model input of a loaded item (runs in the feed thread, overlapping inference)."""
     from radflash.errors import InputError
 

@@ -9,14 +9,26 @@ inference recipe)::
 
 Why this shape:
 
-* Discovery is streamed: the driver walks the source once, packs ``CHUNK`` items at a time into an
-  Arrow table and ``ray.put`` s it, so the work list lives in the object store (spillable to disk)
-  as Arrow, never as a list of Python objects in the driver. Unread entries (hidden files, loops)
-  are committed as *skipped* while walking, as the local verb does.
+* Discovery is streamed, window by window: the driver walks the source as Ray consumes it, packs
+  ``CHUNK`` items at a time into an Arrow table, and hands Ray one window of at most
+  ``RayOptions.window`` files at a time (a Ray Dataset's input is a list of blocks, so a window is
+  the unit that is listed ahead). The driver never holds more than one window, as Arrow, and
+  never a list of Python objects; an archive of any size costs the same driver memory. Unread
+  entries (hidden files, loops) are committed as *skipped* while walking, as the local verb does.
 * Decode runs where the CPUs are, as plain Ray tasks over small blocks (``DECODE_BATCH`` files):
   :func:`radflash.archive.decode_pool.decode_one` and the same resize as the local feed thread, so
   a row's pixels and status cannot differ from a local run's. Only S×S float32 bytes (or nothing,
   for skipped/failed files) travel on; PHI fields are dropped there unless ``include_phi``.
+* A hostile file costs only itself, as in a local run: each decode task hands its files to a
+  one-process :class:`~radflash.archive.decode_pool.DecodePool` kept in its Ray worker
+  (:func:`~radflash.archive.decode_pool.process_pool`), so a decoder that raises, crashes
+  (segfault, ``os._exit``) or passes the per-file ``timeout`` fails that file with the local
+  pool's reason and the task goes on. A Ray worker that dies anyway (killed by the OOM killer,
+  its node lost, or ``workers=0``: decoding in the task itself) is retried once by Ray; a block
+  whose task dies twice is dropped (``max_errored_blocks``) and, at the end of its window, the
+  driver records each of its files as failed (:data:`LOST_REASON`): never a silent loss, never a
+  stopped run. An exception in an inference actor still stops the run (as locally: a scoring
+  bug must not turn into failed rows that ``--resume`` would then skip).
 * Inference is a callable class in an actor pool (:class:`ScoreActor` holding a
   :class:`radflash.archive.pipeline.Scorer`); Ray Data restarts an actor that dies and retries the
   batch it had in flight (``max_restarts=-1``, ``max_task_retries=-1``, Ray Data's defaults), so a
@@ -30,7 +42,9 @@ Why this shape:
   not yet committed, and ``--resume`` skips exactly the committed ones.
 * Backpressure is Ray Data's streaming executor: it bounds the object store bytes each operator
   may hold, so an archive of any size runs in flat memory; the knobs are the batch size, the actor
-  count, ``DECODE_BATCH`` and the object store size (``ray start --object-store-memory``).
+  count, the window, the decode timeout, ``DECODE_BATCH`` and the object store size
+  (``ray start --object-store-memory``). Each window starts its own actor pool (model load), so a
+  window should hold minutes of work: the default ``WINDOW`` files do on most clusters.
 
 ``segment`` (:func:`encode_on_ray`) uses the same decode tasks at full resolution and an actor pool
 that only encodes; the driver makes each image's maps from the tokens and writes, in input order.
@@ -42,28 +56,34 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from radflash.archive.decode_pool import DecodeTask, decode_one, default_loader
+from radflash.archive.decode_pool import DecodeTask, Loader, decode_files
 from radflash.archive.pipeline import Committer, PipelineConfig, PipelineStats, PromptSet, Scorer, _resized
-from radflash.archive.sinks import FileRecord, Sink, TableSpec
+from radflash.archive.sinks import FileRecord, Sink, TableSpec, storable
 from radflash.util.optional import require
 
 if TYPE_CHECKING:
     from radflash.api import RadFlashModel
     from radflash.io.selection import SelectionRules
     from radflash.io.source import SourceItem
+    from radflash.preprocess import Preprocessing
 
 log = logging.getLogger("radflash.ray")
 
 CHUNK = 256  # source items per input block put into the object store by the driver
+WINDOW = 1 << 18  # files per Ray Dataset: what the driver lists ahead (≈ 40 MB of Arrow at most)
 DECODE_BATCH = 4  # files per decode task: small, so a retried or slow task costs little
+DECODE_RETRIES = 1  # times Ray reruns a decode task whose worker process died
+LOST_REASON = "decode task died twice (its Ray worker process was lost); not retried again"
 # Memory Ray reserves per decode task: a real CR/DX (≤ ~15 MP) decodes in ~25 B/pixel, so ~400 MB;
 # it stops Ray packing more decoders on a node than its memory holds. A distinct request also keeps
 # decode its own operator (Ray Data fuses operators with equal resource requests, and fused into
@@ -83,6 +103,7 @@ DECODED_SCHEMA = pa.schema([
 INPUT_SCHEMA = pa.schema([pa.field("key", pa.string()), pa.field("path", pa.string()),
                           pa.field("data", pa.binary())])
 _TIMING_COLUMNS = ("__decode_s", "__resize_s", "__infer_s")  # per-block timings, dropped before commit
+_ERROR = "__error"  # set on the rows of a batch an actor failed on: the driver stops the run
 
 
 @dataclass(frozen=True)
@@ -91,7 +112,9 @@ class RayOptions:
 
     ``actors=None``: one per GPU when the model runs on CUDA, else one CPU actor. ``threads``: torch
     threads per CPU actor (``None``: the actor's CPU share, at least 1). ``cpus_per_actor=None``:
-    1, lowered when the cluster would otherwise have no CPU left for decode tasks.
+    1, lowered when the cluster would otherwise have no CPU left for decode tasks. ``window``:
+    files handed to Ray per Dataset (see the module docstring: more amortises actor start, less
+    bounds what the driver lists ahead).
     """
 
     address: str | None = None
@@ -99,6 +122,7 @@ class RayOptions:
     threads: int | None = None
     cpus_per_actor: float | None = None
     gpus_per_actor: float = 1.0
+    window: int = WINDOW
 
 
 def require_ray() -> Any:
@@ -171,6 +195,15 @@ def cluster_info(ray: Any) -> dict[str, Any]:
             "resources": {k: v for k, v in resources.items() if not k.startswith("node:")}}
 
 
+def executor_info(options: RayOptions, placement: Placement, *, batch_size: int, timeout: float | None,
+                  isolate: bool) -> dict[str, Any]:
+    """How a run was executed on Ray, for ``score``'s manifest and ``segment``'s report: the
+    cluster (:func:`cluster_info`), the actor pool and the knobs that shaped the run."""
+    return {"kind": "ray", "address": options.address, **cluster_info(require_ray()), **placement.as_dict(),
+            "decode_batch": DECODE_BATCH, "batch_size": batch_size, "window": options.window,
+            "decode_timeout_s": timeout if isolate else None, "decode_isolated": isolate}
+
+
 # ---- stage 1: source → Arrow chunks in the object store ---------------------------------------
 def input_chunks(items: Iterable[SourceItem], *, is_done: Callable[[SourceItem], bool], sink: Sink,
                  chunk: int = CHUNK) -> Iterator[tuple[pa.Table, int]]:
@@ -178,6 +211,8 @@ def input_chunks(items: Iterable[SourceItem], *, is_done: Callable[[SourceItem],
 
     Unread entries are committed as *skipped* in groups as they are met; items an earlier run
     committed (``is_done``) are left out. Only one chunk is held as Python objects at a time.
+    Keys go in as the rows will store them (:func:`storable`), so the driver can tell by key which
+    files a window lost.
     """
     rows: dict[str, list] = {"key": [], "path": [], "data": []}
     unread: list[FileRecord] = []
@@ -192,7 +227,7 @@ def input_chunks(items: Iterable[SourceItem], *, is_done: Callable[[SourceItem],
                 sink.commit(unread)
                 unread = []
             continue
-        rows["key"].append(item.key)
+        rows["key"].append(item.key if item.key.isascii() else storable(item.key))
         rows["path"].append(None if item.path is None else str(item.path))
         rows["data"].append(item.data)
         if len(rows["key"]) >= chunk:
@@ -205,15 +240,67 @@ def input_chunks(items: Iterable[SourceItem], *, is_done: Callable[[SourceItem],
     yield INPUT_SCHEMA.empty_table(), seen
 
 
+def windows(chunks: Iterable[tuple[pa.Table, int]], files: int) -> Iterator[list[pa.Table]]:
+    """Group :func:`input_chunks` into windows of at most ``files`` items (at least one chunk each):
+    what one Ray Dataset gets. Only the window being filled is held."""
+    window: list[pa.Table] = []
+    held = 0
+    for table, _ in chunks:
+        if not table.num_rows:
+            continue
+        if window and held + table.num_rows > files:
+            yield window
+            window, held = [], 0
+        window.append(table)
+        held += table.num_rows
+    if window:
+        yield window
+
+
+def lost_keys(window: list[pa.Table], returned: list[pa.Array]) -> list[str]:
+    """Keys fed in ``window`` that never came back: their decode block was dropped (its task died
+    twice). Computed in Arrow, so a window's keys never become Python objects unless lost."""
+    fed = pa.concat_arrays([t.column("key").combine_chunks() for t in window])
+    back = pa.concat_arrays(returned) if returned else pa.array([], pa.string())
+    return fed.filter(pc.invert(pc.is_in(fed, value_set=back))).to_pylist()
+
+
+@contextmanager
+def _tolerant_context(*, preserve_order: bool) -> Iterator[None]:
+    """Ray Data settings for one of our datasets, restored afterwards (a later run in this process
+    gets Ray's defaults): a block whose task failed for good is dropped, not fatal (its files are
+    found by :func:`lost_keys`); ``preserve_order`` for ``segment``, whose output names are
+    claimed in input order. Set before the dataset is built, which copies the context."""
+    ctx = require_ray().data.DataContext.get_current()
+    before = (ctx.max_errored_blocks, ctx.execution_options.preserve_order)
+    ctx.max_errored_blocks = -1
+    ctx.execution_options.preserve_order = preserve_order
+    try:
+        yield
+    finally:
+        ctx.max_errored_blocks, ctx.execution_options.preserve_order = before
+
+
+def _decode_stage(ds: Any, fn: Callable[..., pa.Table], fn_kwargs: dict[str, Any]) -> Any:
+    """Input windows re-cut (streaming, no shuffle) into ``DECODE_BATCH``-file blocks, one decode
+    task each, retried once if its worker process dies."""
+    import warnings
+
+    with warnings.catch_warnings():  # Ray ≥ 2.6x names most task options, but not retries on worker death
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.repartition(target_num_rows_per_block=DECODE_BATCH).map_batches(
+            fn, batch_size=DECODE_BATCH, batch_format="pyarrow", num_cpus=1, memory=DECODE_MEMORY,
+            max_retries=DECODE_RETRIES, fn_kwargs=fn_kwargs)
+
+
 # ---- stage 2: decode (stateless, CPU tasks) -----------------------------------------------------
-def decode_block(block: pa.Table, *, image_size: int, rules: SelectionRules | None,
-                 include_phi: bool) -> pa.Table:
+def decode_block(block: pa.Table, *, image_size: int | Preprocessing, rules: SelectionRules | None, include_phi: bool,
+                 loader: Loader | None = None, timeout: float | None = 120.0, isolate: bool = True) -> pa.Table:
     """Decode + select + resize each file of ``block`` exactly as a local run's worker and feed
-    thread do (:func:`decode_one`, :func:`radflash.archive.pipeline._resized`)."""
-    loader = default_loader()
+    thread do (:func:`decode_one` in a kept decode process, :func:`radflash.archive.pipeline._resized`)."""
     out: dict[str, list] = {f.name: [] for f in DECODED_SCHEMA}
-    for i, row in enumerate(block.to_pylist()):
-        d = decode_one(DecodeTask(i, row["key"], row["path"], row["data"]), loader, rules)
+    tasks = [DecodeTask(i, row["key"], row["path"], row["data"]) for i, row in enumerate(block.to_pylist())]
+    for d in decode_files(tasks, loader=loader, rules=rules, timeout=timeout, isolate=isolate):
         stats = PipelineStats()
         if d.status == "loaded":
             d = _resized(d, image_size, stats)
@@ -254,6 +341,18 @@ class ScoreActor:
         self.spec = spec
 
     def __call__(self, block: pa.Table) -> pa.Table:
+        try:
+            table = self._score(block)
+            return table.append_column(_ERROR, pa.nulls(table.num_rows, pa.string()))
+        except Exception as exc:  # reported to the driver, which stops the run (see module docstring)
+            records = [FileRecord(path=key, status="failed", reason="inference failed")
+                       for key in block.column("key").to_pylist()]
+            table = self.spec.to_table(records)
+            for name in _TIMING_COLUMNS:
+                table = table.append_column(name, pa.array([0.0] * table.num_rows, pa.float64()))
+            return table.append_column(_ERROR, pa.array([_one_line(exc)] * table.num_rows, pa.string()))
+
+    def _score(self, block: pa.Table) -> pa.Table:
         from radflash.archive.decode_pool import Decoded
         from radflash.io.imageio import ImageMeta
 
@@ -281,6 +380,17 @@ class ScoreActor:
         return table
 
 
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def _raise_actor_error(block: pa.Table) -> None:
+    """Stop the run when an actor failed on this block (the rows were not scored)."""
+    errors = block.column(_ERROR).drop_null()
+    if len(errors):
+        raise RuntimeError(f"inference failed in a Ray actor: {errors[0].as_py()}")
+
+
 def records_of(table: pa.Table, spec: TableSpec) -> list[FileRecord]:
     """Part-table rows back into :class:`FileRecord` s, so the driver commits through the same
     :class:`Committer` (progress, counts, commit cadence) as a local run."""
@@ -303,63 +413,69 @@ def run_ray_pipeline(
     store: Sink,
     config: PipelineConfig,
     *,
-    image_size: int,
+    image_size: int | Preprocessing,  # the model's resize: a side S, or its Preprocessing (CARZero letterboxes)
     placement: Placement,
     dtype: str | None = None,
     backend: str = "eager",
+    window: int = WINDOW,
     is_done: Callable[[SourceItem], bool] = lambda item: False,
-    progress: Callable[[int], Callable[[FileRecord], None] | None] | None = None,
+    on_record: Callable[[FileRecord], None] | None = None,
 ) -> tuple[PipelineStats, int]:
     """Score ``items`` on the connected Ray cluster into ``store``; returns stats and items seen.
 
     Ray must be connected (:func:`connect`). Every item that is not ``is_done`` ends as exactly one
     committed record: unread entries while walking the source, the rest as blocks returned by the
-    actor pool. ``progress(n_to_score)`` is called once the walk is done (the total is only known
-    then) and returns the per-record callback.
+    actor pool, or as failed when their decode block was lost (:func:`lost_keys`). The source is
+    walked as the windows are consumed, so the total is known only at the end. ``config.timeout``
+    is the per-file decode timeout and ``config.workers == 0`` decodes inside the Ray tasks
+    (no crash isolation), as ``workers=0`` does locally.
     """
     ray = require_ray()  # also imports ray.data
 
     stats = PipelineStats()
     t_start = time.perf_counter()
-    refs = []
-    seen = todo = 0
-    for table, walked in input_chunks(items, is_done=is_done, sink=store):
-        seen = walked
-        if table.num_rows:
-            refs.append(ray.put(table))  # the object store holds the work list, not the driver
-            todo += table.num_rows
-    committer = Committer(store, config.commit_every, stats, progress(todo) if progress is not None else None)
-    if not refs:
-        stats.wall_s = time.perf_counter() - t_start
-        return stats, seen
-    # Input chunks are sized for the driver (few refs); a Ray task handles whole blocks, so they are
-    # re-cut (streaming, no shuffle) into DECODE_BATCH-file blocks: one decode task each, in parallel.
-    ds = ray.data.from_arrow_refs(refs).repartition(target_num_rows_per_block=DECODE_BATCH)
-    ds = ds.map_batches(decode_block, batch_size=DECODE_BATCH, batch_format="pyarrow", num_cpus=1,
-                        memory=DECODE_MEMORY,
-                        fn_kwargs={"image_size": image_size, "rules": config.rules,
-                                   "include_phi": config.include_phi})
-    ds = ds.map_batches(
-        ScoreActor, batch_size=config.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=placement.actors),
-        num_cpus=placement.cpus_per_actor, num_gpus=placement.gpus_per_actor or None,
-        fn_constructor_kwargs={"model": model, "device": placement.device, "dtype": dtype, "backend": backend,
-                               "prompts": prompts, "spec": spec, "include_phi": config.include_phi,
-                               "threads": placement.threads},
-    )
-    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        if not block.num_rows:
-            continue
-        stats.decode_s += float(sum(block.column("__decode_s").to_pylist()))
-        stats.resize_s += float(sum(block.column("__resize_s").to_pylist()))
-        stats.inference_s += float(sum(block.column("__infer_s").to_pylist()))
-        stats.batches += 1
-        if stats.first_batch_s is None:
-            stats.first_batch_s = time.perf_counter() - t_start
-        committer.add(records_of(block.drop_columns(list(_TIMING_COLUMNS)), spec))
+    committer = Committer(store, config.commit_every, stats, on_record)
+    walked = [0]
+
+    def counted() -> Iterator[tuple[pa.Table, int]]:
+        for table, seen in input_chunks(items, is_done=is_done, sink=store):
+            walked[0] = seen
+            yield table, seen
+
+    decode_kwargs = {"image_size": image_size, "rules": config.rules, "include_phi": config.include_phi,
+                     "loader": config.loader, "timeout": config.timeout, "isolate": config.workers > 0}
+    actor_kwargs = {"model": model, "device": placement.device, "dtype": dtype, "backend": backend,
+                    "prompts": prompts, "spec": spec, "include_phi": config.include_phi,
+                    "threads": placement.threads}
+    for chunks in windows(counted(), window):
+        returned: list[pa.Array] = []
+        with _tolerant_context(preserve_order=False):
+            ds = _decode_stage(ray.data.from_arrow_refs([ray.put(t) for t in chunks]), decode_block, decode_kwargs)
+            ds = ds.map_batches(
+                ScoreActor, batch_size=config.batch_size, batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=placement.actors),
+                num_cpus=placement.cpus_per_actor, num_gpus=placement.gpus_per_actor or None,
+                fn_constructor_kwargs=actor_kwargs)
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                if not block.num_rows:
+                    continue
+                _raise_actor_error(block)
+                stats.decode_s += float(pc.sum(block.column("__decode_s")).as_py() or 0.0)
+                stats.resize_s += float(pc.sum(block.column("__resize_s")).as_py() or 0.0)
+                stats.inference_s += float(pc.sum(block.column("__infer_s")).as_py() or 0.0)
+                stats.batches += 1
+                if stats.first_batch_s is None:
+                    stats.first_batch_s = time.perf_counter() - t_start
+                returned.append(block.column("path").combine_chunks())
+                committer.add(records_of(block.drop_columns([*_TIMING_COLUMNS, _ERROR]), spec))
+        lost = lost_keys(chunks, returned)
+        if lost:
+            log.warning("ray: %d file(s) lost with their decode task (worker died twice); recorded as failed",
+                        len(lost))
+            committer.add([FileRecord(path=key, status="failed", reason=LOST_REASON) for key in lost])
     committer.flush()
     stats.wall_s = time.perf_counter() - t_start
-    return stats, seen
+    return stats, walked[0]
 
 
 def run_on_ray(
@@ -386,21 +502,27 @@ def run_on_ray(
     """
     ray = require_ray()
     from radflash.archive.sinks import write_manifest
-    from radflash.io.source import path_text
 
     placement = plan(options, device, ray.cluster_resources())
-    actor_model: Any = model if model is None else path_text(model) if isinstance(model, (str, Path)) else rf_model
     manifest["device"] = placement.device
-    manifest["executor"] = {"kind": "ray", "address": options.address, **cluster_info(ray), **placement.as_dict(),
-                            "decode_batch": DECODE_BATCH, "batch_size": config.batch_size}
+    manifest["executor"] = executor_info(options, placement, batch_size=config.batch_size,
+                                         timeout=config.timeout, isolate=config.workers > 0)
     if out_dir is not None:  # a run killed mid-way still says how it was executed
         write_manifest(out_dir, manifest)
     log.info("ray: %d %s actor(s), %s CPU / %s GPU each", placement.actors, placement.device,
              placement.cpus_per_actor, placement.gpus_per_actor)
-    stats, _ = run_ray_pipeline(todo, actor_model, prompts, spec, store, config,
-                                image_size=rf_model.config.image_size, placement=placement, dtype=dtype,
-                                backend=backend, progress=lambda n: on_record)
+    stats, _ = run_ray_pipeline(todo, actor_model(model, rf_model), prompts, spec, store, config,
+                                image_size=rf_model.preprocessing.geometry, placement=placement, dtype=dtype,
+                                backend=backend, window=options.window, on_record=on_record)
     return stats
+
+
+def actor_model(model: Any, rf_model: Any) -> Any:
+    """What the actors load: a checkpoint path as text, ``None`` (the demo model) as is, else the
+    driver's loaded model (pickled to them)."""
+    from radflash.io.source import path_text
+
+    return model if model is None else path_text(model) if isinstance(model, (str, Path)) else rf_model
 
 
 # ---- segment: decode tasks + an encoder actor pool; the driver makes the maps and writes ------------
@@ -411,16 +533,16 @@ SEGMENT_SCHEMA = pa.schema([
 ])
 
 
-def decode_full(block: pa.Table, *, rules: SelectionRules | None) -> pa.Table:
+def decode_full(block: pa.Table, *, rules: SelectionRules | None, loader: Loader | None = None,
+                timeout: float | None = 120.0, isolate: bool = True) -> pa.Table:
     """``segment``'s decode task: :func:`decode_one` at the source resolution (maps are made at
-    each image's own size). The header facts travel pickled: the writers (DICOM SEG) need all of
-    them, and they stay inside this run's object store."""
+    each image's own size), crash-isolated like :func:`decode_block`. The header facts travel
+    pickled: the writers (DICOM SEG) need all of them, and they stay inside this run's object store."""
     import pickle
 
-    loader = default_loader()
     out: dict[str, list] = {f.name: [] for f in SEGMENT_SCHEMA}
-    for row in block.to_pylist():
-        d = decode_one(DecodeTask(row["index"], row["key"], row["path"], row["data"]), loader, rules)
+    tasks = [DecodeTask(row["index"], row["key"], row["path"], row["data"]) for row in block.to_pylist()]
+    for d in decode_files(tasks, loader=loader, rules=rules, timeout=timeout, isolate=isolate):
         loaded = d.status == "loaded"
         for name, value in (("index", d.index), ("key", d.key), ("path", d.path), ("status", d.status),
                             ("reason", d.reason), ("meta", None if d.meta is None else pickle.dumps(d.meta)),
@@ -449,9 +571,18 @@ class EncodeActor:
         self.model = as_model(model, device=device, dtype=dtype, backend=backend)
 
     def __call__(self, block: pa.Table) -> pa.Table:
+        error = None
+        try:
+            tokens, shape = self._encode(block.to_pylist())
+        except Exception as exc:  # reported to the driver, which stops the run
+            tokens, shape, error = [None] * block.num_rows, [None] * block.num_rows, _one_line(exc)
+        return block.append_column("tokens", pa.array(tokens, pa.binary())) \
+                    .append_column("token_shape", pa.array(shape, pa.list_(pa.int64()))) \
+                    .append_column(_ERROR, pa.array([error] * block.num_rows, pa.string()))
+
+    def _encode(self, rows: list[dict[str, Any]]) -> tuple[list[bytes | None], list[list[int] | None]]:
         import torch
 
-        rows = block.to_pylist()
         loaded = [i for i, r in enumerate(rows) if r["status"] == "loaded"]
         tokens: list[bytes | None] = [None] * len(rows)
         shape: list[list[int] | None] = [None] * len(rows)
@@ -460,52 +591,76 @@ class EncodeActor:
                 out = self.model.encode_images([_pixels(rows[i]) for i in loaded]).float().cpu().numpy()
             for j, i in enumerate(loaded):
                 tokens[i], shape[i] = out[j].tobytes(), list(out[j].shape)
-        return block.append_column("tokens", pa.array(tokens, pa.binary())) \
-                    .append_column("token_shape", pa.array(shape, pa.list_(pa.int64())))
+        return tokens, shape
 
 
-def encode_on_ray(files: Sequence[SourceItem], model: Any, placement: Placement, *, batch_size: int,
+def segment_chunks(files: Iterable[SourceItem], *, first_index: int = 0,
+                   chunk: int = CHUNK) -> Iterator[tuple[pa.Table, int]]:
+    """``segment``'s input blocks: up to ``chunk`` files each, numbered in input order from
+    ``first_index`` (the driver re-assembles outputs and names them in that order)."""
+    rows: dict[str, list] = {"index": [], "key": [], "path": [], "data": []}
+    index = first_index
+    for f in files:
+        for name, value in (("index", index), ("key", storable(f.key)),
+                            ("path", None if f.path is None else str(f.path)), ("data", f.data)):
+            rows[name].append(value)
+        index += 1
+        if len(rows["index"]) >= chunk:
+            yield pa.table(rows, schema=_SEGMENT_INPUT), index - first_index
+            rows = {k: [] for k in rows}
+    if rows["index"]:
+        yield pa.table(rows, schema=_SEGMENT_INPUT), index - first_index
+
+
+_SEGMENT_INPUT = pa.schema([pa.field("index", pa.int64()), pa.field("key", pa.string()),
+                            pa.field("path", pa.string()), pa.field("data", pa.binary())])
+
+
+def encode_on_ray(files: Iterable[SourceItem], model: Any, placement: Placement, *, batch_size: int,
                   rules: SelectionRules | None, dtype: str | None = None, backend: str = "eager",
-                  first_index: int = 0) -> Iterator[tuple[Any, Any]]:
+                  first_index: int = 0, timeout: float | None = 120.0, isolate: bool = True,
+                  window: int = WINDOW) -> Iterator[tuple[Any, Any]]:
     """``(Decoded, tokens of shape (1, 1+N, D) or None)`` per file, in input order, from a Ray run of
-    decode tasks and an encoder actor pool. Ray must be connected (:func:`connect`)."""
+    decode tasks and an encoder actor pool, window by window over the streamed ``files``. A file
+    whose decode block was lost comes back failed (:data:`LOST_REASON`) at the end of its window.
+    Ray must be connected (:func:`connect`)."""
+    ray = require_ray()
+    from radflash.archive.decode_pool import Decoded
+
+    decode_kwargs = {"rules": rules, "loader": None, "timeout": timeout, "isolate": isolate}
+    actor_kwargs = {"model": model, "device": placement.device, "dtype": dtype, "backend": backend,
+                    "threads": placement.threads}
+    for chunks in windows(segment_chunks(files, first_index=first_index), window):
+        returned: list[pa.Array] = []
+        with _tolerant_context(preserve_order=True):  # output names are claimed in input order
+            ds = _decode_stage(ray.data.from_arrow_refs([ray.put(t) for t in chunks]), decode_full, decode_kwargs)
+            ds = ds.map_batches(EncodeActor, batch_size=batch_size, batch_format="pyarrow",
+                                compute=ray.data.ActorPoolStrategy(size=placement.actors),
+                                num_cpus=placement.cpus_per_actor, num_gpus=placement.gpus_per_actor or None,
+                                fn_constructor_kwargs=actor_kwargs)
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                _raise_actor_error(block)
+                returned.append(block.column("key").combine_chunks())
+                for row in block.to_pylist():
+                    yield _decoded_row(row)
+        lost = set(lost_keys(chunks, returned))
+        for table in chunks if lost else ():
+            for row in table.select(["index", "key", "path"]).to_pylist():
+                if row["key"] in lost:
+                    yield Decoded(row["index"], row["key"], row["path"] or row["key"], "failed", LOST_REASON), None
+
+
+def _decoded_row(row: dict[str, Any]) -> tuple[Any, Any]:
+    """One output row of the encoder pool → (Decoded, its tokens as a (1, 1+N, D) tensor, or None)."""
     import pickle
 
     import torch
 
-    ray = require_ray()
     from radflash.archive.decode_pool import Decoded
 
-    refs = []
-    for lo in range(0, len(files), CHUNK):
-        part = files[lo:lo + CHUNK]
-        refs.append(ray.put(pa.table({
-            "index": list(range(first_index + lo, first_index + lo + len(part))),
-            "key": [f.key for f in part], "path": [None if f.path is None else str(f.path) for f in part],
-            "data": pa.array([f.data for f in part], pa.binary())})))
-    if not refs:
-        return
-    options = ray.data.DataContext.get_current().execution_options
-    ordered = options.preserve_order
-    options.preserve_order = True  # output names are claimed in input order (collisions get -2...);
-    # set before the dataset is built, which copies the context
-    ds = ray.data.from_arrow_refs(refs).repartition(target_num_rows_per_block=DECODE_BATCH)
-    ds = ds.map_batches(decode_full, batch_size=DECODE_BATCH, batch_format="pyarrow", num_cpus=1,
-                        memory=DECODE_MEMORY, fn_kwargs={"rules": rules})
-    ds = ds.map_batches(EncodeActor, batch_size=batch_size, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=placement.actors),
-                        num_cpus=placement.cpus_per_actor, num_gpus=placement.gpus_per_actor or None,
-                        fn_constructor_kwargs={"model": model, "device": placement.device, "dtype": dtype,
-                                               "backend": backend, "threads": placement.threads})
-    try:
-        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in block.to_pylist():
-                meta = None if row["meta"] is None else pickle.loads(row["meta"])  # our own decode task's bytes
-                if row["status"] != "loaded":
-                    yield Decoded(row["index"], row["key"], row["path"], row["status"], row["reason"], meta=meta), None
-                    continue
-                tokens = torch.from_numpy(np.frombuffer(row["tokens"], dtype=np.float32)
-                                          .reshape(row["token_shape"]).copy()).unsqueeze(0)
-                yield Decoded(row["index"], row["key"], row["path"], "loaded", None, _pixels(row).copy(), meta), tokens
-    finally:  # a later score run in this process keeps Ray's default (completion order)
-        options.preserve_order = ordered
+    meta = None if row["meta"] is None else pickle.loads(row["meta"])  # our own decode task's bytes
+    if row["status"] != "loaded":
+        return Decoded(row["index"], row["key"], row["path"], row["status"], row["reason"], meta=meta), None
+    tokens = np.frombuffer(row["tokens"], dtype=np.float32).reshape(row["token_shape"])
+    decoded = Decoded(row["index"], row["key"], row["path"], "loaded", None, _pixels(row).copy(), meta)
+    return decoded, torch.from_numpy(tokens.copy()).unsqueeze(0)

@@ -15,11 +15,13 @@ import logging
 import os
 import platform
 import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from itertools import chain, islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,10 +41,20 @@ from radflash.archive.sinks import (
 )
 from radflash.checkpoints.calibration import score_calibrated
 from radflash.errors import InputError
-from radflash.io.source import FileSource, Source, SourceItem, path_from_text, path_text
+from radflash.io.source import (
+    FileSource,
+    Source,
+    SourceItem,
+    listed_items,
+    path_from_text,
+    path_text,
+    retrieval_failures,
+    retrieved_items,
+)
 
 if TYPE_CHECKING:
     from radflash.api import RadFlashModel
+    from radflash.archive.pipeline import BatchObserver
     from radflash.archive.ray_executor import RayOptions
     from radflash.io.selection import SelectionRules
 
@@ -102,6 +114,7 @@ def score(
     auth: Any = None,
     stow: str | None = None,
     ray: RayOptions | None = None,
+    observer: BatchObserver | None = None,
 ) -> ScoreRun:
     """Score every image under ``inputs`` (files/folders, searched recursively).
 
@@ -113,13 +126,15 @@ def score(
         model: checkpoint path or a loaded :class:`RadFlashModel`; ``None`` = embedded demo model.
         findings: ``None`` = the 14 CheXpert findings ("There is {finding}"); a YAML/JSON/TXT prompt
             file; a mapping name → prompt (or → {prompt, threshold}); or a list of prompts.
-        workers: decode processes; 0 decodes in-process; ``None`` = min(4, CPU count).
+        workers: decode processes; 0 decodes in-process; ``None`` = min(4, CPU count). Under
+            ``ray`` each decode task keeps one decode process, and 0 decodes inside the task.
         resume: continue an interrupted run in ``output``: committed files are skipped.
         num_parts, part_id: score only shard ``part_id`` of ``num_parts`` (deterministic split of
             files; a :class:`Source` given directly is a shard already).
         rules: a :class:`radflash.io.selection.SelectionRules` (modalities, views...); ``None`` = default.
         commit_every: files per committed part (the most work a crash can lose).
-        timeout: seconds one file may take to decode before its worker is killed and it is failed.
+        timeout: seconds one file may take to decode before its worker is killed and it is failed
+            (locally and in Ray decode tasks).
         max_pixels: the pixel budget (default :data:`radflash.io.selection.DEFAULT_MAX_PIXELS`): a
             file whose header claims more pixels is failed before it is decoded.
         auth: a :class:`radflash.io.dicomweb.Auth` for ``dicomweb+http(s)://`` inputs (default: netrc).
@@ -127,6 +142,8 @@ def score(
             ``dicomweb+http(s)://`` root, or ``"same"`` for the DICOMweb server scored from.
         ray: run the same stages on a Ray cluster (:mod:`radflash.archive.ray_executor`): decode as
             CPU tasks, inference in an actor pool on ``device``; ``None`` runs them locally.
+        observer: sees each scored batch with its image tokens in the same pass (local runs only:
+            under Ray the tokens stay in the actors); e.g. :class:`radflash.report.gallery.ScoreGallery`.
 
     With an output folder the run holds ``OUT/.radflash.lock`` (:class:`radflash.archive.sinks.OutputLock`)
     from before the model loads until the tables are written: a second run into the same folder
@@ -156,12 +173,10 @@ def score(
             rules = dataclasses.replace(rules, max_pixels=max_pixels)
 
         # ---- items ---------------------------------------------------------------------------
+        # Streamed: nothing is listed ahead. A file source checks its inputs here, before the model
+        # loads; a network source lists cheaply and retrieves only what is still to do (below).
         source, demo = _source_of(inputs, num_parts=num_parts, part_id=part_id, auth=auth)
-        t_disc = time.perf_counter()
-        # a network source lists cheaply first and retrieves only what is still to do (below)
-        listing = getattr(source, "listing", None)
-        items = list(listing() if listing is not None else source)  # unread entries included: one skipped row each
-        discover_s = time.perf_counter() - t_disc
+        intake = _Intake(listed_items(source))
 
         # ---- model ---------------------------------------------------------------------------
         t_model = time.perf_counter()
@@ -221,55 +236,56 @@ def score(
             write_manifest(out_dir, manifest)
         else:
             store = MemoryStore(spec)
+        initial_counts = _done_counts(store, out_dir)
         if stow is not None:
             store = _stow_sink(stow, store, source, prompt_set, rf_model, auth)
-        todo = [_absolute(item) for item in items if item.skip is None and _done_key(item) not in done]
-        unread = [FileRecord(path=item.key, status="skipped", reason=item.skip)
-                  for item in items if item.skip is not None and _done_key(item) not in done]
-        if unread:
-            store.commit(unread)
-        if listing is not None:
-            todo = source.retrieve(todo)  # type: ignore[attr-defined]
-        if resume and committed_before:
-            log.info("resuming: %d files already committed, %d to go", len(items) - len(todo), len(todo))
+        # unread entries are committed by the walk (the decode feed thread), rows by the pipeline
+        sink = _SerialSink(store)
+        todo = retrieved_items(source, intake.todo(done, sink, group=commit_every))
 
         n_workers = min(4, os.cpu_count() or 1) if workers is None else workers
-        n_workers = min(n_workers, len(todo))  # no point spawning idle decoders for a handful of files
+        if ray is None:
+            ahead, todo = _peek(todo, n_workers)
+            n_workers = min(n_workers, ahead)  # no point spawning idle decoders for a handful of files
+        else:  # Ray decode tasks each keep one decode process (crash isolation), unless workers=0
+            n_workers = int(n_workers > 0)
         config = PipelineConfig(batch_size=batch_size, workers=n_workers, commit_every=commit_every,
                                 timeout=timeout, include_phi=include_phi, rules=rules)
-        bar = _progress_bar(len(todo), enabled=progress, initial_counts=_done_counts(store, out_dir))
+        bar = _progress_bar(None, enabled=progress, initial_counts=initial_counts)  # total: known at the end
         try:
             if ray is None:
-                stats = run_pipeline(todo, rf_model, prompt_set, store, config,
-                                     on_record=bar.update if bar is not None else None)
+                stats = run_pipeline(todo, rf_model, prompt_set, sink, config,
+                                     on_record=bar.update if bar is not None else None, observer=observer)
             else:
                 from radflash.archive.ray_executor import run_on_ray
 
-                stats = run_on_ray(todo, model, rf_model, prompt_set, spec, store, config, manifest, ray,
+                stats = run_on_ray(todo, model, rf_model, prompt_set, spec, sink, config, manifest, ray,
                                    device=device, dtype=dtype, backend=backend, out_dir=out_dir,
                                    on_record=bar.update if bar is not None else None)
         finally:
             if bar is not None:
                 bar.close()
-        store.commit([FileRecord(path=key, status="failed", reason=why)
-                      for key, why in getattr(source, "failures", ())])  # instances the server would not give
+        sink.commit([FileRecord(path=key, status="failed", reason=why)
+                      for key, why in retrieval_failures(source)])  # instances the server would not give
+        if intake.already:
+            log.info("resumed: %d of %d entries were committed by an earlier run", intake.already, intake.discovered)
 
         # ---- consolidate ---------------------------------------------------------------------
-        results_path, status_path, results, status = store.finalize(fmt)  # type: ignore[arg-type]
+        results_path, status_path, results, status = sink.finalize(fmt)
         counts = status_counts(status.column("status").to_pylist())
         elapsed = time.perf_counter() - t0
-        all_shards = source.entries_all_shards if isinstance(source, FileSource) else len(items)
+        all_shards = source.entries_all_shards if isinstance(source, FileSource) else intake.discovered
         manifest.update({
             "complete": True,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "counts": {"discovered": len(items), "discovered_all_shards": all_shards, **counts,
+            "counts": {"discovered": intake.discovered, "discovered_all_shards": all_shards, **counts,
                        "committed_before_this_run": committed_before, "processed_this_run": stats.total},
-            "timings": {"discover_s": round(discover_s, 3), "load_model_s": round(load_model_s, 3),
+            "timings": {"discover_s": round(intake.walk_s, 3), "load_model_s": round(load_model_s, 3),
                         **_timings(stats), "total_s": round(elapsed, 3)},
         })
         manifest_path = write_manifest(out_dir, manifest) if out_dir is not None else None
         return ScoreRun(
-            output=out_dir, discovered=len(items), resumed=committed_before, elapsed_s=elapsed,
+            output=out_dir, discovered=intake.discovered, resumed=committed_before, elapsed_s=elapsed,
             images_per_s=round(stats.total / stats.wall_s, 2) if stats.wall_s > 0 and stats.total else None,
             results=results, status=status, manifest=manifest, results_path=results_path,
             status_path=status_path, manifest_path=manifest_path, demo=demo, **counts,
@@ -360,6 +376,71 @@ def _absolute(item: SourceItem) -> SourceItem:
     if item.path is None:
         return item
     return dataclasses.replace(item, path=Path(os.path.abspath(item.path)))
+
+
+class _Intake:
+    """The run's one pass over its source, as the run consumes it: counts every item, leaves out
+    what an earlier run committed, commits unread entries as *skipped* rows in groups, and hands
+    on the rest with absolute paths. Nothing is kept, so an archive of any size streams through;
+    the counts are final once the pass has ended."""
+
+    def __init__(self, items: Iterator[SourceItem]) -> None:
+        try:  # the first item now: a listing that fails (a server away) fails before the model loads
+            first = [next(items)]
+        except StopIteration:
+            first = []
+        self.items: Iterator[SourceItem] = chain(first, items)
+        self.discovered = 0  # every item, unread and already committed ones included
+        self.already = 0  # items an earlier run committed
+        self.walk_s = 0.0  # time spent waiting on the source (discovery, listing)
+
+    def todo(self, done: set[str], sink: Any, *, group: int) -> Iterator[SourceItem]:
+        """The items still to decode; unread entries go to ``sink`` ``group`` at a time."""
+        unread: list[FileRecord] = []
+        while True:
+            t0 = time.perf_counter()
+            item = next(self.items, None)
+            self.walk_s += time.perf_counter() - t0
+            if item is None:
+                break
+            self.discovered += 1
+            if done and _done_key(item) in done:  # realpath only on a resume: it costs system calls
+                self.already += 1
+            elif item.skip is not None:
+                unread.append(FileRecord(path=item.key, status="skipped", reason=item.skip))
+                if len(unread) >= group:
+                    sink.commit(unread)
+                    unread = []
+            else:
+                yield _absolute(item)
+        sink.commit(unread)
+
+
+class _SerialSink:
+    """A sink whose commits are serialised: the walk commits unread entries from whichever thread
+    consumes the source (the local decode feed), while the pipeline commits rows from its own."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self._lock = threading.Lock()
+
+    def commit(self, records: Sequence[FileRecord]) -> object:
+        if not records:
+            return None
+        with self._lock:
+            return self.inner.commit(records)
+
+    def finalize(self, fmt: Any) -> Any:
+        with self._lock:
+            return self.inner.finalize(fmt)
+
+
+def _peek(items: Iterable[SourceItem], n: int) -> tuple[int, Iterator[SourceItem]]:
+    """How many of the next ``n`` items exist, and the same items, none lost: a run sizes its
+    decode pool by what it has without listing the rest."""
+    it = iter(items)
+    head = list(islice(it, n))
+    return len(head), chain(head, it)
 
 
 def resolve_findings(findings: str | Path | Mapping[str, Any] | Sequence[str] | None) -> PromptSet:
@@ -468,7 +549,7 @@ class _Progress:
         self.bar.close()
 
 
-def _progress_bar(total: int, *, enabled: bool, initial_counts: Mapping[str, int]) -> _Progress | None:
+def _progress_bar(total: int | None, *, enabled: bool, initial_counts: Mapping[str, int]) -> _Progress | None:
     from radflash.util.progress import progress_bar
 
     bar = progress_bar(total, desc="scoring", enabled=enabled,

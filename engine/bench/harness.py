@@ -1,26 +1,34 @@
-"""``bench()``: latency of every stage of radflash beside the RadZero reference, in one run.
+"""``bench()``: latency of every stage of radflash beside the reference of the model's family, in one run.
 
 For each backend and batch size B one timed loop runs the whole path per iteration
 
-    decode (B DICOM files) → preprocess → image encoder → head (VL-CABS) → maps (upsampling)
+    decode (B DICOM files) → preprocess → image encoder → head → maps (upsampling)
 
 with a :class:`radflash.util.timing.StageClock` boundary after each stage. ``e2e`` is that
 iteration's total and the stage times are its consecutive segments, so per iteration the
 stages sum to at most ``e2e`` (exactly, up to loop overhead) and so do their means.
-The reference path (:mod:`radflash.bench.reference`: transformers modules, fp32, eager, same weights;
-the RadZero code's own unfused head, sharing no code with radflash's, and plain-torch maps; the
-reference code's pydicom/PIL decode and preprocessing) runs the
-same loop on the same files in the same process, so every row carries
-``ratio = reference median / radflash median`` (> 1: radflash is faster).
+Families without similarity maps (CARZero: ``supports_maps`` False) have no ``maps`` stage.
+The reference path runs the same loop on the same files in the same process, so every row carries
+``ratio = reference median / radflash median`` (> 1: radflash is faster). It is picked by family:
+
+- RadZero (:mod:`radflash.bench.reference`): transformers modules, fp32, eager, same weights; the
+  RadZero code's own unfused head, sharing no code with radflash's, and plain-torch maps; the
+  reference code's pydicom/PIL decode and preprocessing. radflash's head is VL-CABS with maps.
+- CARZero (:mod:`radflash.bench.carzero_reference`): transformers ViT and BERT, fp32, eager, same
+  weights; the released fusion written out with ``nn.MultiheadAttention`` and scored by the
+  released per-image loop, which projects every prompt's keys/values again for every image;
+  the released letterbox preprocessing. radflash's head is ``module.head(tokens, text)`` on the
+  packed prompt features (t and every layer's prompt keys/values) computed once per prompt set.
 ``score`` times the whole :func:`radflash.archive.verb.score` verb (in-process decode) on a small
 synthetic archive against a serial reference loop over the same files.
 
 Warm-up iterations are excluded; CUDA timings use events and one synchronize per iteration.
 p95/p99 are reported only from 20/100 samples on (:data:`radflash.util.timing.MIN_SAMPLES`). ``auto``
 is resolved by timing its candidates at the largest batch size; the record is in ``config``.
-Physical limits beside the results (formulas in :data:`radflash.bench.report.FORMULAS`): the
-encoder's achieved FLOP/s as a fraction of a measured matmul rate in the model's dtype, and the
-head's and maps' bytes/s as a fraction of a measured copy bandwidth.
+Physical limits beside the results (formulas in :func:`radflash.bench.report.formulas_for`): the
+encoder's achieved FLOP/s as a fraction of a measured matmul rate in the model's dtype; RadZero's
+head and maps as bytes/s against a measured copy bandwidth (they are memory-bound); CARZero's head
+(the fusion, compute-bound) as FLOP/s against the matmul rate (:func:`carzero_head_flops`).
 
 This module is the measuring; what is timed comes from :mod:`radflash.bench.inputs`, and the
 report it fills (types, table, markdown) is :mod:`radflash.bench.report`.
@@ -29,6 +37,7 @@ report it fills (types, table, markdown) is :mod:`radflash.bench.report`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import tempfile
 import warnings
@@ -40,7 +49,7 @@ import numpy as np
 import torch
 
 from radflash.bench.inputs import BenchInputs, bench_prompts, build_archive, image_loader, make_inputs
-from radflash.bench.report import E2E, SCORE, STAGES, BenchReport, Limit, MemoryRow, Row
+from radflash.bench.report import E2E, SCORE, STAGES, BenchReport, Limit, MemoryRow, Row, formulas_for
 from radflash.errors import BackendUnavailable, InputError
 from radflash.util.timing import Peaks, StageClock, Stats, measure_peaks, peak_memory, reset_peak_memory
 
@@ -63,6 +72,25 @@ def encoder_flops(cfg: Any, image_size: int) -> float:
     n, d, m = patches + 1, v.hidden, v.mlp
     layers = v.layers + cfg.align_layers
     return layers * (2 * n * (4 * d * d + 2 * d * m) + 4 * n * n * d) + 2 * patches * (v.in_chans * v.patch**2) * d
+
+
+def carzero_head_flops(cfg: Any, b: int, t: int) -> int:
+    """FLOP of CARZero's batched fusion head for B images and T prompts (``CARZERO_HEAD`` in report.py).
+
+    Counts what :meth:`radflash.models.carzero.CARZero.head` multiplies, matmuls only (LayerNorms,
+    softmax and ReLU are a few FLOP per element, < 1%): per pair and direction the query and
+    out-projections, attention over K keys (scores and weighted sum), the FFN and the scoring MLP;
+    the first layer's query projection once per distinct query (the T prompts of i2t, the B images
+    of t2i: its input is shared before the first residual); the image keys/values once per image
+    and layer. The prompt keys/values come from the cache and cost nothing here.
+    """
+    d, fc = cfg.vision.hidden, cfg.fusion
+    n = (cfg.image_size // cfg.vision.patch) ** 2 + 1
+    widths = [d, *fc.mlp, 1]
+    mlp = 2 * sum(a * c for a, c in itertools.pairwise(widths))
+    per_pair = sum(fc.layers * (2 * d * d + 4 * k * d + 4 * d * fc.ffn) + (fc.layers - 1) * 2 * d * d + mlp
+                   for k in (n, 1 + cfg.text.max_length))
+    return b * t * per_pair + (b + t) * 2 * d * d + b * fc.layers * 4 * n * d * d
 
 
 def head_bytes(b: int, t: int, n: int, d: int, *, e_tok: int, e_txt: int, e_s: int) -> int:
@@ -197,23 +225,23 @@ def _bench(model: Any, device: str, names: list[str], batch_sizes: Sequence[int]
     prompt_list = bench_prompts(prompts, list(rf.default_prompts.values()) or ["There is pleural effusion"])
     peaks = measure_peaks(dev, rf.dtype)
     reference = _reference(rf, skipped) if include_reference else None
+    maps = rf.supports_maps
+    stages = [s for s in STAGES if maps or s != "maps"]
 
     with tempfile.TemporaryDirectory(prefix="radflash-bench-") as tmp:
         files = build_archive(Path(tmp) / "archive", archive_files, skipped)
         inputs = make_inputs(files, cfg.image_size)
         report = BenchReport(
-            machine=machine_info(dev), peaks=peaks, skipped=skipped,
+            machine=machine_info(dev), peaks=peaks, skipped=skipped, formulas=formulas_for(rf.family),
             config={
-                "model": rf.model_id, "image_size": cfg.image_size, "patch": cfg.vision.patch,
+                "model": rf.model_id, "family": rf.family, "image_size": cfg.image_size, "patch": cfg.vision.patch,
                 "tokens": (cfg.image_size // cfg.vision.patch) ** 2 + 1, "width": cfg.vision.hidden,
                 "encoder_layers": cfg.vision.layers + cfg.align_layers, "device": str(dev),
                 "dtype": str(rf.dtype).removeprefix("torch."), "backends": names, "batch_sizes": batch_sizes,
                 "prompts": prompts, "iterations": iterations, "warmup": warmup, "threads": torch.get_num_threads(),
-                "archive_files": len(files), "map_size": list(inputs.map_size),
-                "reference": None if reference is None else "transformers Dinov2Model + Dinov2Layer + MPNetModel, "
-                "fp32 eager; the RadZero code's unfused head (LayerNorm, normalise, bmm/τ, softmax, weighted sum, "
-                "cosine); F.interpolate maps; pydicom + PIL decode/preprocess",
-                "e2e": "one timed loop per iteration: " + " → ".join(STAGES) + "; stages are its segments",
+                "archive_files": len(files), "map_size": list(inputs.map_size) if maps else None,
+                "reference": None if reference is None else REFERENCE_DESCRIPTIONS[rf.family],
+                "e2e": "one timed loop per iteration: " + " → ".join(stages) + "; stages are its segments",
             },
         )
         ref_stages: dict[int, dict[str, Stats]] = {}
@@ -266,11 +294,30 @@ def _bench(model: Any, device: str, names: list[str], batch_sizes: Sequence[int]
     return report
 
 
-def _reference(rf: RadFlashModel, skipped: list[dict[str, str]]):
-    from radflash.bench.reference import ReferenceRadZero
+REFERENCE_DESCRIPTIONS = {
+    "radzero": "transformers Dinov2Model + Dinov2Layer + MPNetModel, fp32 eager; the RadZero code's unfused head "
+               "(LayerNorm, normalise, bmm/τ, softmax, weighted sum, cosine); F.interpolate maps; pydicom + PIL "
+               "decode/preprocess",
+    "carzero": "transformers ViTModel + BertModel, fp32 eager, BERT run once per prompt list (Python-loop word "
+               "aggregation); the released fusion (nn.MultiheadAttention decoder, 4 pre-norm layers, MLP head) "
+               "in the released per-image loop (get_dqn_similarities): per image one i2t call (all prompts as "
+               "queries over its 197 tokens) and one t2i call (its CLS over every prompt's 98 rows), every "
+               "prompt's keys/values projected again for every image; pydicom + letterbox (area resize, pad, "
+               "centre crop) preprocess",
+}
 
+
+def _reference(rf: RadFlashModel, skipped: list[dict[str, str]]):
+    """The reference of the model's family (:data:`REFERENCE_DESCRIPTIONS`), or None with the reason."""
+    if rf.family == "carzero":
+        from radflash.bench.carzero_reference import ReferenceCARZero as reference_cls
+    elif rf.family == "radzero":
+        from radflash.bench.reference import ReferenceRadZero as reference_cls
+    else:
+        skipped.append({"what": "reference", "reason": f"no reference implementation for family {rf.family!r}"})
+        return None
     try:
-        return ReferenceRadZero.from_model(rf)
+        return reference_cls.from_model(rf)
     except BackendUnavailable as exc:
         skipped.append({"what": "reference", "reason": str(exc)})
         return None
@@ -290,7 +337,9 @@ def _limit(stage: str, st: Stats, rf: RadFlashModel, b: int, t: int, inputs: Ben
     e = torch.finfo(rf.dtype).bits // 8
     if stage == "encode":
         kind, amount, peak = "flop", b * encoder_flops(cfg, cfg.image_size), peaks.matmul_flops_per_s
-    elif stage == "head":
+    elif stage == "head" and rf.family == "carzero":
+        kind, amount, peak = "flop", carzero_head_flops(cfg, b, t), peaks.matmul_flops_per_s
+    elif stage == "head" and rf.family == "radzero":
         kind, amount, peak = "bytes", head_bytes(b, t, n, d, e_tok=e, e_txt=e, e_s=e), peaks.copy_bytes_per_s
     elif stage == "maps":
         h, w = inputs.map_size
@@ -319,9 +368,11 @@ def _loop(iteration, b: int, dev: torch.device, iterations: int, warmup: int) ->
 
 
 def _radflash_iteration(rf: RadFlashModel, inputs: BenchInputs, prompt_list: list[str]):
+    """One radflash iteration; the head gets the cached prompt features (CARZero: packed t + prompt K/V)."""
     from radflash.kernels import upsample_maps
 
-    text = rf.encode_text(prompt_list)  # prompt embeddings are fixed per run: cached, not timed
+    text = rf.encode_text(prompt_list)  # prompt features are fixed per run: cached, not timed
+    maps = rf.supports_maps
     grid = rf.grid_for((rf.config.image_size // rf.config.vision.patch) ** 2)
     load = image_loader() if inputs.files else None
 
@@ -335,16 +386,19 @@ def _radflash_iteration(rf: RadFlashModel, inputs: BenchInputs, prompt_list: lis
         clock.mark("preprocess")
         tokens = rf.encode_images(pixels=pixels)
         clock.mark("encode")
-        _, sims = rf.module.head(tokens, text, return_maps=True)
+        _, sims = rf.module.head(tokens, text, return_maps=maps)
         clock.mark("head")
-        upsample_maps(sims.view(b, len(prompt_list), *grid), inputs.map_size, output="prob")
-        clock.mark("maps")
+        if maps:
+            upsample_maps(sims.view(b, len(prompt_list), *grid), inputs.map_size, output="prob")
+            clock.mark("maps")
 
     return iteration
 
 
 def _reference_iteration(ref: Any, inputs: BenchInputs, prompt_list: list[str], cfg: Any):
+    """One reference iteration; its text features are cached too (only the head's own work is timed)."""
     text = ref.text_features(prompt_list)
+    maps = getattr(ref, "supports_maps", True)
     side = cfg.image_size // cfg.vision.patch
 
     @torch.inference_mode()
@@ -359,10 +413,11 @@ def _reference_iteration(ref: Any, inputs: BenchInputs, prompt_list: list[str], 
         clock.mark("preprocess")
         tokens = ref.image_tokens(pixels)
         clock.mark("encode")
-        _, sims = ref.head(tokens, text, return_maps=True)
+        _, sims = ref.head(tokens, text, return_maps=maps)
         clock.mark("head")
-        ref.maps(sims, (side, side), inputs.map_size)
-        clock.mark("maps")
+        if maps:
+            ref.maps(sims, (side, side), inputs.map_size)
+            clock.mark("maps")
 
     return iteration
 

@@ -40,7 +40,8 @@ def plot_report(report: BenchReport, path: str | Path) -> Path:
     ax1.set_xticks(batches, [str(b) for b in batches])
     ax1.set_xlabel("batch size B")
     ax1.set_ylabel("e2e latency per image (ms, median / B)")
-    ax1.set_title("decode → preprocess → encode → head → maps", fontsize=9)
+    stages = [s for s in STAGES if any(r.stage == s for r in report.rows)]  # no maps for CARZero
+    ax1.set_title(" → ".join(stages), fontsize=9)
     ax1.grid(alpha=0.3)
     ax1.legend(fontsize=8)
 

@@ -36,6 +36,22 @@ FORMULAS = {
 }
 
 
+# CARZero's head is the cross-attention fusion (radflash.models.fusion), compute-bound: its limit is FLOP/s.
+CARZERO_HEAD = ("FLOP = Σ over both directions (K = N image tokens for i2t, K = 1 + L prompt rows for t2i) of "
+                "B·T·[ℓ·(2D² + 4·K·D + 4·D·F) + (ℓ−1)·2D² + 2·Σ w_k·w_(k+1)] + (B + T)·2D² + B·ℓ·4·N·D², with "
+                "ℓ fusion layers, F FFN width, w = (D, MLP widths…, 1): per pair and direction the out-projection, "
+                "attention over K keys, FFN and the scoring MLP in every layer and the query projection in all "
+                "but the first; the first layer projects each distinct query once (T prompts, B images); the "
+                "image keys/values once per image and layer (the prompt keys/values are cached, not counted)")
+
+
+def formulas_for(family: str) -> dict[str, str]:
+    """The formulas behind the ``physical limit`` column for a model family (no maps for CARZero)."""
+    if family == "carzero":
+        return {k: (CARZERO_HEAD if k == "head" else v) for k, v in FORMULAS.items() if k != "maps"}
+    return dict(FORMULAS)
+
+
 # ---- types -----------------------------------------------------------------------------------------
 @dataclass
 class Limit:
@@ -162,7 +178,8 @@ def summary_lines(report: BenchReport) -> list[str]:
         f"model {c['model']} · S={c['image_size']} (N={c['tokens']} tokens, D={c['width']}) · {c['dtype']} on "
         f"{c['device']} ({c['threads']} threads) · T={c['prompts']} prompts · "
         f"{c['iterations']} iterations after {c['warmup']} warm-up · "
-        f"archive {c['archive_files']} files, maps at {c['map_size'][0]}×{c['map_size'][1]}",
+        f"archive {c['archive_files']} files" + (f", maps at {c['map_size'][0]}×{c['map_size'][1]}"
+                                                 if c.get("map_size") else ", no maps (the family has none)"),
     ]
     if report.peaks is not None:
         p = report.peaks

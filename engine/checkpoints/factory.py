@@ -19,6 +19,7 @@ from radflash.models.registry import build
 from radflash.tokenizer import PromptTokenizer
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")  # MPNet's ids 0..3 (pad = 1)
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # BERT's, with pad = 0
 BASIC_WORDS = (
     "there", "is", "are", "no", "may", "be", "of", "the", "a", "and", "or", "in", "with", "left",
     "right", "upper", "lower", "lung", "lungs", "lobe", "apical", "basal", "bilateral", "small", "large",
@@ -28,30 +29,43 @@ BASIC_WORDS = (
 )
 
 
-def wordpiece_tokenizer(words: Iterable[str] = BASIC_WORDS, *, vocab_size: int | None = None) -> Tokenizer:
-    """An MPNet-shaped WordPiece tokenizer over a fixed word list (+ single characters as fallback)."""
-    vocab: dict[str, int] = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+def wordpiece_tokenizer(words: Iterable[str] = BASIC_WORDS, *, vocab_size: int | None = None,
+                        style: str = "mpnet") -> Tokenizer:
+    """A WordPiece tokenizer over a fixed word list (+ single characters as fallback).
+
+    ``style="mpnet"``: RadZero's special tokens (``<s> … </s>``, pad 1); ``"bert"``: CARZero's
+    (``[CLS] … [SEP]``, pad 0). Words outside the list split into ``##`` pieces, which is what
+    CARZero's word aggregation is tested on.
+    """
+    specials = BERT_SPECIAL_TOKENS if style == "bert" else SPECIAL_TOKENS
+    vocab: dict[str, int] = {t: i for i, t in enumerate(specials)}
     chars = sorted({c for w in words for c in w} | set("abcdefghijklmnopqrstuvwxyz0123456789.,;:-'()/"))
     for token in [*chars, *[f"##{c}" for c in chars], *words]:
         vocab.setdefault(token, len(vocab))
     if vocab_size is not None:
         for i in range(len(vocab), vocab_size):
             vocab[f"[unused{i}]"] = i
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="<unk>"))
+    if style == "bert":
+        bos, eos, unk = "[CLS]", "[SEP]", "[UNK]"
+    else:
+        bos, eos, unk = "<s>", "</s>", "<unk>"
+    tok = Tokenizer(models.WordPiece(vocab, unk_token=unk))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+        single=f"{bos} $A {eos}", special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])]
     )
     tok.decoder = decoders.WordPiece()
     return tok
 
 
-def randomize_(module: torch.nn.Module, *, seed: int | None = None, std: float = 0.02) -> torch.nn.Module:
+def randomize_(module: torch.nn.Module, *, seed: int | None = None, std: float | None = 0.02) -> torch.nn.Module:
     """Non-trivial random weights everywhere (LayerNorm gains/biases and LayerScale included).
 
     Default inits leave LayerNorms at 1/0 and position tables at 0, which would let parity tests
     pass with a wrong parameter mapping; randomising everything makes such bugs visible.
+    ``std=None`` scales each matrix by 1/√fan-in instead, so signals keep their size through deep
+    stacks (CARZero's 4-layer scoring MLP turns 0.02-std weights into a constant score).
     """
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     with torch.no_grad():
@@ -61,7 +75,8 @@ def randomize_(module: torch.nn.Module, *, seed: int | None = None, std: float =
             elif p.ndim == 1 and _is_gain(name.lower()):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
             else:
-                p.copy_(std * torch.randn(p.shape, generator=gen))
+                scale = std if std is not None or p.ndim < 2 or "embed" in name else p[0].numel() ** -0.5
+                p.copy_((scale or 0.02) * torch.randn(p.shape, generator=gen))
     return module
 
 
@@ -77,14 +92,19 @@ def random_checkpoint(
     model_id: str = "random",
 ) -> Checkpoint:
     cfg = preset(config) if isinstance(config, str) else config
-    tok = tokenizer or wordpiece_tokenizer(vocab_size=cfg.text.vocab)
+    tok = tokenizer or wordpiece_tokenizer(vocab_size=cfg.text.vocab, style=cfg.text.kind)
     if tok.get_vocab_size() > cfg.text.vocab:
         raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens, model vocab is {cfg.text.vocab}")
-    module = randomize_(build(cfg), seed=seed)  # the family the config names
+    # the family the config names; CARZero's deep scoring MLP needs fan-in scaled weights
+    module = randomize_(build(cfg), seed=seed, std=None if cfg.architecture == "carzero" else 0.02)
+    bind = getattr(module, "bind_vocabulary", None)  # families whose weights record tokenizer facts
+    if bind is not None:
+        bind(tok.get_vocab(with_added_tokens=True))
     return Checkpoint(
         config=cfg,
         state_dict={k: v.clone() for k, v in module.state_dict().items()},
-        tokenizer=PromptTokenizer(tok, pad_id=cfg.text.pad_id, max_length=cfg.text.max_length),
+        tokenizer=PromptTokenizer(tok, pad_id=cfg.text.pad_id, max_length=cfg.text.max_length,
+                                  cleaning=cfg.text.cleaning),
         model_id=model_id,
         prompts=default_prompts(),
     )

@@ -122,7 +122,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     info = _validate_meta(meta, path / CONFIG if path.is_dir() else path)
     config = info.model
     tokenizer = PromptTokenizer.from_str(
-        tok_text, pad_id=config.text.pad_id, max_length=config.text.max_length, source=tok_source
+        tok_text, pad_id=config.text.pad_id, max_length=config.text.max_length, source=tok_source,
+        cleaning=config.text.cleaning,
     )
     # names and shapes from the header first: a config that does not describe these weights is
     # refused before any tensor is read or any model allocated
@@ -198,11 +199,18 @@ def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     The model is built on the meta device (no storage), so the table always matches the real
     module; the schema's size bounds keep even the largest allowed config quick to build.
     """
+    return {k: tuple(v.shape) for k, v in build_on_meta(config).state_dict().items()}
+
+
+def build_on_meta(config: ModelConfig) -> torch.nn.Module:
+    """The module of the family ``config`` names, on the meta device: shapes and names, no storage.
+
+    The schema's size bounds keep even the largest allowed config quick to build.
+    """
     from radflash.models.registry import build
 
     with torch.device("meta"), _SkipInit():
-        module = build(config)  # the family the config names
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        return build(config)
 
 
 class _SkipInit(TorchFunctionMode):

@@ -22,6 +22,7 @@ COMMANDS = {
     "convert": "radflash.cli.convert:convert",
     "score": "radflash.cli.score:score",
     "segment": "radflash.cli.segment:segment",
+    "report": "radflash.cli.report:report",
     "bench": "radflash.cli.bench:bench",
     "train": "radflash.cli.train:train",
     "evaluate": "radflash.cli.train:evaluate",

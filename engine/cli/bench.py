@@ -53,7 +53,8 @@ def bench(model_path: str | None, device: str, backends: tuple[str, ...], batch_
           image_size: int | None, prompts: int, iterations: int, warmup: int, archive_files: int,
           threads: int | None, no_reference: bool, json_path: Path | None, plot_path: Path | None,
           markdown_path: Path | None) -> None:
-    """Time decode, preprocessing, encoder, head, maps and the score path beside the reference."""
+    """Time decode, preprocessing, encoder, head, maps (for families that have them) and the score path beside the
+    reference of the model's family (RadZero or CARZero)."""
     from rich.console import Console
 
     from radflash.bench.harness import bench as run_bench

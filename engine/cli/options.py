@@ -233,3 +233,27 @@ def ray_run_options(address: str | None, actors: int | None, threads: int | None
     from radflash.archive.ray_executor import RayOptions
 
     return RayOptions(address=None if address == LOCAL_RAY else address, actors=actors, threads=threads)
+
+
+REPORT_MODES = ("none", "summary", "full")
+
+
+def report_options(f: F) -> F:
+    """``--report`` and ``--report-maps``: the run's self-contained ``OUT/report.html`` (radflash.report)."""
+    return stack(
+        click.option("--report", "report_mode", type=click.Choice(REPORT_MODES), default=None,
+                     help="OUT/report.html: none; summary (counts, histograms, table: no images of patients); "
+                          "full (also the --report-maps gallery). Default: full with --report-maps, else summary."),
+        click.option("--report-maps", type=click.IntRange(min=1), default=None, metavar="K",
+                     help="Keep the top K images per finding/prompt, with maps, for the report's gallery "
+                          "(same pass; the thumbnails are images of patients)."),
+    )(f)
+
+
+def checked_report_mode(mode: str | None, maps: int | None, output: Path | None) -> str | None:
+    """The checked ``--report``/``--report-maps`` pair: the mode to write, or None for the default."""
+    if maps is not None and mode in ("none", "summary"):
+        raise click.UsageError(f"--report-maps draws the gallery of --report full; --report {mode} has none")
+    if (mode is not None or maps is not None) and output is None:
+        raise click.UsageError("--report/--report-maps write OUT/report.html: give -o OUT")
+    return mode

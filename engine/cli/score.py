@@ -6,7 +6,13 @@ from pathlib import Path
 
 import click
 
-from radflash.cli.options import inference_options, ray_options, ray_run_options
+from radflash.cli.options import (
+    checked_report_mode,
+    inference_options,
+    ray_options,
+    ray_run_options,
+    report_options,
+)
 
 PREVIEW_ROWS = 10
 
@@ -49,13 +55,14 @@ def _modalities(ctx: click.Context, param: click.Parameter, value: str | None) -
               help="DICOMweb inputs: environment variable holding a bearer token (default: ~/.netrc).")
 @click.option("--basic-auth-env", metavar="VAR", default=None,
               help="DICOMweb inputs: environment variable holding user:password for basic auth.")
+@report_options
 @ray_options
 def score(inputs: tuple[str, ...], output: Path | None, model_path: str | None, findings: Path | None,
           device: str, batch_size: int, workers: int | None, backend: str, fmt: str, include_phi: bool,
           resume: bool, num_parts: int, part_id: int, include_lateral: bool, modalities: tuple[str, ...] | None,
           commit_every: int, timeout: float, max_pixels: int | None, quiet: bool, token_env: str | None,
-          basic_auth_env: str | None, stow: str | None, ray_address: str | None = None, ray_actors: int | None = None,
-          ray_threads: int | None = None) -> None:
+          basic_auth_env: str | None, stow: str | None, report_mode: str | None = None, report_maps: int | None = None,
+          ray_address: str | None = None, ray_actors: int | None = None, ray_threads: int | None = None) -> None:
     """Score every image in INPUTS (files or folders, searched recursively) for each finding.
 
     An input may instead be a DICOMweb study query on a PACS, e.g.
@@ -63,8 +70,9 @@ def score(inputs: tuple[str, ...], output: Path | None, model_path: str | None, 
 
     With no INPUTS the small embedded demo archive is scored. Writes OUTPUT/results.<fmt> (one
     row per scored image: path, UIDs, <finding>.logit and <finding>.prob), OUTPUT/status.<fmt>
-    (every file once: scored/skipped/failed and why) and OUTPUT/manifest.json. OUTPUT is locked
-    for the run (a second run into it stops with an error naming the first).
+    (every file once: scored/skipped/failed and why), OUTPUT/manifest.json and OUTPUT/report.html
+    (see --report). OUTPUT is locked for the run (a second run into it stops with an error naming
+    the first).
     """
     if part_id >= num_parts:
         raise click.UsageError(f"--part-id {part_id} must be smaller than --num-parts {num_parts}")
@@ -74,21 +82,28 @@ def score(inputs: tuple[str, ...], output: Path | None, model_path: str | None, 
     from radflash.archive.verb import score as score_fn
     from radflash.io.dicomweb import Auth, is_dicomweb
 
+    report_mode = checked_report_mode(report_mode, report_maps, output)
     rules = _rules(include_lateral, modalities)
     auth = Auth(token_env=token_env, basic_env=basic_auth_env) if token_env or basic_auth_env else None
     if not inputs and not quiet:
         click.echo(f"No inputs given: scoring the embedded demo archive ({DEMO_ARCHIVE}).", err=True)
+    from radflash.cli.report import start_gallery
+
+    gallery = start_gallery("score", report_maps, output, resume=resume, ray=ray_address)
     run = score_fn(
         [i if is_dicomweb(i) else Path(i) for i in inputs] or None, output, model=model_path, findings=findings,
         device=device,
         batch_size=batch_size, workers=workers, backend=backend, fmt=fmt, include_phi=include_phi,
         resume=resume, num_parts=num_parts, part_id=part_id, rules=rules, progress=not quiet,
         commit_every=commit_every, timeout=timeout, max_pixels=max_pixels, auth=auth, stow=stow,
-        ray=ray_run_options(ray_address, ray_actors, ray_threads),
+        ray=ray_run_options(ray_address, ray_actors, ray_threads), observer=gallery,
     )
-    if quiet:
-        return
-    _summary(run)
+    if not quiet:
+        _summary(run)
+    if output is not None:
+        from radflash.cli.report import finish_run_report
+
+        finish_run_report(output, report_mode, gallery, include_phi=include_phi, quiet=quiet)
 
 
 def _rules(include_lateral: bool, modalities: tuple[str, ...] | None):

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import click
 
-from radflash.cli.options import inference_options, ray_options, ray_run_options
+from radflash.cli.options import (
+    checked_report_mode,
+    inference_options,
+    ray_options,
+    ray_run_options,
+    report_options,
+)
 from radflash.errors import RadflashError
 
 FORMAT_NAMES = ("png", "npz", "dicom-seg", "nifti")
@@ -49,18 +55,19 @@ def _formats(ctx: click.Context, param: click.Parameter, value: tuple[str, ...])
 @click.option("--basic-auth-env", metavar="VAR", default=None,
               help="DICOMweb: environment variable holding user:password for basic auth.")
 @inference_options(batch_size=8)
+@report_options
 @ray_options
 def segment(inputs: tuple[str, ...], outdir: Path, prompt_texts: tuple[str, ...], prompt_file: Path | None,
             threshold: float | None, formats: tuple[str, ...], preview: bool, store: str | None,
             token_env: str | None, basic_auth_env: str | None, model_path: str | None,
             device: str, backend: str, batch_size: int, workers: int | None, max_pixels: int | None,
-            quiet: bool, ray_address: str | None = None, ray_actors: int | None = None,
-            ray_threads: int | None = None) -> None:
+            quiet: bool, report_mode: str | None = None, report_maps: int | None = None,
+            ray_address: str | None = None, ray_actors: int | None = None, ray_threads: int | None = None) -> None:
     """Segment and ground prompts in DICOM/PNG/JPEG INPUTS (files or folders).
 
     For each image and prompt, at the image's original size: a float16 probability map (npz), a
     binary mask (png / dicom-seg / nifti) and grounding (peak point, box of the largest region,
-    peak probability) in one JSON per image.
+    peak probability) in one JSON per image; OUTDIR/report.html summarises the run (see --report).
 
     An input may instead be a DICOMweb study query on a PACS, e.g.
     'dicomweb+http://host:8042/dicom-web/studies?ModalitiesInStudy=CR' (segmented on its own).
@@ -68,7 +75,9 @@ def segment(inputs: tuple[str, ...], outdir: Path, prompt_texts: tuple[str, ...]
     if not prompt_texts and prompt_file is None:
         raise click.UsageError("give at least one --prompt TEXT or a --prompts FILE")
     ray = ray_run_options(ray_address, ray_actors, ray_threads)
+    report_mode = checked_report_mode(report_mode, report_maps, outdir)
     try:
+        from radflash.cli.report import finish_run_report, start_gallery
         from radflash.findings import load_prompt_file
         from radflash.io.dicomweb import Auth, is_dicomweb
         from radflash.segment.summary import summary_table
@@ -82,16 +91,18 @@ def segment(inputs: tuple[str, ...], outdir: Path, prompt_texts: tuple[str, ...]
             prompts.setdefault(text, {"prompt": text, "threshold": None})
         auth = Auth(token_env=token_env, basic_env=basic_auth_env) if token_env or basic_auth_env else None
         sources = [i if is_dicomweb(i) else Path(i) for i in inputs]
+        gallery = start_gallery("segment", report_maps, outdir)
         run = run_segment(sources, outdir, prompts=prompts, thresholds=threshold, model=model_path,
                           device=device, backend=backend, batch_size=batch_size, formats=formats,
                           preview=preview, workers=workers, progress=not quiet, max_pixels=max_pixels,
-                          ray=ray, auth=auth, store=store)
+                          ray=ray, auth=auth, store=store, observer=gallery)
     except RadflashError as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from None
     if not quiet:
         from rich.console import Console
 
         Console().print(summary_table(run))
+    finish_run_report(outdir, report_mode, gallery, quiet=quiet)
     if not run.images:
         raise click.ClickException(f"no image could be segmented ({len(run.failures)} failed or skipped; "
                                    f"see {run.report_path})")

@@ -25,13 +25,13 @@ import io
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from radflash.errors import InputError
-from radflash.io.source import SourceItem
+from radflash.io.source import SourceBase, SourceItem
 
 log = logging.getLogger("radflash.dicomweb")
 
@@ -210,8 +210,11 @@ def shard_uid(uid: str, num_parts: int) -> int:
     return int.from_bytes(hashlib.blake2b(uid.encode(), digest_size=8).digest(), "big") % num_parts
 
 
-class DicomWebSource:
+class DicomWebSource(SourceBase):
     """The instances of the studies a QIDO-RS query matches, retrieved with WADO-RS.
+
+    A two-phase :class:`~radflash.io.source.Source`: :meth:`listing` (QIDO-RS only), then
+    :meth:`retrieve` of what is still to do, with ``failures`` for instances that could not be had.
 
     Order is stable: studies in the server's order, instances within a study by series and SOP
     UID. ``num_parts``/``part_id`` keep the instances whose SOPInstanceUID hashes to this shard.
@@ -274,9 +277,9 @@ class DicomWebSource:
         pydicom.dcmwrite(buf, ds, enforce_file_format=False)  # as received: same syntax, same pixel bytes
         return buf.getvalue()
 
-    def retrieve(self, items: Sequence[SourceItem]) -> Retrieval:
-        """``items`` (from :meth:`listing`) with their bytes fetched lazily, one at a time."""
-        return Retrieval(self, list(items))
+    def retrieve(self, items: Iterable[SourceItem]) -> Retrieval:
+        """``items`` (from :meth:`listing`, a list or a stream) with their bytes fetched lazily, in order."""
+        return Retrieval(self, items)
 
     def __iter__(self) -> Iterator[SourceItem]:
         yield from self.retrieve(list(self.listing()))
@@ -301,12 +304,12 @@ class Retrieval:
     """
 
     source: DicomWebSource
-    items: list[SourceItem]
+    items: Iterable[SourceItem]  # a list (then ``len`` works) or a stream, iterated once
     prefetch: int = 4
     fetched: int = field(default=0)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.items)  # type: ignore[arg-type]  # only for a listed (sized) sequence
 
     def __iter__(self) -> Iterator[SourceItem]:
         from collections import deque

@@ -1,7 +1,7 @@
 """Sources: what a run reads, as typed items, whatever it comes from.
 
 A verb (``score``, ``segment``) never walks folders itself: it iterates a :class:`Source`, which
-yields one :class:`SourceItem` per thing to account for. :class:`FileSource` is today's file
+yields one :class:`SourceItem` per thing to account for. :class:`FileSource` streams file
 discovery (:mod:`radflash.io.discovery`) and sharding; a network source (DICOMweb WADO, a queue of
 instances) yields the same items with ``data`` instead of ``path``, and the decode stage, the
 batching, the scorer and the sinks do not change (MONAI Deploy's data-loader operator; Ray Data's
@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from radflash.io.discovery import Discovery, discover_entries, shard
+from radflash.io.discovery import Entry, check_shard, shard_text_key, walk
 
 _ESCAPE_RE = re.compile(r"\\(\\|x[0-9a-f]{2})")
 
@@ -33,7 +33,10 @@ def path_text(path: str | os.PathLike) -> str:
     Python hands undecodable name bytes over as lone surrogates (``surrogateescape``), which
     Parquet, CSV and JSON cannot hold; this form can, and :func:`path_from_text` inverts it.
     """
-    raw = os.fsencode(path)
+    text = os.fspath(path)
+    if isinstance(text, str) and text.isascii() and "\\" not in text:
+        return text  # nothing to escape (the common case: cheap for an archive of 10⁶ files)
+    raw = os.fsencode(text)
     return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
 
 
@@ -73,7 +76,21 @@ class SourceItem:
 
 @runtime_checkable
 class Source(Protocol):
-    """Anything that yields :class:`SourceItem` s and can say what it reads."""
+    """Anything that yields :class:`SourceItem` s and can say what it reads.
+
+    Two members are required. A source may also offer the optional members of
+    :class:`SourceBase` (which gives each its default, so subclassing it is the easy way to write
+    a source); the verbs reach them through :func:`listed_items`, :func:`retrieved_items` and
+    :func:`retrieval_failures`, so a source with only the two required members works unchanged:
+
+    * ``listing()``: the items, cheaply, without their bytes (a network source lists first, so a
+      resumed run never fetches what an earlier run committed); default: ``iter(source)``.
+    * ``retrieve(items)``: the listed items still to do, with their bytes fetched lazily, in
+      order; an item that cannot be fetched is left out and recorded in ``failures``; default:
+      the items unchanged.
+    * ``failures``: ``(key, reason)`` of listed items that could not be retrieved, complete once
+      the retrieved items have been consumed; default: none.
+    """
 
     def __iter__(self) -> Iterator[SourceItem]:
         """Every item, each once, in a stable order (a resumed or sharded run relies on it)."""
@@ -84,44 +101,83 @@ class Source(Protocol):
         ...
 
 
-class FileSource:
-    """Files and folders on disk: :func:`radflash.io.discovery.discover_entries`, then one shard.
+class SourceBase:
+    """The optional members of :class:`Source` with their defaults: a source whose items come
+    ready from ``__iter__`` (nothing to fetch later, so nothing can fail to be fetched)."""
 
-    Yields the shard's files (sorted; path as discovered, key = :func:`path_text` of the absolute
-    path) followed by its unread entries, each with its ``skip`` reason. Discovery runs once, on
-    first use, and is kept, so counting across shards does not walk the archive again.
+    failures: Sequence[tuple[str, str]] = ()
+
+    def listing(self) -> Iterator[SourceItem]:
+        return iter(self)  # type: ignore[call-overload]
+
+    def retrieve(self, items: Iterable[SourceItem]) -> Iterable[SourceItem]:
+        return items
+
+
+def listed_items(source: Source) -> Iterator[SourceItem]:
+    """``source.listing()`` where the source has it, else its items: the first pass of a run."""
+    method = getattr(source, "listing", None)
+    return iter(method() if method is not None else source)
+
+
+def retrieved_items(source: Source, items: Iterable[SourceItem]) -> Iterable[SourceItem]:
+    """``source.retrieve(items)`` where the source has it, else ``items``: the bytes of what is to do."""
+    method = getattr(source, "retrieve", None)
+    return method(items) if method is not None else items
+
+
+def retrieval_failures(source: Source) -> Sequence[tuple[str, str]]:
+    """``(key, reason)`` of listed items the source could not retrieve (none for most sources)."""
+    return getattr(source, "failures", ())
+
+
+def _absolute(path: str, cwd: str) -> str:
+    """``os.path.abspath(path)`` with ``cwd`` as the working folder, without its ``normpath`` when a
+    walked path cannot need it (pathlib's spelling has no ``.`` parts and no doubled slashes; only
+    ``..`` parts, a leading ``//`` and hidden names, which share the ``/.`` test, take the slow road)."""
+    absolute = path if path.startswith("/") else os.path.join(cwd, path)
+    return os.path.normpath(absolute) if "/." in absolute or absolute.startswith("//") else absolute
+
+
+class FileSource(SourceBase):
+    """Files and folders on disk, streamed: :func:`radflash.io.discovery.walk`, then one shard.
+
+    Yields the shard's entries in walk order (the sorted order of their paths): files with the
+    path as discovered and key = :func:`path_text` of the absolute path, unread entries the same
+    with their ``skip`` reason. Nothing is listed ahead: the walk advances as items are asked for,
+    so an archive of any size costs the memory of one folder listing per level. Iterating checks
+    the inputs at once (:class:`InputError` for a missing one), before the first item is asked for.
     """
 
     def __init__(self, inputs: Sequence[str | os.PathLike] | str | os.PathLike, *, num_parts: int = 1,
                  part_id: int = 0) -> None:
+        check_shard(num_parts, part_id)
         self.inputs = [Path(inputs)] if isinstance(inputs, (str, os.PathLike)) else [Path(p) for p in inputs]
         self.num_parts = num_parts
         self.part_id = part_id
-        self._found: Discovery | None = None
-
-    def discovery(self) -> Discovery:
-        """The walk over all inputs (every shard): raises InputError for a missing input."""
-        if self._found is None:
-            self._found = discover_entries(self.inputs)
-        return self._found
+        self.walked: int | None = None  # entries across every shard, once a walk has run to its end
 
     @property
     def entries_all_shards(self) -> int:
-        """Files plus unread entries across every shard (the manifest's ``discovered_all_shards``)."""
-        found = self.discovery()
-        return len(found.files) + len(found.skipped)
+        """Files plus unread entries across every shard (the manifest's ``discovered_all_shards``):
+        counted by the last complete iteration, or by a walk that only counts."""
+        if self.walked is None:
+            self.walked = sum(1 for _ in walk(self.inputs))
+        return self.walked
 
     def __iter__(self) -> Iterator[SourceItem]:
-        found = self.discovery()
-        files, left_out = found.files, found.skipped
-        if self.num_parts > 1:  # unread entries are sharded by the same path hash as files
-            files = shard(files, self.num_parts, self.part_id)
-            mine = {p.as_posix() for p in shard([p for p, _ in left_out], self.num_parts, self.part_id)}
-            left_out = [(p, r) for p, r in left_out if p.as_posix() in mine]
-        for path in files:
-            yield SourceItem(path_text(os.path.abspath(path)), path)
-        for path, reason in left_out:
-            yield SourceItem(path_text(os.path.abspath(path)), path, skip=reason)
+        return self._items(walk(self.inputs))
+
+    def _items(self, entries: Iterator[Entry]) -> Iterator[SourceItem]:
+        cwd = os.getcwd()
+        seen = 0
+        parts, mine = self.num_parts, self.part_id
+        for path, reason in entries:  # the loop runs once per archive entry: kept lean
+            seen += 1
+            if parts > 1 and shard_text_key(path) % parts != mine:
+                continue
+            yield SourceItem(path_text(_absolute(path, cwd)), Path(path), skip=reason)
+        self.walked = seen
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "files", "inputs": [path_text(p) for p in self.inputs],

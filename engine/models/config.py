@@ -58,6 +58,8 @@ class VisionConfig:
     pos_grid: Annotated[Int, Field(ge=1, le=MAX_IMAGE)] = 16  # g0: side of the grid the positions were trained on
     in_chans: Literal[3] = 3  # preprocessing always feeds 3 equal channels
     eps: Eps = 1e-6
+    # DINOv2 blocks scale each residual branch by a learned vector; MAE/timm ViTs (CARZero) do not
+    layer_scale: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> VisionConfig:
@@ -67,6 +69,8 @@ class VisionConfig:
 
 @dataclass(frozen=True, config=CONFIG)
 class TextConfig:
+    # "mpnet": relative position buckets (RadZero); "bert": absolute positions + token types (CARZero)
+    kind: Literal["mpnet", "bert"] = "mpnet"
     vocab: Annotated[Int, Field(ge=1, le=MAX_VOCAB)] = 30527
     hidden: Width = 768
     layers: Layers = 12
@@ -78,12 +82,19 @@ class TextConfig:
     eps: Eps = 1e-5
     pad_id: Annotated[Int, Field(ge=0)] = 1
     max_length: Annotated[Int, Field(ge=1)] = 512
+    type_vocab: Annotated[Int, Field(ge=1, le=MAX_VOCAB)] = 2  # BERT token types (all prompts use type 0)
+    # text cleaning applied before the tokenizer; part of the model ("carzero": see radflash.models.prompt_cleaning)
+    cleaning: Literal["none", "carzero"] = "none"
 
     @model_validator(mode="after")
     def _check(self) -> TextConfig:
         _divisible(self.hidden, self.heads)
         if self.pad_id >= self.vocab:
             raise ValueError(f"pad_id {self.pad_id} must be < vocab {self.vocab}")
+        if self.kind == "bert":
+            if self.max_length > self.max_positions:  # BERT positions run from 0 to max_length - 1
+                raise ValueError(f"max_length {self.max_length} must be ≤ max_positions {self.max_positions}")
+            return self
         if self.max_length + self.pad_id + 1 > self.max_positions:
             # MPNet positions run from pad_id + 1 to pad_id + max_length: all must index the table
             raise ValueError(f"max_length {self.max_length} + pad_id {self.pad_id} + 1 must be ≤ "
@@ -92,6 +103,17 @@ class TextConfig:
             # the log-spaced buckets divide by log(max_distance / (buckets // 4))
             raise ValueError(f"max_distance {self.max_distance} must be > buckets // 4 = {self.buckets // 4}")
         return self
+
+
+@dataclass(frozen=True, config=CONFIG)
+class FusionConfig:
+    """CARZero's cross-attention fusion: decoder layers without self-attention, then an MLP to one score."""
+
+    layers: Layers = 4
+    heads: Heads = 4
+    ffn: MlpWidth = 1024
+    eps: Eps = 1e-5
+    mlp: tuple[MlpWidth, ...] = (1024, 512, 256)  # hidden widths of the scoring MLP (ReLU between)
 
 
 def _divisible(hidden: int, heads: int) -> None:
@@ -116,9 +138,21 @@ class ModelConfig:
     std: Annotated[RGB, AfterValidator(_positive_std)] = IMAGENET_STD
     # the model family (radflash.models.registry): which module is built from this config
     architecture: Annotated[str, AfterValidator(_known_family)] = "radzero"
+    # CARZero only: the fusion decoder, and the letterbox side (resize the longer side to it, pad
+    # to a square, centre-crop image_size); None = resize straight to image_size (RadZero)
+    fusion: FusionConfig | None = None
+    letterbox: Annotated[Int, Field(ge=1, le=MAX_IMAGE)] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
+        if self.letterbox is not None and self.letterbox < self.image_size:
+            raise ValueError(f"letterbox {self.letterbox} must be ≥ image_size {self.image_size} (centre crop)")
+        if self.architecture == "carzero":
+            if self.fusion is None:
+                raise ValueError("a carzero model needs a 'fusion' section")
+            if self.text.kind != "bert":
+                raise ValueError("a carzero model needs text.kind 'bert'")
+            _divisible(self.vision.hidden, self.fusion.heads)
         if self.vision.hidden != self.text.hidden:
             raise ValueError(f"vision.hidden {self.vision.hidden} must equal text.hidden {self.text.hidden}: "
                              "the shared LayerNorm needs equal widths")
@@ -159,6 +193,32 @@ PRESETS: dict[str, ModelConfig] = {
         image_size=224,
         mean=(0.5, 0.5, 0.5),
         std=(0.25, 0.25, 0.25),
+    ),
+    # The published CARZero sizes (MAE ViT-B/16 at 224, BERT-base, 4-layer fusion decoder).
+    "carzero": ModelConfig(
+        vision=VisionConfig(patch=16, pos_grid=14, layer_scale=False),
+        text=TextConfig(kind="bert", vocab=28996, eps=1e-12, pad_id=0, max_positions=512, max_length=97,
+                        cleaning="carzero"),
+        align_layers=0,
+        image_size=224,
+        letterbox=256,
+        mean=(0.4978,) * 3,
+        std=(0.2449,) * 3,
+        architecture="carzero",
+        fusion=FusionConfig(),
+    ),
+    # CARZero's structure at test sizes (odd widths on purpose: 4 fusion heads of 12).
+    "carzero-tiny": ModelConfig(
+        vision=VisionConfig(hidden=48, layers=2, heads=3, mlp=96, patch=16, pos_grid=4, layer_scale=False),
+        text=TextConfig(kind="bert", vocab=2048, hidden=48, layers=2, heads=3, mlp=96, eps=1e-12, pad_id=0,
+                        max_positions=128, max_length=97, cleaning="carzero"),
+        align_layers=0,
+        image_size=64,
+        letterbox=72,
+        mean=(0.4978,) * 3,
+        std=(0.2449,) * 3,
+        architecture="carzero",
+        fusion=FusionConfig(layers=2, heads=4, ffn=64, mlp=(40, 24, 16)),
     ),
 }
 

@@ -3,7 +3,7 @@
 Why a table of import strings rather than imports: :mod:`radflash.models.config` validates the
 family name against this table, and the config is imported by code that must not pull in model
 or kernel code (the bench reference path); a family's module is imported only when a model of
-that family is built. Adding a family (CARZero next) is one line here plus its module.
+that family is built. Adding a family is one line here plus its module.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 # family name (the config's ``architecture``) → "module:Class"
 FAMILIES: dict[str, str] = {
     "radzero": "radflash.models.radzero:RadZero",
+    "carzero": "radflash.models.carzero:CARZero",
 }
 
 

@@ -39,18 +39,24 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with LayerScale (DINOv2)."""
+    """Pre-norm transformer block, with LayerScale (DINOv2) or without (MAE/timm, ``layer_scale=False``)."""
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
         self.attn = SelfAttention(cfg.hidden, cfg.heads)
-        self.ls1 = nn.Parameter(torch.ones(cfg.hidden))
         self.norm2 = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
         self.mlp = Mlp(cfg.hidden, cfg.mlp)
-        self.ls2 = nn.Parameter(torch.ones(cfg.hidden))
+        if cfg.layer_scale:
+            self.ls1 = nn.Parameter(torch.ones(cfg.hidden))
+            self.ls2 = nn.Parameter(torch.ones(cfg.hidden))
+        else:
+            self.ls1 = self.ls2 = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ls1 is None:
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
         x = x + self.ls1 * self.attn(self.norm1(x))
         return x + self.ls2 * self.mlp(self.norm2(x))
 

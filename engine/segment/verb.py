@@ -37,8 +37,9 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
+from itertools import chain, islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +55,7 @@ from radflash.segment.results import DecodedItem, ImageResult, InputFailure, Pro
 if TYPE_CHECKING:
     from radflash.api import RadFlashModel
     from radflash.archive.decode_pool import Decoded
-    from radflash.archive.ray_executor import RayOptions
+    from radflash.archive.ray_executor import Placement, RayOptions
     from radflash.archive.stow import Stower
     from radflash.io.dicomweb import Auth, DicomWebSource
     from radflash.io.selection import SelectionRules
@@ -89,6 +90,7 @@ def segment(
     ray: RayOptions | None = None,
     auth: Auth | None = None,
     store: str | None = None,
+    observer: Callable[[DecodedItem, ImageResult], None] | None = None,
 ) -> SegmentRun:
     """Probability maps, masks and grounding for every image × prompt, at each image's own size.
 
@@ -109,7 +111,8 @@ def segment(
         rules: a :class:`radflash.io.selection.SelectionRules`; ``None`` = the default rules.
         workers: decode processes for files; 0 decodes in-process; ``None`` = min(4, CPU count,
             files), and 0 for a single file (nothing to overlap its decode with).
-        timeout: seconds one file may take to decode before its worker is killed and it is failed.
+        timeout: seconds one file may take to decode before its worker is killed and it is failed
+            (locally and in Ray decode tasks, which isolate their decoder unless ``workers=0``).
         max_pixels: the pixel budget shared with ``score`` (files above it fail from their header).
         ray: decode files as Ray tasks and encode them in a Ray actor pool on ``device``
             (:func:`radflash.archive.ray_executor.encode_on_ray`); maps, masks and writers stay here.
@@ -118,6 +121,8 @@ def segment(
             ``dicomweb+http(s)://…``, or ``"same"``: the DICOMweb server the inputs come from. A
             SEG's UIDs derive from its source image, the model and the prompt set, and SEGs the
             server already holds are not sent, so a re-run stores nothing twice.
+        observer: called with each segmented image (pixels and result) in the same pass, e.g.
+            :class:`radflash.report.gallery.SegmentGallery` keeping thumbnails for the report.
 
     An input may be one DICOMweb study query (``dicomweb+http(s)://host/dicom-web/studies?…``,
     :class:`radflash.io.dicomweb.DicomWebSource`) instead of files: its instances are retrieved
@@ -168,24 +173,17 @@ def segment(
 
     arrays, paths = _split_inputs(inputs) if web is None else ([], [])
     failures: list[InputFailure] = []
-    files: list[SourceItem] = []
-    if web is not None:  # listed now, retrieved lazily as the decoders ask (never all in memory)
-        files = web.retrieve(list(web.listing()))  # type: ignore[assignment]
-        if rules is None:
-            from radflash.io.selection import SelectionRules
+    files: Iterator[SourceItem] = iter(())
+    if web is not None or paths:
+        from radflash.io.selection import SelectionRules
 
-            rules = SelectionRules()
-    elif paths:
-        from radflash.io.source import FileSource
-
-        # unread entries (hidden files, FIFOs, link loops) hold no image to segment: left out
-        files = [item for item in FileSource(paths) if item.skip is None]
-        if rules is None:
-            from radflash.io.selection import SelectionRules
-
-            rules = SelectionRules()
-    total = len(arrays) + len(files)
-    if total == 0:
+        rules = rules or SelectionRules()
+        # streamed: a DICOMweb query is listed and retrieved as the decoders ask, folders are walked
+        # as they go; unread entries (hidden files, FIFOs, link loops) hold no image: left out
+        files = iter(web.retrieve(web.listing())) if web is not None else _image_files(paths)
+    # a few files ahead: whether there is anything at all, and how many decoders that is worth
+    ahead, files = _peek(files, min(4, os.cpu_count() or 1) if workers is None else max(1, workers))
+    if not arrays and not ahead:
         where = web.target.display if web is not None else ", ".join(map(str, paths))
         raise InputError("no input images found" + (f" under {where}" if where else ""))
 
@@ -193,15 +191,22 @@ def segment(
     writer = OutputWriter(out, rf, specs, formats, preview, header_of=header_of) if out is not None else None
     names = NameAllocator(fallback="image")
     images: list[ImageResult] = []
+    isolate = workers != 0  # a Ray decode task isolates its decoder unless decoding in-process was asked
     if workers is None:  # a single file has nothing to overlap its decode with: no spawn cost
-        workers = min(4, os.cpu_count() or 1, len(files)) if len(files) > 1 else 0
-    bar = _progress(total, enabled=progress)
+        workers = ahead if ahead > 1 else 0
+    bar = _progress(None if ahead else len(arrays), enabled=progress)  # files: counted as they come
+    executor: dict[str, Any] | None = None
     if ray is None:
-        items = _decoded(arrays, files, rules, failures, bar, workers=min(workers, len(files)), timeout=timeout)
+        items = _decoded(arrays, files, rules, failures, bar, workers=min(workers, ahead), timeout=timeout)
         encoded = _encoded(items, rf, batch_size)
     else:
-        encoded = _encoded_on_ray(arrays, files, rf, ray, model, failures, bar, device=device, dtype=dtype,
-                                  backend=backend, batch_size=batch_size, rules=rules)
+        from radflash.archive.ray_executor import executor_info, plan, require_ray
+
+        placement = plan(ray, device, require_ray().cluster_resources())
+        executor = executor_info(ray, placement, batch_size=batch_size, timeout=timeout, isolate=isolate)
+        encoded = _encoded_on_ray(arrays, files, rf, ray, placement, model, failures, bar, dtype=dtype,
+                                  backend=backend, batch_size=batch_size, rules=rules, timeout=timeout,
+                                  isolate=isolate)
     try:
         for item, tokens in encoded:
             meta = item.meta
@@ -214,6 +219,8 @@ def segment(
                 failures.append(InputFailure(item.source, "failed", f"{exc}".splitlines()[0]))
             else:
                 images.append(result)
+                if observer is not None:
+                    observer(item, result)
                 if stower is not None and "dicom-seg" in result.files:
                     _store_seg(stower, out, result)  # type: ignore[arg-type]
                 failed = [n for n in result.notes if ": failed" in n]
@@ -238,6 +245,8 @@ def segment(
         if stower is not None:
             report["store"] = {"url": "dicomweb+" + stower.target.base, "stored": stower.stored,
                                "already_on_server": stower.already}
+        if executor is not None:  # as score's manifest: Ray's version, the cluster, the actor pool
+            report["executor"] = executor
         run.report = report
         if out is not None:
             from radflash.segment.writers import atomic_write
@@ -330,7 +339,7 @@ def _split_inputs(inputs: Any) -> tuple[list[np.ndarray], list[Path]]:
     return arrays, paths
 
 
-def _decoded(arrays: list[np.ndarray], files: list[SourceItem], rules: SelectionRules | None,
+def _decoded(arrays: list[np.ndarray], files: Iterable[SourceItem], rules: SelectionRules | None,
              failures: list[InputFailure], bar: Any, *, workers: int, timeout: float | None) -> Iterator[DecodedItem]:
     """In-memory arrays, then the files through the shared decode stage (input order);
     unloadable files are recorded in ``failures``."""
@@ -378,26 +387,38 @@ def _encoded(items: Iterator[DecodedItem], rf: RadFlashModel,
         items.close()  # type: ignore[attr-defined]
 
 
-def _encoded_on_ray(arrays: list[np.ndarray], files: list[SourceItem], rf: RadFlashModel, options: RayOptions,
-                    model: Any, failures: list[InputFailure], bar: Any, *, device: str, dtype: str | None,
-                    backend: str, batch_size: int, rules: SelectionRules | None
-                    ) -> Generator[tuple[DecodedItem, Any], None, None]:
+def _encoded_on_ray(arrays: list[np.ndarray], files: Iterator[SourceItem], rf: RadFlashModel, options: RayOptions,
+                    placement: Placement, model: Any, failures: list[InputFailure], bar: Any, *, dtype: str | None,
+                    backend: str, batch_size: int, rules: SelectionRules | None, timeout: float | None,
+                    isolate: bool) -> Generator[tuple[DecodedItem, Any], None, None]:
     """:func:`_encoded` for a Ray run: files decoded as Ray tasks and encoded by its actor pool, in
     input order (unloadable files recorded in ``failures``); in-memory arrays are encoded here."""
-    from radflash.archive.ray_executor import encode_on_ray, plan, require_ray
-    from radflash.io.source import path_text
+    from radflash.archive.ray_executor import actor_model, encode_on_ray
 
     yield from _encoded(_decoded(arrays, [], rules, failures, bar, workers=0, timeout=None), rf, batch_size)
-    placement = plan(options, device, require_ray().cluster_resources())
-    actor_model = model if model is None else path_text(model) if isinstance(model, (str, Path)) else rf
-    for d, tokens in encode_on_ray(files, actor_model, placement, batch_size=batch_size, rules=rules, dtype=dtype,
-                                   backend=backend, first_index=len(arrays) + 1):
+    for d, tokens in encode_on_ray(files, actor_model(model, rf), placement, batch_size=batch_size, rules=rules,
+                                   dtype=dtype, backend=backend, first_index=len(arrays) + 1, timeout=timeout,
+                                   isolate=isolate, window=options.window):
         if tokens is None:
             failures.append(InputFailure(d.path, d.status, d.reason or "no image"))
             if bar is not None:
                 bar.update(1)
             continue
         yield DecodedItem(d.index, d.path, d.pixels, d.meta), tokens
+
+
+def _image_files(paths: list[Path]) -> Iterator[SourceItem]:
+    """The files under ``paths``, streamed (:class:`radflash.io.source.FileSource`), without the
+    unread entries: segment writes outputs per image and has no status row to give them."""
+    from radflash.io.source import FileSource
+
+    return (item for item in FileSource(paths) if item.skip is None)
+
+
+def _peek(items: Iterator[SourceItem], n: int) -> tuple[int, Iterator[SourceItem]]:
+    """How many of the next ``n`` items exist, and the same items, none lost."""
+    head = list(islice(items, n))
+    return len(head), chain(head, items)
 
 
 def _in_input_order(stream: Iterator[Decoded]) -> Iterator[Decoded]:
@@ -465,7 +486,7 @@ def _segment_one(rf: RadFlashModel, tokens: Any, item: DecodedItem, name: str, u
 
 
 # ---- helpers -----------------------------------------------------------------------------------
-def _progress(total: int, *, enabled: bool):
+def _progress(total: int | None, *, enabled: bool):
     from radflash.util.progress import progress_bar
 
     return progress_bar(total, desc="segmenting", enabled=enabled)

@@ -49,7 +49,7 @@ class _RateColumn(ProgressColumn):
 class Progress:
     """A started bar; use :func:`progress_bar` to make one (it returns ``None`` when disabled)."""
 
-    def __init__(self, total: int, *, desc: str, unit: str = "img", initial: int = 0,
+    def __init__(self, total: int | None, *, desc: str, unit: str = "img", initial: int = 0,
                  fields: Mapping[str, Any] | None = None, console: Console | None = None) -> None:
         self.fields: dict[str, Any] = dict(fields or {})
         self._bar = RichProgress(
@@ -85,6 +85,9 @@ class Progress:
             return
         self._closed = True
         atexit.unregister(self.close)
+        task = next(t for t in self._bar.tasks if t.id == self._task)
+        if task.total is None:  # counted as it went: the final count is the total (N/N, a full bar)
+            self._bar.update(self._task, total=task.completed)
         self._bar.update(self._task, info=self._info())
         self._bar.refresh()
         self._bar.stop()
@@ -93,10 +96,14 @@ class Progress:
         return " ".join(f"{k} {_fmt(v)}" for k, v in self.fields.items())
 
 
-def progress_bar(total: int, *, desc: str, enabled: bool = True, unit: str = "img", initial: int = 0,
+def progress_bar(total: int | None, *, desc: str, enabled: bool = True, unit: str = "img", initial: int = 0,
                  fields: Mapping[str, Any] | None = None, console: Console | None = None) -> Progress | None:
-    """A started :class:`Progress`, or ``None`` when disabled, when there is nothing to do or off a terminal."""
-    if not enabled or total <= 0 or initial >= total:
+    """A started :class:`Progress`, or ``None`` when disabled, when there is nothing to do or off a terminal.
+
+    ``total=None``: not known in advance (a streamed archive is counted as it is walked); the bar
+    then counts up (``N/?``) with its rate and elapsed time, no remaining time, and ends at ``N/N``.
+    """
+    if not enabled or (total is not None and (total <= 0 or initial >= total)):
         return None
     console = console or _stderr_console()
     if not (console.is_terminal or console.is_jupyter):

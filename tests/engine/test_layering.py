@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("radflash.archive",),
     ("radflash.segment",),
     ("radflash.bench",),
+    ("radflash.report",),
     ("radflash.cli",),
 ]
 # The command line is where everything is assembled: it alone reaches training and calibration,

@@ -68,7 +68,7 @@ def test_demo_config_is_valid_and_round_trips() -> None:
     ("threads: 0", "threads: must be ≥ 1 (got 0)"),
     ("export_dtype: int8", "export_dtype: must be 'float32', 'float16' or 'bfloat16' (got 'int8')"),
     ("output: [a, b]", "output: must be a string (got ['a', 'b'])"),
-    ("model: {preset: huge}", "model.preset: must be one of base, tiny (got 'huge')"),
+    ("model: {preset: huge}", "model.preset: must be one of base, tiny, carzero, carzero-tiny (got 'huge')"),
     ("model: {tokenizer: bpe}", "model.tokenizer: must be 'phantom', 'basic' or 'checkpoint' (got 'bpe')"),
     ("data: {source: dicom}", "data.source: must be 'phantoms' or 'mimic' (got 'dicom')"),
     ("data: {size: 8}", "data.size: must be ≥ 32 (got 8)"),

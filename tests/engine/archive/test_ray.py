@@ -37,17 +37,20 @@ def ray_address() -> Iterator[str]:
     Ray ≥ 2.5x turns on token authentication for a new cluster; a second process on this machine
     would need the token, so this throwaway test cluster runs without it.
     """
-    previous = os.environ.get("RAY_AUTH_MODE")
+    repo = str(Path(__file__).resolve().parents[3])  # workers import the decoder hooks (ray_hooks)
+    previous = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "PYTHONPATH")}
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (repo, previous["PYTHONPATH"]) if p)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
-        if previous is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +106,45 @@ def test_plan_leaves_cpus_for_decode_and_puts_one_actor_per_gpu() -> None:
     assert gpu.device == "cuda" and gpu.actors == 4 and gpu.gpus_per_actor == 1.0
 
 
+def test_windows_bound_what_the_driver_lists_ahead_and_find_lost_files() -> None:
+    import random
+
+    from radflash.archive.ray_executor import input_chunks, lost_keys, windows
+    from radflash.io.source import SourceItem
+
+    class Sink:
+        def commit(self, records: list) -> None:
+            self.skipped = getattr(self, "skipped", 0) + len(records)
+
+    n = random.randint(500, 1500)
+    items = [SourceItem(f"k{i:05d}", data=b"x") if i % 7 else SourceItem(f"k{i:05d}", skip="hidden file")
+             for i in range(n)]
+    sink = Sink()
+    fed: list[str] = []
+    for window in windows(input_chunks(iter(items), is_done=lambda item: False, sink=sink, chunk=64), 200):
+        keys = [k for t in window for k in t.column("key").to_pylist()]
+        assert 0 < len(keys) <= 200
+        fed += keys
+        returned = [k for k in keys if random.random() < 0.9]
+        lost = lost_keys(window, [pa.array(returned[:len(returned) // 2]), pa.array(returned[len(returned) // 2:])])
+        assert lost == [k for k in keys if k not in set(returned)]
+    assert fed == [i.key for i in items if i.skip is None] and sink.skipped == n - len(fed)  # each once, in order
+
+
+def test_an_exception_in_an_actor_stops_the_run(tiny_model: Path) -> None:
+    """Not turned into failed rows (which --resume would skip): the driver raises, as a local run does."""
+    from radflash.archive.ray_executor import ScoreActor, _raise_actor_error
+    from radflash.archive.sinks import TableSpec
+    from radflash.archive.verb import resolve_findings
+
+    prompts = resolve_findings(["There is edema"])
+    actor = ScoreActor(str(tiny_model), "cpu", None, "eager", prompts, TableSpec(prompts.names), False, 1)
+    out = actor(pa.table({"key": ["a", "b"]}))  # no decoded columns: scoring raises
+    assert out.column("path").to_pylist() == ["a", "b"]
+    with pytest.raises(RuntimeError, match=r"inference failed in a Ray actor: KeyError"):
+        _raise_actor_error(out)
+
+
 # ---- on a local Ray ------------------------------------------------------------------------------
 def test_ray_run_matches_local_run(ray_address: str, tiny_model: Path, reference, tmp_path: Path) -> None:
     run = score(DEMO_ARCHIVE, tmp_path / "out", model=tiny_model, batch_size=4, commit_every=8,
@@ -112,6 +154,18 @@ def test_ray_run_matches_local_run(ray_address: str, tiny_model: Path, reference
     executor = read_manifest(tmp_path / "out")["executor"]
     assert executor["kind"] == "ray" and executor["ray_version"] == ray.__version__
     assert executor["actors"] == 1 and executor["resources"]["CPU"] == 2.0
+
+
+def test_carzero_on_ray_matches_local_run(ray_address: str, tmp_path: Path) -> None:
+    """CARZero letterboxes its inputs: the Ray decode tasks must resize like the local feed thread."""
+    from radflash.checkpoints.factory import random_checkpoint
+    from radflash.checkpoints.format import save_checkpoint
+
+    model = save_checkpoint(random_checkpoint("carzero-tiny", seed=3, model_id="cz"), tmp_path / "cz")
+    local = score(DEMO_ARCHIVE, tmp_path / "local", model=model, workers=1, batch_size=4, progress=False)
+    run = score(DEMO_ARCHIVE, tmp_path / "ray", model=model, batch_size=4, progress=False, ray=RayOptions())
+    assert run.counts == local.counts and run.scored > 0
+    assert_matches_reference(run, local)
 
 
 @pytest.mark.slow
@@ -189,13 +243,92 @@ def test_segment_on_ray_writes_the_same_files(ray_address: str, tiny_model: Path
         return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
 
     assert files(tmp_path / "local") == files(tmp_path / "ray")
+    executor = on_ray.report["executor"]  # like score's manifest: that Ray ran, and on what
+    assert executor["kind"] == "ray" and executor["ray_version"] == ray.__version__
+    assert executor["actors"] == 1 and executor["resources"]["CPU"] == 2.0 and executor["decode_isolated"]
+    assert "executor" not in local.report
     for rel in files(tmp_path / "local"):
         a, b = tmp_path / "local" / rel, tmp_path / "ray" / rel
-        if rel.name == "report.json":  # equal but for the run's start/finish times
+        if rel.name == "report.json":  # equal but for the run's start/finish times and the executor
             ra, rb = (json.loads(p.read_text()) for p in (a, b))
+            assert rb.pop("executor") == executor
             for r in (ra, rb):
                 for key in ("started", "finished", "elapsed_s"):
                     r.pop(key)
             assert ra == rb
         else:
             assert filecmp.cmp(a, b, shallow=False), rel
+
+
+# ---- hostile files on Ray: each fails alone, with the local pool's reason ---------------------------
+def hostile_folder(root: Path, reference, names: list[str]) -> Path:
+    """Copies of scored demo films under ``names`` (ray_hooks.misbehaving_loader acts on the prefix)."""
+    import shutil
+
+    folder = root / "in"
+    folder.mkdir()
+    good = [r["path"] for r in reference.results.to_pylist()]
+    for i, name in enumerate(names):
+        shutil.copy(good[i % len(good)], folder / name)
+    return folder
+
+
+def run_hostile(folder: Path, tiny_model: Path, *, workers: int, on_ray: bool):
+    """The folder through the Ray executor or the local pipeline, with the misbehaving decoder:
+    {file name: (status, reason)}, asserting every file is there exactly once."""
+    import radflash
+    from radflash.archive.pipeline import PipelineConfig, run_pipeline
+    from radflash.archive.ray_executor import run_ray_pipeline
+    from radflash.archive.sinks import MemoryStore, TableSpec
+    from radflash.archive.verb import resolve_findings
+    from radflash.io.selection import SelectionRules
+    from radflash.io.source import FileSource
+    from tests.engine.archive.ray_hooks import misbehaving_loader
+
+    prompts = resolve_findings(["There is edema"])
+    spec = TableSpec(prompts.names)
+    store = MemoryStore(spec)
+    config = PipelineConfig(batch_size=4, workers=workers, timeout=5.0, loader=misbehaving_loader,
+                            rules=SelectionRules())
+    model = radflash.load(tiny_model, device="cpu")
+    if on_ray:
+        placement = plan(RayOptions(), "cpu", ray.cluster_resources())
+        run_ray_pipeline(FileSource(folder), str(tiny_model), prompts, spec, store, config,
+                         image_size=model.config.image_size, placement=placement)
+    else:
+        run_pipeline(FileSource(folder), model, prompts, store, config)
+    rows = store.table().to_pylist()
+    names = [Path(r["path"]).name for r in rows]
+    assert sorted(names) == sorted(p.name for p in folder.iterdir())  # every file exactly once
+    assert all(r["status"] == "scored" or r["reason"] for r in rows)  # anything else says why
+    return {Path(r["path"]).name: (r["status"], r["reason"]) for r in rows}
+
+
+@pytest.mark.slow
+def test_decoder_raise_crash_and_hang_fail_one_file_each(ray_address: str, tiny_model: Path, reference,
+                                                        tmp_path: Path) -> None:
+    names = [f"ok{i}.dcm" for i in range(6)] + ["raise_a.dcm", "exit_b.dcm", "hang_c.dcm"]
+    folder = hostile_folder(tmp_path, reference, names)
+    got = run_hostile(folder, tiny_model, workers=1, on_ray=True)
+    assert got["raise_a.dcm"] == ("failed", "RuntimeError: decoder bug on raise_a.dcm")
+    assert got["exit_b.dcm"] == ("failed", "decoder process crashed (exit code 3)")
+    assert got["hang_c.dcm"] == ("failed", "decoder timed out after 5 s")
+    assert all(got[n] == ("scored", None) for n in names if n.startswith("ok"))
+    assert got == run_hostile(folder, tiny_model, workers=1, on_ray=False)  # the local pool's very rows
+
+
+@pytest.mark.slow
+def test_decode_task_that_dies_costs_at_most_its_block(ray_address: str, tiny_model: Path, reference,
+                                                      tmp_path: Path) -> None:
+    """``workers=0`` decodes inside the Ray task, so a crashing decoder kills the task's worker:
+    the task is retried once, then its block's files are failed; the run goes on."""
+    from radflash.archive.ray_executor import DECODE_BATCH, LOST_REASON
+    from tests.engine.archive.ray_hooks import ATTEMPTS
+
+    names = [f"ok{i:02d}.dcm" for i in range(11)] + ["exit_x.dcm"]
+    folder = hostile_folder(tmp_path, reference, names)
+    got = run_hostile(folder, tiny_model, workers=0, on_ray=True)
+    lost = {n for n, (status, reason) in got.items() if status != "scored"}
+    assert "exit_x.dcm" in lost and len(lost) <= DECODE_BATCH
+    assert all(got[n] == ("failed", LOST_REASON) for n in lost)
+    assert len((tmp_path / ATTEMPTS).read_text().splitlines()) == 2  # the first try and one retry

@@ -7,8 +7,18 @@ from pathlib import Path
 
 import pytest
 
+from radflash.errors import InputError
 from radflash.io.discovery import discover_entries, shard
-from radflash.io.source import FileSource, Source, SourceItem, path_from_text, path_text
+from radflash.io.source import (
+    FileSource,
+    Source,
+    SourceItem,
+    listed_items,
+    path_from_text,
+    path_text,
+    retrieval_failures,
+    retrieved_items,
+)
 from tests.engine.io.test_discovery import touch
 
 
@@ -29,17 +39,47 @@ def archive(tmp_path: Path) -> Path:
     return root
 
 
-def test_items_are_discovery_files_then_unread_entries(archive: Path) -> None:
+def test_items_are_the_walk_in_sorted_path_order(archive: Path) -> None:
     found = discover_entries([archive])
     items = list(FileSource([archive]))
-    expected = [(path_text(os.path.abspath(p)), p, None) for p in found.files]
-    expected += [(path_text(os.path.abspath(p)), p, reason) for p, reason in found.skipped]
-    assert [(i.key, i.path, i.skip) for i in items] == expected
+    assert [i.path.as_posix() for i in items] == sorted(i.path.as_posix() for i in items)  # files and entries mixed
+    files = [(i.key, i.path) for i in items if i.skip is None]
+    assert files == [(path_text(os.path.abspath(p)), p) for p in found.files]
+    assert [(i.key, i.path, i.skip) for i in items if i.skip] == \
+        [(path_text(os.path.abspath(p)), p, reason) for p, reason in found.skipped]
     assert all(i.data is None for i in items)
     skips = {i.path.name: i.skip for i in items if i.skip}
     assert skips["pipe"] == "not a regular file (FIFO)"
     assert skips["loop"] == "symlink loop" and skips["dangling"] == "broken symlink"
     assert {".DS_Store", ".git"} <= skips.keys()
+
+
+def test_source_walks_lazily_and_counts_every_shard_at_the_end(archive: Path) -> None:
+    source = FileSource([archive], num_parts=2, part_id=1)
+    items = iter(source)
+    next(items)
+    assert source.walked is None  # nothing listed ahead: the total is only known at the end
+    rest = list(items)
+    assert source.walked == source.entries_all_shards == len(list(FileSource([archive]))) > len(rest) + 1
+    with pytest.raises(InputError, match="input not found"):
+        iter(FileSource([archive, archive / "nope"]))  # checked when iteration starts, not at the first item
+
+
+def test_optional_members_have_defaults(archive: Path) -> None:
+    """A source with only the two required members and a SourceBase subclass read the same."""
+
+    class Bare:
+        def __iter__(self):
+            return iter([SourceItem("k", data=b"x")])
+
+        def describe(self):
+            return {"kind": "bare"}
+
+    for source in (Bare(), FileSource(archive)):
+        assert isinstance(source, Source)
+        items = list(listed_items(source))
+        assert items == list(source) and list(retrieved_items(source, items)) == items
+        assert list(retrieval_failures(source)) == []
 
 
 def test_non_utf8_name_keeps_a_storable_reversible_key(archive: Path) -> None:

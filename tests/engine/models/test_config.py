@@ -73,7 +73,7 @@ def test_shipped_demo_config_is_valid_and_round_trips() -> None:
     ("vision.layers", True, "model.vision.layers: must be a number (got true)"),
     ("vision.hidden", "wide", "model.vision.hidden: must be an integer (got 'wide')"),
     ("text.buckets", 2, "model.text.buckets: must be ≥ 4 (got 2)"),
-    ("architecture", "clip", "model.architecture: must be 'radzero' (got 'clip')"),
+    ("architecture", "clip", "model.architecture: must be one of 'radzero', 'carzero' (got 'clip')"),
     ("vision", [], "model.vision: must be a mapping (got [])"),
 ])
 def test_bad_values_name_the_key_and_the_expectation(key: str, value: object, expected: str) -> None:
@@ -109,7 +109,8 @@ def test_unknown_keys_are_named_with_a_suggestion_or_the_known_ones() -> None:
     assert "model.vision.layer: unknown key (did you mean layers?)" in _error(
         _with(_demo_model_section(), "vision.layer", 3))
     msg = _error(_with(_demo_model_section(), "vision.registers", 4))
-    assert "model.vision.registers: unknown key (known: eps, heads, hidden, in_chans, layers, mlp, patch, " in msg
+    known = "eps, heads, hidden, in_chans, layer_scale, layers, mlp, patch, "
+    assert f"model.vision.registers: unknown key (known: {known}" in msg
 
 
 def test_several_problems_are_joined_on_one_line() -> None:

@@ -1,0 +1,27 @@
+"""A decoder that misbehaves for files named for it, importable by Ray workers and the decode
+processes they spawn (the Ray tests put the repository on their ``PYTHONPATH``)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+ATTEMPTS = "exit_attempts.log"  # written beside the input folder (not in it: it would be discovered)
+
+
+def misbehaving_loader(path: Path, rules):
+    """``raise_*`` raises, ``exit_*`` kills its process (as a segfaulting native decoder would),
+    ``hang_*`` never returns; anything else loads normally. Each ``exit_*`` attempt is logged."""
+    name = Path(path).name
+    if name.startswith("raise_"):
+        raise RuntimeError(f"decoder bug on {name}")
+    if name.startswith("exit_"):
+        with open(Path(path).parent.parent / ATTEMPTS, "a") as fh:
+            fh.write(f"{name} {os.getpid()}\n")
+        os._exit(3)
+    if name.startswith("hang_"):
+        time.sleep(600)
+    from radflash.io.imageio import try_load
+
+    return try_load(path, rules)
