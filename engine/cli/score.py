@@ -26,6 +26,9 @@ def _modalities(ctx: click.Context, param: click.Parameter, value: str | None) -
     return items
 
 
+DEMO_GALLERY_K = 4  # top images per finding in the demo run's report gallery
+
+
 @click.command()
 @click.argument("inputs", nargs=-1, type=click.Path())  # str: Path() would fold a dicomweb+http:// URL's '//'
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
@@ -68,7 +71,8 @@ def score(inputs: tuple[str, ...], output: Path | None, model_path: str | None, 
     An input may instead be a DICOMweb study query on a PACS, e.g.
     'dicomweb+http://host:8042/dicom-web/studies?ModalitiesInStudy=CR' (scored on its own).
 
-    With no INPUTS the small embedded demo archive is scored. Writes OUTPUT/results.<fmt> (one
+    With no INPUTS the small embedded demo archive (synthetic phantoms) is scored, and its report
+    shows the map gallery (--report-maps 4) unless told otherwise. Writes OUTPUT/results.<fmt> (one
     row per scored image: path, UIDs, <finding>.logit and <finding>.prob), OUTPUT/status.<fmt>
     (every file once: scored/skipped/failed and why), OUTPUT/manifest.json and OUTPUT/report.html
     (see --report). OUTPUT is locked for the run (a second run into it stops with an error naming
@@ -83,6 +87,9 @@ def score(inputs: tuple[str, ...], output: Path | None, model_path: str | None, 
     from radflash.io.dicomweb import Auth, is_dicomweb
 
     report_mode = checked_report_mode(report_mode, report_maps, output)
+    if not inputs and report_maps is None and report_mode in (None, "full") and output is not None and not ray_address:
+        # the embedded demo archive holds synthetic phantoms, not patients: show its gallery by default
+        report_maps = DEMO_GALLERY_K
     rules = _rules(include_lateral, modalities)
     auth = Auth(token_env=token_env, basic_env=basic_auth_env) if token_env or basic_auth_env else None
     if not inputs and not quiet:

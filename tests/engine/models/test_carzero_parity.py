@@ -44,7 +44,7 @@ def parity() -> dict:
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab=2048))
     bert = randomize_(make_bert(2048, 768, 12, 12, 3072), seed=1, std=None)
     vit = randomize_(make_vit(768, 12, 12, 3072), seed=2, std=None)
-    tqn = randomize_(TQN_Model(), seed=3, std=None).eval()
+    tqn = randomize_(TQN_Model(768, 4, 1024, 4, (1024, 512, 256), 1e-5), seed=3, std=None).eval()
     model = CARZero(cfg)
     state = native_state(bert, vit, tqn)
     model.bind_vocabulary(tok.get_vocab(with_added_tokens=True))

@@ -161,3 +161,23 @@ def test_histograms_and_gallery_render_non_blank(page: Any, results: list[dict],
         assert shot.std() > 10, shot.std()
     points = page.find_elements(By.CSS_SELECTOR, "#gallery svg.point circle")
     assert len(points) == 2 * len(images)
+
+
+def test_the_demo_command_report_shows_summary_histograms_table_and_gallery(chromium: Any, tmp_path: Path) -> None:
+    """README's main job (`radflash score -o OUT`: demo model, demo archive of phantoms) → a full report."""
+    from selenium.webdriver.common.by import By
+
+    from tests.engine.report.conftest import run_cli
+
+    out = tmp_path / "demo"
+    result = run_cli("score", "-o", str(out), "--workers", "0", "-q")
+    assert result.exit_code == 0, result.output
+    scored = pq.read_table(out / "results.parquet").num_rows
+    open_report(chromium, out / REPORT_HTML)
+    console_errors(chromium)
+    assert _shown(chromium) == scored > 0
+    assert len(chromium.find_elements(By.CSS_SELECTOR, "svg.histogram")) == 14
+    images = chromium.find_elements(By.CSS_SELECTOR, "#gallery img")
+    assert len(images) == 14 * min(4, scored)  # the demo default: --report-maps 4
+    assert all(chromium.execute_script("return arguments[0].naturalWidth", img) > 0 for img in images)
+    assert console_errors(chromium) == []
