@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from radflash.segment.writers import outline
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -88,7 +90,7 @@ def mask_overlay(gray: np.ndarray | None, mask: np.ndarray, color: tuple[int, in
     rgb = np.repeat((np.clip(gray, 0.0, 1.0) * 255.0)[..., None], 3, axis=2)
     c = np.asarray(color, dtype=np.float64)
     rgb[m] = rgb[m] * (1.0 - alpha) + c * alpha
-    rgb[_outline(m)] = c
+    rgb[outline(m)] = c
     return Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8), mode="RGB")
 
 
@@ -114,12 +116,3 @@ def decode_data_uri(uri: str) -> np.ndarray:
         raise ValueError("not an image data URI")
     img = Image.open(io.BytesIO(base64.b64decode(payload))).convert("L")
     return np.asarray(img, dtype=np.float32) / 255.0
-
-
-def _outline(m: np.ndarray) -> np.ndarray:
-    interior = m.copy()
-    interior[1:, :] &= m[:-1, :]
-    interior[:-1, :] &= m[1:, :]
-    interior[:, 1:] &= m[:, :-1]
-    interior[:, :-1] &= m[:, 1:]
-    return m & ~interior

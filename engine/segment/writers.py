@@ -324,7 +324,7 @@ def render_preview(image: np.ndarray, overlays: Sequence[Overlay], *, alpha: flo
             raise WriteError(f"preview: mask {i} has shape {m.shape}, image is {(h, w)}")
         if m.any():
             rgb[m] = rgb[m] * (1.0 - alpha) + colour * alpha
-            rgb[_outline(m)] = colour
+            rgb[outline(m)] = colour
     out = Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8), mode="RGB")
     draw = ImageDraw.Draw(out)
     short = min(h, w)
@@ -347,7 +347,7 @@ def write_preview(path: str | Path, image: np.ndarray, overlays: Sequence[Overla
     return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
-def _outline(m: np.ndarray) -> np.ndarray:
+def outline(m: np.ndarray) -> np.ndarray:
     """Pixels of ``m`` with a 4-neighbour outside it (a one-pixel inner contour)."""
     interior = m.copy()
     interior[1:, :] &= m[:-1, :]
