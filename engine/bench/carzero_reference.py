@@ -337,6 +337,7 @@ class ReferenceCARZero:
 
     family = "carzero"
     supports_maps = False
+    loop = "image"  # the default of :meth:`head`: the released per-image loop, or "pair"
 
     def __init__(self, weights: dict[str, dict[str, torch.Tensor]], cfg: ModelConfig, tokenizer_json: str, *,
                  device: torch.device | str = "cpu") -> None:
@@ -440,7 +441,7 @@ class ReferenceCARZero:
     # ---- scores ----------------------------------------------------------------------------------------
     @torch.inference_mode()
     def head(self, tokens: torch.Tensor, text: ReferenceText, *, return_maps: bool = False,
-             loop: str = "image") -> tuple[torch.Tensor, None]:
+             loop: str | None = None) -> tuple[torch.Tensor, None]:
         """S (B, T) = (i2t + t2i) / 2, float32, by the released per-image loop or the per-pair loop.
 
         ``tokens`` (B, 1 + N, D) are the ViT's outputs, g = row 0. No key-padding mask: the zero
@@ -448,6 +449,7 @@ class ReferenceCARZero:
         """
         if return_maps:
             raise InputError("model family 'carzero' has no similarity maps; use score")
+        loop = loop or self.loop
         if loop not in LOOPS:
             raise InputError(f"loop must be one of {', '.join(LOOPS)}, got {loop!r}")
         tokens = tokens.to(self.device, torch.float32)

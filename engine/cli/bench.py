@@ -43,6 +43,9 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads for the run (use 1 on a machine shared with other jobs).")
 @click.option("--no-reference", is_flag=True, help="Skip the transformers reference path (no ratios).")
+@click.option("--reference-loop", type=click.Choice(("image", "pair")), default="image", show_default=True,
+              help="CARZero: the reference's fusion loop, the released per-image loop or one call per image "
+                   "and prompt (recomputing every prompt's keys/values each time).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the full report (every sample) as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -51,8 +54,8 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
               help="Append the table (with machine, versions, config, date) to a markdown results file.")
 def bench(model_path: str | None, device: str, backends: tuple[str, ...], batch_sizes: tuple[int, ...],
           image_size: int | None, prompts: int, iterations: int, warmup: int, archive_files: int,
-          threads: int | None, no_reference: bool, json_path: Path | None, plot_path: Path | None,
-          markdown_path: Path | None) -> None:
+          threads: int | None, no_reference: bool, reference_loop: str, json_path: Path | None,
+          plot_path: Path | None, markdown_path: Path | None) -> None:
     """Time decode, preprocessing, encoder, head, maps (for families that have them) and the score path beside the
     reference of the model's family (RadZero or CARZero)."""
     from rich.console import Console
@@ -67,7 +70,7 @@ def bench(model_path: str | None, device: str, backends: tuple[str, ...], batch_
     report = run_bench(model=model_path, device=device, backends=backends, batch_sizes=batch_sizes,
                        image_size=image_size, prompts=prompts, iterations=iterations, warmup=warmup,
                        include_reference=not no_reference, archive_files=archive_files,
-                       threads=threads)
+                       threads=threads, reference_loop=reference_loop)
     console = Console(width=None if sys.stdout.isatty() else 160)
     for line in summary_lines(report):
         console.print(line, highlight=False, markup=False)

@@ -24,6 +24,7 @@ from radflash.bench.report import CARZERO_HEAD, E2E, SCORE, STAGES
 from radflash.checkpoints.factory import random_checkpoint
 from radflash.checkpoints.format import save_checkpoint
 from radflash.cli import cli
+from radflash.errors import InputError
 from radflash.models.config import preset
 from tests.tolerances import normwise_error, tolerance
 
@@ -241,3 +242,25 @@ def test_cli_stages_sum_to_at_most_e2e(bench_run) -> None:
         for side in ("radflash", "reference"):
             for i, total in enumerate(group[E2E][side]["samples_ms"]):
                 assert sum(r[side]["samples_ms"][i] for r in stages) <= total + 1e-6
+
+
+def test_reference_loop_pair_times_the_per_pair_loop(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from radflash.bench.carzero_reference import ReferenceCARZero
+    from radflash.bench.harness import bench
+
+    loops: list[str | None] = []
+    real_head = ReferenceCARZero.head
+
+    def spy(self, tokens, text, *, return_maps=False, loop=None):
+        loops.append(loop or self.loop)
+        return real_head(self, tokens, text, return_maps=return_maps, loop=loop)
+
+    monkeypatch.setattr(ReferenceCARZero, "head", spy)
+    path = save_checkpoint(random_checkpoint(CFG, seed=0, model_id="cz"), tmp_path / "model")
+    report = bench(model=path, device="cpu", prompts=2, iterations=1, warmup=0, batch_sizes=(1,), archive_files=0,
+                   threads=1, reference_loop="pair")
+    assert loops and set(loops) == {"pair"}
+    assert "per-pair loop" in report.config["reference"]
+    with pytest.raises(InputError, match="applies to CARZero models only"):
+        bench(model="tiny", device="cpu", prompts=1, iterations=1, warmup=0, batch_sizes=(1,), archive_files=0,
+              reference_loop="pair")
