@@ -205,7 +205,11 @@ class RadFlashModel:
 
     @property
     def tau(self) -> float:
-        return self.module.tau
+        """RadZero's temperature τ; families without one (CARZero: no temperature) raise one line."""
+        tau = getattr(self.module, "tau", None)
+        if tau is None:
+            raise AttributeError(f"model family {self.family!r} has no temperature τ")
+        return tau
 
     def __repr__(self) -> str:
         return (f"RadFlashModel({self.model_id!r}, device={self.device}, dtype={self.dtype}, "

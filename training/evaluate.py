@@ -133,7 +133,11 @@ class Predictions:
 
 def predict(model: Any, dataset: Any, prompts: dict[str, str], *, batch_size: int = 16,
             thresholds: Sequence[float] = THRESHOLDS, progress: bool = False) -> Predictions:
-    """Score and map every image of ``dataset`` (samples with ``labels``/``masks``) for ``prompts``."""
+    """Score and map every image of ``dataset`` (samples with ``labels``/``masks``) for ``prompts``.
+
+    A family without maps (CARZero) is scored only: its pointing, Dice and specificity stay NaN,
+    which the report shows as "n/a" rather than as a number it cannot have measured.
+    """
     names, texts = list(prompts), list(prompts.values())
     n, f, k = len(dataset), len(names), len(thresholds)
     logits = np.zeros((n, f))
@@ -150,14 +154,19 @@ def predict(model: Any, dataset: Any, prompts: dict[str, str], *, batch_size: in
         images = [s.image for s in samples]
         tokens = model.encode_images(images)
         logits[start:start + len(samples)] = model.score(prompts=texts, tokens=tokens).logits.float().cpu().numpy()
+        for b, s in enumerate(samples):
+            labels[start + b] = [bool(s.labels.get(name, False)) for name in names]
+        if not model.supports_maps:
+            if bar is not None:
+                bar.update(len(samples))
+            continue
         maps = model.similarity_maps(prompts=texts, tokens=tokens, size=images[0].shape, output="prob")
         probs = maps.probs.float()  # (B, F, H, W)
         peaks = maps.peak.cpu().numpy()
         for b, s in enumerate(samples):
             row = start + b
             for j, name in enumerate(names):
-                present = bool(s.labels.get(name, False))
-                labels[row, j] = present
+                present = bool(labels[row, j])
                 marked = probs[b, j][None] >= thr[:, None, None]  # (K, H, W)
                 if present:
                     truth = s.masks[name]
@@ -366,7 +375,9 @@ def evaluate_phantoms(
     prompts = phantom_eval_prompts(model)
     test_ds = PhantomDataset(seed=seed, length=n, size=size)
     test = [test_ds[i] for i in range(n)]  # drawn once: several passes below (drawing costs more than scoring)
-    if threshold == "validation":
+    if not model.supports_maps:  # scores only: no map threshold to choose
+        thresholds, source = {}, f"none: model family {model.family!r} has no maps (classification metrics only)"
+    elif threshold == "validation":
         val = PhantomDataset(seed=val_seed, length=val_n, size=size)
         thresholds = choose_thresholds(model, val, prompts=prompts)
         source = f"validation phantoms seed={val_seed} n={val_n}"

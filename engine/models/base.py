@@ -1,7 +1,7 @@
 """What every model family offers the rest of radflash: the protocol the API and the verbs use.
 
 Why a protocol and not a base class: each family is a plain ``nn.Module`` with its own parts
-(RadZero: DINOv2 + align layers, MPNet, the VL-CABS head; CARZero next: ViT, BERT, a
+(RadZero: DINOv2 + align layers, MPNet, the VL-CABS head; CARZero: MAE ViT, BERT, a
 cross-attention fusion). Nothing is inherited; the API only needs these few members, so a family
 satisfies the protocol by shape, and :func:`radflash.models.registry.build` checks that it does
 when it builds one. Backends swap :meth:`image_tokens` only; the API caches

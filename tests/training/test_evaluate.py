@@ -152,3 +152,29 @@ def test_evaluate_phantoms_end_to_end(tmp_path) -> None:
     assert held["positives"] == 48 and 0.0 <= held["auroc"] <= 1.0
     with pytest.raises(Exception, match="must differ"):
         evaluate_phantoms(ckpt, seed=5, val_seed=5, device="cpu")
+
+
+def test_evaluate_a_family_without_maps_gives_classification_metrics(tmp_path) -> None:
+    """CARZero has no maps: AUROC/AUPRC from its scores (equal to scoring the same phantoms directly),
+    map metrics NaN ("not measured"), no threshold chosen."""
+    import math
+
+    import radflash
+    from radflash.checkpoints.factory import random_checkpoint
+    from radflash.checkpoints.format import save_checkpoint
+    from radflash.training.data import PhantomDataset
+    from radflash.training.evaluate import evaluate_phantoms, phantom_eval_prompts
+
+    ckpt = save_checkpoint(random_checkpoint("carzero-tiny", seed=0), tmp_path / "cz")
+    report = evaluate_phantoms(ckpt, seed=5, n=12, val_seed=6, val_n=4, size=64, device="cpu")
+    assert "no maps" in report.threshold_source
+    assert math.isnan(report.pointing_game) and math.isnan(report.mean_dice)
+    model = radflash.load(ckpt, device="cpu")
+    prompts = phantom_eval_prompts(model)
+    ds = PhantomDataset(seed=5, length=12, size=64)
+    samples = [ds[i] for i in range(12)]
+    logits = model.score([s.image for s in samples], list(prompts.values())).logits.numpy()
+    for j, name in enumerate(prompts):
+        labels = np.array([bool(s.labels.get(name, False)) for s in samples])
+        if labels.any() and not labels.all():
+            assert report.findings[name].auroc == pytest.approx(auroc(logits[:, j], labels))
