@@ -23,10 +23,10 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import functools
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from radflash.kernels import cross_attention, cross_attention_ref, set_kernel_backend
+from radflash.util.timing import time_fn
 
 H, DH = 4, 192
 IMAGE_TOKENS, TEXT_TOKENS = 197, 98  # 14×14 patches + CLS at 224²; the text encoder's padded length
@@ -73,30 +74,10 @@ def make_inputs(s: AttnShape, dtype: torch.dtype, device: str) -> tuple[torch.Te
     return q, kv[:, :, 0], kv[:, :, 1]
 
 
-def time_cpu(fn: Callable[[], object], reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def time_cuda(fn: Callable[[], object], reps: int, warmup: int = 3) -> float:
-    """Median milliseconds by CUDA events; warm-up runs (autotuning included) are excluded."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def median_ms(fn: Callable[[], object], reps: int, device: torch.device) -> float:
+    """Median milliseconds per call (radflash's own timer: CUDA events on a GPU; warm-ups, autotuning
+    included, are excluded)."""
+    return statistics.median(time_fn(fn, device=device, iterations=reps, warmup=3)) * 1e3
 
 
 def implementations(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -124,7 +105,7 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
         print("no CUDA device: timing the reference only (the Triton kernel needs a GPU)")
     print(f"{'shape':<36}{'impl':<8}{'ms':>10}{'× ref':>8}{'TFLOP/s' if gpu else 'GFLOP/s':>9}{'GB/s':>8}"
           f"{'max|Δ|':>10}")
-    timer = time_cuda if gpu else time_cpu
+    timer = functools.partial(median_ms, device=torch.device(device))
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     rows = []
     for s in GPU_SHAPES if gpu else CPU_SHAPES:
