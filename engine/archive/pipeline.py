@@ -43,7 +43,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -121,6 +121,22 @@ class BatchObserver(Protocol):
 
     def __call__(self, model: RadFlashModel, prompts: PromptSet, items: Sequence[Decoded], tokens: Any,
                  records: Sequence[FileRecord]) -> None: ...
+
+
+@runtime_checkable
+class DistributedObserver(BatchObserver, Protocol):
+    """A :class:`BatchObserver` that can also run where the tokens are: in Ray's inference actors.
+
+    The driver sends each actor a fresh copy (:meth:`for_worker`); after every batch the actor's
+    copy hands over what it gained (:meth:`take_delta`: small, JSON-able, e.g. the gallery tiles
+    that entered its own top-K), and the driver folds that into the original (:meth:`merge_delta`).
+    """
+
+    def for_worker(self) -> DistributedObserver: ...
+
+    def take_delta(self) -> Any: ...
+
+    def merge_delta(self, delta: Any) -> None: ...
 
 
 class Scorer:

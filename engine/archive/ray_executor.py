@@ -54,6 +54,7 @@ that only encodes; the driver makes each image's maps from the tokens and writes
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -67,8 +68,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from radflash.archive.decode_pool import DecodeTask, Loader, decode_files
-from radflash.archive.pipeline import Committer, PipelineConfig, PipelineStats, PromptSet, Scorer, _resized
+from radflash.archive.pipeline import (
+    Committer,
+    DistributedObserver,
+    PipelineConfig,
+    PipelineStats,
+    PromptSet,
+    Scorer,
+    _resized,
+)
 from radflash.archive.sinks import FileRecord, Sink, TableSpec, storable
+from radflash.errors import InputError
 from radflash.util.optional import require
 
 if TYPE_CHECKING:
@@ -104,6 +114,7 @@ INPUT_SCHEMA = pa.schema([pa.field("key", pa.string()), pa.field("path", pa.stri
                           pa.field("data", pa.binary())])
 _TIMING_COLUMNS = ("__decode_s", "__resize_s", "__infer_s")  # per-block timings, dropped before commit
 _ERROR = "__error"  # set on the rows of a batch an actor failed on: the driver stops the run
+_OBSERVED = "__observed"  # an actor's observer delta (JSON, first row of a block): e.g. gallery tiles
 
 
 @dataclass(frozen=True)
@@ -328,7 +339,8 @@ class ScoreActor:
     """
 
     def __init__(self, model: str | RadFlashModel | None, device: str, dtype: str | None, backend: str,
-                 prompts: PromptSet, spec: TableSpec, include_phi: bool, threads: int | None) -> None:
+                 prompts: PromptSet, spec: TableSpec, include_phi: bool, threads: int | None,
+                 observer: DistributedObserver | None = None) -> None:
         import torch
 
         from radflash.api import as_model
@@ -337,12 +349,14 @@ class ScoreActor:
             torch.set_num_threads(threads)
         rf = as_model(model, device=device, dtype=dtype, backend="eager" if backend == "auto" else backend)
         self.image_size = rf.config.image_size
-        self.scorer = Scorer(rf, prompts, include_phi=include_phi)
+        self.observer = observer  # this actor's own copy (DistributedObserver.for_worker)
+        self.scorer = Scorer(rf, prompts, include_phi=include_phi, observer=observer)
         self.spec = spec
 
     def __call__(self, block: pa.Table) -> pa.Table:
         try:
             table = self._score(block)
+            table = table.append_column(_OBSERVED, self._observed(table.num_rows))
             return table.append_column(_ERROR, pa.nulls(table.num_rows, pa.string()))
         except Exception as exc:  # reported to the driver, which stops the run (see module docstring)
             records = [FileRecord(path=key, status="failed", reason="inference failed")
@@ -350,7 +364,14 @@ class ScoreActor:
             table = self.spec.to_table(records)
             for name in _TIMING_COLUMNS:
                 table = table.append_column(name, pa.array([0.0] * table.num_rows, pa.float64()))
+            table = table.append_column(_OBSERVED, pa.nulls(table.num_rows, pa.string()))
             return table.append_column(_ERROR, pa.array([_one_line(exc)] * table.num_rows, pa.string()))
+
+    def _observed(self, n: int) -> pa.Array:
+        """The observer's delta for this block as JSON on the first row (nulls without an observer)."""
+        if self.observer is None or not n:
+            return pa.nulls(n, pa.string())
+        return pa.array([json.dumps(self.observer.take_delta())] + [None] * (n - 1), pa.string())
 
     def _score(self, block: pa.Table) -> pa.Table:
         from radflash.archive.decode_pool import Decoded
@@ -382,6 +403,14 @@ class ScoreActor:
 
 def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def _merge_observed(block: pa.Table, observer: DistributedObserver | None) -> None:
+    """Fold the actors' observer deltas carried by ``block`` into the driver's observer."""
+    if observer is None:
+        return
+    for delta in block.column(_OBSERVED).drop_null().to_pylist():
+        observer.merge_delta(json.loads(delta))
 
 
 def _raise_actor_error(block: pa.Table) -> None:
@@ -420,6 +449,7 @@ def run_ray_pipeline(
     window: int = WINDOW,
     is_done: Callable[[SourceItem], bool] = lambda item: False,
     on_record: Callable[[FileRecord], None] | None = None,
+    observer: DistributedObserver | None = None,
 ) -> tuple[PipelineStats, int]:
     """Score ``items`` on the connected Ray cluster into ``store``; returns stats and items seen.
 
@@ -446,7 +476,8 @@ def run_ray_pipeline(
                      "loader": config.loader, "timeout": config.timeout, "isolate": config.workers > 0}
     actor_kwargs = {"model": model, "device": placement.device, "dtype": dtype, "backend": backend,
                     "prompts": prompts, "spec": spec, "include_phi": config.include_phi,
-                    "threads": placement.threads}
+                    "threads": placement.threads,
+                    "observer": None if observer is None else observer.for_worker()}
     for chunks in windows(counted(), window):
         returned: list[pa.Array] = []
         with _tolerant_context(preserve_order=False):
@@ -467,7 +498,8 @@ def run_ray_pipeline(
                 if stats.first_batch_s is None:
                     stats.first_batch_s = time.perf_counter() - t_start
                 returned.append(block.column("path").combine_chunks())
-                committer.add(records_of(block.drop_columns([*_TIMING_COLUMNS, _ERROR]), spec))
+                _merge_observed(block, observer)
+                committer.add(records_of(block.drop_columns([*_TIMING_COLUMNS, _ERROR, _OBSERVED]), spec))
         lost = lost_keys(chunks, returned)
         if lost:
             log.warning("ray: %d file(s) lost with their decode task (worker died twice); recorded as failed",
@@ -494,8 +526,12 @@ def run_on_ray(
     backend: str,
     out_dir: Path | None,
     on_record: Callable[[FileRecord], None] | None = None,
+    observer: Any = None,
 ) -> PipelineStats:
     """The ``score`` verb's Ray branch: plan the actor pool, record it in the manifest, run.
+
+    An ``observer`` that can run in the actors (:class:`DistributedObserver`, e.g. the report's
+    gallery) runs there on every batch; any other one cannot see Ray's batches and is refused.
 
     ``model`` is what the caller gave (a path or ``None`` travels as text and every actor loads it
     itself; an in-memory model is pickled to the actors); ``rf_model`` is the driver's copy.
@@ -511,9 +547,12 @@ def run_on_ray(
         write_manifest(out_dir, manifest)
     log.info("ray: %d %s actor(s), %s CPU / %s GPU each", placement.actors, placement.device,
              placement.cpus_per_actor, placement.gpus_per_actor)
+    if observer is not None and not isinstance(observer, DistributedObserver):
+        raise InputError(f"{type(observer).__name__} cannot observe a Ray run: it has no for_worker/take_delta/"
+                         "merge_delta (radflash.archive.pipeline.DistributedObserver)")
     stats, _ = run_ray_pipeline(todo, actor_model(model, rf_model), prompts, spec, store, config,
                                 image_size=rf_model.preprocessing.geometry, placement=placement, dtype=dtype,
-                                backend=backend, window=options.window, on_record=on_record)
+                                backend=backend, window=options.window, on_record=on_record, observer=observer)
     return stats
 
 

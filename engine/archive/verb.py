@@ -142,8 +142,9 @@ def score(
             ``dicomweb+http(s)://`` root, or ``"same"`` for the DICOMweb server scored from.
         ray: run the same stages on a Ray cluster (:mod:`radflash.archive.ray_executor`): decode as
             CPU tasks, inference in an actor pool on ``device``; ``None`` runs them locally.
-        observer: sees each scored batch with its image tokens in the same pass (local runs only:
-            under Ray the tokens stay in the actors); e.g. :class:`radflash.report.gallery.ScoreGallery`.
+        observer: sees each scored batch with its image tokens in the same pass, e.g.
+            :class:`radflash.report.gallery.ScoreGallery`; under Ray it must be a
+            :class:`radflash.archive.pipeline.DistributedObserver` (a copy runs in each actor).
 
     With an output folder the run holds ``OUT/.radflash.lock`` (:class:`radflash.archive.sinks.OutputLock`)
     from before the model loads until the tables are written: a second run into the same folder
@@ -261,7 +262,7 @@ def score(
 
                 stats = run_on_ray(todo, model, rf_model, prompt_set, spec, sink, config, manifest, ray,
                                    device=device, dtype=dtype, backend=backend, out_dir=out_dir,
-                                   on_record=bar.update if bar is not None else None)
+                                   on_record=bar.update if bar is not None else None, observer=observer)
         finally:
             if bar is not None:
                 bar.close()

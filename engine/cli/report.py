@@ -40,8 +40,7 @@ def report(output: Path, mode: str | None, include_phi: bool, target: Path | Non
         click.echo(f"report: {path}")
 
 
-def start_gallery(kind: str, maps: int | None, output: Path | None, *, resume: bool = False,
-                  ray: Any = None) -> Any:
+def start_gallery(kind: str, maps: int | None, output: Path | None, *, resume: bool = False) -> Any:
     """The observer that keeps the report's gallery during the run (None without ``--report-maps``)."""
     if maps is None or output is None:
         return None
@@ -51,9 +50,7 @@ def start_gallery(kind: str, maps: int | None, output: Path | None, *, resume: b
         gallery: Any = SegmentGallery(maps)
     else:
         gallery = ScoreGallery.resume(output, maps) if resume else ScoreGallery(maps)
-    if ray is not None:
-        gallery.note = "no gallery: under --ray the image tokens stay in the Ray actors"
-    return gallery
+    return gallery  # under --ray the score gallery runs in the actors (DistributedObserver)
 
 
 def finish_run_report(output: Path, mode: str | None, gallery: Any, *, include_phi: bool = False,

@@ -87,7 +87,7 @@ def score(inputs: tuple[str, ...], output: Path | None, model_path: str | None, 
     from radflash.io.dicomweb import Auth, is_dicomweb
 
     report_mode = checked_report_mode(report_mode, report_maps, output)
-    if not inputs and report_maps is None and report_mode in (None, "full") and output is not None and not ray_address:
+    if not inputs and report_maps is None and report_mode in (None, "full") and output is not None:
         # the embedded demo archive holds synthetic phantoms, not patients: show its gallery by default
         report_maps = DEMO_GALLERY_K
     rules = _rules(include_lateral, modalities)
@@ -96,7 +96,7 @@ def score(inputs: tuple[str, ...], output: Path | None, model_path: str | None, 
         click.echo(f"No inputs given: scoring the embedded demo archive ({DEMO_ARCHIVE}).", err=True)
     from radflash.cli.report import start_gallery
 
-    gallery = start_gallery("score", report_maps, output, resume=resume, ray=ray_address)
+    gallery = start_gallery("score", report_maps, output, resume=resume)
     run = score_fn(
         [i if is_dicomweb(i) else Path(i) for i in inputs] or None, output, model=model_path, findings=findings,
         device=device,

@@ -96,6 +96,7 @@ class ScoreGallery:
         self.top = _TopK(k)
         self.observed = 0  # scored images seen (by this run and, after a resume, the earlier ones)
         self.note: str | None = None  # why there is no (complete) gallery
+        self._shipped: set[tuple[str, str]] = set()  # (finding, key) tiles already handed over (Ray actors)
 
     @classmethod
     def resume(cls, out_dir: str | Path, k: int) -> ScoreGallery:
@@ -144,6 +145,33 @@ class ScoreGallery:
                     key=record.path, score=float(record.probs[j]),  # type: ignore[index]
                     image=data_uri(heat_overlay(gray, maps.probs[0, t].float().cpu().numpy())),
                     height=h, width=w, point=(x + 0.5, y + 0.5), map_peak=round(float(maps.peak_prob[0, t]), 4)))
+
+    # ---- under Ray (radflash.archive.pipeline.DistributedObserver): a copy in every actor ----------
+    def for_worker(self) -> ScoreGallery:
+        """An empty gallery of the same K for one Ray actor (pickled to it).
+
+        Each actor keeps its own top-K and ships a tile when it enters that list; every image of the
+        global top-K is in its actor's top-K when it is scored, so merging what the actors ship gives
+        exactly the gallery of a local run.
+        """
+        return ScoreGallery(self.top.k)
+
+    def take_delta(self) -> dict[str, Any]:
+        """What this (actor's) gallery gained since the last call: tiles, images observed, its note."""
+        tiles = {name: [asdict(t) for t in lst if (name, t.key) not in self._shipped]
+                 for name, lst in self.top.lists.items()}
+        self._shipped.update((name, t["key"]) for name, lst in tiles.items() for t in lst)
+        observed, self.observed = self.observed, 0
+        return {"observed": observed, "note": self.note, "tiles": {n: lst for n, lst in tiles.items() if lst}}
+
+    def merge_delta(self, delta: dict[str, Any]) -> None:
+        """Fold an actor's :meth:`take_delta` into this (the driver's) gallery."""
+        self.observed += int(delta.get("observed", 0))
+        if delta.get("note") and self.note is None:
+            self.note = str(delta["note"])
+        for name, tiles in delta.get("tiles", {}).items():
+            for t in tiles:
+                self.top.add(name, _tile(t))
 
     def save(self, out_dir: str | Path) -> Path:
         return save_gallery(out_dir, {"kind": self.kind, "k": self.top.k, "observed": self.observed,

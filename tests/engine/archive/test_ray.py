@@ -168,6 +168,23 @@ def test_carzero_on_ray_matches_local_run(ray_address: str, tmp_path: Path) -> N
     assert_matches_reference(run, local)
 
 
+def test_report_gallery_on_ray_equals_the_local_one(ray_address: str, tiny_model: Path, tmp_path: Path) -> None:
+    """score --ray --report-maps: the actors' galleries, merged on the driver, give the local gallery."""
+    from radflash.report.gallery import ScoreGallery
+
+    local, remote = ScoreGallery(2), ScoreGallery(2)
+    score(DEMO_ARCHIVE, tmp_path / "local", model=tiny_model, workers=1, batch_size=4, progress=False, observer=local)
+    score(DEMO_ARCHIVE, tmp_path / "ray", model=tiny_model, batch_size=4, progress=False, ray=RayOptions(),
+          observer=remote)
+    assert remote.note is None and remote.observed == local.observed > 0
+    assert set(remote.top.lists) == set(local.top.lists)
+    for name, tiles in local.top.lists.items():
+        got = remote.top.lists[name]
+        assert [t.key for t in got] == [t.key for t in tiles], name
+        assert [t.score for t in got] == pytest.approx([t.score for t in tiles], abs=1e-5)
+        assert all(t.image.startswith("data:image/") and t.point is not None for t in got)
+
+
 @pytest.mark.slow
 def test_driver_kill9_then_resume(ray_address: str, tiny_model: Path, reference, tmp_path: Path) -> None:
     out = tmp_path / "out"

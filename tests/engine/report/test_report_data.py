@@ -252,3 +252,41 @@ def test_thresholds_give_decision_counts_and_a_line(archive: Path, tiny_model: P
     assert nodule.positive is None and nodule.threshold is None and "no threshold" in nodule.threshold_note
     html = (out / REPORT_HTML).read_text(encoding="utf-8")
     assert html.count('class="threshold"') == 1 and f'data-positive="{effusion.positive}"' in html
+
+
+def test_gallery_merged_from_actor_copies_equals_one_local_gallery() -> None:
+    """Under Ray each actor keeps its own top-K and ships tiles as they enter it; whatever the split
+    of the images over actors, the order of their batches and of the deltas' arrival, the driver's
+    merge is exactly the gallery one local pass gives."""
+    from radflash.report.gallery import Tile
+
+    rng = np.random.default_rng(np.random.randint(2**31))
+    names = ["effusion", "edema", "mass"]
+    scores = np.round(rng.random((60, len(names))), 2)  # rounded: ties, broken by key
+    batches = [list(range(i, min(60, i + 5))) for i in range(0, 60, 5)]
+
+    def feed(gallery: ScoreGallery, rows: list[int]) -> None:
+        """What ScoreGallery._observe does per batch: only candidates entering the top-K get a tile."""
+        gallery.observed += len(rows)
+        for j, name in enumerate(names):
+            cands = [(float(scores[r, j]), f"img{r:02d}") for r in rows]
+            for key in gallery.top.winners(name, cands):
+                r = int(key[3:])
+                gallery.top.add(name, Tile(key=key, score=float(scores[r, j]), image=f"jpeg-{key}", height=8,
+                                           width=8, point=(1.5, 2.5), map_peak=0.5))
+
+    local = ScoreGallery(MAPS_K)
+    for rows in batches:
+        feed(local, rows)
+    driver = ScoreGallery(MAPS_K)
+    actors = [driver.for_worker() for _ in range(3)]
+    deltas = []
+    for rows in batches:
+        actor = actors[int(rng.integers(len(actors)))]
+        feed(actor, rows)
+        deltas.append(json.loads(json.dumps(actor.take_delta())))  # through JSON, as the Arrow column carries it
+    for i in rng.permutation(len(deltas)):
+        driver.merge_delta(deltas[i])
+    assert driver.observed == local.observed == 60
+    assert driver.top.lists == local.top.lists
+    assert sum(len(t) for d in deltas for t in d["tiles"].values()) < 60 * len(names)  # only entrants travel
