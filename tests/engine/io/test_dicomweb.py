@@ -106,9 +106,24 @@ def _srs(server) -> list[dict]:
     return DICOMwebClient(server.url + "/dicom-web").search_for_instances(search_filters={"Modality": "SR"})
 
 
+def _sr_for(server, row: dict):
+    """The SR stored for the scored image ``row`` (the one in its study), retrieved over WADO-RS."""
+    from dicomweb_client.api import DICOMwebClient
+
+    c = DICOMwebClient(server.url + "/dicom-web")
+    return next(c.retrieve_instance(s["0020000D"]["Value"][0], s["0020000E"]["Value"][0], s["00080018"]["Value"][0])
+                for s in _srs(server) if s["0020000D"]["Value"][0] == row["study_instance_uid"])
+
+
+def _sr_probs(sr) -> list[float]:
+    """The probability of every finding container of a radflash SR, in order."""
+    findings = [i for i in sr.ContentSequence if i.ValueType == "CONTAINER"]
+    return [float(n.MeasuredValueSequence[0].NumericValue) for f in findings for n in f.ContentSequence
+            if n.ValueType == "NUM" and n.ConceptNameCodeSequence[0].CodeValue == "probability"]
+
+
 def test_store_writes_one_sr_per_scored_image_once(fresh_orthanc, tmp_path: Path) -> None:
     import pydicom
-    from dicomweb_client.api import DICOMwebClient
 
     run = score(fresh_orthanc.dicomweb, tmp_path / "a", workers=1, progress=False, stow="same")
     srs = _srs(fresh_orthanc)
@@ -120,19 +135,15 @@ def test_store_writes_one_sr_per_scored_image_once(fresh_orthanc, tmp_path: Path
     assert sorted(r["00080018"]["Value"][0] for r in _srs(fresh_orthanc)) == \
         sorted(r["00080018"]["Value"][0] for r in srs)
 
-    c = DICOMwebClient(fresh_orthanc.url + "/dicom-web")
     row = run.results.to_pylist()[0]
-    sr = next(c.retrieve_instance(s["0020000D"]["Value"][0], s["0020000E"]["Value"][0], s["00080018"]["Value"][0])
-              for s in srs if s["0020000D"]["Value"][0] == row["study_instance_uid"])
+    sr = _sr_for(fresh_orthanc, row)
     assert isinstance(sr, pydicom.Dataset) and sr.Modality == "SR"
     refs = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in sr.ContentSequence if i.ValueType == "IMAGE"]
     assert refs == [row["sop_instance_uid"]]
     names = list(run.manifest["findings"])
     findings = [i for i in sr.ContentSequence if i.ValueType == "CONTAINER"]
     assert len(findings) == len(names)
-    probs = [float(n.MeasuredValueSequence[0].NumericValue) for f in findings for n in f.ContentSequence
-             if n.ValueType == "NUM" and n.ConceptNameCodeSequence[0].CodeValue == "probability"]
-    assert probs == pytest.approx([row[f"{n}.prob"] for n in names], rel=1e-6)
+    assert _sr_probs(sr) == pytest.approx([row[f"{n}.prob"] for n in names], rel=1e-6)
     algo = [i.TextValue for i in sr.ContentSequence if i.ValueType == "TEXT"]
     assert run.manifest["model"]["sha256"] in " ".join(algo)
 
@@ -279,3 +290,20 @@ def test_partially_refused_stow_is_a_failure() -> None:
     stower.client = type("Client", (), {"store_instances": lambda self, datasets: Dataset()})()
     stower.store([Dataset(), Dataset()])
     assert stower.stored == 2
+
+
+def test_carzero_over_dicomweb_equals_files_and_stores_its_sr(fresh_orthanc, tmp_path: Path) -> None:
+    """The second family through the PACS path: same S as from files, one SR per image with S's sigmoid."""
+    from radflash.checkpoints.factory import random_checkpoint
+    from radflash.checkpoints.format import save_checkpoint
+
+    model = save_checkpoint(random_checkpoint("carzero-tiny", seed=4, model_id="cz"), tmp_path / "cz")
+    files = score(DEMO_ARCHIVE, None, model=model, workers=1, progress=False, batch_size=1)
+    run = score(fresh_orthanc.dicomweb, tmp_path / "out", model=model, workers=1, progress=False, batch_size=1,
+                stow="same")
+    assert run.scored == files.scored > 0
+    assert _probs(run) == _probs(files)  # bit-identical: same bytes, same decode, unbatched
+    assert len(_srs(fresh_orthanc)) == run.scored
+    row = run.results.to_pylist()[0]
+    names = list(run.manifest["findings"])
+    assert _sr_probs(_sr_for(fresh_orthanc, row)) == pytest.approx([row[f"{n}.prob"] for n in names], rel=1e-6)
