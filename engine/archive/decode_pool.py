@@ -113,23 +113,21 @@ def default_loader() -> Loader:
     return try_load
 
 
-def resize_for_model(pixels: np.ndarray, image_size: int | Preprocessing) -> np.ndarray:
+def resize_for_model(pixels: np.ndarray, geometry: Preprocessing) -> np.ndarray:
     """H×W [0, 1] → S×S [0, 1] with exactly the resize of :func:`radflash.preprocess.preprocess`.
 
-    ``image_size`` is the side S (RadZero's plain resize) or the model's :class:`Preprocessing`
-    (its geometry: CARZero letterboxes).
+    ``geometry`` is the model's :attr:`Preprocessing.geometry` (its resize without normalisation:
+    RadZero's plain resize, CARZero's letterbox).
     """
     import torch
 
-    from radflash.preprocess import Preprocessing, preprocess
+    from radflash.preprocess import preprocess
 
-    spec = image_size if isinstance(image_size, Preprocessing) else Preprocessing(image_size, (0.0,) * 3, (1.0,) * 3)
-    size = spec.image_size
+    size = geometry.image_size
     if pixels.shape == (size, size):
         return np.ascontiguousarray(pixels, dtype=np.float32).clip(0.0, 1.0)
-    identity = spec.geometry
     with torch.inference_mode():
-        out = preprocess(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)), identity)
+        out = preprocess(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)), geometry)
     return out[0, 0].numpy().copy()
 
 

@@ -264,7 +264,7 @@ def run_pipeline(
     """
     stats = PipelineStats()
     t_start = time.perf_counter()
-    geometry = model.preprocessing  # the model's resize (CARZero letterboxes), applied in the feed thread
+    geometry = model.preprocessing.geometry  # the model's resize (CARZero letterboxes), in the feed thread
     scorer = Scorer(model, prompts, include_phi=config.include_phi, observer=observer)
     committer = Committer(store, config.commit_every, stats, on_record)
     decoded_stream, pool = decode_stream(items, workers=config.workers, loader=config.loader, rules=config.rules,
@@ -323,13 +323,13 @@ def run_pipeline(
     return stats
 
 
-def _resized(d: Decoded, image_size: int | Preprocessing, stats: PipelineStats) -> Decoded:
+def _resized(d: Decoded, geometry: Preprocessing, stats: PipelineStats) -> Decoded:
     """The S×S model input of a loaded item (runs in the feed thread, overlapping inference)."""
     from radflash.errors import InputError
 
     t0 = time.perf_counter()
     try:
-        pixels = resize_for_model(d.pixels, image_size)
+        pixels = resize_for_model(d.pixels, geometry)
     except InputError as exc:  # e.g. a 1-pixel-high image: nothing to resize from
         return Decoded(d.index, d.key, d.path, "failed", str(exc).splitlines()[0], meta=d.meta, decode_s=d.decode_s)
     finally:

@@ -305,7 +305,7 @@ def _decode_stage(ds: Any, fn: Callable[..., pa.Table], fn_kwargs: dict[str, Any
 
 
 # ---- stage 2: decode (stateless, CPU tasks) -----------------------------------------------------
-def decode_block(block: pa.Table, *, image_size: int | Preprocessing, rules: SelectionRules | None, include_phi: bool,
+def decode_block(block: pa.Table, *, geometry: Preprocessing, rules: SelectionRules | None, include_phi: bool,
                  loader: Loader | None = None, timeout: float | None = 120.0, isolate: bool = True) -> pa.Table:
     """Decode + select + resize each file of ``block`` exactly as a local run's worker and feed
     thread do (:func:`decode_one` in a kept decode process, :func:`radflash.archive.pipeline._resized`)."""
@@ -314,7 +314,7 @@ def decode_block(block: pa.Table, *, image_size: int | Preprocessing, rules: Sel
     for d in decode_files(tasks, loader=loader, rules=rules, timeout=timeout, isolate=isolate):
         stats = PipelineStats()
         if d.status == "loaded":
-            d = _resized(d, image_size, stats)
+            d = _resized(d, geometry, stats)
         m = d.meta
         out["key"].append(d.key)
         out["path"].append(d.path)
@@ -442,7 +442,7 @@ def run_ray_pipeline(
     store: Sink,
     config: PipelineConfig,
     *,
-    image_size: int | Preprocessing,  # the model's resize: a side S, or its Preprocessing (CARZero letterboxes)
+    geometry: Preprocessing,  # the model's resize, Preprocessing.geometry (CARZero letterboxes)
     placement: Placement,
     dtype: str | None = None,
     backend: str = "eager",
@@ -472,7 +472,7 @@ def run_ray_pipeline(
             walked[0] = seen
             yield table, seen
 
-    decode_kwargs = {"image_size": image_size, "rules": config.rules, "include_phi": config.include_phi,
+    decode_kwargs = {"geometry": geometry, "rules": config.rules, "include_phi": config.include_phi,
                      "loader": config.loader, "timeout": config.timeout, "isolate": config.workers > 0}
     actor_kwargs = {"model": model, "device": placement.device, "dtype": dtype, "backend": backend,
                     "prompts": prompts, "spec": spec, "include_phi": config.include_phi,
@@ -551,7 +551,7 @@ def run_on_ray(
         raise InputError(f"{type(observer).__name__} cannot observe a Ray run: it has no for_worker/take_delta/"
                          "merge_delta (radflash.archive.pipeline.DistributedObserver)")
     stats, _ = run_ray_pipeline(todo, actor_model(model, rf_model), prompts, spec, store, config,
-                                image_size=rf_model.preprocessing.geometry, placement=placement, dtype=dtype,
+                                geometry=rf_model.preprocessing.geometry, placement=placement, dtype=dtype,
                                 backend=backend, window=options.window, on_record=on_record, observer=observer)
     return stats
 

@@ -255,7 +255,7 @@ def native_to_reference(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dic
     return {m: {k: t.detach().float().cpu().clone().contiguous() for k, t in d.items()} for m, d in out.items()}
 
 
-def _vit_names(sub: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+def vit_state_names(sub: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
     """Rename to transformers 4.x ViT names if ``module`` uses them."""
     if "layers.0.attention.q_proj.weight" in module.state_dict():
         return sub
@@ -357,7 +357,7 @@ class ReferenceCARZero:
             intermediate_size=vc.mlp, image_size=cfg.image_size, patch_size=vc.patch, num_channels=vc.in_chans,
             layer_norm_eps=vc.eps, qkv_bias=True, hidden_act="gelu", hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0, attn_implementation="eager"), add_pooling_layer=False)
-        self.vit.load_state_dict(_vit_names(weights["vit"], self.vit), strict=True)
+        self.vit.load_state_dict(vit_state_names(weights["vit"], self.vit), strict=True)
         self.bert = tf.BertModel(tf.BertConfig(
             vocab_size=tc.vocab, hidden_size=tc.hidden, num_hidden_layers=tc.layers, num_attention_heads=tc.heads,
             intermediate_size=tc.mlp, max_position_embeddings=tc.max_positions, type_vocab_size=tc.type_vocab,

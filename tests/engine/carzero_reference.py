@@ -6,14 +6,13 @@ Everything CARZero adds around them is the public reference code (laihaoran/CARZ
 line for line, Python loops included, in :mod:`radflash.bench.carzero_reference` (the bench's
 reference, which shares no code with radflash's model): the prompt cleaning of ``process_text``,
 ``BertEncoder.aggregate_tokens``, and ``TQN_Model`` with ``TransformerDecoderWoSelfAttenLayer``
-(``normalize_before=True``) built from ``nn.MultiheadAttention``. Only the test glue here maps
-these modules' weights onto radflash's names.
+(``normalize_before=True``) built from ``nn.MultiheadAttention``. The weights travel through the bench
+reference's own name mapping (``native_to_reference``).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
 from radflash.bench.carzero_reference import TQN_Model, aggregate_tokens, process_text
@@ -56,50 +55,3 @@ def make_vit(hidden: int, layers: int, heads: int, mlp: int, image: int = 224, p
                     image_size=image, patch_size=patch, layer_norm_eps=1e-6, qkv_bias=True,
                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return ViTModel(cfg, add_pooling_layer=False).eval()
-
-
-def native_state(bert: BertModel, vit: ViTModel, tqn: TQN_Model) -> dict[str, torch.Tensor]:
-    """radflash names for the three modules' weights (the glue of the parity tests)."""
-    out: dict[str, torch.Tensor] = {}
-    b = bert.state_dict()
-    out["text.word_embed.weight"] = b["embeddings.word_embeddings.weight"]
-    out["text.pos_embed.weight"] = b["embeddings.position_embeddings.weight"]
-    out["text.type_embed.weight"] = b["embeddings.token_type_embeddings.weight"]
-    for part in ("weight", "bias"):
-        out[f"text.embed_norm.{part}"] = b[f"embeddings.LayerNorm.{part}"]
-        for i in range(bert.config.num_hidden_layers):
-            p, q = f"encoder.layer.{i}.", f"text.layers.{i}."
-            out[q + "qkv." + part] = torch.cat([b[f"{p}attention.self.{x}.{part}"] for x in ("query", "key", "value")])
-            out[f"{q}out.{part}"] = b[f"{p}attention.output.dense.{part}"]
-            out[f"{q}attn_norm.{part}"] = b[f"{p}attention.output.LayerNorm.{part}"]
-            out[f"{q}fc1.{part}"] = b[f"{p}intermediate.dense.{part}"]
-            out[f"{q}fc2.{part}"] = b[f"{p}output.dense.{part}"]
-            out[f"{q}mlp_norm.{part}"] = b[f"{p}output.LayerNorm.{part}"]
-    v = vit.state_dict()
-    out["vision.cls_token"] = v["embeddings.cls_token"]
-    out["vision.pos_embed"] = v["embeddings.position_embeddings"]
-    for part in ("weight", "bias"):
-        out[f"vision.patch_embed.{part}"] = v[f"embeddings.patch_embeddings.projection.{part}"]
-        out[f"vision.norm.{part}"] = v[f"layernorm.{part}"]
-        for i in range(vit.config.num_hidden_layers):
-            p, q = f"layers.{i}.", f"vision.blocks.{i}."
-            out[q + "attn.qkv." + part] = torch.cat([v[f"{p}attention.{x}_proj.{part}"] for x in "qkv"])
-            out[f"{q}attn.proj.{part}"] = v[f"{p}attention.o_proj.{part}"]
-            out[f"{q}norm1.{part}"] = v[f"{p}layernorm_before.{part}"]
-            out[f"{q}norm2.{part}"] = v[f"{p}layernorm_after.{part}"]
-            out[f"{q}mlp.fc1.{part}"] = v[f"{p}mlp.fc1.{part}"]
-            out[f"{q}mlp.fc2.{part}"] = v[f"{p}mlp.fc2.{part}"]
-    t = tqn.state_dict()
-    linears = [i for i, m in enumerate(tqn.mlp_head) if isinstance(m, nn.Linear)]
-    for key, value in t.items():
-        if key.startswith("decoder.layers."):
-            rest = key[len("decoder.layers."):]
-            if ".self_attn." in rest or ".norm1." in rest:
-                continue
-            out["fusion.layers." + rest.replace("multihead_attn.", "cross_attn.")] = value
-        elif key.startswith("decoder_norm."):
-            out["fusion." + key] = value
-        elif key.startswith("mlp_head."):
-            index, part = key[len("mlp_head."):].split(".")
-            out[f"fusion.mlp.{linears.index(int(index))}.{part}"] = value
-    return out

@@ -311,7 +311,7 @@ def run_hostile(folder: Path, tiny_model: Path, *, workers: int, on_ray: bool):
     if on_ray:
         placement = plan(RayOptions(), "cpu", ray.cluster_resources())
         run_ray_pipeline(FileSource(folder), str(tiny_model), prompts, spec, store, config,
-                         image_size=model.config.image_size, placement=placement)
+                         geometry=model.preprocessing.geometry, placement=placement)
     else:
         run_pipeline(FileSource(folder), model, prompts, store, config)
     rows = store.table().to_pylist()

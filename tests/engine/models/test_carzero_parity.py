@@ -13,6 +13,7 @@ import dataclasses
 import pytest
 import torch
 
+from radflash.bench.carzero_reference import native_to_reference, vit_state_names
 from radflash.checkpoints.factory import randomize_, wordpiece_tokenizer
 from radflash.models.carzero import CARZero
 from radflash.models.config import preset
@@ -21,7 +22,6 @@ from tests.engine.carzero_reference import (
     TQN_Model,
     make_bert,
     make_vit,
-    native_state,
     reference_clean,
     reference_scores,
     reference_text,
@@ -42,15 +42,15 @@ def parity() -> dict:
     cfg = preset("carzero")
     tok = wordpiece_tokenizer(vocab_size=2048, style="bert")
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab=2048))
-    bert = randomize_(make_bert(2048, 768, 12, 12, 3072), seed=1, std=None)
-    vit = randomize_(make_vit(768, 12, 12, 3072), seed=2, std=None)
-    tqn = randomize_(TQN_Model(768, 4, 1024, 4, (1024, 512, 256), 1e-5), seed=3, std=None).eval()
-    model = CARZero(cfg)
-    state = native_state(bert, vit, tqn)
+    model = randomize_(CARZero(cfg), seed=1, std=None).eval()
     model.bind_vocabulary(tok.get_vocab(with_added_tokens=True))
-    state["text.continues_word"] = model.text.continues_word.clone()
-    model.load_state_dict(state)
-    model.eval()
+    # the same weights in the reference modules, through the bench reference's name mapping
+    weights = native_to_reference(model.state_dict(), cfg)
+    bert, vit = make_bert(2048, 768, 12, 12, 3072), make_vit(768, 12, 12, 3072)
+    tqn = TQN_Model(768, 4, 1024, 4, (1024, 512, 256), 1e-5).eval()
+    bert.load_state_dict(weights["bert"])
+    vit.load_state_dict(vit_state_names(weights["vit"], vit))  # transformers 4.x or 5.x layer names
+    tqn.load_state_dict(weights["fusion"])
     ptok = PromptTokenizer(tok, pad_id=0, max_length=97, cleaning="carzero")
     return {"model": model, "bert": bert, "vit": vit, "tqn": tqn, "tok": tok, "ptok": ptok}
 
