@@ -258,14 +258,23 @@ def _score_finding(name: str, spec: dict, probs: np.ndarray, results: pa.Table, 
     return summary
 
 
-def _score_gallery(data: ReportData, out: Path, mode: Mode, names: list[str], labels: dict[str, str],
-                   scored: int) -> None:
+def _saved_gallery(data: ReportData, out: Path, mode: Mode, kind: str) -> dict[str, Any] | None:
+    """The run's saved gallery of ``kind`` for a full report; otherwise None, with the note saying why."""
     if mode != "full":
         data.gallery_note = "Gallery left out (--report summary): no images of patients in this file."
-        return
+        return None
     saved = load_gallery(out)
-    if saved is None or saved.get("kind") != "score":
-        data.gallery_note = "No gallery: the run was scored without --report-maps K."
+    if saved is None or saved.get("kind") != kind:
+        verb = "scored" if kind == "score" else "made"
+        data.gallery_note = f"No gallery: the run was {verb} without --report-maps K."
+        return None
+    return saved
+
+
+def _score_gallery(data: ReportData, out: Path, mode: Mode, names: list[str], labels: dict[str, str],
+                   scored: int) -> None:
+    saved = _saved_gallery(data, out, mode, "score")
+    if saved is None:
         return
     tiles = tiles_of(saved)
     data.gallery = []
@@ -382,12 +391,8 @@ def _segment_gallery(data: ReportData, out: Path, mode: Mode, images: list[tuple
     """Per prompt, the top-K images by peak probability with that prompt's mask (from its PNG) overlaid."""
     from radflash.segment.writers import PALETTE
 
-    if mode != "full":
-        data.gallery_note = "Gallery left out (--report summary): no images of patients in this file."
-        return
-    saved = load_gallery(out)
-    if saved is None or saved.get("kind") != "segment":
-        data.gallery_note = "No gallery: the run was made without --report-maps K."
+    saved = _saved_gallery(data, out, mode, "segment")
+    if saved is None:
         return
     k = int(saved.get("k", 0))
     thumbs: dict[str, str] = saved.get("thumbnails") or {}
