@@ -17,11 +17,10 @@ import platform
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from itertools import chain, islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +47,7 @@ from radflash.io.source import (
     listed_items,
     path_from_text,
     path_text,
+    peek,
     retrieval_failures,
     retrieved_items,
 )
@@ -246,7 +246,7 @@ def score(
 
         n_workers = min(4, os.cpu_count() or 1) if workers is None else workers
         if ray is None:
-            ahead, todo = _peek(todo, n_workers)
+            ahead, todo = peek(todo, n_workers)
             n_workers = min(n_workers, ahead)  # no point spawning idle decoders for a handful of files
         else:  # Ray decode tasks each keep one decode process (crash isolation), unless workers=0
             n_workers = int(n_workers > 0)
@@ -386,11 +386,7 @@ class _Intake:
     the counts are final once the pass has ended."""
 
     def __init__(self, items: Iterator[SourceItem]) -> None:
-        try:  # the first item now: a listing that fails (a server away) fails before the model loads
-            first = [next(items)]
-        except StopIteration:
-            first = []
-        self.items: Iterator[SourceItem] = chain(first, items)
+        _, self.items = peek(items, 1)  # the first item now: a failing listing fails before the model loads
         self.discovered = 0  # every item, unread and already committed ones included
         self.already = 0  # items an earlier run committed
         self.walk_s = 0.0  # time spent waiting on the source (discovery, listing)
@@ -435,13 +431,6 @@ class _SerialSink:
         with self._lock:
             return self.inner.finalize(fmt)
 
-
-def _peek(items: Iterable[SourceItem], n: int) -> tuple[int, Iterator[SourceItem]]:
-    """How many of the next ``n`` items exist, and the same items, none lost: a run sizes its
-    decode pool by what it has without listing the rest."""
-    it = iter(items)
-    head = list(islice(it, n))
-    return len(head), chain(head, it)
 
 
 def resolve_findings(findings: str | Path | Mapping[str, Any] | Sequence[str] | None) -> PromptSet:

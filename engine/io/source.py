@@ -18,6 +18,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -182,3 +183,15 @@ class FileSource(SourceBase):
     def describe(self) -> dict[str, Any]:
         return {"kind": "files", "inputs": [path_text(p) for p in self.inputs],
                 "num_parts": self.num_parts, "part_id": self.part_id}
+
+
+def peek(items: Iterable[SourceItem], n: int) -> tuple[int, Iterator[SourceItem]]:
+    """How many of the next ``n`` items exist, and the same items, none lost.
+
+    Streamed sources have no length: a verb sizes its decode pool (or finds there is no input) by
+    pulling a few items ahead, and pulling the first one early makes a failing listing (a server
+    away) fail before the model loads.
+    """
+    it = iter(items)
+    head = list(islice(it, n))
+    return len(head), chain(head, it)

@@ -39,7 +39,6 @@ import sys
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
-from itertools import chain, islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +46,7 @@ import numpy as np
 
 from radflash.errors import InputError, RadflashError
 from radflash.io.safe_paths import NameAllocator, image_output_name, inside
+from radflash.io.source import peek
 from radflash.segment.grounding import ground
 from radflash.segment.output import REPORT, OutputWriter, build_report, check_formats
 from radflash.segment.prompts import resolve_prompts
@@ -182,7 +182,7 @@ def segment(
         # as they go; unread entries (hidden files, FIFOs, link loops) hold no image: left out
         files = iter(web.retrieve(web.listing())) if web is not None else _image_files(paths)
     # a few files ahead: whether there is anything at all, and how many decoders that is worth
-    ahead, files = _peek(files, min(4, os.cpu_count() or 1) if workers is None else max(1, workers))
+    ahead, files = peek(files, min(4, os.cpu_count() or 1) if workers is None else max(1, workers))
     if not arrays and not ahead:
         where = web.target.display if web is not None else ", ".join(map(str, paths))
         raise InputError("no input images found" + (f" under {where}" if where else ""))
@@ -414,11 +414,6 @@ def _image_files(paths: list[Path]) -> Iterator[SourceItem]:
 
     return (item for item in FileSource(paths) if item.skip is None)
 
-
-def _peek(items: Iterator[SourceItem], n: int) -> tuple[int, Iterator[SourceItem]]:
-    """How many of the next ``n`` items exist, and the same items, none lost."""
-    head = list(islice(items, n))
-    return len(head), chain(head, items)
 
 
 def _in_input_order(stream: Iterator[Decoded]) -> Iterator[Decoded]:
