@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from radflash.checkpoints.factory import randomize_, wordpiece_tokenizer
+from radflash.checkpoints.factory import random_model, wordpiece_tokenizer
 from radflash.checkpoints.format import Checkpoint, check_state_dict, load_checkpoint, save_checkpoint
 from radflash.errors import InputError
 from radflash.models import RadZero
@@ -256,8 +256,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool 
     else:
         mcfg = model_config(cfg.model)
         tokenizer = build_tokenizer(cfg.model.tokenizer, mcfg)
-        # CARZero's 4-layer scoring MLP needs fan-in scaled weights (0.02 makes every score equal)
-        model = randomize_(build(mcfg), seed=cfg.seed, std=None if mcfg.architecture == "carzero" else 0.02)
+        model = random_model(mcfg, seed=cfg.seed)
     carzero = mcfg.architecture == "carzero"
     bind = getattr(model, "bind_vocabulary", None)  # CARZero: which ids continue a word, for THIS tokenizer
     if bind is not None:

@@ -131,6 +131,11 @@ def resize_for_model(pixels: np.ndarray, geometry: Preprocessing) -> np.ndarray:
     return out[0, 0].numpy().copy()
 
 
+def error_line(exc: BaseException) -> str:
+    """An unexpected exception as a one-line reason: its type and the first line of its message."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
 def decode_one(task: DecodeTask, loader: Loader, rules: SelectionRules | None) -> Decoded:
     """Read, select and decode one item at its own resolution; every failure becomes a record."""
     t0 = time.perf_counter()
@@ -144,7 +149,7 @@ def decode_one(task: DecodeTask, loader: Loader, rules: SelectionRules | None) -
         pixels = np.ascontiguousarray(image.pixels, dtype=np.float32)
         return Decoded(task.index, task.key, task.name, "loaded", None, pixels, image.meta, time.perf_counter() - t0)
     except Exception as exc:  # the loader promises not to raise; a bug there must not stop the run
-        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        reason = error_line(exc)
         return Decoded(task.index, task.key, task.name, "failed", reason, decode_s=time.perf_counter() - t0)
 
 

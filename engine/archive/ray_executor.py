@@ -67,7 +67,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from radflash.archive.decode_pool import DecodeTask, Loader, decode_files
+from radflash.archive.decode_pool import DecodeTask, Loader, decode_files, error_line
 from radflash.archive.pipeline import (
     Committer,
     DistributedObserver,
@@ -365,7 +365,7 @@ class ScoreActor:
             for name in _TIMING_COLUMNS:
                 table = table.append_column(name, pa.array([0.0] * table.num_rows, pa.float64()))
             table = table.append_column(_OBSERVED, pa.nulls(table.num_rows, pa.string()))
-            return table.append_column(_ERROR, pa.array([_one_line(exc)] * table.num_rows, pa.string()))
+            return table.append_column(_ERROR, pa.array([error_line(exc)] * table.num_rows, pa.string()))
 
     def _observed(self, n: int) -> pa.Array:
         """The observer's delta for this block as JSON on the first row (nulls without an observer)."""
@@ -399,10 +399,6 @@ class ScoreActor:
         for name, value in zip(_TIMING_COLUMNS, timings):
             table = table.append_column(name, pa.array([value] + [0.0] * (n - 1) if n else [], pa.float64()))
         return table
-
-
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
 def _merge_observed(block: pa.Table, observer: DistributedObserver | None) -> None:
@@ -614,7 +610,7 @@ class EncodeActor:
         try:
             tokens, shape = self._encode(block.to_pylist())
         except Exception as exc:  # reported to the driver, which stops the run
-            tokens, shape, error = [None] * block.num_rows, [None] * block.num_rows, _one_line(exc)
+            tokens, shape, error = [None] * block.num_rows, [None] * block.num_rows, error_line(exc)
         return block.append_column("tokens", pa.array(tokens, pa.binary())) \
                     .append_column("token_shape", pa.array(shape, pa.list_(pa.int64()))) \
                     .append_column(_ERROR, pa.array([error] * block.num_rows, pa.string()))

@@ -80,6 +80,16 @@ def randomize_(module: torch.nn.Module, *, seed: int | None = None, std: float |
     return module
 
 
+def random_model(config: ModelConfig, *, seed: int | None = None) -> torch.nn.Module:
+    """The module of ``config``'s family with random weights at the scale that family needs.
+
+    CARZero's 4-layer scoring MLP turns 0.02-std weights into one constant score, so its matrices
+    are scaled by 1/√fan-in; RadZero keeps the 0.02 its checkpoints and tests were built with.
+    """
+    std = None if config.architecture == "carzero" else 0.02
+    return randomize_(build(config), seed=seed, std=std)
+
+
 def _is_gain(name: str) -> bool:
     return ("norm" in name and name.endswith("weight")) or name.endswith(("ls1", "ls2", "lambda1"))
 
@@ -95,8 +105,7 @@ def random_checkpoint(
     tok = tokenizer or wordpiece_tokenizer(vocab_size=cfg.text.vocab, style=cfg.text.kind)
     if tok.get_vocab_size() > cfg.text.vocab:
         raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens, model vocab is {cfg.text.vocab}")
-    # the family the config names; CARZero's deep scoring MLP needs fan-in scaled weights
-    module = randomize_(build(cfg), seed=seed, std=None if cfg.architecture == "carzero" else 0.02)
+    module = random_model(cfg, seed=seed)  # the family the config names
     bind = getattr(module, "bind_vocabulary", None)  # families whose weights record tokenizer facts
     if bind is not None:
         bind(tok.get_vocab(with_added_tokens=True))

@@ -15,7 +15,6 @@ downloaded.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -27,6 +26,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from radflash.checkpoints.converters import read_json
 from radflash.checkpoints.format import CONFIG, Checkpoint, build_on_meta, check_state_dict, save_checkpoint
 from radflash.checkpoints.safe_pickle import load_ckpt
 from radflash.errors import CheckpointError
@@ -209,7 +209,7 @@ def read_tokenizer(folder: str | Path, text: TextConfig) -> PromptTokenizer:
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: tokenizer folder not found (give a local copy of the released BERT "
                               "tokenizer folder, with vocab.txt or tokenizer.json)")
-    settings = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
+    settings = {**read_json(folder / "special_tokens_map.json"), **read_json(folder / "tokenizer_config.json")}
     special = {role: _token_text(settings.get(f"{role}_token"), default)
                for role, default in (("pad", "[PAD]"), ("unk", "[UNK]"), ("cls", "[CLS]"), ("sep", "[SEP]"),
                                      ("mask", "[MASK]"))}
@@ -243,7 +243,7 @@ def read_tokenizer(folder: str | Path, text: TextConfig) -> PromptTokenizer:
 def _refuse_other_formats(src: Path) -> None:
     """One line, with the right hint, for things that are not the released .ckpt at all."""
     if src.is_dir():
-        meta = _read_json(src / CONFIG)
+        meta = read_json(src / CONFIG)
         if meta.get("format") == "radflash":
             model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
             raise CheckpointError(f"{src}: already a radflash checkpoint (a {model.get('architecture', 'radzero')} "
@@ -382,12 +382,3 @@ def _token_text(value: Any, default: str) -> str:
         value = value.get("content")
     return value if isinstance(value, str) and value else default
 
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    return data if isinstance(data, dict) else {}

@@ -10,7 +10,6 @@ Nothing is downloaded.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 
+from radflash.checkpoints.converters import read_json
 from radflash.checkpoints.format import Checkpoint, check_state_dict, save_checkpoint
 from radflash.errors import CheckpointError
 from radflash.findings import default_prompts
@@ -51,8 +51,8 @@ def convert_radzero(src: str | Path, dst: str | Path, *, model_id: str | None = 
     src = Path(src)
     if not src.is_dir():
         raise CheckpointError(f"{src}: expected the released RadZero folder (config.json, model.safetensors, ...)")
-    hf_config = _read_json(src / "config.json", required=False)
-    pre = _read_json(src / "preprocessor_config.json", required=True)
+    hf_config = read_json(src / "config.json", required=False)
+    pre = read_json(src / "preprocessor_config.json", required=True)
     tensors = _read_released_tensors(src)
     try:
         state, cfg = released_to_native(tensors, hf_config, pre)
@@ -205,16 +205,6 @@ def _need(path: Path) -> Path:
         raise CheckpointError(f"{path}: missing (copy it from the released model folder)")
     return path
 
-
-def _read_json(path: Path, *, required: bool) -> dict[str, Any]:
-    if not path.exists():
-        if required:
-            raise CheckpointError(f"{path}: missing (copy it from the released model folder)")
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
 
 
 def _read_released_tensors(src: Path) -> dict[str, torch.Tensor]:
