@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from radflash.errors import InputError
-from radflash.io.source import SourceBase, SourceItem
+from radflash.io.source import SourceItem
 
 log = logging.getLogger("radflash.dicomweb")
 
@@ -210,7 +210,7 @@ def shard_uid(uid: str, num_parts: int) -> int:
     return int.from_bytes(hashlib.blake2b(uid.encode(), digest_size=8).digest(), "big") % num_parts
 
 
-class DicomWebSource(SourceBase):
+class DicomWebSource:
     """The instances of the studies a QIDO-RS query matches, retrieved with WADO-RS.
 
     A two-phase :class:`~radflash.io.source.Source`: :meth:`listing` (QIDO-RS only), then

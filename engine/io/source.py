@@ -79,10 +79,9 @@ class SourceItem:
 class Source(Protocol):
     """Anything that yields :class:`SourceItem` s and can say what it reads.
 
-    Two members are required. A source may also offer the optional members of
-    :class:`SourceBase` (which gives each its default, so subclassing it is the easy way to write
-    a source); the verbs reach them through :func:`listed_items`, :func:`retrieved_items` and
-    :func:`retrieval_failures`, so a source with only the two required members works unchanged:
+    Two members are required. A source may also offer the optional members below; the verbs
+    reach them through :func:`listed_items`, :func:`retrieved_items` and :func:`retrieval_failures`,
+    which supply each default, so a source with only the two required members works unchanged:
 
     * ``listing()``: the items, cheaply, without their bytes (a network source lists first, so a
       resumed run never fetches what an earlier run committed); default: ``iter(source)``.
@@ -100,19 +99,6 @@ class Source(Protocol):
     def describe(self) -> dict[str, Any]:
         """What this source reads, for the run manifest: JSON-able, and never credentials."""
         ...
-
-
-class SourceBase:
-    """The optional members of :class:`Source` with their defaults: a source whose items come
-    ready from ``__iter__`` (nothing to fetch later, so nothing can fail to be fetched)."""
-
-    failures: Sequence[tuple[str, str]] = ()
-
-    def listing(self) -> Iterator[SourceItem]:
-        return iter(self)  # type: ignore[call-overload]
-
-    def retrieve(self, items: Iterable[SourceItem]) -> Iterable[SourceItem]:
-        return items
 
 
 def listed_items(source: Source) -> Iterator[SourceItem]:
@@ -140,7 +126,7 @@ def _absolute(path: str, cwd: str) -> str:
     return os.path.normpath(absolute) if "/." in absolute or absolute.startswith("//") else absolute
 
 
-class FileSource(SourceBase):
+class FileSource:
     """Files and folders on disk, streamed: :func:`radflash.io.discovery.walk`, then one shard.
 
     Yields the shard's entries in walk order (the sorted order of their paths): files with the

@@ -66,7 +66,7 @@ def test_source_walks_lazily_and_counts_every_shard_at_the_end(archive: Path) ->
 
 
 def test_optional_members_have_defaults(archive: Path) -> None:
-    """A source with only the two required members and a SourceBase subclass read the same."""
+    """A source with only the two required members and a file source (no optional members) read the same."""
 
     class Bare:
         def __iter__(self):
