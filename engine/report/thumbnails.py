@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from radflash.segment.writers import outline
+from radflash.segment.writers import blend_mask
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -88,9 +88,7 @@ def mask_overlay(gray: np.ndarray | None, mask: np.ndarray, color: tuple[int, in
         gray = np.zeros(size or thumbnail_size(*np.asarray(mask).shape[:2]), np.float32)
     m = resize_map((np.asarray(mask) > 0).astype(np.float32), gray.shape) >= 0.5
     rgb = np.repeat((np.clip(gray, 0.0, 1.0) * 255.0)[..., None], 3, axis=2)
-    c = np.asarray(color, dtype=np.float64)
-    rgb[m] = rgb[m] * (1.0 - alpha) + c * alpha
-    rgb[outline(m)] = c
+    blend_mask(rgb, m, np.asarray(color, dtype=np.float64), alpha)
     return Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8), mode="RGB")
 
 

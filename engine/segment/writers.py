@@ -323,8 +323,7 @@ def render_preview(image: np.ndarray, overlays: Sequence[Overlay], *, alpha: flo
         if m.shape != (h, w):
             raise WriteError(f"preview: mask {i} has shape {m.shape}, image is {(h, w)}")
         if m.any():
-            rgb[m] = rgb[m] * (1.0 - alpha) + colour * alpha
-            rgb[outline(m)] = colour
+            blend_mask(rgb, m, colour, alpha)
     out = Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8), mode="RGB")
     draw = ImageDraw.Draw(out)
     short = min(h, w)
@@ -345,6 +344,12 @@ def render_preview(image: np.ndarray, overlays: Sequence[Overlay], *, alpha: flo
 def write_preview(path: str | Path, image: np.ndarray, overlays: Sequence[Overlay]) -> Path:
     img = render_preview(image, overlays)
     return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def blend_mask(rgb: np.ndarray, m: np.ndarray, colour: np.ndarray, alpha: float) -> None:
+    """Tint the pixels of boolean mask ``m`` in float RGB ``rgb`` (in place) and draw its outline solid."""
+    rgb[m] = rgb[m] * (1.0 - alpha) + colour * alpha
+    rgb[outline(m)] = colour
 
 
 def outline(m: np.ndarray) -> np.ndarray:
