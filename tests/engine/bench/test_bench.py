@@ -23,6 +23,7 @@ from radflash.checkpoints.format import save_checkpoint
 from radflash.cli import cli
 from radflash.models.config import ModelConfig, TextConfig, VisionConfig, preset
 from radflash.util.timing import StageClock, Stats, percentile
+from tests.engine.bench.imports import radflash_imports
 
 pytest.importorskip("transformers", reason="the reference path needs transformers (the 'bench' extra)")
 
@@ -219,20 +220,7 @@ def test_reference_module_imports_no_radflash_head_code() -> None:
 
     import radflash.bench.reference as reference
 
-    tree = ast.parse(Path(reference.__file__).read_text())
-    type_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and ast.unparse(node.test) ==
-                 "TYPE_CHECKING" for n in ast.walk(node)}
-    used: dict[str, bool] = {}  # radflash module → imported at run time (not only for type checking)
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
-        else:
-            continue
-        for name in names:
-            if name.split(".")[0] == "radflash":
-                used[name] = used.get(name, False) or id(node) not in type_only
+    tree, used = radflash_imports(reference)  # radflash module → imported at run time
     allowed = ("radflash.errors", "radflash.models.config")  # plain data: exceptions and config sizes
 
     def module(name: str) -> str:  # "radflash.errors.InputError" → "radflash.errors"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +25,7 @@ from radflash.checkpoints.format import save_checkpoint
 from radflash.cli import cli
 from radflash.errors import InputError
 from radflash.models.config import preset
+from tests.engine.bench.imports import radflash_imports
 from tests.tolerances import normwise_error, tolerance
 
 pytest.importorskip("transformers", reason="the reference path needs transformers (the 'bench' extra)")
@@ -114,20 +114,7 @@ def test_carzero_reference_imports_no_radflash_model_code() -> None:
     """By inspection: radflash's config, errors and the RadZero reference's DICOM decode only (the API as a type)."""
     import radflash.bench.carzero_reference as reference
 
-    tree = ast.parse(Path(reference.__file__).read_text())
-    type_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and ast.unparse(node.test) ==
-                 "TYPE_CHECKING" for n in ast.walk(node)}
-    used: dict[str, bool] = {}  # radflash module → imported at run time (not only for type checking)
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
-        else:
-            continue
-        for name in names:
-            if name.split(".")[0] == "radflash":
-                used[name] = used.get(name, False) or id(node) not in type_only
+    tree, used = radflash_imports(reference)  # radflash module → imported at run time
     allowed = ("radflash.errors", "radflash.models.config", "radflash.bench.reference")
 
     def module(name: str) -> str:
