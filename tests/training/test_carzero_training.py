@@ -30,6 +30,7 @@ from radflash.training.losses import carzero_loss, carzero_pair_loss
 from radflash.training.state import STATE_FILE
 from radflash.training.trainer import train
 from tests.tolerances import tolerance
+from tests.training.resume import assert_resume_is_exact
 
 FINDINGS = ("nodule", "pleural effusion", "consolidation", "pneumothorax", "atelectasis", "edema", "mass", "opacity")
 
@@ -194,29 +195,8 @@ def test_resume_is_exact_on_phantoms(tmp_path: Path) -> None:
     losses = [v for _, v in full.losses]
     assert len(losses) == 8 and full.val_losses and math.isfinite(full.val_losses[-1][1])
 
-    class Stop(Exception):
-        pass
-
-    def interrupt(step: int, loss: float) -> None:
-        if step == 6:  # after the step-4 checkpoint, before the end: a crash mid-run
-            raise Stop
-
-    cfg = _config(tmp_path / "resumed", _phantoms(), checkpoint_every=4)
-    with pytest.raises(Stop):
-        train(cfg, progress=False, on_step=interrupt)
-    assert (tmp_path / "resumed" / "checkpoints" / "step_000004" / STATE_FILE).is_file()
-    resumed = train(cfg, resume="latest", progress=False)
-    # same images, same drawn sentences, same float32 arithmetic: equal up to float32 rounding
-    assert [v for _, v in resumed.losses] == tolerance(torch.float32, magnitude=max(losses)).approx(losses)
-
-    a = load_checkpoint(full.final_checkpoint).state_dict
-    b = load_checkpoint(resumed.final_checkpoint).state_dict
-    assert a.keys() == b.keys()
-    for k in a:
-        if a[k].is_floating_point():
-            tolerance(a[k].dtype, magnitude=float(a[k].abs().max())).assert_close(b[k], a[k], msg=k)
-        else:
-            assert torch.equal(a[k], b[k]), k
+    # same images, same drawn sentences, same float32 arithmetic
+    assert_resume_is_exact(full, _config(tmp_path / "resumed", _phantoms(), checkpoint_every=4))
 
 
 def test_checkpoint_loads_and_scores(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from radflash.training.data import Collator, MimicStyleDataset, batch_indices
 from radflash.training.state import STATE_FILE
 from radflash.training.trainer import lr_at, train
 from tests.tolerances import tolerance
+from tests.training.resume import assert_resume_is_exact
 
 SENTENCES = [
     "There is nodule of the left upper lung", "There is no pneumothorax", "There is pleural effusion",
@@ -63,29 +64,7 @@ def test_training_lowers_loss_and_resume_is_exact(mimic_folder: Path, tmp_path: 
     assert np.mean(losses[-2:]) < np.mean(losses[:2])
     assert (tmp_path / "full" / "loss.png").stat().st_size > 0
 
-    class Stop(Exception):
-        pass
-
-    def interrupt(step: int, loss: float) -> None:
-        if step == 6:  # after the step-4 checkpoint, before the end: a crash mid-run
-            raise Stop
-
-    cfg = _config(mimic_folder, tmp_path / "resumed")
-    with pytest.raises(Stop):
-        train(cfg, progress=False, on_step=interrupt)
-    assert (tmp_path / "resumed" / "checkpoints" / "step_000004" / STATE_FILE).is_file()
-    resumed = train(cfg, resume="latest", progress=False)
-    # the resumed run redoes the same float32 arithmetic: equal up to float32 rounding of the loss
-    assert [v for _, v in resumed.losses] == tolerance(torch.float32, magnitude=max(losses)).approx(losses)
-
-    a = load_checkpoint(full.final_checkpoint).state_dict
-    b = load_checkpoint(resumed.final_checkpoint).state_dict
-    assert a.keys() == b.keys()
-    for k in a:
-        if a[k].is_floating_point():
-            tolerance(a[k].dtype, magnitude=float(a[k].abs().max())).assert_close(b[k], a[k], msg=k)
-        else:
-            assert torch.equal(a[k], b[k]), k
+    assert_resume_is_exact(full, _config(mimic_folder, tmp_path / "resumed"))
 
 
 def test_checkpoint_is_loadable_and_backbone_can_be_frozen(mimic_folder: Path, tmp_path: Path) -> None:
@@ -170,8 +149,6 @@ def test_ddp_two_cpu_processes_match_one_process(mimic_folder: Path, tmp_path: P
     import yaml
     from safetensors import safe_open
 
-    from radflash.training.state import STATE_FILE
-    from tests.tolerances import tolerance
 
     base = _config(mimic_folder, tmp_path / "single", steps=2, checkpoint_every=1, warmup_steps=1,
                    grad_clip=0).to_dict()  # unclipped: exp_avg is exactly (1 − β₁)·gradient
