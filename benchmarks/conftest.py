@@ -16,6 +16,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # `import shapes`, `import cpu_shapes`
 os.environ.setdefault("RADFLASH_NO_DEMO_NOTICE", "1")
 
+import radflash  # noqa: F401  (drops the checkout from sys.path: see radflash._detach_checkout)
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--results-md", default=None, help="append measured medians to this markdown file")

@@ -9,10 +9,34 @@ torch is imported only when a model is actually needed.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 __version__ = (Path(__file__).with_name("VERSION")).read_text().strip()
+
+
+def _detach_checkout() -> None:
+    """Drop a source checkout's root from ``sys.path``.
+
+    Why: the checkout's top-level folders (``kernels/``, ``training/``, ``engine/``, …; names fixed
+    by the product card) are import names of other distributions too — transformers imports the
+    PyPI package ``kernels``. ``python -m radflash``, ``python -m pytest`` or any script run from
+    the root put that root first on ``sys.path``, and the folder would shadow the installed
+    package. radflash itself never needs the root there: an editable install maps ``radflash``,
+    ``radflash.kernels``, … to their folders through its own finder. An installed wheel has no
+    checkout (its parent folder is site-packages, with no ``setup.py`` beside an ``engine/``).
+    """
+    package = Path(__file__).resolve().parent
+    checkout = package.parent
+    if package.name != "engine" or not (checkout / "setup.py").is_file():
+        return
+    root = str(checkout)
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != root]
+
+
+_detach_checkout()
 
 _LAZY = {
     "load": "radflash.api",

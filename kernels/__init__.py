@@ -6,7 +6,7 @@ CPU path and the baseline for tests and benchmarks. Triton is optional (``pip in
 """
 
 from radflash.kernels._dispatch import BACKENDS, kernel_backend, set_kernel_backend
-from radflash.kernels.cross_attention import cross_attention, cross_attention_ref
+from radflash.kernels.attention import cross_attention, cross_attention_ref
 from radflash.kernels.maps import MapResult, upsample_maps, upsample_maps_ref
 from radflash.kernels.vlcabs_head import vlcabs, vlcabs_ref
 

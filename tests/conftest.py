@@ -14,9 +14,13 @@ replays it exactly; running the suite under several bases hunts for seed-depende
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
 import shlex
+import shutil
+import sys
+import tempfile
 import zlib
 from collections.abc import Generator
 from typing import Any
@@ -28,6 +32,30 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("RADFLASH_NO_DEMO_NOTICE", "1")
+
+# `python -m pytest` puts the checkout first on sys.path, where its folders would shadow installed
+# packages of the same name (transformers imports the PyPI `kernels`): importing radflash drops it
+# (radflash._detach_checkout), and pytest itself runs in importlib mode (pyproject.toml), which
+# never adds it. Light: `import radflash` loads no kernel (so TRITON_INTERPRET above is in time).
+import radflash  # noqa: F401
+
+
+def _expose_test_package() -> None:
+    """Make ``tests`` (and nothing else of the checkout) importable here and in child processes.
+
+    Spawned decode workers, Ray workers and CLI subprocesses unpickle test helpers by module name
+    (``tests.engine.archive.ray_hooks``), so they need ``tests`` on their path, but putting the
+    checkout root there would bring back the shadowing above. A private folder that holds only a
+    link named ``tests`` gives exactly that; it goes first on sys.path and on ``PYTHONPATH``.
+    """
+    folder = tempfile.mkdtemp(prefix="radflash-test-path-")
+    os.symlink(os.path.dirname(os.path.abspath(__file__)), os.path.join(folder, "tests"))
+    atexit.register(shutil.rmtree, folder, True)
+    sys.path.insert(0, folder)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (folder, os.environ.get("PYTHONPATH")) if p)
+
+
+_expose_test_package()
 
 SEED_ENV = "RADFLASH_TEST_SEED"
 

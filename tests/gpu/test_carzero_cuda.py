@@ -38,7 +38,7 @@ def test_carzero_on_cuda_matches_float64(dtype: str, cuda: torch.device, ckpt, m
     images = list(torch.rand(4, 300, 256, dtype=torch.float64))
     ref = scores(RadFlashModel(ckpt, device="cpu", dtype=torch.float64), images)
     cpu = scores(RadFlashModel(ckpt, device="cpu", dtype=dt), images)
-    kernel = importlib.import_module("radflash.kernels.cross_attention")
+    kernel = importlib.import_module("radflash.kernels.attention")
     fallbacks = []
     real_ref = kernel.cross_attention_ref
     monkeypatch.setattr(kernel, "cross_attention_ref", lambda *a: fallbacks.append(1) or real_ref(*a))

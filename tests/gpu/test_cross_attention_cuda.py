@@ -23,7 +23,7 @@ from tests.gpu.numerics import DTYPES, EPS, bound, fp32_math, max_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-ca_mod = importlib.import_module("radflash.kernels.cross_attention")
+ca_mod = importlib.import_module("radflash.kernels.attention")
 
 H, DH = 4, 192  # CARZero's fusion decoder: width 768
 

@@ -1,5 +1,5 @@
 """A decoder that misbehaves for files named for it, importable by Ray workers and the decode
-processes they spawn (the Ray tests put the repository on their ``PYTHONPATH``)."""
+processes they spawn (tests/conftest.py puts a path exposing only ``tests`` on ``PYTHONPATH``)."""
 
 from __future__ import annotations
 

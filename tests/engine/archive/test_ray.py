@@ -37,10 +37,9 @@ def ray_address() -> Iterator[str]:
     Ray ≥ 2.5x turns on token authentication for a new cluster; a second process on this machine
     would need the token, so this throwaway test cluster runs without it.
     """
-    repo = str(Path(__file__).resolve().parents[3])  # workers import the decoder hooks (ray_hooks)
-    previous = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "PYTHONPATH")}
+    # Workers import the decoder hooks (ray_hooks) through the PYTHONPATH that tests/conftest.py sets.
+    previous = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE",)}
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (repo, previous["PYTHONPATH"]) if p)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address

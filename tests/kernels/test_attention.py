@@ -16,7 +16,7 @@ from radflash.kernels import cross_attention, cross_attention_ref, set_kernel_ba
 from tests.tolerances import Tol, tolerance
 
 pytestmark = pytest.mark.interpreter  # Triton on CPU tensors: see tests/conftest.py
-ca_mod = importlib.import_module("radflash.kernels.cross_attention")  # the module, not the function
+ca_mod = importlib.import_module("radflash.kernels.attention")  # the module, not the function
 
 HALF = [torch.float16, torch.bfloat16]
 
