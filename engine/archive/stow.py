@@ -1,9 +1,10 @@
 """``--store``: write each scored image's findings back to a PACS as a DICOM Structured Report.
 
 :class:`StowSink` wraps the run's table sink. For every committed batch it first builds one
-Comprehensive SR per scored image (:func:`build_sr`: algorithm name, version and model hash; the
-source image by reference; per finding the prompt, logit, probability and, where a threshold
-applies, present/absent) and stores them with STOW-RS, then commits the batch to the inner sink.
+SR per scored image (:func:`build_sr`: a TID 1500 report as IHE AIR asks, built by
+:mod:`radflash.dicomout`: the model as observer device and Contributing Equipment; the source image
+by reference; per finding its code, probability and, where a threshold applies, present/absent) and
+stores them with STOW-RS, then commits the batch to the inner sink.
 That order is what makes re-runs safe: an SR's SOPInstanceUID is derived from the source
 SOPInstanceUID and the model hash (:func:`sr_uids`), so a batch whose STOW went through but whose
 part was never committed (a crash, a server gone mid-run) stores the *same* objects again on
@@ -22,102 +23,42 @@ from typing import Any
 
 from radflash.archive.pipeline import PromptSet
 from radflash.archive.sinks import FileRecord, Finalized, Format, Sink
+
+# The DICOM objects are built by the writer package (#27); their UIDs and Type 2 rules are
+# re-exported here because score, segment and the DIMSE store import them from this module.
+from radflash.dicomout.codes import PRIVATE_SCHEME as SCHEME  # noqa: F401
+from radflash.dicomout.header import with_type2
+from radflash.dicomout.uids import SR_SERIES_NUMBER, prompt_set_key, seg_uids, sr_uids  # noqa: F401
 from radflash.io.dicomweb import STUDY, Auth, DicomWebError, Policy, call_with_retries, client
 
 log = logging.getLogger("radflash.stow")
 
-SCHEME = "99RADFLASH"  # private coding scheme (DICOM PS3.16: "99" prefix) for radflash's own concepts
-SERIES_NUMBER = 9900
-
-
-def sr_uids(source_sop: str, source_study: str, model_sha256: str) -> tuple[str, str]:
-    """(series UID, SOP UID) of the SR for one source image and model: the same inputs give the
-    same UIDs on every run, so storing again replaces nothing and duplicates nothing."""
-    from pydicom.uid import generate_uid
-
-    series = generate_uid(entropy_srcs=["radflash-sr-series", source_study, model_sha256])
-    sop = generate_uid(entropy_srcs=["radflash-sr", source_sop, model_sha256])
-    return series, sop
-
-
-def prompt_set_key(prompts: Sequence[tuple[str, str, float]]) -> str:
-    """A digest of a segment run's prompts (name, text, threshold): what, with the model, decides a
-    SEG's masks, so a SEG's UIDs change whenever its content could."""
-    import hashlib
-    import json
-
-    text = json.dumps([[n, p, float(t)] for n, p, t in prompts], ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def seg_uids(source_sop: str, source_study: str, model_sha256: str, prompts_key: str) -> tuple[str, str]:
-    """(series UID, SOP UID) of the DICOM SEG for one source image, model and prompt set
-    (:func:`prompt_set_key`): like :func:`sr_uids`, the same inputs give the same UIDs every run."""
-    from pydicom.uid import generate_uid
-
-    series = generate_uid(entropy_srcs=["radflash-seg-series", source_study, model_sha256, prompts_key])
-    sop = generate_uid(entropy_srcs=["radflash-seg", source_sop, model_sha256, prompts_key])
-    return series, sop
+SERIES_NUMBER = SR_SERIES_NUMBER  # kept for callers of radflash.archive.stow; the writers own it
 
 
 def build_sr(source: Any, record: FileRecord, prompts: PromptSet, *, model_id: str, model_sha256: str,
-             version: str) -> Any:
-    """One Comprehensive SR for ``record`` (a scored image), in ``source`` 's patient and study."""
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
+             version: str, family: str = "") -> Any:
+    """One TID 1500 report (:func:`radflash.dicomout.sr.build_report`) for ``record`` (a scored
+    image), in ``source`` 's patient and study: per finding its coded concept, the probability and,
+    where a threshold decided, present/absent; Contributing Equipment names the model.
 
-    def concept(value: str, meaning: str, scheme: str = SCHEME) -> hd.sr.CodedConcept:
-        return hd.sr.CodedConcept(value, scheme, meaning)
+    A thin adapter from the score pipeline's record to the writer package, which every verb shares
+    (``family`` names the model family in the model name, e.g. ``"radzero"``).
+    """
+    from radflash.dicomout.equipment import Equipment
+    from radflash.dicomout.sr import FindingResult, build_report
 
-    contains = hd.sr.RelationshipTypeValues.CONTAINS
-    unit = concept("1", "no units", "UCUM")
-    items: list[Any] = [
-        hd.sr.TextContentItem(concept("111001", "Algorithm Name", "DCM"), model_id, contains),
-        hd.sr.TextContentItem(concept("111003", "Algorithm Version", "DCM"), f"radflash {version}", contains),
-        hd.sr.TextContentItem(concept("111002", "Algorithm Parameters", "DCM"), f"model sha256 {model_sha256}",
-                              contains),
-        hd.sr.ImageContentItem(concept("121112", "Source of Measurement", "DCM"), source.SOPClassUID,
-                               source.SOPInstanceUID, relationship_type=contains),
-    ]
-    present, absent = concept("52101004", "Present", "SCT"), concept("2667000", "Absent", "SCT")
     assert record.logits is not None and record.probs is not None
-    for i, (name, prompt) in enumerate(zip(prompts.names, prompts.prompts)):
-        finding = hd.sr.ContainerContentItem(concept("121071", "Finding", "DCM"), relationship_type=contains)
-        children: list[Any] = [
-            hd.sr.TextContentItem(concept("prompt", "Prompt"), f"{name}: {prompt}", contains),
-            hd.sr.NumContentItem(concept("logit", "Logit"), float(record.logits[i]), unit, relationship_type=contains),
-            hd.sr.NumContentItem(concept("probability", "Probability"), float(record.probs[i]), unit,
-                                 relationship_type=contains),
-        ]
-        positive = record.positive[i] if record.positive is not None else None
-        if positive is not None:
-            children.append(hd.sr.CodeContentItem(concept("705057003", "Presence", "SCT"),
-                                                  present if positive else absent, contains))
-        finding.ContentSequence = hd.sr.ContentSequence(children)
-        items.append(finding)
-    root = hd.sr.ContainerContentItem(codes.DCM.ImagingMeasurementReport)
-    root.ContentSequence = hd.sr.ContentSequence(items)
+    findings = [FindingResult(name, prompt, float(record.probs[i]),
+                              positive=record.positive[i] if record.positive is not None else None,
+                              threshold=prompts.thresholds[i] if i < len(prompts.thresholds) else None)
+                for i, (name, prompt) in enumerate(zip(prompts.names, prompts.prompts))]
     series, sop = sr_uids(source.SOPInstanceUID, source.StudyInstanceUID, model_sha256)
-    source = _with_type2(source)
-    return hd.sr.ComprehensiveSR(evidence=[source], content=root, series_instance_uid=series,
-                                 series_number=SERIES_NUMBER, sop_instance_uid=sop, instance_number=1,
-                                 manufacturer="radflash", is_complete=True, series_description="radflash findings")
+    equipment = Equipment(model_id, model_sha256, family, version)
+    return build_report(source, findings, equipment=equipment, series_uid=series, sop_uid=sop)
 
 
-# Type 2 patient/study attributes the SR copies from its source; an image may lack them (many
-# exports drop empty elements), and highdicom reads them unconditionally.
-_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-          "ReferringPhysicianName", "StudyID", "AccessionNumber")
-
-
-def _with_type2(source: Any) -> Any:
-    missing = [k for k in _TYPE2 if k not in source]
-    if not missing:
-        return source
-    copy = source.copy()
-    for keyword in missing:
-        setattr(copy, keyword, "")
-    return copy
+_with_type2 = with_type2  # the old private name (the DIMSE store in progress may still import it)
 
 
 class Stower:

@@ -26,6 +26,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("radflash.checkpoints",),
     ("radflash.backends",),
     ("radflash.api",),
+    # the DICOM objects (SR, SEG, SC) every verb writes: below the verbs that call it (#27)
+    ("radflash.dicomout",),
     ("radflash.archive",),
     ("radflash.segment",),
     ("radflash.bench",),
