@@ -11,3 +11,10 @@ names and numbers, masks, rendered pixels) and returns pydicom/highdicom dataset
 the verbs (``archive``, ``segment``) that call it, and writing files or STOW-RS stays with them.
 highdicom (extras ``seg``/``dicomweb``) is imported only inside the builders.
 """
+
+from radflash.errors import RadflashError
+
+
+class ObjectError(RadflashError):
+    """An object cannot be built from what it was given (a header without pixels' geometry, masks of
+    another size); the verb records it for that image and goes on."""

@@ -70,7 +70,19 @@ def private_code(name: str) -> Coded:
     return Coded(f"RF{digest}", PRIVATE_SCHEME, lo(name) or "prompt")
 
 
-def finding_code(name: str) -> FindingCode:
-    """The code for finding ``name``: the table's standard code, else :func:`private_code`."""
-    key = " ".join(name.strip().lower().split())
-    return table().get(key) or FindingCode(name, private_code(name))
+def finding_code(name: str, prompt: str = "") -> FindingCode:
+    """The code for finding ``name``: the table's standard code, else :func:`private_code`.
+
+    A prompt given on the command line is its own name (``--prompt "There is pneumothorax"``): a
+    ``prompt`` written from the findings template ("There is {finding}") is looked up by its finding.
+    """
+    from radflash.findings import PROMPT_TEMPLATE
+
+    head, _, tail = PROMPT_TEMPLATE.partition("{finding}")
+    for text in (name, prompt):
+        key = " ".join(text.strip().lower().split())
+        if key.startswith(head.lower()) and key.endswith(tail.lower()) and len(key) > len(head) + len(tail):
+            key = key[len(head):len(key) - len(tail)]
+        if key in table():
+            return table()[key]
+    return FindingCode(name, private_code(name))

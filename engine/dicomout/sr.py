@@ -74,7 +74,7 @@ def build_report(source: Any, findings: Sequence[FindingResult], *, equipment: E
     source_ref = hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)
     groups = []
     for f in findings:
-        coded = finding_code(f.name)
+        coded = finding_code(f.name, f.prompt)
         concept = coded.code.concept()
         parameters = [f"model sha256 {equipment.model_sha256 or 'none'}", f"prompt {ascii_text(f.prompt)}"]
         if f.threshold is not None:

@@ -138,7 +138,7 @@ class OutputWriter:
             [SegmentInfo(s.name, s.prompt, s.threshold) for s in self.specs],
             model_id=self.rf.model_id, model_sha256=self.rf.sha256 or "",
             series=SegSeries(series_uid, instance_number=n, sop_instance_uid=sop_uid if sop else None),
-            header=header,
+            header=header, family=getattr(self.rf, "family", ""),
         )
         return path
 

@@ -19,6 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+# SegmentInfo / SegSeries live with the SEG builder (radflash.dicomout.seg); imported from here by
+# segment's output writer and tests since before #27.
+from radflash.dicomout.codes import PRIVATE_SCHEME  # noqa: F401
+from radflash.dicomout.seg import SegmentInfo, SegSeries
 from radflash.errors import InputError, RadflashError
 
 if TYPE_CHECKING:
@@ -29,7 +33,6 @@ PALETTE = (
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
     (140, 86, 75), (227, 119, 194), (188, 189, 34), (23, 190, 207), (127, 127, 127),
 )
-PRIVATE_SCHEME = "99RADFLASH"  # DICOM private coding schemes start with "99"
 
 
 class WriteError(RadflashError):
@@ -127,25 +130,8 @@ def write_maps_npz(path: str | Path, maps: Iterable[tuple[str, np.ndarray]], *,
 
 
 # ---- DICOM SEG -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SegmentInfo:
-    """What one segment is: a short label, the full prompt and the threshold that made the mask."""
-
-    label: str
-    prompt: str
-    threshold: float
-
-
-@dataclass(frozen=True)
-class SegSeries:
-    """Series the SEG instance belongs to (one per source study and run) and its number in it."""
-
-    series_instance_uid: str
-    series_number: int = 9901
-    instance_number: int = 1
-    sop_instance_uid: str | None = None  # None: a fresh UID (segment derives it: radflash.archive.stow.seg_uids)
-
-
+# The SEG itself is built by the writer package every verb shares (radflash.dicomout.seg); this
+# function reads the source header, names the model and writes the file atomically.
 def write_dicom_seg(
     path: str | Path,
     source: str | Path | ImageMeta,
@@ -156,29 +142,30 @@ def write_dicom_seg(
     model_sha256: str = "",
     series: SegSeries | None = None,
     header: Any = None,
+    family: str = "",
 ) -> Path:
     """A binary DICOM Segmentation (one segment per prompt) referencing the source instance.
 
     ``source`` is the source file or its :class:`radflash.io.imageio.ImageMeta`; its header is re-read
     (without pixels, as leniently as the loader read it); rows and columns must match the masks. The
-    algorithm identification names radflash and the model id, and each segment carries its
-    prompt and threshold as algorithm parameters, so the SEG is interpretable without our JSON.
-    ``header`` (a pydicom Dataset without pixels) is used instead of re-reading the source: an
-    instance from a DICOMweb server has no file to re-read.
+    algorithm identification names radflash and the model id, each segment carries its prompt and
+    threshold as algorithm parameters and a preset finding's standard code, and Contributing
+    Equipment names the model (``family`` and ``model_id``) with a Device UID from ``model_sha256``
+    (:mod:`radflash.dicomout.seg`). ``header`` (a pydicom Dataset without pixels) is used instead of
+    re-reading the source: an instance from a DICOMweb server has no file to re-read.
     """
     import pydicom
-    from pydicom.sr.codedict import codes
 
-    from radflash import __version__
+    from radflash.dicomout import ObjectError
+    from radflash.dicomout.equipment import Equipment
+    from radflash.dicomout.seg import build_seg
     from radflash.util.optional import require
 
-    hd = require("highdicom", extra="seg", purpose="DICOM SEG output")
-    from highdicom.sr.coding import CodedConcept
-
+    require("highdicom", extra="seg", purpose="DICOM SEG output")
     masks = np.asarray(masks)
     if masks.ndim != 3 or masks.shape[0] != len(segments):
         raise WriteError(f"{path}: expected {len(segments)} masks, got array of shape {masks.shape}")
-    from radflash.io.imageio import ImageMeta, meta_from_dataset
+    from radflash.io.imageio import ImageMeta
 
     meta = source if isinstance(source, ImageMeta) else ImageMeta(path=str(source), kind="dicom")
     source = meta.path
@@ -186,90 +173,12 @@ def write_dicom_seg(
         ds = header if header is not None else meta.source_dataset()
     except (OSError, InputError, pydicom.errors.InvalidDicomError) as exc:
         raise WriteError(f"{source}: cannot re-read the DICOM header for SEG ({exc})") from None
-    if "Rows" not in ds or "Columns" not in ds or "SOPInstanceUID" not in ds:
-        raise WriteError(f"{source}: not a DICOM image header (no Rows/Columns/SOP Instance UID)")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames != 1:
-        raise WriteError(f"{source}: DICOM SEG is written for single-frame sources only ({frames} frames)")
-    if (int(ds.Rows), int(ds.Columns)) != masks.shape[1:]:
-        raise WriteError(f"{source}: source is {ds.Rows}×{ds.Columns}, masks are {masks.shape[1]}×{masks.shape[2]}")
-
-    _fill_type2_attributes(ds)
-    segment_descriptions = []
-    for i, seg in enumerate(segments, start=1):
-        algorithm = hd.AlgorithmIdentificationSequence(
-            name="radflash",
-            family=codes.cid7162.ArtificialIntelligence,
-            version=_lo(model_id),
-            source=_lo(f"radflash {__version__}"),
-            parameters={"prompt": _ascii(seg.prompt)[:10000], "threshold": f"{seg.threshold:g}",
-                        **({"model_sha256": model_sha256} if model_sha256 else {})},
-        )
-        segment_descriptions.append(hd.seg.SegmentDescription(
-            segment_number=i,
-            segment_label=_lo(seg.label),
-            # Open vocabulary: the prompt may name a finding or an anatomical structure, and no
-            # ontology maps free text; a private code carries the text, the category is generic.
-            segmented_property_category=codes.cid7150.MorphologicallyAbnormalStructure,
-            segmented_property_type=CodedConcept(value=f"P{i}", scheme_designator=PRIVATE_SCHEME,
-                                                 meaning=_lo(seg.prompt)),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-        ))
-    series = series or SegSeries(hd.UID())
-    extra = {}
-    if "FrameOfReferenceUID" not in ds:
-        # Projection radiographs (CR/DX) have no frame of reference; highdicom then writes a
-        # Pixel Measures item without SliceThickness, which its own reader rejects. Give it one
-        # (nominal 1 mm: a projection image has no slice) with the source's pixel spacing.
-        spacing = meta_from_dataset(ds).pixel_spacing or (1.0, 1.0)
-        extra["pixel_measures"] = hd.PixelMeasuresSequence(pixel_spacing=spacing, slice_thickness=1.0)
     try:
-        seg = hd.seg.Segmentation(
-            source_images=[ds],
-            pixel_array=(masks > 0).transpose(1, 2, 0)[None],
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=segment_descriptions,
-            series_instance_uid=series.series_instance_uid,
-            series_number=series.series_number,
-            sop_instance_uid=series.sop_instance_uid or hd.UID(),
-            instance_number=series.instance_number,
-            manufacturer="radflash",
-            manufacturer_model_name=_lo(model_id),
-            software_versions=_lo(__version__),
-            device_serial_number=(model_sha256[:16] or "none"),
-            content_description=_lo("radflash open-vocabulary segmentation"),
-            content_label="RADFLASH",
-            series_description=_lo(f"radflash segment ({model_id})"),
-            omit_empty_frames=False,  # one frame per prompt even when empty: readers see every segment
-            **extra,
-        )
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        raise WriteError(f"{source}: cannot build DICOM SEG ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        seg = build_seg(ds, masks, segments, equipment=Equipment(model_id, model_sha256, family),
+                        series=series, where=str(source))
+    except ObjectError as exc:
+        raise WriteError(str(exc)) from None
     return atomic_write(path, lambda tmp: seg.save_as(str(tmp)))
-
-
-# Patient/study attributes a SEG must copy from its source (DICOM Type 2: present, may be empty).
-# Exports and older modalities often omit them; an empty value is the standard's "unknown".
-_TYPE2_FROM_SOURCE = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                      "ReferringPhysicianName", "StudyID", "AccessionNumber")
-
-
-def _fill_type2_attributes(ds) -> None:
-    for keyword in _TYPE2_FROM_SOURCE:
-        if keyword not in ds:
-            setattr(ds, keyword, "")
-
-
-def _lo(text: str, limit: int = 64) -> str:
-    """Fit text into a DICOM LO element: ASCII (the SEG's default character set), no backslash,
-    64 characters. The exact prompt text is kept in the per-image JSON."""
-    text = " ".join(_ascii(text).replace("\\", "/").split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _ascii(text: str) -> str:
-    return str(text).encode("ascii", "replace").decode("ascii")
 
 
 # ---- NIfTI ---------------------------------------------------------------------------------
