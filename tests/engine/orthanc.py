@@ -4,6 +4,11 @@ Tests talk to the real server rather than a mock because what matters (QIDO pagi
 multipart framing and transfer syntaxes, STOW-RS responses, HTTP auth) is exactly what a mock
 would get subtly wrong. The Debian packages ``orthanc`` and ``orthanc-dicomweb`` provide it
 (``.ci/run`` installs them); without them the tests skip, naming what is missing.
+
+The DIMSE tests use the same server's DICOM port (loopback): ``aet`` is its called AE title,
+``modalities`` its ``DicomModalities`` (where C-MOVE may send: the engine's own Storage SCP),
+``check_called_aet`` makes it refuse a wrong called AE title, and ``allow_unknown=False`` makes it
+refuse associations from calling AE titles it does not know (a PACS that has not registered us).
 """
 
 from __future__ import annotations
@@ -65,9 +70,12 @@ def free_port() -> int:
 class Orthanc:
     """One Orthanc process over a storage folder that survives :meth:`stop`/:meth:`start`."""
 
-    def __init__(self, root: Path, *, auth: bool = False) -> None:
+    def __init__(self, root: Path, *, auth: bool = False, aet: str = "ORTHANC",
+                 modalities: dict[str, tuple[str, str, int]] | None = None, check_called_aet: bool = False,
+                 allow_unknown: bool = True) -> None:
         self.root = root
         self.auth = auth
+        self.aet = aet
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -86,6 +94,12 @@ class Orthanc:
                          "SeriesMetadata": "Full"},
             "HttpDescribeErrors": True,
             "StableAge": 1,
+            "DicomAet": aet,
+            "DicomCheckCalledAet": check_called_aet,
+            "DicomModalities": {name: list(entry) for name, entry in (modalities or {}).items()},
+            # all false: only the AE titles in DicomModalities may associate (Orthanc's filter)
+            **{f"DicomAlwaysAllow{verb}": allow_unknown for verb in ("Echo", "Store", "Find", "Get", "Move")},
+            "DicomScpTimeout": 30,
         }
         self.config_path = root / "orthanc.json"
         self.config_path.write_text(json.dumps(config, indent=1))
@@ -98,6 +112,10 @@ class Orthanc:
     def dicomweb(self) -> str:
         """The DICOMweb root as radflash spells it (``dicomweb+http://…/dicom-web``)."""
         return f"dicomweb+{self.url}/dicom-web"
+
+    def dimse(self, query: str = "", *, aet: str | None = None) -> str:
+        """The DICOM port as radflash spells it (``dimse://AET@127.0.0.1:PORT[?query]``)."""
+        return f"dimse://{aet or self.aet}@127.0.0.1:{self.dicom_port}" + (f"?{query}" if query else "")
 
     def _headers(self) -> dict[str, str]:
         if not self.auth:
@@ -150,17 +168,24 @@ class Orthanc:
                 pass
         return stored
 
+    def add_modality(self, name: str, aet: str, port: int, host: str = "127.0.0.1") -> None:
+        """Register a DICOM peer (``DicomModalities`` over REST, no restart): where C-MOVE may send."""
+        self.request("PUT", f"/modalities/{name}",
+                     json.dumps({"AET": aet, "Host": host, "Port": port}).encode(), "application/json")
+
     def reset(self) -> None:
         """Delete every patient (and so every study, series and instance)."""
         for patient in self.request("GET", "/patients"):  # type: ignore[union-attr]
             self.request("DELETE", f"/patients/{patient}")
 
 
-def start_or_skip(root: Path, *, auth: bool = False) -> Orthanc:
+def start_or_skip(root: Path, *, auth: bool = False, **dicom: object) -> Orthanc:
+    """A started Orthanc (``dicom``: the DICOM-port options of :class:`Orthanc`), or a skip naming
+    what is missing."""
     reason = skip_reason()
     if reason is not None:
         pytest.skip(reason)
-    return Orthanc(root, auth=auth).start()
+    return Orthanc(root, auth=auth, **dicom).start()  # type: ignore[arg-type]
 
 
 ARCHIVE_FILES = _archive_files()  # the demo archive: chest films in several encodings, CT/MR/knee/lateral...
