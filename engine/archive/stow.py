@@ -108,7 +108,7 @@ class StowSink:
 
     def __init__(self, inner: Sink, url: str, *, prompts: PromptSet, model_id: str, model_sha256: str,
                  version: str, header_of: Callable[[FileRecord], Any], auth: Auth | None = None,
-                 policy: Policy | None = None) -> None:
+                 policy: Policy | None = None, family: str = "") -> None:
         from radflash.util.optional import require
 
         require("highdicom", extra="dicomweb", purpose="--store (DICOM Structured Reports)")
@@ -116,6 +116,7 @@ class StowSink:
         self.stower = Stower(url, auth=auth, policy=policy)
         self.target, self.policy, self.client = self.stower.target, self.stower.policy, self.stower.client
         self.prompts, self.model_id, self.model_sha256, self.version = prompts, model_id, model_sha256, version
+        self.family = family  # the model family, named with the model in the SR's equipment (#27)
         self.header_of = header_of
 
     @property
@@ -136,7 +137,7 @@ class StowSink:
                 self.stower.already += 1
                 continue
             reports.append(build_sr(self.header_of(r), r, self.prompts, model_id=self.model_id,
-                                    model_sha256=self.model_sha256, version=self.version))
+                                    model_sha256=self.model_sha256, version=self.version, family=self.family))
         self.stower.store(reports)
         return self.inner.commit(records)
 
