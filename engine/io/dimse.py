@@ -104,11 +104,11 @@ class DimseUnavailable(DimseError):
     about one instance only fails that instance."""
 
 
-class _Busy(Exception):
+class Busy(Exception):
     """An answer worth retrying after a pause: out of resources (0xA7xx), a transient rejection."""
 
 
-class _Broken(Exception):
+class Broken(Exception):
     """The association died under a request (abort, timeout, connection lost): retry on a new one."""
 
 
@@ -242,7 +242,7 @@ def quiet_pynetdicom() -> None:
         logger.setLevel(logging.CRITICAL)
 
 
-def _status_text(status: Any) -> str:
+def status_text(status: Any) -> str:
     code = int(status.Status)
     text = f"status 0x{code:04X}"
     comment = str(status.get("ErrorComment", "") or "").strip()
@@ -252,7 +252,7 @@ def _status_text(status: Any) -> str:
     return text + (f" ({comment[:80]})" if comment else "")
 
 
-def _is_busy(code: int) -> bool:
+def is_busy(code: int) -> bool:
     return code & 0xFF00 == 0xA700  # Refused: out of resources (PS3.4 C.4.2.1.4, C.4.3.1.4...)
 
 
@@ -285,7 +285,7 @@ class Connector:
     def open(self, contexts: list[Any], *, ext_neg: list[Any] | None = None,
              handlers: list[Any] | None = None) -> Any:
         """An established association proposing ``contexts`` (raises :class:`DimseUnavailable`,
-        or :class:`_Busy` for a refusal worth retrying)."""
+        or :class:`Busy` for a refusal worth retrying)."""
         from pynetdicom import evt
 
         answers: list[Any] = []
@@ -300,7 +300,7 @@ class Connector:
             reply = next((p for p in reversed(answers) if getattr(p, "result", None) in (1, 2)), None)
             why = f"{reply.reason_str}" if reply is not None else "no reason given"
             if reply is not None and reply.result == 2:
-                raise _Busy(f"{where}: association rejected for now ({why})")
+                raise Busy(f"{where}: association rejected for now ({why})")
             hint = ""
             if reply is not None and reply.reason_str.lower().startswith("called ae"):
                 hint = f"; is {self.target.called} the archive's AE title?"
@@ -313,17 +313,17 @@ class Connector:
             if not assoc.accepted_contexts and any(getattr(p, "result", None) == 0 for p in answers):
                 raise DimseUnavailable(f"{where}: the archive accepted none of the proposed presentation "
                                        f"contexts (SOP classes / transfer syntaxes)")
-            raise _Broken(f"{where}: association aborted while negotiating")
-        raise _Broken(f"{where}: unreachable (no association within {self.policy.connect_timeout:g} s)")
+            raise Broken(f"{where}: association aborted while negotiating")
+        raise Broken(f"{where}: unreachable (no association within {self.policy.connect_timeout:g} s)")
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
-        """``fn()``, retried with exponential backoff on :class:`_Busy` and :class:`_Broken`; a last
+        """``fn()``, retried with exponential backoff on :class:`Busy` and :class:`Broken`; a last
         failure becomes :class:`DimseUnavailable` naming ``what``."""
         delay = self.policy.backoff
         for attempt in range(self.policy.retries + 1):
             try:
                 return fn()
-            except (_Busy, _Broken) as exc:
+            except (Busy, Broken) as exc:
                 if attempt == self.policy.retries:
                     reason = str(exc).split(": ", 1)[-1]
                     raise DimseUnavailable(f"{what}: {reason} after {attempt + 1} attempts") from None
@@ -345,23 +345,23 @@ def _no_delay(event: Any) -> None:
 
 def find(assoc: Any, identifier: Any, what: str) -> list[Any]:
     """Every match of one C-FIND on ``assoc`` (raises :class:`DimseError` for a failure status,
-    :class:`_Busy` for 0xA7xx, :class:`_Broken` when the association dies)."""
+    :class:`Busy` for 0xA7xx, :class:`Broken` when the association dies)."""
     rows = []
     for status, match in assoc.send_c_find(identifier, FIND_MODEL):
         if "Status" not in status:
-            raise _Broken(f"{what}: association aborted or timed out during C-FIND")
+            raise Broken(f"{what}: association aborted or timed out during C-FIND")
         code = int(status.Status)
         if code in PENDING:
             if match is not None:
                 rows.append(match)
-        elif _is_busy(code):
-            raise _Busy(f"{what}: C-FIND {_status_text(status)} (out of resources)")
+        elif is_busy(code):
+            raise Busy(f"{what}: C-FIND {status_text(status)} (out of resources)")
         elif code != SUCCESS:
-            raise DimseError(f"{what}: C-FIND failed ({_status_text(status)})")
+            raise DimseError(f"{what}: C-FIND failed ({status_text(status)})")
     return rows
 
 
-def _dataset(level: str, **keys: str) -> Any:
+def query_identifier(level: str, **keys: str) -> Any:
     """A query identifier; empty values are universal matching (return the key)."""
     from pydicom import Dataset
     from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -390,7 +390,7 @@ class DimseItem(SourceItem):
     ref: InstanceRef | None = None
 
 
-class _Link:
+class Link:
     """One pooled association, what it was opened for, and what C-GET's C-STORE sub-operations
     delivered on it (one request in flight per association, so one slot is enough)."""
 
@@ -417,11 +417,11 @@ class Pool:
         self.limit = connector.policy.associations
         self.slots = threading.BoundedSemaphore(self.limit)
         self.lock = threading.Lock()
-        self.idle: deque[_Link] = deque()
+        self.idle: deque[Link] = deque()
         self.busy = 0  # associations in use (a slot each)
 
     def run(self, what: str, key: object, contexts: Callable[[], tuple[list[Any], list[Any]]],
-            request: Callable[[_Link], T]) -> T:
+            request: Callable[[Link], T]) -> T:
         """``request(link)`` on an association opened for ``key``, with :meth:`Connector.call`'s retries."""
         def attempt() -> T:
             link = self._acquire(key, contexts)
@@ -438,7 +438,7 @@ class Pool:
 
         return self.connector.call(what, attempt)
 
-    def _acquire(self, key: object, contexts: Callable[[], tuple[list[Any], list[Any]]]) -> _Link:
+    def _acquire(self, key: object, contexts: Callable[[], tuple[list[Any], list[Any]]]) -> Link:
         # bounded wait: every holder's request is itself bounded by the policy's timeouts
         self.slots.acquire()
         try:
@@ -454,7 +454,7 @@ class Pool:
                     victims.append(self.idle.popleft())
             for victim in victims:
                 _close(victim.assoc)
-            link = _Link(key)
+            link = Link(key)
             cxs, roles = contexts()
             link.assoc = self.connector.open(cxs, ext_neg=roles or None, handlers=self._handlers(link, roles))
             return link
@@ -465,12 +465,12 @@ class Pool:
             raise
 
     @staticmethod
-    def _handlers(link: _Link, roles: list[Any]) -> list[Any]:
+    def _handlers(link: Link, roles: list[Any]) -> list[Any]:
         from pynetdicom import evt
 
         return [(evt.EVT_C_STORE, link.on_store)] if roles else []
 
-    def _release(self, link: _Link, ok: bool) -> None:
+    def _release(self, link: Link, ok: bool) -> None:
         link.received.clear()
         keep = ok and link.assoc is not None and link.assoc.is_established
         if not keep and link.assoc is not None:
@@ -625,21 +625,22 @@ class DimseSource:
         t = self.target
         filters = dict(t.filters)
         if t.level == "SERIES":
-            rows = self._find(t.display, _dataset("SERIES", StudyInstanceUID="", SeriesInstanceUID="", **filters))
+            query = query_identifier("SERIES", StudyInstanceUID="", SeriesInstanceUID="", **filters)
+            rows = self._find(t.display, query)
             pairs = {(str(r.get("StudyInstanceUID", "")), str(r.get("SeriesInstanceUID", ""))) for r in rows}
             pairs = {p for p in pairs if all(p)}
             if not pairs:
                 raise DimseError(f"{t.display}: C-FIND matched no series")
             yield from sorted(pairs)
             return
-        rows = self._find(t.display, _dataset("STUDY", StudyInstanceUID="", **filters))
+        rows = self._find(t.display, query_identifier("STUDY", StudyInstanceUID="", **filters))
         studies = sorted({str(r.get("StudyInstanceUID", "")) for r in rows} - {""})
         if not studies:
             raise DimseError(f"{t.display}: C-FIND matched no studies")
         for study in studies:
             where = f"{t.base}/studies/{study}"
             try:
-                rows = self._find(where, _dataset("SERIES", StudyInstanceUID=study, SeriesInstanceUID=""))
+                rows = self._find(where, query_identifier("SERIES", StudyInstanceUID=study, SeriesInstanceUID=""))
             except DimseUnavailable:
                 raise
             except DimseError as exc:  # this study fails; the next query starts afresh
@@ -653,7 +654,7 @@ class DimseSource:
         for study, series in self._series():
             where = f"{self.target.base}/studies/{study}/series/{series}"
             try:
-                rows = self._find(where, _dataset("IMAGE", StudyInstanceUID=study, SeriesInstanceUID=series,
+                rows = self._find(where, query_identifier("IMAGE", StudyInstanceUID=study, SeriesInstanceUID=series,
                                                   SOPInstanceUID="", SOPClassUID=""))
             except DimseUnavailable:
                 raise
@@ -677,7 +678,8 @@ class DimseSource:
         return data
 
     def _identifier(self, ref: InstanceRef) -> Any:
-        return _dataset("IMAGE", StudyInstanceUID=ref.study, SeriesInstanceUID=ref.series, SOPInstanceUID=ref.sop)
+        return query_identifier("IMAGE", StudyInstanceUID=ref.study, SeriesInstanceUID=ref.series,
+                                SOPInstanceUID=ref.sop)
 
     def _get_contexts(self, sop_class: str) -> tuple[list[Any], list[Any]]:
         """The C-GET model plus storage contexts for ``sop_class``: one per transfer syntax, so the
@@ -695,11 +697,11 @@ class DimseSource:
     def _get(self, what: str, ref: InstanceRef) -> bytes:
         sop_class = ref.sop_class or "1.2.840.10008.5.1.4.1.1.1"  # an archive that does not return it: CR
 
-        def request(link: _Link) -> bytes:
+        def request(link: Link) -> bytes:
             final = None
             for status, _ in link.assoc.send_c_get(self._identifier(ref), GET_MODEL):
                 if "Status" not in status:
-                    raise _Broken(f"{what}: association aborted or timed out during C-GET")
+                    raise Broken(f"{what}: association aborted or timed out during C-GET")
                 final = status
             data = link.received.pop(ref.sop, None)
             if data is not None:
@@ -715,11 +717,11 @@ class DimseSource:
         receiver.start()
         receiver.expect(ref.sop)
 
-        def request(link: _Link) -> bytes:
+        def request(link: Link) -> bytes:
             final = None
             for status, _ in link.assoc.send_c_move(self._identifier(ref), self.target.calling, MOVE_MODEL):
                 if "Status" not in status:
-                    raise _Broken(f"{what}: association aborted or timed out during C-MOVE")
+                    raise Broken(f"{what}: association aborted or timed out during C-MOVE")
                 final = status
             code = int(final.Status) if final is not None else None
             if code == MOVE_DESTINATION_UNKNOWN:
@@ -740,16 +742,16 @@ class DimseSource:
 
     def _nothing_came(self, verb: str, what: str, final: Any) -> bytes:
         if final is None:
-            raise _Broken(f"{what}: {verb} ended without a status")
+            raise Broken(f"{what}: {verb} ended without a status")
         code = int(final.Status)
-        if _is_busy(code):
-            raise _Busy(f"{what}: {verb} {_status_text(final)} (out of resources)")
+        if is_busy(code):
+            raise Busy(f"{what}: {verb} {status_text(final)} (out of resources)")
         if code == SUCCESS or code & 0xF000 == 0xB000 or int(final.get("NumberOfFailedSuboperations", 0) or 0):
             # the archive found the instance but could not send it to us: in practice a stored
             # transfer syntax it cannot convert into one we proposed
-            raise DimseError(f"{what}: the archive sent nothing ({verb} {_status_text(final)}): is it stored in a "
+            raise DimseError(f"{what}: the archive sent nothing ({verb} {status_text(final)}): is it stored in a "
                              f"transfer syntax it cannot convert to one radflash decodes?")
-        raise DimseError(f"{what}: {verb} failed ({_status_text(final)})")
+        raise DimseError(f"{what}: {verb} failed ({status_text(final)})")
 
     @property
     def receiver(self) -> MoveReceiver:
