@@ -62,10 +62,13 @@ class OutputWriter:
     """Writes one image's outputs under OUTDIR/<name>/ (every path checked to stay inside OUTDIR)."""
 
     def __init__(self, out: Path, rf: RadFlashModel, specs: tuple[PromptSpec, ...], formats: tuple[str, ...],
-                 preview: bool, *, header_of: Callable[[DecodedItem], Any] | None = None) -> None:
+                 preview: bool, *, header_of: Callable[[DecodedItem], Any] | None = None,
+                 overlay: str | None = None) -> None:
         from radflash.archive.stow import prompt_set_key
 
         self.out, self.rf, self.specs, self.formats, self.preview = out, rf, specs, formats, preview
+        self.overlay = overlay  # "sc": the preview as a DICOM Secondary Capture (overlay-sc.dcm)
+        self._sc_instances: dict[str, int] = {}  # study UID → overlay SCs so far
         self.header_of = header_of  # a source DICOM header when the source is no file (DICOMweb)
         self.prompts_key = prompt_set_key([(s.name, s.prompt, s.threshold) for s in specs])
         self._instances: dict[str, int] = {}  # study UID → SEG instances so far (the instance number)
@@ -104,6 +107,11 @@ class OutputWriter:
                         for t, s in enumerate(self.specs) for g in [result.groundings[s.name]]]
             self._try(result, "preview", lambda: sw.write_preview(self.path(name, "preview.png"), item.pixels,
                                                                   overlays))
+        if self.overlay == "sc":
+            if item.meta is None or item.meta.kind != "dicom":  # PNG/JPEG sources and arrays
+                result.notes.append("overlay-sc: not written, the source is not a DICOM file")
+            else:
+                self._try(result, "overlay-sc", lambda: self._sc(item, name, result, masks))
         json_path = self.path(name, "result.json")
         result.files["json"] = self.rel(json_path)
         text = json.dumps(image_record(result, self.specs), indent=2, ensure_ascii=False) + "\n"
@@ -141,6 +149,29 @@ class OutputWriter:
             header=header, family=getattr(self.rf, "family", ""),
         )
         return path
+
+    def _sc(self, item: DecodedItem, name: str, result: ImageResult, masks: np.ndarray) -> Path:
+        """The overlay Secondary Capture: same picture as the preview, in the source's study."""
+        from radflash.dicomout.uids import sc_uids
+        from radflash.segment import writers as sw
+
+        meta = item.meta
+        assert meta is not None
+        study, sop = meta.study_instance_uid or "", meta.sop_instance_uid or ""
+        n = self._sc_instances.get(study, 0) + 1
+        self._sc_instances[study] = n
+        series_uid, sop_uid = sc_uids(sop, study, self.rf.sha256 or "", self.prompts_key)
+        if not sop:  # no source UID to derive from: a fresh one, never a UID shared by two images
+            from pydicom.uid import generate_uid
+
+            sop_uid = str(generate_uid())
+        header = self.header_of(item) if self.header_of is not None else meta.source_dataset()
+        overlays = [sw.Overlay(s.name, masks[t], g.point, g.bbox, g.max_prob)
+                    for t, s in enumerate(self.specs) for g in [result.groundings[s.name]]]
+        return sw.write_overlay_sc(self.path(name, "overlay-sc.dcm"), header, item.pixels, overlays,
+                                   model_id=self.rf.model_id, model_sha256=self.rf.sha256 or "",
+                                   family=getattr(self.rf, "family", ""), series_uid=series_uid,
+                                   sop_uid=sop_uid, instance_number=n)
 
 
 # ---- records and report ------------------------------------------------------------------------

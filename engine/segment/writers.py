@@ -255,6 +255,27 @@ def write_preview(path: str | Path, image: np.ndarray, overlays: Sequence[Overla
     return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
+def write_overlay_sc(path: str | Path, header: Any, image: np.ndarray, overlays: Sequence[Overlay], *,
+                     model_id: str, model_sha256: str = "", family: str = "", series_uid: str, sop_uid: str,
+                     instance_number: int = 1) -> Path:
+    """The preview (:func:`render_preview`: masks, points, legend) as a DICOM Secondary Capture in the
+    source's study (``header``: the source's DICOM header), built by :mod:`radflash.dicomout.sc`:
+    for PACS viewers that show neither SEG nor SR overlays. Marked derived and not for diagnosis."""
+    from radflash.dicomout import ObjectError
+    from radflash.dicomout.equipment import Equipment
+    from radflash.dicomout.sc import build_overlay_sc
+    from radflash.util.optional import require
+
+    require("highdicom", extra="seg", purpose="--overlay sc")
+    rgb = np.asarray(render_preview(image, overlays))
+    try:
+        sc = build_overlay_sc(header, rgb, equipment=Equipment(model_id, model_sha256, family),
+                              series_uid=series_uid, sop_uid=sop_uid, instance_number=instance_number)
+    except ObjectError as exc:
+        raise WriteError(f"{path}: {exc}") from None
+    return atomic_write(path, lambda tmp: sc.save_as(str(tmp)))
+
+
 def blend_mask(rgb: np.ndarray, m: np.ndarray, colour: np.ndarray, alpha: float) -> None:
     """Tint the pixels of boolean mask ``m`` in float RGB ``rgb`` (in place) and draw its outline solid."""
     rgb[m] = rgb[m] * (1.0 - alpha) + colour * alpha
