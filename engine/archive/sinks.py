@@ -59,7 +59,8 @@ _PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 
 ID_COLUMNS = ("path", "sop_instance_uid", "study_instance_uid", "series_instance_uid")
 PHI_COLUMNS = ("patient_id", "patient_name")
-STATUS_COLUMNS = ("path", "status", "reason", "sop_instance_uid", "modality", "view_position")
+STATUS_COLUMNS = ("path", "status", "reason", "sop_instance_uid", "modality", "view_position", "decoder")
+DEBUG_COLUMNS = ("decoder",)  # which library decoded the pixels (radflash.io.decoders): traces a wrong decode
 
 
 def storable(text: str | None) -> str | None:
@@ -81,6 +82,7 @@ class FileRecord:
     series_instance_uid: str | None = None
     modality: str | None = None
     view_position: str | None = None
+    decoder: str | None = None  # the pixel decoder that read the file ("gdcm", "native", ...)
     patient_id: str | None = None
     patient_name: str | None = None
     logits: tuple[float, ...] | None = None
@@ -99,7 +101,7 @@ class TableSpec:
     def schema(self) -> pa.Schema:
         fields = [pa.field("path", pa.string(), nullable=False), pa.field("status", pa.string(), nullable=False),
                   pa.field("reason", pa.string())]
-        fields += [pa.field(c, pa.string()) for c in (*ID_COLUMNS[1:], "modality", "view_position")]
+        fields += [pa.field(c, pa.string()) for c in (*ID_COLUMNS[1:], "modality", "view_position", *DEBUG_COLUMNS)]
         if self.include_phi:
             fields += [pa.field(c, pa.string()) for c in PHI_COLUMNS]
         for name in self.names:
@@ -236,6 +238,9 @@ class PartStore:
         tables = []
         for p in self.part_files():
             t = pq.read_table(p)
+            for c in DEBUG_COLUMNS:  # a part written before the debug column existed: unknown there
+                if c not in t.schema.names and c in schema.names:
+                    t = t.add_column(schema.get_field_index(c), c, pa.nulls(t.num_rows, pa.string()))
             if t.schema.names != schema.names:
                 raise InputError(f"{p}: columns differ from this run's (other findings or --include-phi?); "
                                  f"resume with the original options or use a new output folder")

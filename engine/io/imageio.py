@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from radflash.errors import ImageLoadError, InputError, RadflashError
+from radflash.io.decoders import decode
 from radflash.io.dicom_pixels import UnusableImage, check_usable, to_display
 from radflash.io.selection import SelectionRules, check, pixel_budget_reason, structural_reason
 
@@ -97,6 +98,7 @@ class ImageMeta:
     pixel_spacing: tuple[float, float] | None = None  # mm (Pixel Spacing, else Imager Pixel Spacing)
     has_pixel_data: bool | None = None  # None: unknown until the full read (deflated files)
     voi: str | None = None  # the VOI transform applied: "window LINEAR c=.. w=..", "voi-lut", "minmax"
+    decoder: str | None = None  # the library that decoded the pixels ("gdcm", "native"...): traces a bad decode
     patient_id: str | None = field(default=None, repr=False)  # PHI: kept out of reprs and logs
     patient_name: str | None = field(default=None, repr=False)
 
@@ -507,7 +509,8 @@ def _decode_dicom(p: Path, rules: SelectionRules) -> DecodedImage:
                               f"its header describes {native}")
     _ensure_transfer_syntax(ds)
     try:
-        arr = ds.pixel_array
+        decoded = decode(ds)  # the fastest installed plugin that reads this syntax and bit depth
+        arr = decoded.array
     except Exception as exc:
         raise _failure(p, f"pixel decode failed ({_one_line(f'{type(exc).__name__}: {exc}')})") from exc
     if arr.ndim != 2:
@@ -518,7 +521,7 @@ def _decode_dicom(p: Path, rules: SelectionRules) -> DecodedImage:
         raise _failure(p, _one_line(str(exc))) from exc
     except Exception as exc:
         raise _failure(p, f"grayscale transform failed ({_one_line(f'{type(exc).__name__}: {exc}')})") from exc
-    return DecodedImage(pixels, dataclasses.replace(meta, has_pixel_data=True, voi=voi))
+    return DecodedImage(pixels, dataclasses.replace(meta, has_pixel_data=True, voi=voi, decoder=decoded.decoder))
 
 
 def _ensure_transfer_syntax(ds: Any) -> None:
@@ -574,7 +577,8 @@ def _load_raster(p: Path, kind: str, max_pixels: int) -> DecodedImage:
     except (OSError, ValueError, UnidentifiedImageError) as exc:
         raise _failure(p, f"image decode failed ({_one_line(f'{type(exc).__name__}: {exc}')})") from exc
     meta = dataclasses.replace(meta, rows=pixels.shape[0], cols=pixels.shape[1], bits_stored=bits,
-                               photometric=photometric, samples_per_pixel=1 if pixels.ndim == 2 else 3)
+                               photometric=photometric, samples_per_pixel=1 if pixels.ndim == 2 else 3,
+                               decoder="pillow")
     if pixels.ndim != 2:
         raise SkippedImage(p, f"colour image ({photometric})", meta)
     return DecodedImage(np.ascontiguousarray(np.clip(pixels, 0, 1), dtype=np.float32), meta)

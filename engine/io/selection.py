@@ -161,38 +161,14 @@ def structural_reason(meta: Any) -> str | None:
     if meta.kind == "dicom":
         if meta.bits_allocated == 1:
             return "binary image (1 bit allocated)"
-        return decoder_reason(meta.transfer_syntax, meta.bits_stored)
+        return decoder_reason(meta.transfer_syntax, meta.bits_stored, meta.pixel_representation)
     return None
 
 
-def decoder_reason(transfer_syntax: str | None, bits_stored: int | None = None) -> str | None:
-    """Why no installed pixel decoder can read this transfer syntax (``None`` when one can)."""
-    if not transfer_syntax:
-        return None  # no file meta: pydicom reads the data set as native (uncompressed) data
-    from pydicom.pixels import get_decoder
-    from pydicom.uid import UID, JPEGExtended12Bit
+def decoder_reason(transfer_syntax: str | None, bits_stored: int | None = None,
+                   pixel_representation: int | None = 0) -> str | None:
+    """Why no installed pixel decoder can read this transfer syntax (``None`` when one can); the
+    reason names the install line. The plugin table lives in :mod:`radflash.io.decoders`."""
+    from radflash.io.decoders import decoder_reason as reason
 
-    uid = UID(transfer_syntax)
-    if not uid.is_transfer_syntax:
-        return f"unknown transfer syntax ({uid})"
-    if uid.is_deflated or not uid.is_compressed:
-        return None
-    try:
-        decoder = get_decoder(uid)
-    except NotImplementedError:
-        return f"encapsulated without decoder ({uid})"
-    plugins = tuple(decoder.available_plugins)
-    # Pillow decodes only 8-bit JPEG: a 12-bit JPEG Extended image would crash it.
-    if uid == JPEGExtended12Bit and plugins == ("pillow",) and (bits_stored or 8) > 8:
-        plugins = ()
-    if not plugins:
-        return f"encapsulated without decoder ({uid}; {_install_hint(decoder)})"
-    return None
-
-
-def _install_hint(decoder: Any) -> str:
-    missing = getattr(decoder, "missing_dependencies", None) or []
-    for line in missing:
-        if line.startswith("pylibjpeg"):
-            return "install " + line.split("requires", 1)[-1].strip().replace(" and ", " + ")
-    return "no plugin installed"
+    return reason(transfer_syntax, bits_stored, pixel_representation)

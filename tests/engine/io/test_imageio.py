@@ -250,8 +250,10 @@ ODD_FILES = [
     ("OBXXXX1A.dcm", ANY, "skipped", "colour image (PALETTE COLOR)"),
     ("emri_small.dcm", ANY, "skipped", "multi-frame (10 frames)"),
     ("eCT_Supplemental.dcm", ANY, "skipped", "multi-frame (2 frames)"),
-    ("JPEG-LL.dcm", ANY, "skipped", "encapsulated without decoder (1.2.840.10008.1.2.4.70"),
-    ("JPGExtended.dcm", ANY, "skipped", "encapsulated without decoder (1.2.840.10008.1.2.4.51"),
+    # 12-bit JPEG Extended: libjpeg (GPL, opt-in) only; the reason names its install line
+    ("JPGExtended.dcm", ANY, "skipped",
+     "encapsulated without decoder (1.2.840.10008.1.2.4.51; 12-bit JPEG Extended needs the GPL libjpeg: "
+     "pip install 'radflash[libjpeg]')"),
     ("MR_truncated.dcm", ANY, "failed", "truncated: the file ends 62 bytes short of its 8192-byte pixel data"),
     ("JPEG2000-embedded-sequence-delimiter.dcm", ANY, "failed", "pixel decode failed"),
     ("meta_missing_tsyntax.dcm", ANY, "failed", "Bits Allocated"),

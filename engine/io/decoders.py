@@ -1,0 +1,253 @@
+"""Which pixel decoder reads which transfer syntax: the fastest measured one that can, by name.
+
+pydicom offers several plugins per compressed syntax (GDCM, pylibjpeg's libjpeg/openjpeg/rle,
+pyjpegls, Pillow, its own RLE) and, left alone, tries them in its own fixed order. We pick per
+syntax instead, because the plugins differ by up to an order of magnitude on a 3000×2500 film
+(``benchmarks/bench_decoders.py``, results in ``benchmarks/results/decoders_cpu.md``) and some
+cannot read every image of a syntax they claim (GDCM and Pillow refuse 12-bit JPEG Extended,
+GDCM refuses 6/7-bit JPEG-LS). The plugin that decoded a file is recorded (``ImageMeta.decoder``,
+the ``decoder`` column of ``status.parquet``) so a wrong decode can be traced to its library.
+
+Licences: everything the core install decodes with is permissive (GDCM BSD, OpenJPEG BSD,
+CharLS BSD via pyjpegls, pylibjpeg-rle MIT, Pillow HPND). The one syntax left is 12-bit JPEG
+Extended (1.2.840.10008.1.2.4.51 with more than 8 bits stored), which only libjpeg (GPL-3.0,
+pylibjpeg-libjpeg) decodes: it stays opt-in, and every file it would decode is skipped with the
+install line in its reason.
+
+Imports nothing heavy at module level: the decode workers load it, and they must stay torch-free.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+# Syntax UIDs (pydicom.uid names), spelled out so this table needs no pydicom import to read.
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
+JPEG_LOSSLESS = "1.2.840.10008.1.2.4.57"
+JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
+JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
+JPEG_LS_NEAR_LOSSLESS = "1.2.840.10008.1.2.4.81"
+JPEG_2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
+JPEG_2000 = "1.2.840.10008.1.2.4.91"
+HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"
+HTJ2K_LOSSLESS_RPCL = "1.2.840.10008.1.2.4.202"
+HTJ2K = "1.2.840.10008.1.2.4.203"
+RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+
+# The install line for the GPL libjpeg plugin (the only decoder of 12-bit JPEG Extended).
+LIBJPEG_INSTALL = "pip install 'radflash[libjpeg]'"
+MISSING_DECODER = "encapsulated without decoder"  # reason prefix; the report folds reasons on it
+
+# Per syntax, pydicom plugin names fastest first, as measured on a 3000×2500 12-bit film
+# (benchmarks/results/decoders_cpu.md, AMD EPYC, 1 thread): the first one installed and able to
+# read the image is used, the others are fallbacks when it raises. 8-bit JPEG: Pillow ~4× faster
+# than GDCM or libjpeg; JPEG-LS: pyjpegls (CharLS) ~1.7× GDCM; JPEG 2000: OpenJPEG ~1.3× GDCM;
+# RLE: pylibjpeg-rle ~10× pydicom's numpy decoder. JPEG lossless: GDCM and libjpeg within the
+# noise of the measurement, GDCM first because it is the permissive one every install has.
+PREFERENCE: dict[str, tuple[str, ...]] = {
+    JPEG_BASELINE: ("pillow", "pylibjpeg", "gdcm"),
+    JPEG_EXTENDED: ("pillow", "pylibjpeg", "gdcm"),  # 12-bit: Pillow and GDCM refuse (can_read)
+    JPEG_LOSSLESS: ("gdcm", "pylibjpeg"),
+    JPEG_LOSSLESS_SV1: ("gdcm", "pylibjpeg"),
+    JPEG_LS_LOSSLESS: ("pyjpegls", "gdcm", "pylibjpeg"),
+    JPEG_LS_NEAR_LOSSLESS: ("pyjpegls", "gdcm", "pylibjpeg"),
+    JPEG_2000_LOSSLESS: ("pylibjpeg", "gdcm", "pillow"),
+    JPEG_2000: ("pylibjpeg", "gdcm", "pillow"),
+    HTJ2K_LOSSLESS: ("pylibjpeg",),
+    HTJ2K_LOSSLESS_RPCL: ("pylibjpeg",),
+    HTJ2K: ("pylibjpeg",),
+    RLE_LOSSLESS: ("pylibjpeg", "pydicom"),
+}
+
+# The package behind a plugin name for a syntax (pydicom's "pylibjpeg" is three libraries).
+_PYLIBJPEG_PART = {JPEG_2000_LOSSLESS: "openjpeg", JPEG_2000: "openjpeg", HTJ2K_LOSSLESS: "openjpeg",
+                   HTJ2K_LOSSLESS_RPCL: "openjpeg", HTJ2K: "openjpeg", RLE_LOSSLESS: "rle"}
+_INSTALL = {"gdcm": "pip install python-gdcm", "pyjpegls": "pip install pyjpegls",
+            "openjpeg": "pip install pylibjpeg pylibjpeg-openjpeg", "rle": "pip install pylibjpeg pylibjpeg-rle",
+            "libjpeg": LIBJPEG_INSTALL}
+
+# The syntaxes a CR/DX archive holds, in the order `radflash doctor` lists them.
+ARCHIVE_SYNTAXES: tuple[tuple[str, str], ...] = (
+    ("1.2.840.10008.1.2", "Implicit VR Little Endian"),
+    ("1.2.840.10008.1.2.1", "Explicit VR Little Endian"),
+    ("1.2.840.10008.1.2.1.99", "Deflated Explicit VR Little Endian"),
+    ("1.2.840.10008.1.2.2", "Explicit VR Big Endian"),
+    (RLE_LOSSLESS, "RLE Lossless"),
+    (JPEG_BASELINE, "JPEG Baseline (8-bit)"),
+    (JPEG_EXTENDED, "JPEG Extended (8-bit)"),
+    (JPEG_EXTENDED, "JPEG Extended (12-bit)"),
+    (JPEG_LOSSLESS, "JPEG Lossless (Process 14)"),
+    (JPEG_LOSSLESS_SV1, "JPEG Lossless SV1 (Process 14, Selection Value 1)"),
+    (JPEG_LS_LOSSLESS, "JPEG-LS Lossless"),
+    (JPEG_LS_NEAR_LOSSLESS, "JPEG-LS Near-Lossless"),
+    (JPEG_2000_LOSSLESS, "JPEG 2000 Lossless"),
+    (JPEG_2000, "JPEG 2000"),
+    (HTJ2K_LOSSLESS, "HTJ2K Lossless"),
+    (HTJ2K_LOSSLESS_RPCL, "HTJ2K Lossless RPCL"),
+    (HTJ2K, "HTJ2K"),
+)
+
+
+def package_of(plugin: str, transfer_syntax: str) -> str:
+    """The library a pydicom plugin name stands for on this syntax ("pylibjpeg" → "pylibjpeg-openjpeg")."""
+    if plugin == "pylibjpeg":
+        return f"pylibjpeg-{_PYLIBJPEG_PART.get(str(transfer_syntax), 'libjpeg')}"
+    return plugin
+
+
+def can_read(plugin: str, transfer_syntax: str, bits_stored: int | None, pixel_representation: int | None = 0,
+             lossy: bool = False) -> bool:
+    """Whether ``plugin`` decodes this image, beyond claiming the syntax.
+
+    The limits are those the plugins themselves raise on (pydicom 3.0's gdcm and pillow plugins):
+    a file sent there would fail instead of going to a plugin that reads it.
+    """
+    uid, bits = str(transfer_syntax), bits_stored or 8
+    if plugin in ("gdcm", "pillow") and uid == JPEG_EXTENDED and bits > 8:
+        return False  # 12-bit JPEG Extended: libjpeg only
+    if plugin == "pillow" and uid in (JPEG_BASELINE, JPEG_EXTENDED) and bits > 8:
+        return False
+    jpeg_ls = uid in (JPEG_LS_LOSSLESS, JPEG_LS_NEAR_LOSSLESS)
+    signed_lossy_small = uid == JPEG_LS_NEAR_LOSSLESS and pixel_representation == 1 and bits < 8
+    return not (plugin == "gdcm" and jpeg_ls and (bits in (6, 7) or signed_lossy_small))
+
+
+def installed_plugins(transfer_syntax: str) -> tuple[str, ...]:
+    """pydicom plugins installed for this syntax (() when none, or when pydicom has no decoder)."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        return tuple(get_decoder(str(transfer_syntax)).available_plugins)
+    except NotImplementedError:
+        return ()
+
+
+def usable_plugins(transfer_syntax: str, bits_stored: int | None = None,
+                   pixel_representation: int | None = 0) -> tuple[str, ...]:
+    """Installed plugins able to read this image, fastest first (the preference, then any other)."""
+    uid = str(transfer_syntax)
+    installed = installed_plugins(uid)
+    order = [p for p in PREFERENCE.get(uid, ()) if p in installed] + [p for p in installed
+                                                                        if p not in PREFERENCE.get(uid, ())]
+    return tuple(p for p in order if can_read(p, uid, bits_stored, pixel_representation))
+
+
+def missing_hint(transfer_syntax: str, bits_stored: int | None = None) -> str:
+    """The install line that adds a decoder for this syntax (and bit depth)."""
+    uid, bits = str(transfer_syntax), bits_stored or 8
+    if uid == JPEG_EXTENDED and bits > 8:
+        return f"12-bit JPEG Extended needs the GPL libjpeg: {LIBJPEG_INSTALL}"
+    if uid in _PYLIBJPEG_PART:
+        return _INSTALL[_PYLIBJPEG_PART[uid]]
+    if uid in (JPEG_LS_LOSSLESS, JPEG_LS_NEAR_LOSSLESS):
+        return f"{_INSTALL['pyjpegls']} (or python-gdcm)"
+    return _INSTALL["gdcm"]  # JPEG baseline/extended 8-bit and JPEG lossless
+
+
+def decoder_reason(transfer_syntax: str | None, bits_stored: int | None = None,
+                   pixel_representation: int | None = 0) -> str | None:
+    """Why no installed decoder can read this syntax and bit depth (``None`` when one can).
+
+    The reason names the syntax and the install line that fixes it, so a status table tells the
+    user what to install without a look at the docs.
+    """
+    if not transfer_syntax:
+        return None  # no file meta: pydicom reads the data set as native (uncompressed) data
+    from pydicom.uid import UID
+
+    uid = UID(str(transfer_syntax))
+    if not uid.is_transfer_syntax:
+        return f"unknown transfer syntax ({uid})"
+    if uid.is_deflated or not uid.is_compressed:
+        return None
+    if not installed_plugins(uid) and uid not in PREFERENCE:
+        return f"{MISSING_DECODER} ({uid})"  # a syntax no pydicom plugin reads at all
+    if usable_plugins(uid, bits_stored, pixel_representation):
+        return None
+    return f"{MISSING_DECODER} ({uid}; {missing_hint(uid, bits_stored)})"
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """Stored pixel values and the library that produced them."""
+
+    array: Any  # numpy array
+    decoder: str  # "native", "native (deflate)", "gdcm", "pylibjpeg-openjpeg", ...
+
+
+def decode(ds: Any) -> Decoded:
+    """Decode ``ds``'s pixel data with the fastest usable plugin; the next ones on its error.
+
+    A compressed file reaches this only after :func:`decoder_reason` said some plugin can read it;
+    if every plugin raises, the first error (the preferred decoder's) is re-raised.
+    """
+    meta = getattr(ds, "file_meta", None)
+    uid = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    from pydicom.uid import UID
+
+    tsyntax = UID(uid) if uid else None
+    if tsyntax is None or not tsyntax.is_transfer_syntax or not tsyntax.is_compressed or tsyntax.is_deflated:
+        return Decoded(ds.pixel_array, "native (deflate)" if tsyntax is not None and tsyntax.is_deflated
+                       else "native")
+    bits = _int(ds.get("BitsStored"))
+    plugins = usable_plugins(uid, bits, _int(ds.get("PixelRepresentation")))
+    first_error: Exception | None = None
+    for plugin in plugins:
+        try:
+            ds.pixel_array_options(decoding_plugin=plugin)
+            return Decoded(ds.pixel_array, package_of(plugin, uid))
+        except Exception as exc:  # any plugin error: the next plugin may still read the file
+            first_error = first_error or exc
+    if first_error is not None:
+        raise first_error
+    raise NotImplementedError(f"{MISSING_DECODER} ({uid}; {missing_hint(uid, bits)})")
+
+
+def missing_decoder_line(reasons: Iterable[str | None]) -> str | None:
+    """The end-of-run line for files skipped for a missing decoder: their count and the fixes.
+
+    ``None`` when no reason is a missing decoder, so a run that lacks nothing prints nothing.
+    """
+    count, hints = 0, []
+    for reason in reasons:
+        if not reason or not reason.startswith(MISSING_DECODER):
+            continue
+        count += 1
+        hint = re.search(r"\(([^;]*); (.*)\)\s*$", reason)
+        text = hint.group(2) if hint else "no pydicom plugin decodes this syntax"
+        if text not in hints:
+            hints.append(text)
+    if not count:
+        return None
+    files = "file was" if count == 1 else "files were"
+    return f"{count} {files} skipped for a missing decoder: {'; '.join(hints)}"
+
+
+def syntax_table() -> list[dict[str, Any]]:
+    """One row per syntax of :data:`ARCHIVE_SYNTAXES`: the plugins able to read it here, the one
+    used, and the install line when none is (for ``radflash doctor``)."""
+    rows = []
+    for uid, name in ARCHIVE_SYNTAXES:
+        bits = 12 if "12-bit" in name else 8 if "8-bit" in name else 16
+        from pydicom.uid import UID
+
+        native = not UID(uid).is_compressed or UID(uid).is_deflated
+        plugins = () if native else usable_plugins(uid, bits)
+        rows.append({
+            "uid": uid, "name": name, "decodes": native or bool(plugins),
+            "decoder": "native" if native else (package_of(plugins[0], uid) if plugins else None),
+            "plugins": [package_of(p, uid) for p in plugins],
+            "missing": None if native or plugins else missing_hint(uid, bits),
+        })
+    return rows
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
