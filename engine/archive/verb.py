@@ -40,6 +40,7 @@ from radflash.archive.sinks import (
 )
 from radflash.checkpoints.calibration import score_calibrated
 from radflash.errors import InputError
+from radflash.io.decoders import missing_decoder_line
 from radflash.io.source import (
     FileSource,
     Source,
@@ -274,6 +275,9 @@ def score(
         # ---- consolidate ---------------------------------------------------------------------
         results_path, status_path, results, status = sink.finalize(fmt)
         counts = status_counts(status.column("status").to_pylist())
+        missing = missing_decoder_line(status.column("reason").to_pylist())
+        if missing:  # the run's last line: what to install to score the files it had to skip
+            log.warning("%s", missing)
         elapsed = time.perf_counter() - t0
         all_shards = source.entries_all_shards if isinstance(source, FileSource) else intake.discovered
         manifest.update({

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from radflash.errors import InputError, RadflashError
+from radflash.io.decoders import missing_decoder_line
 from radflash.io.safe_paths import NameAllocator, image_output_name, inside
 from radflash.io.source import peek
 from radflash.segment.grounding import ground
@@ -248,6 +249,9 @@ def segment(
         if executor is not None:  # as score's manifest: Ray's version, the cluster, the actor pool
             report["executor"] = executor
         run.report = report
+        missing = missing_decoder_line(f.reason for f in failures if f.status == "skipped")
+        if missing:  # the run's last line: what to install to segment the files it had to skip
+            log.warning("%s", missing)
         if out is not None:
             from radflash.segment.writers import atomic_write
 
