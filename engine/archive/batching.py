@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import queue
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -22,6 +22,7 @@ T = TypeVar("T")
 
 #: Put this on the queue to tell :meth:`Batcher.from_queue` that the stream has ended.
 END = object()
+IDLE_POLL_S = 0.5  # s between ``idle`` calls while :meth:`Batcher.from_queue` waits
 
 
 @dataclass(frozen=True)
@@ -63,14 +64,27 @@ class Batcher(Generic[T]):
         if buf:
             yield self._close(buf)
 
-    def from_queue(self, q: queue.Queue, end: object = END) -> Iterator[Batch[T]]:
+    def from_queue(self, q: queue.Queue, end: object = END, *,
+                   idle: Callable[[], None] | None = None) -> Iterator[Batch[T]]:
         """Batches from a push-based queue, ending when ``end`` is received.
 
-        Blocks indefinitely for the *first* item of a batch (an idle stream yields nothing), then
-        at most ``max_wait`` seconds for the rest; ``max_wait=None`` waits for full batches.
+        Waits as long as it takes for the *first* item of a batch (an idle stream yields nothing),
+        then at most ``max_wait`` seconds for the rest; ``max_wait=None`` waits for full batches.
+        ``idle`` is called every :data:`IDLE_POLL_S` of waiting and may raise to end the wait (a
+        stall watchdog's check: an upstream stage that never delivers must not hang the consumer).
         """
+
+        def get(timeout: float | None = None) -> object:
+            if timeout is not None or idle is None:
+                return q.get(timeout=timeout)
+            while True:
+                try:
+                    return q.get(timeout=IDLE_POLL_S)
+                except queue.Empty:
+                    idle()
+
         while True:
-            first = q.get()
+            first = get()
             if first is end:
                 return
             buf: list[T] = [first]
@@ -79,7 +93,7 @@ class Batcher(Generic[T]):
             while len(buf) < self.batch_size:
                 try:
                     if deadline is None:
-                        item = q.get()
+                        item = get()
                     else:
                         left = deadline - time.monotonic()
                         item = q.get_nowait() if left <= 0 else q.get(timeout=left)

@@ -7,6 +7,15 @@ and :mod:`radflash.io.imageio` (never torch: that would cost seconds per worker 
 worker is fed over its own pipe with at most ``depth`` tasks, so memory stays bounded and a worker
 that dies or passes ``timeout`` fails exactly the file it was on; it is replaced and the files
 queued behind it are retried. Each worker's heap is capped as a backstop (:func:`worker_memory_limit`).
+
+Why the pipes cannot deadlock: only the worker → parent direction carries large messages (a
+decoded film is 30 MB of float32 at 3000×2500). Parent → worker messages are tasks of a few
+hundred bytes: an item that arrives as bytes (a DICOMweb retrieval, ~15 MB) is spooled by the
+parent to a private file first (:class:`_Spool`) and the worker is sent its path. At most
+``depth`` tasks are ever unread, far below a socket buffer, so the parent's ``send`` never blocks
+and the parent is always free to read the large results the workers are blocked sending (and to
+enforce the per-file timeout). Sending the bytes themselves deadlocked: the parent blocked
+sending a 15 MB task to a worker that was itself blocked sending a 30 MB result to the parent.
 """
 
 from __future__ import annotations
@@ -14,11 +23,12 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
@@ -77,8 +87,9 @@ Loader = Callable[[Path, "SelectionRules | None"], "LoadOutcome"]
 # ---- typed hand-offs between stages -----------------------------------------------------------
 @dataclass(frozen=True)
 class DecodeTask:
-    """One :class:`SourceItem` on its way to a worker. A file goes as its path (a few bytes to
-    pickle; the worker reads it); only an item that arrived as bytes carries them over the pipe."""
+    """One :class:`SourceItem` on its way to the decode stage: a file as its path; an item that
+    arrived as bytes carries them (decoded in-process, or spooled to a file before it is sent to a
+    worker process: see the module doc)."""
 
     index: int
     key: str
@@ -194,6 +205,38 @@ def _worker_main(conn, loader: Loader | None, rules: SelectionRules | None) -> N
 _READY = "ready"
 
 
+class _Spool:
+    """Private files holding the bytes of in-flight items, so that only paths cross the pipes.
+
+    One folder per :meth:`DecodePool.run`, removed with everything in it when the run ends; a
+    file is removed as soon as its item is decoded, so at most ``workers × depth`` are on disk.
+    """
+
+    def __init__(self) -> None:
+        self.folder: str | None = None
+
+    def task(self, task: DecodeTask) -> DecodeTask:
+        """``task`` as it may cross the pipe: bytes replaced by the path of a spooled copy."""
+        if task.data is None:
+            return task
+        if self.folder is None:
+            self.folder = tempfile.mkdtemp(prefix="radflash-spool-")
+        fd, name = tempfile.mkstemp(dir=self.folder, prefix="item-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(task.data)
+        return DecodeTask(task.index, task.key, name, None)
+
+    def release(self, original: DecodeTask, sent: DecodeTask) -> None:
+        if sent is not original and sent.path is not None:
+            with suppress(OSError):
+                os.unlink(sent.path)
+
+    def close(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+
 STARTUP_TIMEOUT = 300.0  # s for a fresh worker to import numpy/pydicom (slow disks, cold caches)
 
 
@@ -201,7 +244,7 @@ STARTUP_TIMEOUT = 300.0  # s for a fresh worker to import numpy/pydicom (slow di
 class _Worker:
     proc: Any
     conn: Any
-    inflight: deque = field(default_factory=deque)  # DecodeTasks in the order they were sent
+    inflight: deque = field(default_factory=deque)  # (task, as sent: spooled) in the order they were sent
     head_since: float = field(default_factory=time.monotonic)  # when the oldest in-flight task started
     ready: bool = False  # spawn + imports take seconds; that must not count against a file
 
@@ -273,6 +316,7 @@ class DecodePool:
 
         slots: list[_Worker | None] = [self._reuse_or_start() for _ in range(self.n)]
         self._workers = slots
+        spool = _Spool()
         try:
             while True:
                 # feed: keep every worker `depth` deep so a finished decode is followed immediately
@@ -287,8 +331,9 @@ class DecodePool:
                             break
                         if not w.inflight and w.ready:
                             w.head_since = time.monotonic()
-                        w.inflight.append(task)
-                        w.conn.send(task)
+                        sent = spool.task(task)  # a few hundred bytes: this send never blocks
+                        w.inflight.append((task, sent))
+                        w.conn.send(sent)
                 busy = [w for w in slots if w is not None and w.inflight]
                 if not busy:
                     return
@@ -308,7 +353,9 @@ class DecodePool:
                             w.ready, w.head_since = True, time.monotonic()
                             continue
                         if item is not None:
-                            w.inflight.popleft()
+                            task, sent = w.inflight.popleft()
+                            spool.release(task, sent)
+                            item.path = task.name  # the worker saw a spooled copy of an item's bytes
                             w.head_since = time.monotonic()
                             paused = time.monotonic()
                             yield item
@@ -325,8 +372,10 @@ class DecodePool:
                     if not w.ready:  # not a file's fault: a broken environment
                         raise RuntimeError(f"decode worker failed to start (exit code {w.proc.exitcode}); "
                                            f"try --workers 0 to see the error in-process")
-                    culprit = w.inflight.popleft()
-                    retry.extendleft(reversed(w.inflight))
+                    for task, sent in w.inflight:
+                        spool.release(task, sent)
+                    culprit = w.inflight.popleft()[0]
+                    retry.extendleft(reversed([task for task, _ in w.inflight]))
                     w.inflight.clear()
                     self._stop(w, kill=True)
                     slots[i] = None
@@ -343,6 +392,7 @@ class DecodePool:
                 else:
                     self._stop(w, kill=bool(w.inflight))
             self._workers = []
+            spool.close()
 
     def _reuse_or_start(self) -> _Worker:
         """A worker the last run kept (if it is still alive), else a new one."""
@@ -352,6 +402,12 @@ class DecodePool:
                 return w
             self._stop(w, kill=True)
         return self._start()
+
+    def kill(self) -> None:
+        """Kill every worker of the current run (a stalled run's last act: see radflash.util.watchdog)."""
+        for w in list(self._workers):
+            if w is not None and w.proc.is_alive():
+                w.proc.kill()
 
     def close(self) -> None:
         """Stop the workers a ``keep_workers`` pool kept between runs."""

@@ -51,6 +51,7 @@ from radflash.archive.batching import END, Batch, Batcher
 from radflash.archive.decode_pool import Decoded, Loader, decode_stream, resize_for_model
 from radflash.archive.sinks import FileRecord, Sink, storable
 from radflash.checkpoints.calibration import score_calibrated
+from radflash.util.watchdog import Watchdog, stall_limit
 
 if TYPE_CHECKING:
     from radflash.api import RadFlashModel
@@ -80,6 +81,7 @@ class PipelineConfig:
     queue_size: int = 0  # decoded images buffered ahead of inference; 0 → 2 × batch_size
     depth: int = 2  # tasks queued per worker: one decoding, one ready to start
     timeout: float | None = 120.0  # s per file before its worker is killed and the file failed
+    stall_after: float | None = None  # s with no finished step before the run stops; None: stall_limit(timeout)
     include_phi: bool = False
     loader: Loader | None = None  # default radflash.io.imageio.try_load; must be importable (spawn)
     rules: SelectionRules | None = None  # None: the default chest X-ray rules
@@ -211,19 +213,25 @@ class Committer:
 
     Thread-safe: scored records arrive from the inference thread, skipped/failed ones straight
     from the decode feed, so an archive of mostly non-chest files still commits (and stays
-    resumable) at a steady pace instead of piling up records in memory.
+    resumable) at a steady pace instead of piling up records in memory. Under a ``watchdog`` each
+    record is progress and each write a step of the "sink" stage; once the run has stalled nothing
+    more is committed (the records a stall produces, such as files failed because their decoder
+    was killed, are not the files' fault: ``--resume`` must do them again).
     """
 
     def __init__(self, store: Sink, commit_every: int, stats: PipelineStats,
-                 on_record: Callable[[FileRecord], None] | None = None) -> None:
+                 on_record: Callable[[FileRecord], None] | None = None, watchdog: Watchdog | None = None) -> None:
         self.store = store
         self.commit_every = max(1, commit_every)
         self.stats = stats
         self.on_record = on_record
+        self.watchdog = watchdog or Watchdog(None)
         self.pending: list[FileRecord] = []
         self._lock = threading.Lock()
 
     def add(self, records: Iterable[FileRecord]) -> None:
+        self.watchdog.check()
+        self.watchdog.beat()
         with self._lock:
             for r in records:
                 self.pending.append(r)
@@ -239,8 +247,10 @@ class Committer:
 
     def _flush(self) -> None:
         if self.pending:
+            self.watchdog.check()
             t0 = time.perf_counter()
-            self.store.commit(self.pending)
+            with self.watchdog.step("sink"):
+                self.store.commit(self.pending)
             self.stats.write_s += time.perf_counter() - t0
             self.pending = []
 
@@ -264,11 +274,26 @@ def run_pipeline(
     """
     stats = PipelineStats()
     t_start = time.perf_counter()
+    limit = config.stall_after if config.stall_after is not None else stall_limit(config.timeout)
+    with Watchdog(limit, what="score") as watchdog:
+        _run(items, model, prompts, store, config, stats, watchdog, on_record=on_record, observer=observer)
+    stats.wall_s = time.perf_counter() - t_start
+    return stats
+
+
+def _run(items: Iterable[SourceItem | str | os.PathLike], model: RadFlashModel, prompts: PromptSet, store: Sink,
+         config: PipelineConfig, stats: PipelineStats, watchdog: Watchdog, *,
+         on_record: Callable[[FileRecord], None] | None, observer: BatchObserver | None) -> None:
+    """The stages of :func:`run_pipeline`, each step reported to ``watchdog`` under its stage's name."""
+    t_start = time.perf_counter()
     geometry = model.preprocessing.geometry  # the model's resize (CARZero letterboxes), in the feed thread
     scorer = Scorer(model, prompts, include_phi=config.include_phi, observer=observer)
-    committer = Committer(store, config.commit_every, stats, on_record)
-    decoded_stream, pool = decode_stream(items, workers=config.workers, loader=config.loader, rules=config.rules,
-                                         depth=config.depth, timeout=config.timeout)
+    committer = Committer(store, config.commit_every, stats, on_record, watchdog)
+    decoded_stream, pool = decode_stream(watchdog.track(items, "source"), workers=config.workers,
+                                         loader=config.loader, rules=config.rules, depth=config.depth,
+                                         timeout=config.timeout)
+    if pool is not None:
+        watchdog.on_stall(pool.kill)  # frees a feed thread waiting on a worker; its records are not committed
 
     loaded_q: queue.Queue = queue.Queue(maxsize=config.queue_size or 2 * config.batch_size)
     stop = threading.Event()
@@ -276,10 +301,11 @@ def run_pipeline(
 
     def produce() -> None:
         try:
-            for d in decoded_stream:
+            for d in watchdog.track(decoded_stream, "decode"):
                 stats.decode_s += d.decode_s
                 if d.status == "loaded":
-                    d = _resized(d, geometry, stats)
+                    with watchdog.step("resize"):
+                        d = _resized(d, geometry, stats)
                 if d.status == "loaded":
                     while not stop.is_set():
                         try:
@@ -306,11 +332,14 @@ def run_pipeline(
     producer.start()
     batcher: Batcher[Decoded] = Batcher(config.batch_size, config.max_wait)
     try:
-        for batch in batcher.from_queue(loaded_q):
-            _infer(batch, scorer, committer, stats)
+        for batch in batcher.from_queue(loaded_q, idle=watchdog.check):
+            with watchdog.step("inference"):
+                _infer(batch, scorer, committer, stats)
             if stats.first_batch_s is None:
                 stats.first_batch_s = time.perf_counter() - t_start
-        producer.join()
+        while producer.is_alive():  # the feed may still be committing skipped/failed records
+            producer.join(timeout=0.5)
+            watchdog.check()
         if failure:
             raise failure[0]
         committer.flush()
@@ -319,8 +348,6 @@ def run_pipeline(
         producer.join(timeout=30)
     if pool is not None:
         stats.worker_restarts = pool.restarts
-    stats.wall_s = time.perf_counter() - t_start
-    return stats
 
 
 def _resized(d: Decoded, geometry: Preprocessing, stats: PipelineStats) -> Decoded:

@@ -80,6 +80,7 @@ from radflash.archive.pipeline import (
 from radflash.archive.sinks import FileRecord, Sink, TableSpec, storable
 from radflash.errors import InputError
 from radflash.util.optional import require
+from radflash.util.watchdog import Watchdog, stall_limit
 
 if TYPE_CHECKING:
     from radflash.api import RadFlashModel
@@ -458,9 +459,23 @@ def run_ray_pipeline(
     """
     ray = require_ray()  # also imports ray.data
 
+    limit = config.stall_after if config.stall_after is not None else stall_limit(config.timeout)
+    with Watchdog(limit, what="score --ray") as watchdog:
+        return _run_windows(ray, items, model, prompts, spec, store, config, geometry=geometry, placement=placement,
+                            dtype=dtype, backend=backend, window=window, is_done=is_done, on_record=on_record,
+                            observer=observer, watchdog=watchdog)
+
+
+def _run_windows(ray: Any, items: Iterable[SourceItem], model: str | RadFlashModel | None, prompts: PromptSet,
+                 spec: TableSpec, store: Sink, config: PipelineConfig, *, geometry: Preprocessing,
+                 placement: Placement, dtype: str | None, backend: str, window: int,
+                 is_done: Callable[[SourceItem], bool], on_record: Callable[[FileRecord], None] | None,
+                 observer: DistributedObserver | None, watchdog: Watchdog) -> tuple[PipelineStats, int]:
+    """The driver loop of :func:`run_ray_pipeline`: window by window, Ray's output waited for in
+    slices (:meth:`Watchdog.guard`), so a cluster that stops delivering cannot hang the driver."""
     stats = PipelineStats()
     t_start = time.perf_counter()
-    committer = Committer(store, config.commit_every, stats, on_record)
+    committer = Committer(store, config.commit_every, stats, on_record, watchdog)
     walked = [0]
 
     def counted() -> Iterator[tuple[pa.Table, int]]:
@@ -474,7 +489,7 @@ def run_ray_pipeline(
                     "prompts": prompts, "spec": spec, "include_phi": config.include_phi,
                     "threads": placement.threads,
                     "observer": None if observer is None else observer.for_worker()}
-    for chunks in windows(counted(), window):
+    for chunks in windows(watchdog.track(counted(), "source"), window):
         returned: list[pa.Array] = []
         with _tolerant_context(preserve_order=False):
             ds = _decode_stage(ray.data.from_arrow_refs([ray.put(t) for t in chunks]), decode_block, decode_kwargs)
@@ -483,7 +498,7 @@ def run_ray_pipeline(
                 compute=ray.data.ActorPoolStrategy(size=placement.actors),
                 num_cpus=placement.cpus_per_actor, num_gpus=placement.gpus_per_actor or None,
                 fn_constructor_kwargs=actor_kwargs)
-            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for block in watchdog.guard(ds.iter_batches(batch_size=None, batch_format="pyarrow"), "ray"):
                 if not block.num_rows:
                     continue
                 _raise_actor_error(block)

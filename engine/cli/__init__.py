@@ -31,6 +31,7 @@ COMMANDS = {
     "calibrate": "radflash.cli.calibrate:calibrate",
     "models": "radflash.cli.listing:models",
     "findings": "radflash.cli.listing:findings",
+    "doctor": "radflash.cli.doctor:doctor",
 }
 
 
@@ -67,6 +68,9 @@ def cli(verbose: int) -> None:
 
 
 def main() -> None:
+    from radflash.util import watchdog
+
+    watchdog.HARD_EXIT_AFTER = watchdog.CLI_HARD_EXIT_S  # this process is ours: a stuck stall ends it
     try:
         cli.main(prog_name="radflash")
     except KeyboardInterrupt:

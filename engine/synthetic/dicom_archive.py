@@ -99,6 +99,7 @@ def write_dicom(
     photometric: str = "MONOCHROME2",
     bits_stored: int = 12,
     jpeg2000: bool = False,
+    transfer_syntax: str | None = None,
     seed: int | None = None,
     body_part: str = "CHEST",
     view: str | None = "PA",
@@ -109,7 +110,9 @@ def write_dicom(
 
     Pixels are quantised to ``bits_stored`` bits; MONOCHROME1 stores them inverted, with a VOI
     window covering the full range, as modalities do. ``jpeg2000=True`` stores JPEG 2000 lossless
-    (needs pylibjpeg-openjpeg); the UIDs derive from ``seed`` (default: the phantom's seed).
+    (needs pylibjpeg-openjpeg); ``transfer_syntax`` names any lossless syntax pydicom can write:
+    explicit/implicit little endian, deflated, RLE or JPEG 2000 lossless (a UID). The
+    UIDs derive from ``seed`` (default: the phantom's seed).
     """
     image = getattr(phantom_or_image, "image", phantom_or_image)
     image = np.asarray(image, dtype=np.float32)
@@ -137,16 +140,27 @@ def write_dicom(
     ds.WindowWidth = top + 1
     ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
     _set_pixels(ds, stored, bits_stored=bits_stored, photometric=photometric)
-    if jpeg2000:
-        from pydicom.uid import JPEG2000Lossless
-
-        if not jpeg2000_available():
-            raise InputError("JPEG 2000 encoding needs pylibjpeg-openjpeg: pip install pylibjpeg pylibjpeg-openjpeg")
-        ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg", generate_instance_uid=False)
+    _encode(ds, "1.2.840.10008.1.2.4.90" if jpeg2000 else transfer_syntax)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def _encode(ds, syntax: str | None) -> None:
+    """Store ``ds``'s native pixels in ``syntax`` (``None``: explicit VR little endian, as built)."""
+    from pydicom import uid
+
+    if syntax is None or syntax == uid.ExplicitVRLittleEndian:
+        return
+    if syntax in (uid.ImplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian):
+        ds.file_meta.TransferSyntaxUID = syntax  # pydicom re-encodes (deflates) on save
+        return
+    if syntax == uid.JPEG2000Lossless and not jpeg2000_available():
+        raise InputError("JPEG 2000 encoding needs pylibjpeg-openjpeg: pip install pylibjpeg pylibjpeg-openjpeg")
+    if syntax not in (uid.JPEG2000Lossless, uid.RLELossless):
+        raise InputError(f"write_dicom cannot store transfer syntax {syntax}")
+    ds.compress(syntax, encoding_plugin="pylibjpeg", generate_instance_uid=False)
 
 
 def _write_other(path: Path, *, modality: str, seed: int, pixels: np.ndarray, body_part: str,

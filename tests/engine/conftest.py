@@ -21,3 +21,11 @@ def model_builds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(RadZero, "__init__", spy)
     return devices
+
+
+@pytest.fixture(scope="session")
+def real_size_archive(tmp_path_factory: pytest.TempPathFactory):
+    """Films at the size hospitals store them, for every source and executor (tests/engine/realsize.py)."""
+    from tests.engine.realsize import write_real_size_archive
+
+    return write_real_size_archive(tmp_path_factory.mktemp("real-size"))
