@@ -239,7 +239,8 @@ def syntax_table() -> list[dict[str, Any]]:
         plugins = () if native else usable_plugins(uid, bits)
         rows.append({
             "uid": uid, "name": name, "decodes": native or bool(plugins),
-            "decoder": "native" if native else (package_of(plugins[0], uid) if plugins else None),
+            "decoder": ("native (deflate)" if UID(uid).is_deflated else "native") if native
+            else (package_of(plugins[0], uid) if plugins else None),
             "plugins": [package_of(p, uid) for p in plugins],
             "missing": None if native or plugins else missing_hint(uid, bits),
         })
