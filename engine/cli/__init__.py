@@ -32,7 +32,6 @@ COMMANDS = {
     "models": "radflash.cli.listing:models",
     "findings": "radflash.cli.listing:findings",
     "doctor": "radflash.cli.doctor:doctor",
-    "doctor": "radflash.cli.doctor:doctor",
 }
 
 
