@@ -12,6 +12,7 @@ one model id) give different UIDs, and no registry of issued UIDs is needed.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -24,12 +25,18 @@ MANUFACTURER = "radflash"
 AIR_PURPOSE = ("Newcode1", "99IHE", "Processing Algorithm")
 
 
-def device_uid(model_sha256: str, model_id: str = "") -> str:
-    """A 2.25 (UUID-derived) UID from the checkpoint's content hash; ``model_id`` only when the model
-    has no hash (an in-memory model), so the UID still names something stable."""
-    from pydicom.uid import generate_uid
+# The namespace of radflash's name-based UUIDs (itself a name-based UUID, fixed forever).
+_DEVICE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/radflash/radflash/device")
 
-    return str(generate_uid(prefix=None, entropy_srcs=["radflash-device", model_sha256 or f"id:{model_id}"]))
+
+def device_uid(model_sha256: str, model_id: str = "") -> str:
+    """A 2.25 UID (DICOM PS3.5 B.2: a UUID as one integer) from a name-based UUID (RFC 9562 v5) of
+    the checkpoint's content hash; ``model_id`` only when the model has no hash (an in-memory model).
+
+    Not pydicom's ``generate_uid(prefix=None)``: that one ignores its entropy and returns a random
+    UUID, a different Device UID on every run.
+    """
+    return f"2.25.{uuid.uuid5(_DEVICE_NAMESPACE, model_sha256 or f'id:{model_id}').int}"
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,26 @@ def build_report(source: Any, findings: Sequence[FindingResult], *, equipment: E
         evidence=evidence, content=report[0], series_instance_uid=series_uid, series_number=series_number,
         sop_instance_uid=sop_uid, instance_number=instance_number, manufacturer=equipment.manufacturer,
         is_complete=True, series_description=lo(series_description))
+    if segmentation is not None:
+        single = {str(header.SOPInstanceUID)} if int(header.get("NumberOfFrames", 1) or 1) == 1 else set()
+        _fix_frame_references(sr.ContentSequence, single)
     return equipment.stamp(sr)
+
+
+def _fix_frame_references(content: Any, single_frame: set[str]) -> None:
+    """Make highdicom's segment references valid image references (PS3.3 C.18.3.1, dciodvfy's errors):
+    Referenced Segment Number "shall not be present" beside a Referenced Frame Number (our SEG has one
+    frame per segment, so the frame names the segment), and a single-frame image (``single_frame``:
+    SOP Instance UIDs; the source radiograph, which highdicom references by the SEG's frame number)
+    takes no frame number at all."""
+    for item in content:
+        for ref in item.get("ReferencedSOPSequence", None) or []:
+            if "ReferencedFrameNumber" in ref and "ReferencedSegmentNumber" in ref:
+                del ref.ReferencedSegmentNumber
+            if "ReferencedFrameNumber" in ref and str(ref.ReferencedSOPInstanceUID) in single_frame:
+                del ref.ReferencedFrameNumber
+        if "ContentSequence" in item:
+            _fix_frame_references(item.ContentSequence, single_frame)
 
 
 def _procedure(header: Any) -> Any:

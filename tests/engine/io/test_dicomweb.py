@@ -116,10 +116,10 @@ def _sr_for(server, row: dict):
 
 
 def _sr_probs(sr) -> list[float]:
-    """The probability of every finding container of a radflash SR, in order."""
-    findings = [i for i in sr.ContentSequence if i.ValueType == "CONTAINER"]
-    return [float(n.MeasuredValueSequence[0].NumericValue) for f in findings for n in f.ContentSequence
-            if n.ValueType == "NUM" and n.ConceptNameCodeSequence[0].CodeValue == "probability"]
+    """The probability of every finding of a radflash SR (a TID 1500 report), in order."""
+    from radflash.dicomout.sr import read_findings
+
+    return [f["probability"] for f in read_findings(sr).values()]
 
 
 def test_store_writes_one_sr_per_scored_image_once(fresh_orthanc, tmp_path: Path) -> None:
@@ -138,14 +138,15 @@ def test_store_writes_one_sr_per_scored_image_once(fresh_orthanc, tmp_path: Path
     row = run.results.to_pylist()[0]
     sr = _sr_for(fresh_orthanc, row)
     assert isinstance(sr, pydicom.Dataset) and sr.Modality == "SR"
-    refs = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in sr.ContentSequence if i.ValueType == "IMAGE"]
-    assert refs == [row["sop_instance_uid"]]
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert [r.ReferencedSOPInstanceUID for r in evidence] == [row["sop_instance_uid"]]
     names = list(run.manifest["findings"])
-    findings = [i for i in sr.ContentSequence if i.ValueType == "CONTAINER"]
-    assert len(findings) == len(names)
     assert _sr_probs(sr) == pytest.approx([row[f"{n}.prob"] for n in names], rel=1e-6)
-    algo = [i.TextValue for i in sr.ContentSequence if i.ValueType == "TEXT"]
-    assert run.manifest["model"]["sha256"] in " ".join(algo)
+    # the model is named in Contributing Equipment, with a Device UID from its weights' hash (#27)
+    from radflash.dicomout.equipment import device_uid
+
+    devices = [i.DeviceUID for i in sr.ContributingEquipmentSequence if i.Manufacturer == "radflash"]
+    assert devices == [device_uid(run.manifest["model"]["sha256"])]
 
 
 def test_server_down_mid_run_then_resume_completes(fresh_orthanc, tmp_path: Path,
