@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("radflash.segment")
 
 
-FORMATS = ("png", "npz", "dicom-seg", "nifti")
+FORMATS = ("png", "npz", "dicom-seg", "dicom-sr", "nifti")
 
 
 REPORT = "report.json"
@@ -53,6 +53,8 @@ def check_formats(formats: Sequence[str] | str) -> tuple[str, ...]:
 
     if "dicom-seg" in out:  # fail before the model loads, not on the first image
         require("highdicom", extra="seg", purpose="--format dicom-seg")
+    if "dicom-sr" in out:
+        require("highdicom", extra="seg", purpose="--format dicom-sr")
     if "nifti" in out:
         require("nibabel", extra="nifti", purpose="--format nifti")
     return tuple(out)
@@ -98,6 +100,11 @@ class OutputWriter:
                 result.notes.append("dicom-seg: not written, the source is not a DICOM file")
             else:
                 self._try(result, "dicom-seg", lambda: self._seg(item, name, masks))
+        if "dicom-sr" in self.formats:  # after the SEG: the report references it
+            if item.meta is None or item.meta.kind != "dicom":
+                result.notes.append("dicom-sr: not written, the source is not a DICOM file")
+            else:
+                self._try(result, "dicom-sr", lambda: self._sr(item, name, result))
         if "nifti" in self.formats:
             spacing = item.meta.pixel_spacing if item.meta is not None else None  # mm (row, column)
             self._try(result, "nifti", lambda: sw.write_nifti(self.path(name, "masks.nii.gz"), masks,
@@ -149,6 +156,30 @@ class OutputWriter:
             header=header, family=getattr(self.rf, "family", ""),
         )
         return path
+
+    def _sr(self, item: DecodedItem, name: str, result: ImageResult) -> Path:
+        """A TID 1500 report of this image's prompts (peak probability, mask present/absent), whose
+        groups reference the SEG's segments when the SEG was written (radflash.dicomout.sr)."""
+        import pydicom
+
+        from radflash.dicomout.equipment import Equipment
+        from radflash.dicomout.sr import FindingResult, build_report
+        from radflash.dicomout.uids import segment_sr_uids
+        from radflash.segment.writers import atomic_write
+
+        meta = item.meta
+        assert meta is not None
+        header = self.header_of(item) if self.header_of is not None else meta.source_dataset()
+        seg = pydicom.dcmread(self.out / result.files["dicom-seg"]) if "dicom-seg" in result.files else None
+        findings = [FindingResult(s.name, s.prompt, g.max_prob, positive=g.positive, threshold=s.threshold,
+                                  segment_number=t + 1 if seg is not None else None)
+                    for t, s in enumerate(self.specs) for g in [result.groundings[s.name]]]
+        series_uid, sop_uid = segment_sr_uids(header.SOPInstanceUID, header.StudyInstanceUID, self.rf.sha256 or "",
+                                              self.prompts_key)
+        equipment = Equipment(self.rf.model_id, self.rf.sha256 or "", getattr(self.rf, "family", ""))
+        sr = build_report(header, findings, equipment=equipment, series_uid=series_uid, sop_uid=sop_uid,
+                          segmentation=seg, aggregate="max", series_description="radflash segment findings")
+        return atomic_write(self.path(name, "sr.dcm"), lambda tmp: sr.save_as(str(tmp)))
 
     def _sc(self, item: DecodedItem, name: str, result: ImageResult, masks: np.ndarray) -> Path:
         """The overlay Secondary Capture: same picture as the preview, in the source's study."""

@@ -91,14 +91,14 @@ def reports(tmp_path_factory: pytest.TempPathFactory, rg1: Path, model: Any) -> 
 
 @pytest.fixture(scope="module")
 def segmented(tmp_path_factory: pytest.TempPathFactory, rg1: Path, model: Any) -> Path:
-    """``segment --format dicom-seg --overlay sc`` over the real CR and two demo films."""
+    """``segment --format dicom-seg,dicom-sr --overlay sc`` over the real CR and two demo films."""
     from radflash.segment.verb import segment
 
     out = tmp_path_factory.mktemp("seg") / "out"
     run = segment([rg1, *DEMO_FILES], out, prompts={"pneumothorax": "There is pneumothorax", "left lung": "left lung"},
-                  model=model, formats=("dicom-seg",), overlay="sc", workers=0, progress=False)
+                  model=model, formats=("dicom-seg", "dicom-sr"), overlay="sc", workers=0, progress=False)
     assert len(run.images) == 3 and not run.failures
-    assert all({"dicom-seg", "overlay-sc"} <= set(r.files) for r in run.images)
+    assert all({"dicom-seg", "dicom-sr", "overlay-sc"} <= set(r.files) for r in run.images)
     return out
 
 
@@ -210,7 +210,7 @@ def test_code_table_holds_only_codes_from_dicoms_own_dictionaries() -> None:
 
 # ---- SEG and Secondary Capture --------------------------------------------------------------
 def test_every_seg_and_sc_validates_without_errors(segmented: Path) -> None:
-    for path in _objects(segmented, "seg.dcm") + _objects(segmented, "overlay-sc.dcm"):
+    for path in _objects(segmented, "seg.dcm") + _objects(segmented, "overlay-sc.dcm") + _objects(segmented, "sr.dcm"):
         verdict = dciodvfy(path)
         assert verdict.errors == [], (path, verdict.errors)
         assert unexpected(verdict.warnings) == [], (path, verdict.warnings)
@@ -266,6 +266,21 @@ def test_report_referencing_the_seg_validates(segmented: Path, tmp_path: Path, m
     assert _probabilities(tree) == pytest.approx([p["max_prob"] for p in result["prompts"]], rel=1e-6)
 
 
+def test_segment_sr_references_its_seg_with_the_json_probabilities(segmented: Path) -> None:
+    """``--format dicom-sr``: the written report, its groups pointing at the SEG's segments."""
+    for sr_path in _objects(segmented, "sr.dcm"):
+        result = json.loads(sr_path.with_name("result.json").read_text())
+        seg = pydicom.dcmread(sr_path.with_name("seg.dcm"))
+        tree = dsrdump(sr_path)
+        assert "TID 1500" in tree and '(36118008,SCT,"Pneumothorax")' in tree
+        assert _probabilities(tree) == pytest.approx([p["max_prob"] for p in result["prompts"]], rel=1e-6)
+        assert tree.count('"Referenced Segmentation Frame")=(SG image,,') == len(result["prompts"])
+        sr = pydicom.dcmread(sr_path)
+        refs = {r.ReferencedSOPInstanceUID for e in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in e.ReferencedSeriesSequence for r in series.ReferencedSOPSequence}
+        assert refs == {seg.SOPInstanceUID, result["sop_instance_uid"]}
+
+
 def test_cli_overlay_sc(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
@@ -293,7 +308,8 @@ def test_orthanc_accepts_every_object_over_stow(reports: list[tuple[Path, dict]]
     server = start_or_skip(tmp_path / "pacs")
     try:
         objects = [pydicom.dcmread(p) for p, _ in reports[:3]]
-        objects += [pydicom.dcmread(p) for p in _objects(segmented, "seg.dcm") + _objects(segmented, "overlay-sc.dcm")]
+        objects += [pydicom.dcmread(p) for name in ("seg.dcm", "sr.dcm", "overlay-sc.dcm")
+                    for p in _objects(segmented, name)]
         stower = Stower(server.dicomweb)
         stower.store(objects)  # a refused object (FailedSOPSequence) raises
         assert stower.stored == len(objects)
