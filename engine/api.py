@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from radflash.checkpoints.format import Checkpoint, check_state_dict, load_checkpoint
-from radflash.devices import resolve_device, resolve_dtype
+from radflash.devices import resolve_device, resolve_dtype, resolve_precision
 from radflash.errors import InputError
 from radflash.kernels import MapResult, upsample_maps
 from radflash.models.registry import build
@@ -42,9 +42,11 @@ class Scores:
 
 class RadFlashModel:
     def __init__(self, ckpt: Checkpoint, *, device: str | torch.device = "auto", dtype=None,
-                 backend: str = "eager") -> None:
+                 backend: str = "eager", checkpoint_path: str | Path | None = None) -> None:
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device)  # the module's storage dtype (float32 on the CPU)
+        # the image encoder's precision (fp32/bf16/fp16/int8; "auto" until a measurement decides it)
+        self.precision = resolve_precision(dtype, self.device)
         self.config = ckpt.config
         self.model_id = ckpt.model_id
         self.sha256 = ckpt.sha256
@@ -62,15 +64,25 @@ class RadFlashModel:
         self._text_cache: dict[str, torch.Tensor] = {}
         self._stacked: tuple[tuple[str, ...], torch.Tensor] | None = None  # the last prompt list, stacked
         self.backend_name = backend
+        # where artefacts made for this checkpoint (an INT8 encoder) are kept; None: built in memory
+        self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
         self._encoder = self._make_encoder(backend)
 
     def _make_encoder(self, backend: str, **opts: Any):
         from radflash.backends import make_backend
 
-        return make_backend(backend, self, **opts)
+        encoder = make_backend(backend, self, **opts)
+        self.precision = getattr(encoder, "precision", self.precision)  # what auto chose, or what was built
+        return encoder
 
-    def set_backend(self, backend: str, **opts: Any) -> None:
-        """Switch the image-encoder backend; ``opts`` go to it (``batch_size=`` for ``auto``'s timing)."""
+    def set_backend(self, backend: str, *, dtype: str | torch.dtype | None = None, **opts: Any) -> None:
+        """Switch the image-encoder backend (and, with ``dtype=``, its precision; ``auto``: measured).
+
+        ``opts`` go to the backend (``batch_size=`` for ``auto``'s timing). The module's storage dtype
+        does not change: on the CPU it stays float32 and only the encoder runs in the new precision.
+        """
+        if dtype is not None:
+            opts["precision"] = resolve_precision(dtype, self.device)
         self._encoder = self._make_encoder(backend, **opts)
         self.backend_name = getattr(self._encoder, "name", backend)
 
@@ -213,12 +225,19 @@ class RadFlashModel:
 
     def __repr__(self) -> str:
         return (f"RadFlashModel({self.model_id!r}, device={self.device}, dtype={self.dtype}, "
-                f"backend={self.backend_name!r}, image_size={self.config.image_size})")
+                f"precision={self.precision!r}, backend={self.backend_name!r}, image_size={self.config.image_size})")
 
 
 def load(path: str | Path | None = None, *, device: str | torch.device = "auto", dtype=None,
          backend: str = "eager") -> RadFlashModel:
-    """Load a radflash checkpoint (folder or single .safetensors); ``None`` → the embedded demo model."""
+    """Load a radflash checkpoint (folder or single .safetensors); ``None`` → the embedded demo model.
+
+    ``dtype``: ``None`` (float32 on the CPU, bfloat16 on CUDA), ``"auto"`` (CPU: the encoder's
+    precision and, with ``backend="auto"``, its runtime chosen by measurement with an agreement check,
+    see :mod:`radflash.backends.auto`), ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"int8"``
+    (the encoder's precision; on the CPU the text tower, heads and maps stay float32), or a
+    ``torch.dtype`` for the whole module.
+    """
     if path is None:
         path = DEMO_MODEL
     ckpt = load_checkpoint(path)
@@ -226,7 +245,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         ckpt.source = str(path)
     if ckpt.notice and not os.environ.get("RADFLASH_NO_DEMO_NOTICE"):
         log.warning("%s", ckpt.notice)
-    return RadFlashModel(ckpt, device=device, dtype=dtype, backend=backend)
+    return RadFlashModel(ckpt, device=device, dtype=dtype, backend=backend, checkpoint_path=path)
 
 
 def as_model(model: RadFlashModel | str | Path | None, *, device: str | torch.device = "auto", dtype=None,
@@ -237,7 +256,10 @@ def as_model(model: RadFlashModel | str | Path | None, *, device: str | torch.de
     callers that score several folders load the weights once.
     """
     if isinstance(model, RadFlashModel):
-        if backend not in ("eager", model.backend_name):
+        precision = None if dtype is None else resolve_precision(dtype, model.device)
+        if precision is not None and precision not in ("auto", model.precision):
+            model.set_backend(model.backend_name if backend == "eager" else backend, dtype=dtype)
+        elif backend not in ("eager", model.backend_name):
             model.set_backend(backend)
         return model
     if model is not None and not isinstance(model, (str, Path)):

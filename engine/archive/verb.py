@@ -184,10 +184,13 @@ def score(
         t_model = time.perf_counter()
         from radflash.api import as_model
         # under Ray the driver's copy only names the model (id, hash, size); the actors run it on `device`
-        rf_model = as_model(model, device=device if ray is None else "cpu", dtype=dtype,
-                            backend="eager" if backend == "auto" or ray is not None else backend)
-        if backend == "auto" and ray is None:  # timed at this run's batch size (radflash.backends.auto)
-            rf_model.set_backend("auto", batch_size=batch_size)
+        # auto runtime and/or precision: timed at this run's batch size (radflash.backends.auto)
+        measured = (backend == "auto" or dtype == "auto") and ray is None
+        rf_model = as_model(model, device=device if ray is None else "cpu",
+                            dtype=None if measured or dtype == "auto" else dtype,
+                            backend="eager" if measured or ray is not None else backend)
+        if measured:
+            rf_model.set_backend(backend, dtype=dtype, batch_size=batch_size)
         load_model_s = time.perf_counter() - t_model
         calibrated = score_calibrated(rf_model.calibration)
         spec = TableSpec(prompt_set.names, include_phi=include_phi,
@@ -204,7 +207,7 @@ def score(
                          for n, p, t in zip(prompt_set.names, prompt_set.prompts, prompt_set.thresholds)},
             "versions": _versions(),
             "device": str(rf_model.device), "dtype": str(rf_model.dtype).removeprefix("torch."),
-            "backend": rf_model.backend_name,
+            "backend": rf_model.backend_name, "precision": rf_model.precision,
             "backend_selection": rf_model.backend_selection,  # auto: candidates' ms/batch, reason, cache hit
             "args": {
                 "inputs": described.get("inputs"), "output": None if out_dir is None else path_text(out_dir),

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from radflash.backends.buckets import DEFAULT_BUCKETS, check_buckets, run_bucketed
+from radflash.backends.eager import checked_precision, image_tower
+from radflash.devices import PRECISION_DTYPES
 from radflash.errors import InputError
 
 if TYPE_CHECKING:
@@ -27,13 +29,17 @@ class CompiledBackend:
     name = "compile"
 
     def __init__(self, model: RadFlashModel, *, buckets: Sequence[int] = DEFAULT_BUCKETS,
-                 mode: str | None = None, cuda_graphs: bool | None = None) -> None:
+                 mode: str | None = None, cuda_graphs: bool | None = None, precision: str | None = None) -> None:
         """``mode`` defaults to ``reduce-overhead`` (CUDA graphs) on CUDA and inductor's default on CPU;
         ``cuda_graphs=False`` on CUDA compiles without graphs (``max-autotune-no-cudagraphs`` is another choice).
+        ``precision`` (default: the model's): a float precision other than the module's compiles a copy
+        of the image tower in it (:func:`radflash.backends.eager.image_tower`).
         """
-        self.module = model.module
+        self.precision = checked_precision(model, precision, self.name)
+        self.dtype = PRECISION_DTYPES[self.precision]
+        self.out_dtype = model.dtype
+        self.module = model.module if self.dtype == model.dtype else image_tower(model.module, self.dtype)
         self.device = model.device
-        self.dtype = model.dtype
         self.buckets = check_buckets(buckets)
         on_cuda = self.device.type == "cuda"
         if cuda_graphs is None:
@@ -57,7 +63,7 @@ class CompiledBackend:
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(device=self.device, dtype=self.dtype).contiguous()
         # CUDA-graph outputs live in the graph's static pool and are overwritten by the next replay
-        return run_bucketed(self._call, pixels, self.buckets, clone=self.cuda_graphs)
+        return run_bucketed(self._call, pixels, self.buckets, clone=self.cuda_graphs).to(self.out_dtype)
 
     @torch.inference_mode()
     def warmup(self, buckets: Sequence[int] | None = None, image_size: int | None = None) -> None:

@@ -1,4 +1,9 @@
-"""ONNX Runtime backend: the exported image tower (fp32/fp16/bf16, or an INT8 Q/DQ graph).
+"""ONNX Runtime backend: the exported image tower (fp32/fp16/bf16, or an INT8 graph).
+
+INT8 runs a calibrated Q/DQ graph when given one (``onnx_path=``, from ``radflash calibrate quantize``);
+without one, the cached fp32 graph is quantised dynamically once (``onnxruntime.quantization.
+quantize_dynamic``: int8 weights, activations quantised per batch at run time, no calibration data
+needed) and cached beside it (``-int8dyn-`` in the name).
 
 The graph has a dynamic batch axis, so no bucket padding is needed; batches larger than
 ``max_batch`` are split. Without ``onnx_path`` the graph is exported once and cached under
@@ -45,10 +50,9 @@ class OnnxRuntimeBackend:
         self.max_batch = max_batch
         self.image_size = model.config.image_size
         self.tokens_shape = (model.config.grid**2 + 1, model.config.vision.hidden)
-        if onnx_path is None:
-            if precision == "int8":
-                raise InputError("precision='int8' needs onnx_path= a quantised graph: "
-                                 "make one with `radflash calibrate quantize`")
+        if onnx_path is None and precision == "int8":
+            onnx_path = dynamic_int8_graph(model, self.image_size)
+        elif onnx_path is None:
             onnx_path = onnx_cache_path(model, image_size=self.image_size, precision=precision)
             if not onnx_path.exists():
                 log.info("onnxruntime backend: exporting the image tower to %s (once per model)", onnx_path)
@@ -109,3 +113,31 @@ class OnnxRuntimeBackend:
         torch.cuda.current_stream(self.device).synchronize()  # ORT runs on its own stream
         self.session.run_with_iobinding(binding)
         return out
+
+
+def dynamic_int8_graph(model: RadFlashModel, image_size: int) -> Path:
+    """The cached fp32 graph quantised dynamically (int8 MatMul weights), made once and cached beside it."""
+    import os
+
+    from radflash.backends.export import export_onnx, onnx_cache_path
+    from radflash.util.optional import require
+
+    fp32 = onnx_cache_path(model, image_size=image_size, precision="fp32")
+    out = fp32.with_name(fp32.name.replace("-fp32-", "-int8dyn-"))
+    if out.exists():
+        return out
+    quantization = require("onnxruntime.quantization", extra="onnx", purpose="INT8 quantisation")
+    if not fp32.exists():
+        log.info("onnxruntime backend: exporting the image tower to %s (once per model)", fp32)
+        export_onnx(model, fp32, precision="fp32")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    log.info("onnxruntime backend: quantising %s dynamically to int8 (once per model)", fp32.name)
+    try:
+        quantization.quantize_dynamic(str(fp32), str(tmp), weight_type=quantization.QuantType.QInt8,
+                                      op_types_to_quantize=["MatMul"])
+    except Exception as exc:  # the quantiser raises many types: one user-facing error
+        tmp.unlink(missing_ok=True)
+        raise BackendUnavailable(f"{fp32.name}: dynamic INT8 quantisation failed "
+                                 f"({type(exc).__name__}: {exc})") from exc
+    tmp.replace(out)
+    return out

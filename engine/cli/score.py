@@ -61,7 +61,8 @@ DEMO_GALLERY_K = 4  # top images per finding in the demo run's report gallery
 @report_options
 @ray_options
 def score(inputs: tuple[str, ...], output: Path | None, model_path: str | None, findings: Path | None,
-          device: str, batch_size: int, workers: int | None, backend: str, fmt: str, include_phi: bool,
+          device: str, batch_size: int, workers: int | None, backend: str, dtype: str | None, fmt: str,
+          include_phi: bool,
           resume: bool, num_parts: int, part_id: int, include_lateral: bool, modalities: tuple[str, ...] | None,
           commit_every: int, timeout: float, max_pixels: int | None, quiet: bool, token_env: str | None,
           basic_auth_env: str | None, stow: str | None, report_mode: str | None = None, report_maps: int | None = None,
@@ -99,7 +100,7 @@ def score(inputs: tuple[str, ...], output: Path | None, model_path: str | None, 
     gallery = start_gallery("score", report_maps, output, resume=resume)
     run = score_fn(
         [i if is_dicomweb(i) else Path(i) for i in inputs] or None, output, model=model_path, findings=findings,
-        device=device,
+        device=device, dtype=dtype,
         batch_size=batch_size, workers=workers, backend=backend, fmt=fmt, include_phi=include_phi,
         resume=resume, num_parts=num_parts, part_id=part_id, rules=rules, progress=not quiet,
         commit_every=commit_every, timeout=timeout, max_pixels=max_pixels, auth=auth, stow=stow,

@@ -61,7 +61,7 @@ def segment(inputs: tuple[str, ...], outdir: Path, prompt_texts: tuple[str, ...]
             threshold: float | None, formats: tuple[str, ...], preview: bool, store: str | None,
             token_env: str | None, basic_auth_env: str | None, model_path: str | None,
             device: str, backend: str, batch_size: int, workers: int | None, max_pixels: int | None,
-            quiet: bool, report_mode: str | None = None, report_maps: int | None = None,
+            quiet: bool, dtype: str | None = None, report_mode: str | None = None, report_maps: int | None = None,
             ray_address: str | None = None, ray_actors: int | None = None, ray_threads: int | None = None) -> None:
     """Segment and ground prompts in DICOM/PNG/JPEG INPUTS (files or folders).
 
@@ -93,7 +93,7 @@ def segment(inputs: tuple[str, ...], outdir: Path, prompt_texts: tuple[str, ...]
         sources = [i if is_dicomweb(i) else Path(i) for i in inputs]
         gallery = start_gallery("segment", report_maps, outdir)
         run = run_segment(sources, outdir, prompts=prompts, thresholds=threshold, model=model_path,
-                          device=device, backend=backend, batch_size=batch_size, formats=formats,
+                          device=device, dtype=dtype, backend=backend, batch_size=batch_size, formats=formats,
                           preview=preview, workers=workers, progress=not quiet, max_pixels=max_pixels,
                           ray=ray, auth=auth, store=store, observer=gallery)
     except RadflashError as exc:

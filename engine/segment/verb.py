@@ -158,8 +158,12 @@ def segment(
 
         connect(ray)
     # under Ray the encoder runs in the actors; this copy makes the maps from their tokens, on CPU
-    rf = as_model(model, device=device if ray is None else "cpu", dtype=dtype,
-                  backend=backend if ray is None else "eager")
+    # auto runtime and/or precision: timed at this run's batch size (radflash.backends.auto)
+    measured = (backend == "auto" or dtype == "auto") and ray is None
+    rf = as_model(model, device=device if ray is None else "cpu", dtype=None if measured or dtype == "auto" else dtype,
+                  backend="eager" if measured or ray is not None else backend)
+    if measured:
+        rf.set_backend(backend, dtype=dtype, batch_size=batch_size)
     rf.require_maps()  # a family without maps fails once here, not once per image
     specs = resolve_prompts(prompts, thresholds, calibration=rf.calibration, default_prompts=rf.default_prompts)
     rf.encode_text([s.prompt for s in specs])  # validate + cache all prompt embeddings up front
