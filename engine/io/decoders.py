@@ -44,10 +44,11 @@ MISSING_DECODER = "encapsulated without decoder"  # reason prefix; the report fo
 
 # Per syntax, pydicom plugin names fastest first, as measured on a 3000×2500 12-bit film
 # (benchmarks/results/decoders_cpu.md, AMD EPYC, 1 thread): the first one installed and able to
-# read the image is used, the others are fallbacks when it raises. 8-bit JPEG: Pillow ~4× faster
-# than GDCM or libjpeg; JPEG-LS: pyjpegls (CharLS) ~1.7× GDCM; JPEG 2000: OpenJPEG ~1.3× GDCM;
-# RLE: pylibjpeg-rle ~10× pydicom's numpy decoder. JPEG lossless: GDCM and libjpeg within the
-# noise of the measurement, GDCM first because it is the permissive one every install has.
+# read the image is used, the others are fallbacks when it raises. 8-bit JPEG: Pillow ~3× faster
+# than GDCM or libjpeg (27 vs 77/88 ms); JPEG-LS: pyjpegls (CharLS) ~1.7× GDCM (175 vs 295 ms);
+# JPEG 2000: OpenJPEG ≈ Pillow, ~1.2× GDCM; RLE: pylibjpeg-rle ~10× pydicom's numpy decoder.
+# JPEG lossless: GDCM and libjpeg within the noise (248 vs 272 ms SV1), GDCM first because it is
+# the permissive one every install has. (2 shared cores, load ~5: ratios, not absolute times.)
 PREFERENCE: dict[str, tuple[str, ...]] = {
     JPEG_BASELINE: ("pillow", "pylibjpeg", "gdcm"),
     JPEG_EXTENDED: ("pillow", "pylibjpeg", "gdcm"),  # 12-bit: Pillow and GDCM refuse (can_read)
