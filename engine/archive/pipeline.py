@@ -199,7 +199,7 @@ class Scorer:
             path=storable(d.key), status=status, reason=storable(reason),  # type: ignore[arg-type]
             sop_instance_uid=m and m.sop_instance_uid, study_instance_uid=m and m.study_instance_uid,
             series_instance_uid=m and m.series_instance_uid, modality=m and m.modality,
-            view_position=m and m.view_position,
+            view_position=m and m.view_position, decoder=m and m.decoder,
             patient_id=m.patient_id if phi else None, patient_name=m.patient_name if phi else None,
             logits=logits, probs=probs, positive=positive,
         )
@@ -345,7 +345,7 @@ def _run(items: Iterable[SourceItem | str | os.PathLike], model: RadFlashModel, 
         committer.flush()
     finally:
         stop.set()
-        producer.join(timeout=30)
+        producer.join(timeout=0 if watchdog.stalled else 30)  # a stalled feed may never return
     if pool is not None:
         stats.worker_restarts = pool.restarts
 

@@ -104,7 +104,7 @@ DECODE_MEMORY = 512 << 20
 
 # What the decode stage hands the actors: identity, status, header facts and the S×S pixels.
 META_COLUMNS = ("sop_instance_uid", "study_instance_uid", "series_instance_uid", "modality", "view_position",
-                "patient_id", "patient_name")
+                "decoder", "patient_id", "patient_name")
 DECODED_SCHEMA = pa.schema([
     pa.field("key", pa.string()), pa.field("path", pa.string()), pa.field("status", pa.string()),
     pa.field("reason", pa.string()), pa.field("has_meta", pa.bool_()),

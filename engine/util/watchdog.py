@@ -165,11 +165,11 @@ class Watchdog:
                 except queue.Empty:
                     self.check()
                     continue
+                self.check()  # once stalled, a run is stopped: the consumer's own step may have stalled it
                 if item is done:
                     return
                 if item is failed:
                     raise payload
-                self.check()  # the consumer's own last step may be what stalled
                 yield item
         finally:
             leave.set()

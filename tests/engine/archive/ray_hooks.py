@@ -25,3 +25,23 @@ def misbehaving_loader(path: Path, rules):
     from radflash.io.imageio import try_load
 
     return try_load(path, rules)
+
+
+class SlowObserver:
+    """A :class:`radflash.archive.pipeline.DistributedObserver` whose copies in the inference actors
+    take ``seconds`` per batch: a cluster that has stopped delivering, for the stall watchdog."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __call__(self, model, prompts, items, tokens, records) -> None:
+        time.sleep(self.seconds)
+
+    def for_worker(self) -> SlowObserver:
+        return SlowObserver(self.seconds)
+
+    def take_delta(self) -> None:
+        return None
+
+    def merge_delta(self, delta) -> None:
+        pass

@@ -348,3 +348,34 @@ def test_decode_task_that_dies_costs_at_most_its_block(ray_address: str, tiny_mo
     assert "exit_x.dcm" in lost and len(lost) <= DECODE_BATCH
     assert all(got[n] == ("failed", LOST_REASON) for n in lost)
     assert len((tmp_path / ATTEMPTS).read_text().splitlines()) == 2  # the first try and one retry
+
+
+@pytest.mark.slow
+def test_real_size_films_on_ray_equal_the_local_run(ray_address: str, tiny_model: Path, real_size_archive,
+                                                    tmp_path: Path) -> None:
+    from tests.engine.archive.test_real_size import assert_same_scores
+
+    local = score(real_size_archive.folder, None, model=tiny_model, workers=0, batch_size=1, progress=False)
+    run = score(real_size_archive.folder, tmp_path / "out", model=tiny_model, batch_size=4, progress=False,
+                ray=RayOptions())
+    assert (run.scored, run.failed) == (len(real_size_archive.files), 0)
+    assert_same_scores(run, local)
+
+
+def test_a_ray_cluster_that_stops_delivering_stops_the_driver(ray_address: str, tiny_model: Path,
+                                                              tmp_path: Path) -> None:
+    """The driver waits on Ray's output in slices: actors busy far past --stall-after end the run
+    with the stage named instead of a driver blocked forever in Ray's iterator."""
+    from radflash.util.watchdog import Stalled
+    from tests.engine.archive.ray_hooks import SlowObserver
+
+    t0 = time.monotonic()
+    with pytest.raises(Stalled, match=r"score --ray stalled: .*the ray stage"):
+        score(DEMO_ARCHIVE, tmp_path / "out", model=tiny_model, batch_size=4, progress=False, ray=RayOptions(),
+              observer=SlowObserver(8.0), stall_after=3.0)
+    assert time.monotonic() - t0 < 60
+    # the abandoned iterator's thread closes Ray's pipeline once the slow batch returns: wait for it,
+    # so that the cluster is idle again when the fixture shuts it down
+    deadline = time.monotonic() + 60
+    while any(t.name == "radflash-ray" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.2)

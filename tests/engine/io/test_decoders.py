@@ -163,9 +163,6 @@ def test_score_ends_with_the_missing_decoder_line(tmp_path: Path, caplog: pytest
     assert status["b.dcm"][0] == "scored"
 
 
-# The Scorer builds each status row in engine/archive/pipeline.py (Scorer._record), which this change
-# may not edit: /tmp/pipeline-30.patch passes ImageMeta.decoder through. Remove the mark with it.
-@pytest.mark.xfail(strict=True, reason="pipeline.py does not yet pass ImageMeta.decoder to FileRecord")
 def test_status_table_names_the_decoder_of_each_scored_file(tmp_path: Path) -> None:
     require_dcmtk()
     from radflash.archive.verb import score

@@ -1,0 +1,60 @@
+"""Real-size films over DICOMweb from a real Orthanc: the same numbers as from files, one SR each.
+
+The first user to score a real PACS hung forever: WADO-retrieved bytes (~15 MB a film) went to the
+decode workers over the same pipes as their 30 MB results (see radflash.archive.decode_pool).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from radflash.archive.verb import score
+from tests.engine.archive.test_real_size import assert_same_scores
+from tests.engine.orthanc import start_or_skip
+
+pytest.importorskip("dicomweb_client", reason="dicomweb-client is not installed (pip install 'radflash[dicomweb]')")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from radflash.checkpoints.factory import random_checkpoint
+    from radflash.checkpoints.format import save_checkpoint
+
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    save_checkpoint(random_checkpoint("tiny", seed=0, model_id="test-tiny"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory, real_size_archive):
+    server = start_or_skip(tmp_path_factory.mktemp("pacs"))
+    server.upload(list(real_size_archive.files))
+    yield server
+    server.stop()
+
+
+def sr_count(server) -> int:
+    from dicomweb_client.api import DICOMwebClient
+
+    return len(DICOMwebClient(server.url + "/dicom-web").search_for_instances(search_filters={"Modality": "SR"}))
+
+
+def test_real_size_films_over_dicomweb_score_as_files_and_store_one_sr_each(
+        pacs, real_size_archive, tiny_model: Path, tmp_path: Path) -> None:
+    files = score(real_size_archive.folder, None, model=tiny_model, workers=0, batch_size=1, progress=False)
+    n = len(real_size_archive.files)
+    first = score(pacs.dicomweb, tmp_path / "a", model=tiny_model, workers=2, batch_size=1, progress=False,
+                  stow="same", timeout=120)
+    assert (first.scored, first.failed) == (n, 0)
+    assert_same_scores(first, files)
+    assert sr_count(pacs) == n  # one SR per scored image
+
+    # one worker, full batches, a fresh output folder: the same scores, and nothing stored twice
+    again = score(pacs.dicomweb + "/studies?ModalitiesInStudy=CR", tmp_path / "b", model=tiny_model, workers=1,
+                  batch_size=16, progress=False, stow="same", timeout=120)
+    assert (again.scored, again.failed) == (n, 0)
+    assert_same_scores(again, files)
+    assert sr_count(pacs) == n
