@@ -41,13 +41,15 @@ from radflash.io.dimse import (
 
 log = logging.getLogger("radflash.dimse")
 
-# What radflash stores: its SRs (Comprehensive; the others in case a builder changes) and SEGs
+# What radflash stores: its SRs (TID 1500 in a Comprehensive SR; the others in case a builder
+# changes), SEGs and overlay Secondary Captures
 RESULT_CLASSES = (
     "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
     "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
     "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
     "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR
     "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture (segment --overlay sc)
 )
 # one context per syntax: a SEG written compressed (RLE, JPEG 2000) goes out as written
 STORE_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.5",

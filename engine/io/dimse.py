@@ -85,6 +85,11 @@ CANDIDATE_SYNTAXES = (
     "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
     "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
 )
+# SOP classes that never hold a radiograph, by prefix: structured reports (radflash's own results
+# among them, once --store has written back), SEG and other derived objects, presentation states,
+# encapsulated documents, waveforms. Listed as skipped without being retrieved.
+NOT_IMAGES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.66.", "1.2.840.10008.5.1.4.1.1.11.",
+              "1.2.840.10008.5.1.4.1.1.104.", "1.2.840.10008.5.1.4.1.1.9.", "1.2.840.10008.5.1.4.1.1.481.")
 UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1..255
 
@@ -597,6 +602,7 @@ class DimseSource:
         self._receiver: MoveReceiver | None = None
         self.headers: OrderedDict[str, Any] = OrderedDict()  # SOP UID → header of a retrieved instance
         self.header_cache = 1024
+        self.moved = 0  # instances a C-MOVE delivered (none yet: a failure hints at the destination)
 
     # ---- plumbing -------------------------------------------------------------------------------
     @property
@@ -650,7 +656,15 @@ class DimseSource:
 
     def listing(self) -> Iterator[DimseItem]:
         """Every matching instance of this shard, listed but not retrieved (C-FIND only), study by
-        study: a failed study or series is recorded in ``failures`` and the listing goes on."""
+        study: a failed study or series is recorded in ``failures`` and the listing goes on.
+        Its association is released when the listing ends (an archive waits on open ones)."""
+        try:
+            yield from self._listing()
+        finally:
+            if self._pool is not None:
+                self._pool.close()
+
+    def _listing(self) -> Iterator[DimseItem]:
         for study, series in self._series():
             where = f"{self.target.base}/studies/{study}/series/{series}"
             try:
@@ -665,7 +679,10 @@ class DimseSource:
                     for r in rows}
             for ref in sorted(refs, key=lambda r: r.sop):
                 if ref.sop and (self.num_parts == 1 or shard_uid(ref.sop, self.num_parts) == self.part_id):
-                    yield DimseItem(self.key_of(ref), data=b"", ref=ref)
+                    if ref.sop_class.startswith(NOT_IMAGES):  # accounted for, never retrieved
+                        yield DimseItem(self.key_of(ref), skip=f"not an image (SOP class {ref.sop_class})", ref=ref)
+                    else:
+                        yield DimseItem(self.key_of(ref), data=b"", ref=ref)
 
     # ---- retrieval ------------------------------------------------------------------------------
     def fetch(self, item: DimseItem) -> bytes:
@@ -731,9 +748,18 @@ class DimseSource:
             wait = self.policy.dimse_timeout if code == SUCCESS else 0.5
             data = receiver.take(ref.sop, wait)
             if data is not None:
+                self.moved += 1
                 return data
             receiver.expect(ref.sop)  # a retry may still bring it
-            return self._nothing_came("C-MOVE", what, final)
+            try:
+                return self._nothing_came("C-MOVE", what, final)
+            except DimseError as exc:
+                if type(exc) is not DimseError or self.moved:
+                    raise
+                # nothing ever arrived: the usual cause is a destination the archive does not know
+                # (Orthanc answers 0xC000, not 0xA801), so the line says where it must send
+                raise DimseError(f"{exc}; does the archive know AE {self.target.calling} at this host, port "
+                                 f"{self.target.move_port} (its C-MOVE destination)?") from None
 
         try:
             return self.pool.run(what, "move", lambda: ([build_context(MOVE_MODEL)], []), request)
@@ -799,8 +825,12 @@ class DimseSource:
         if header is not None:
             return header
         ref = InstanceRef(study, series, sop, sop_class)
-        return pydicom.dcmread(io.BytesIO(self.fetch(DimseItem(self.key_of(ref), data=b"", ref=ref))),
-                               stop_before_pixels=True)
+        try:
+            data = self.fetch(DimseItem(self.key_of(ref), data=b"", ref=ref))
+        finally:
+            self.pool.close()  # a rare path (an evicted header): leave no idle association behind it
+        self.headers.pop(sop, None)
+        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
 
     def header_of(self, record: Any) -> Any:
         """The header of a scored record's source image (a :class:`radflash.archive.sinks.FileRecord`)."""
@@ -836,6 +866,8 @@ class DimseRetrieval:
         try:
             while True:
                 while len(pending) < self.prefetch and (item := next(todo, None)) is not None:
+                    if item.skip is not None and isinstance(item, DimseItem):
+                        continue  # a listed non-image: the run accounts for it from the listing (score)
                     wanted = isinstance(item, DimseItem) and item.ref is not None
                     pending.append((item, pool.submit(self.source.fetch, item) if wanted else None))
                 if not pending:
