@@ -1,0 +1,94 @@
+"""OpenVINO INT8 through the calibration flow (NNCF PTQ), and every ``auto`` candidate on the demo model's
+AUROC: what the choice may cost in accuracy, measured on fresh phantoms against float32."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from radflash.checkpoints.factory import random_checkpoint
+from radflash.cli import cli
+from radflash.models.config import preset
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+
+FLOAT_AUROC = 0.005  # |macro AUROC − float32's| for the float candidates (issue #29)
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("RADFLASH_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_quantize_openvino_writes_beside_the_checkpoint_and_the_backend_finds_it(tmp_path: Path, cache: Path) -> None:
+    import radflash
+    from radflash.backends import make_backend
+    from radflash.backends.export import model_key
+    from radflash.checkpoints.format import save_checkpoint
+
+    cfg = dataclasses.replace(preset("tiny"), image_size=56)
+    ckpt = save_checkpoint(random_checkpoint(cfg, seed=int(torch.randint(0, 2**16, ()))), tmp_path / "tiny")
+    res = CliRunner().invoke(cli, ["calibrate", "quantize", "--backend", "openvino", "--model", str(ckpt),
+                                   "--phantoms", "10", "--holdout", "3"])
+    assert res.exit_code == 0, res.output
+    xml = ckpt / "openvino" / "image_tower.int8.xml"
+    assert xml.is_file() and xml.with_suffix(".bin").is_file() and str(xml) in res.output
+    assert "7 calibration images" in res.output and "max |Δprob|" in res.output
+    model = radflash.load(ckpt, device="cpu")
+    report = json.loads(xml.with_suffix(".json").read_text())
+    assert report["model_key"] == model_key(model) and report["method"] == "openvino-nncf"
+    assert report["holdout_images"] == 3 and 0 <= report["max_abs_dprob"] <= 1
+
+    backend = make_backend("openvino", model, precision="int8")  # found beside the checkpoint
+    assert backend.ir_path == xml
+    from radflash.synthetic.phantoms import generate_batch
+
+    # held-out images from the calibration's distribution (fresh phantoms, not the ones calibrated on)
+    x = model.preprocess([p.image for p in generate_batch(int(torch.randint(10**6, 2**31, ())), 3, 56)])
+    with torch.inference_mode():
+        ref = model.module.image_tokens(x)
+    got = backend.encode(x)
+    err = (got - ref).abs()
+    # 8-bit activations through 5 layers of a random, unstructured model: the ONNX Runtime INT8 bounds
+    assert float(err.max() / ref.abs().max()) < 0.15 and 0 < float(err.mean() / ref.abs().mean()) < 0.06
+
+
+def test_quantize_needs_out_for_onnxruntime(tmp_path: Path) -> None:
+    res = CliRunner().invoke(cli, ["calibrate", "quantize", "--phantoms", "4"])
+    assert res.exit_code == 2 and "--out" in res.output
+
+
+@pytest.mark.slow
+def test_every_auto_candidate_keeps_the_demo_models_auroc(tmp_path: Path, cache: Path) -> None:
+    """Fresh phantoms (seed from the test's seed): each candidate's macro AUROC within 0.005 of float32's;
+    INT8 within the calibration report's AUROC target."""
+    import radflash
+    from radflash.backends import make_backend
+    from radflash.backends.auto import CANDIDATES
+    from radflash.calibration.quantize import AUROC_TARGET, auroc_fp32_vs, quantize_openvino
+    from radflash.devices import native_precisions
+    from radflash.errors import BackendUnavailable
+
+    model = radflash.load(device="cpu")
+    quantize_openvino(model, phantoms=24, holdout=4)  # the demo's INT8 IR, into the private cache
+    seed = int(torch.randint(0, 2**31, ()))
+    checked = []
+    for name, prec in CANDIDATES:
+        if name == "compile" or prec not in native_precisions() or (name, prec) == ("eager", "fp32"):
+            continue
+        try:
+            backend = make_backend(name, model, precision=prec)
+        except BackendUnavailable:
+            continue
+        fp32, other = auroc_fp32_vs(model, backend, 96, seed=seed)
+        bound = AUROC_TARGET if prec == "int8" else FLOAT_AUROC
+        assert abs(other - fp32) <= bound, (name, prec, fp32, other)
+        checked.append(f"{name}/{prec}")
+    assert {"openvino/fp32", "openvino/bf16", "openvino/int8"} <= set(checked) or "bf16" not in native_precisions()
