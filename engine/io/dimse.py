@@ -318,7 +318,9 @@ class Connector:
             if not assoc.accepted_contexts and any(getattr(p, "result", None) == 0 for p in answers):
                 raise DimseUnavailable(f"{where}: the archive accepted none of the proposed presentation "
                                        f"contexts (SOP classes / transfer syntaxes)")
-            raise Broken(f"{where}: association aborted while negotiating")
+            if answers:
+                raise Broken(f"{where}: association aborted while negotiating")
+        # no A-ASSOCIATE answer at all: the connection was refused or timed out
         raise Broken(f"{where}: unreachable (no association within {self.policy.connect_timeout:g} s)")
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
