@@ -25,14 +25,21 @@ def _subpackages(root: str, folder: str) -> list[str]:
     return names
 
 
+# Version ranges: the lowest version each feature is tested with, and an upper bound at the next
+# major where a major release has broken this project or its kind of code before (numpy 2, pydicom
+# 3, pydantic 2, transformers 5) or announces removals the code relies on. Installs take the newest
+# versions these allow, as a user's would; constraints.txt pins the exact versions of the last green
+# run for deployments that want them: pip install -c constraints.txt -e ".[test]".
+
 # Extras the test extra also pulls (listed once so the two cannot drift apart).
 ONNX = ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"]  # export, ONNX Runtime backend, INT8
 PLOT = ["matplotlib>=3.8"]  # loss curves, ROC, reliability and benchmark PNGs
-SEG = ["highdicom>=0.23"]  # segment --format dicom-seg
-JPEGLS = ["pyjpegls>=1.3", "pylibjpeg-libjpeg>=2.1"]  # JPEG-LS / JPEG lossless: opt-in, libjpeg is GPL
+SEG = ["highdicom>=0.23,<1"]  # segment --format dicom-seg, SR/SEG/SC writers (radflash.dicomout)
+LIBJPEG = ["pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1"]  # 12-bit JPEG Extended: opt-in, libjpeg is GPL
 NIFTI = ["nibabel>=5"]  # segment --format nifti
-RAY = ["ray[data]>=2.40"]  # score/segment --ray: decode tasks and inference actors on Ray Data
+RAY = ["ray[data]>=2.40,<3"]  # score/segment --ray: decode tasks and inference actors on Ray Data
 DICOMWEB = ["dicomweb-client>=0.59", *SEG]  # dicomweb+http(s):// inputs; --store builds SRs with highdicom
+TRANSFORMERS = ["transformers>=4.44,<6"]  # bench's reference path; parity tests against its modules
 
 packages: list[str] = []
 for name, folder in PACKAGE_DIR.items():
@@ -47,23 +54,28 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=PACKAGE_DIR,
-    package_data={"radflash": ["VERSION", "assets/**/*"], "radflash.training": ["configs/*.yaml"]},
+    package_data={"radflash": ["VERSION", "assets/**/*"], "radflash.training": ["configs/*.yaml"],
+                  "radflash.dicomout": ["codes.json"]},
     include_package_data=True,
     install_requires=[
-        "torch>=2.4",
-        "numpy>=1.24",
-        "click>=8.1",
+        "torch>=2.4,<3",
+        "numpy>=1.24,<3",
+        "click>=8.1,<9",
         "safetensors>=0.4",
         "tokenizers>=0.19",
-        "pydicom>=3.0",
+        "pydicom>=3.0,<4",
+        # pixel decoders, all permissively licensed: every syntax a CR/DX archive holds decodes on the
+        # default install (radflash.io.decoders picks the fastest measured plugin per syntax)
         "pylibjpeg>=2.0",
-        "pylibjpeg-openjpeg>=2.3",
-        "pylibjpeg-rle>=2.0",
+        "pylibjpeg-openjpeg>=2.3",  # JPEG 2000, HTJ2K
+        "pylibjpeg-rle>=2.0",  # RLE
+        "python-gdcm>=3.0.10",  # JPEG Lossless (Process 14, SV1), JPEG-LS fallback (BSD)
+        "pyjpegls>=1.3",  # JPEG-LS through CharLS (MIT): faster than GDCM here
         "pillow>=10",
         "pyarrow>=15",
         "pyyaml>=6",
         "rich>=13",  # summary tables and progress bars (radflash.util.progress)
-        "pydantic>=2",  # config validation
+        "pydantic>=2,<3",  # config validation
     ],
     # Optional features: each is imported only where it is used, and its absence there is a
     # one-line error naming the extra (radflash.util.optional.require).
@@ -73,10 +85,11 @@ setup(
         "seg": SEG,
         "triton": ["triton>=3.0"],
         "tensorrt": ["tensorrt>=10"],
-        "jpegls": JPEGLS,
+        "libjpeg": LIBJPEG,
+        "jpegls": LIBJPEG,  # the earlier name of the same extra (JPEG-LS itself is now core)
         "nifti": NIFTI,
         "dicomweb": DICOMWEB,
-        "bench": ["transformers>=4.44"],  # the reference path that `radflash bench` compares against
+        "bench": TRANSFORMERS,  # the reference path that `radflash bench` compares against
         "ray": RAY,  # `score --ray`: decode tasks and inference actors on a Ray cluster
         # Everything the test suite exercises: every extra but tensorrt (NVIDIA GPUs only) and the
         # GPL libjpeg plugin (the decoder tests cover both its presence and its absence, and a
@@ -85,11 +98,10 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
-            "transformers>=4.44",
+            *TRANSFORMERS,
             "pydicom-data>=1.0",
             "triton>=3.0",
             *ONNX, *PLOT, *SEG, *NIFTI, *DICOMWEB,
-            "pyjpegls>=1.3",
             "scipy>=1.11",
             "scikit-learn>=1.3",
             "psutil>=5.9",

@@ -24,7 +24,7 @@ import urllib.request
 from base64 import b64encode
 from pathlib import Path
 
-import pytest
+from tests.services import unavailable
 
 
 def _archive_files() -> list[Path]:
@@ -184,7 +184,7 @@ def start_or_skip(root: Path, *, auth: bool = False, **dicom: object) -> Orthanc
     what is missing."""
     reason = skip_reason()
     if reason is not None:
-        pytest.skip(reason)
+        unavailable(reason)
     return Orthanc(root, auth=auth, **dicom).start()  # type: ignore[arg-type]
 
 

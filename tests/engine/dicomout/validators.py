@@ -7,13 +7,12 @@ them the tests skip, naming the package.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from tests.services import unavailable
 
 PACKAGES = {"dciodvfy": "dicom3tools", "dsrdump": "dcmtk"}
 
@@ -22,10 +21,7 @@ def tool(name: str) -> str:
     """The path of validator ``name``; fails under CI and skips elsewhere when it is missing."""
     path = shutil.which(name)
     if path is None:
-        reason = f"{name} is not installed (apt-get install {PACKAGES[name]})"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        unavailable(f"{name} is not installed (apt-get install {PACKAGES[name]})")
     return path
 
 

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.engine.report.browser import find_chromium, start_chromium
+from tests.services import unavailable
 
 FILMS = 24  # chest films; write_archive adds 9 clutter files (skipped or failed)
 MAPS_K = 3
@@ -60,7 +61,7 @@ def chromium() -> Iterator[Any]:
     """One headless Chromium for the package's browser tests; skipped with the reason when absent."""
     found = find_chromium()
     if isinstance(found, str):
-        pytest.skip(f"browser tests need Chromium: {found}")
+        unavailable(f"browser tests need Chromium: {found}")
     drv = start_chromium(*found)
     try:
         yield drv
