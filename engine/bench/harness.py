@@ -37,6 +37,7 @@ report it fills (types, table, markdown) is :mod:`radflash.bench.report`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 import logging
 import tempfile
@@ -99,6 +100,36 @@ def head_bytes(b: int, t: int, n: int, d: int, *, e_tok: int, e_txt: int, e_s: i
 
 def maps_bytes(b: int, t: int, n_patches: int, h: int, w: int, *, e_s: int, e_out: int) -> int:
     return b * t * n_patches * e_s + b * t * h * w * e_out
+
+
+def gemm_rates(precisions: Sequence[str], device: torch.device, *, n: int = 1024,
+               iterations: int = 5) -> dict[str, float]:
+    """Measured square-GEMM rate (2·n³ operations / best time) per encoder precision on this machine.
+
+    fp32/bf16/fp16 with ``torch.matmul`` (fp16 is emulated on CPUs without AVX512-FP16/AMX-FP16: its rate
+    says so); int8 with ``torch._int_mm`` (int8 × int8 → int32, the kernel class INT8 runtimes use).
+    Each encoder row's fraction is taken against the rate of its own precision.
+    """
+    from radflash.devices import PRECISION_DTYPES
+    from radflash.util.timing import time_fn
+
+    rates: dict[str, float] = {}
+    for prec in dict.fromkeys(precisions):
+        if prec == "int8":
+            a = torch.randint(-127, 128, (n, n), dtype=torch.int8, device=device)
+            b = torch.randint(-127, 128, (n, n), dtype=torch.int8, device=device)
+            fn = lambda a=a, b=b: torch._int_mm(a, b)
+        elif prec in PRECISION_DTYPES:
+            a = torch.randn(n, n, device=device, dtype=PRECISION_DTYPES[prec])
+            b = torch.randn(n, n, device=device, dtype=PRECISION_DTYPES[prec])
+            fn = lambda a=a, b=b: a @ b
+        else:
+            continue
+        try:
+            rates[prec] = 2 * n**3 / min(time_fn(fn, device=device, iterations=iterations, warmup=1))
+        except RuntimeError as exc:  # a dtype this build has no kernel for
+            log.warning("no %s GEMM rate: %s", prec, exc)
+    return rates
 
 
 # ---- model ------------------------------------------------------------------------------------------
@@ -182,6 +213,8 @@ def bench(
     archive_files: int = 16,
     threads: int | None = None,
     reference_loop: str = "image",
+    dtypes: Sequence[str | None] = (None,),
+    openvino_standalone: bool | None = None,
 ) -> BenchReport:
     """Time every stage of radflash (and the reference, side by side) for each backend and batch size.
 
@@ -197,6 +230,10 @@ def bench(
         archive_files: size of the synthetic DICOM archive for ``decode`` and ``score`` (0: in-memory images).
         reference_loop: CARZero only: the reference's fusion loop, ``image`` (the released code: per image,
             all prompts in one call) or ``pair`` (one call per image and prompt).
+        dtypes: encoder precisions to time each backend in (``None``: the model's default; ``auto``: measured,
+            see :mod:`radflash.backends.auto`); combinations a backend cannot run are listed in ``skipped``.
+        openvino_standalone: also time the exported graph compiled by OpenVINO with its own defaults (no
+            radflash pipeline, encoder only) as the peer; ``None``: when openvino is installed.
         threads: torch intra-op threads during the run, restored afterwards (``None``: as set). On a CPU
             shared with other jobs use 1: with more threads than free cores every parallel op can stall
             for a scheduler time slice (measured: the reference encoder 1.2 s instead of 40 ms at 2
@@ -213,23 +250,26 @@ def bench(
     torch.set_num_threads(threads)
     try:
         return _bench(model, device, names, batch_sizes, image_size, prompts, iterations, warmup,
-                      include_reference, archive_files, reference_loop)
+                      include_reference, archive_files, reference_loop, tuple(dtypes) or (None,),
+                      openvino_standalone)
     finally:
         torch.set_num_threads(previous_threads)  # the caller's process setting, restored
 
 
 def _bench(model: Any, device: str, names: list[str], batch_sizes: Sequence[int], image_size: int | None,
            prompts: int, iterations: int, warmup: int, include_reference: bool, archive_files: int,
-           reference_loop: str = "image") -> BenchReport:
+           reference_loop: str = "image", dtypes: tuple[str | None, ...] = (None,),
+           openvino_standalone: bool | None = None) -> BenchReport:
     from radflash.util.sysinfo import machine_info
 
     batch_sizes = sorted({int(b) for b in batch_sizes})
     skipped: list[dict[str, str]] = []
     rf = _resolve_model(model, device, image_size, skipped)
-    original_backend = rf.backend_name
+    original_backend, original_precision = rf.backend_name, rf.precision
     cfg, dev = rf.config, rf.device
     prompt_list = bench_prompts(prompts, list(rf.default_prompts.values()) or ["There is pleural effusion"])
     peaks = measure_peaks(dev, rf.dtype)
+    gemm = gemm_rates(_precisions(rf, dtypes), dev) if dev.type == "cpu" else {}
     if reference_loop != "image" and rf.family != "carzero":
         raise InputError(f"reference loop {reference_loop!r} applies to CARZero models only (this is {rf.family!r})")
     reference = _reference(rf, skipped) if include_reference else None
@@ -249,6 +289,7 @@ def _bench(model: Any, device: str, names: list[str], batch_sizes: Sequence[int]
                 "encoder_layers": cfg.vision.layers + cfg.align_layers, "device": str(dev),
                 "dtype": str(rf.dtype).removeprefix("torch."), "backends": names, "batch_sizes": batch_sizes,
                 "prompts": prompts, "iterations": iterations, "warmup": warmup, "threads": torch.get_num_threads(),
+                "gemm_rates": gemm, "dtypes": [d or "default" for d in dtypes],
                 "archive_files": len(files), "map_size": list(inputs.map_size) if maps else None,
                 "reference": None if reference is None else REFERENCE_DESCRIPTIONS[rf.family] + (
                     "; timed here with the per-pair loop (one i2t and one t2i call per image and prompt)"
@@ -270,27 +311,33 @@ def _bench(model: Any, device: str, names: list[str], batch_sizes: Sequence[int]
                                               dev, iterations, warmup if b == batch_sizes[0] else 0)
         score_ok = True
         try:
-            for name in names:
+            for name, dtype in itertools.product(names, dtypes):
+                what = name if dtype is None else f"{name} --dtype {dtype}"
                 try:
                     # auto is timed at the largest batch size (the throughput setting) and says what it measured
-                    rf.set_backend(name, **({"batch_size": batch_sizes[-1]} if name == "auto" else {}))
+                    measured = name == "auto" or dtype == "auto"
+                    rf.set_backend(name, dtype=dtype or original_precision,
+                                   **({"batch_size": batch_sizes[-1]} if measured else {}))
                 except (BackendUnavailable, InputError, ImportError) as exc:
-                    skipped.append({"what": f"backend {name}", "reason": str(exc)})
+                    skipped.append({"what": f"backend {what}", "reason": str(exc)})
                     continue
-                if name == "auto":
+                if measured:
+                    report.config.setdefault("auto_selections", {})[what] = rf.backend_selection
                     report.config["auto_selection"] = rf.backend_selection
                 if name == "compile" and warmup == 0:
                     warnings.warn("compile backend with warmup=0: the first iteration includes compilation",
                                   stacklevel=2)
+                label = rf.backend_name if not measured else f"{name}→{rf.backend_name}"
+                prec = rf.precision
                 for b in batch_sizes:
-                    log.info("radflash %s, batch %d", name, b)
+                    log.info("radflash %s %s, batch %d", label, prec, b)
                     reset_ok = reset_peak_memory(dev)
                     stages = _loop(_radflash_iteration(rf, inputs, prompt_list), b, dev, iterations, warmup)
-                    report.memory.append(MemoryRow(name, b, peak_memory(dev, reset_ok=reset_ok)))
+                    report.memory.append(MemoryRow(f"{label}/{prec}", b, peak_memory(dev, reset_ok=reset_ok)))
                     for stage, st in stages.items():
                         ref = ref_stages.get(b, {}).get(stage)
-                        report.rows.append(_row(name, b, stage, b, st, ref, _limit(stage, st, rf, b, len(prompt_list),
-                                                                               inputs, peaks)))
+                        limit = _limit(stage, st, rf, b, len(prompt_list), inputs, peaks, gemm.get(prec))
+                        report.rows.append(_row(label, b, stage, b, st, ref, limit, dtype=prec))
                     if files and score_ok:
                         try:
                             st = _time_runs(lambda b=b: _radflash_score(rf, files, prompt_list, b),
@@ -299,10 +346,14 @@ def _bench(model: Any, device: str, names: list[str], batch_sizes: Sequence[int]
                             skipped.append({"what": "score", "reason": str(exc)})
                             score_ok = False
                             continue
-                        report.rows.append(_row(name, b, SCORE, len(inputs.files), st, ref_score.get(b), None))
+                        report.rows.append(_row(label, b, SCORE, len(inputs.files), st, ref_score.get(b), None,
+                                                dtype=prec))
+            if openvino_standalone or (openvino_standalone is None and dev.type == "cpu"
+                                       and importlib.util.find_spec("openvino") is not None):
+                _openvino_standalone(rf, report, inputs, batch_sizes, iterations, warmup, gemm, skipped)
         finally:
-            if rf.backend_name != original_backend:
-                rf.set_backend(original_backend)
+            if (rf.backend_name, rf.precision) != (original_backend, original_precision):
+                rf.set_backend(original_backend, dtype=original_precision)
     return report
 
 
@@ -335,20 +386,31 @@ def _reference(rf: RadFlashModel, skipped: list[dict[str, str]]):
         return None
 
 
-def _row(backend: str, b: int, stage: str, images: int, st: Stats, ref: Stats | None, limit: Limit | None) -> Row:
+def _row(backend: str, b: int, stage: str, images: int, st: Stats, ref: Stats | None, limit: Limit | None,
+         dtype: str | None = None) -> Row:
     from radflash.util.timing import images_per_s
 
     return Row(backend=backend, batch_size=b, stage=stage, images=images, radflash=st, reference=ref,
                ratio=None if ref is None else ref.median_ms / st.median_ms, images_per_s=images_per_s(images, st),
-               reference_images_per_s=None if ref is None else images_per_s(images, ref), limit=limit)
+               reference_images_per_s=None if ref is None else images_per_s(images, ref), limit=limit, dtype=dtype)
 
 
-def _limit(stage: str, st: Stats, rf: RadFlashModel, b: int, t: int, inputs: BenchInputs, peaks: Peaks) -> Limit | None:
+def _precisions(rf: RadFlashModel, dtypes: Sequence[str | None]) -> list[str]:
+    """The precisions whose GEMM rate the run needs: each one asked for, and every native one (what ``auto``
+    and the OpenVINO peer may run in)."""
+    from radflash.devices import native_precisions, resolve_precision
+
+    asked = [resolve_precision(d, rf.device) for d in dtypes]
+    return list(dict.fromkeys(["fp32", *native_precisions(), *(p for p in asked if p != "auto")]))
+
+
+def _limit(stage: str, st: Stats, rf: RadFlashModel, b: int, t: int, inputs: BenchInputs, peaks: Peaks,
+           gemm_rate: float | None = None) -> Limit | None:
     cfg = rf.config
     n, d = (cfg.image_size // cfg.vision.patch) ** 2 + 1, cfg.vision.hidden
     e = torch.finfo(rf.dtype).bits // 8
     if stage == "encode":
-        kind, amount, peak = "flop", b * encoder_flops(cfg, cfg.image_size), peaks.matmul_flops_per_s
+        kind, amount, peak = "flop", b * encoder_flops(cfg, cfg.image_size), gemm_rate or peaks.matmul_flops_per_s
     elif stage == "head" and rf.family == "carzero":
         kind, amount, peak = "flop", carzero_head_flops(cfg, b, t), peaks.matmul_flops_per_s
     elif stage == "head" and rf.family == "radzero":
@@ -459,3 +521,30 @@ def _reference_score(ref: Any, files: list[Path], prompt_list: list[str], b: int
     for start in range(0, len(files), b):
         pixels = ref.preprocess([ref.decode(p) for p in files[start:start + b]])
         ref.head(ref.image_tokens(pixels), text)
+
+
+def _openvino_standalone(rf: RadFlashModel, report: BenchReport, inputs: BenchInputs, batch_sizes: Sequence[int],
+                         iterations: int, warmup: int, gemm: dict[str, float], skipped: list[dict[str, str]]) -> None:
+    """The peer: the same exported graph compiled by OpenVINO with its own defaults (no hints, no cache, one
+    synchronous request), encoder only, on the same preprocessed images; its rows are ``openvino-standalone``."""
+    from radflash.backends.openvino import OpenVINOBackend
+    from radflash.util.timing import time_fn
+
+    try:
+        peer = OpenVINOBackend(rf, precision="fp32", config={}, cache=False)
+    except (BackendUnavailable, InputError, ImportError) as exc:
+        skipped.append({"what": "openvino standalone", "reason": str(exc)})
+        return
+    peer._queue = None  # its defaults: one synchronous infer request per batch
+    raw = peer.compiled.get_property("INFERENCE_PRECISION_HINT")  # an openvino.Type
+    hint = (raw.get_type_name() if hasattr(raw, "get_type_name") else str(raw)).lower()
+    prec = {"f32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "f16": "fp16",
+            "float16": "fp16"}.get(hint, hint)
+    report.config["openvino_standalone"] = {"inference_precision": prec, "config": "OpenVINO CPU defaults"}
+    for b in batch_sizes:
+        batch = inputs.batch(0, b)
+        pixels = rf.preprocess([image_loader()(p).pixels for p in batch] if inputs.files else batch)
+        st = Stats.from_seconds(time_fn(lambda px=pixels: peer.encode(px), device=rf.device, iterations=iterations,
+                                        warmup=max(warmup, 1)))
+        limit = _limit("encode", st, rf, b, 1, inputs, report.peaks, gemm.get(prec)) if report.peaks else None
+        report.rows.append(_row("openvino-standalone", b, "encode", b, st, None, limit, dtype=f"default={prec}"))

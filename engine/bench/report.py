@@ -30,7 +30,8 @@ FORMULAS = {
     "head": ("bytes = B·N·D·e_tok (read tokens once) + T·D·e_txt (prompts) + B·T·4 (logits) + B·T·(N−1)·e_s "
              "(write s for the maps); FLOP = 4·B·T·N·D (similarities + weighted sum)"),
     "maps": "bytes = B·T·(N−1)·e_s (read s) + B·T·H·W·e_out (write probabilities; masks/peaks are smaller)",
-    "matmul": "peak FLOP/s = 2·n³ / t for an n×n @ n×n matmul in the model's dtype (best of 5)",
+    "matmul": "peak FLOP/s = 2·n³ / t for an n×n @ n×n matmul in the row's precision (best of 5; int8: "
+              "torch._int_mm, int32 accumulation)",
     "copy": "copy bandwidth = 2·bytes / t (read + write) of a large float32 tensor copy (best of 5)",
     "fraction": "fraction = achieved rate at the median time / measured peak",
 }
@@ -79,10 +80,17 @@ class Row:
     images_per_s: float
     reference_images_per_s: float | None
     limit: Limit | None = None
+    dtype: str | None = None  # the encoder's precision (fp32, bf16, fp16, int8; "default": the runtime's own)
+
+    @property
+    def label(self) -> str:
+        """The table's backend cell: the precision named unless it is float32 (the default on every CPU)."""
+        return self.backend if self.dtype in (None, "fp32") else f"{self.backend}/{self.dtype}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "backend": self.backend, "batch_size": self.batch_size, "stage": self.stage, "images": self.images,
+            "backend": self.backend, "dtype": self.dtype, "batch_size": self.batch_size, "stage": self.stage,
+            "images": self.images,
             "radflash": self.radflash.to_dict(),
             "reference": None if self.reference is None else self.reference.to_dict(),
             "ratio": self.ratio, "images_per_s": self.images_per_s,
@@ -159,7 +167,7 @@ def table_rows(report: BenchReport) -> list[list[str]]:
     out = []
     for r in report.rows:
         cells = {
-            "backend": r.backend, "B": str(r.batch_size), "stage": r.stage, "median ms": _fmt(r.radflash.median_ms),
+            "backend": r.label, "B": str(r.batch_size), "stage": r.stage, "median ms": _fmt(r.radflash.median_ms),
             "p95 ms": _fmt(r.radflash.p95_ms), "p99 ms": _fmt(r.radflash.p99_ms), "img/s": _fmt(r.images_per_s),
             "ref median ms": _fmt(None if r.reference is None else r.reference.median_ms),
             "ratio ref/rf": "—" if r.ratio is None else f"{r.ratio:.2f}×",
@@ -181,6 +189,9 @@ def summary_lines(report: BenchReport) -> list[str]:
         f"archive {c['archive_files']} files" + (f", maps at {c['map_size'][0]}×{c['map_size'][1]}"
                                                  if c.get("map_size") else ", no maps (the family has none)"),
     ]
+    if c.get("gemm_rates"):
+        rates = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in c["gemm_rates"].items())
+        lines.append(f"measured GEMM rates (G(FL)OP/s, n=1024, {c['threads']} threads): {rates}")
     if report.peaks is not None:
         p = report.peaks
         lines.append(f"measured peaks: matmul {p.matmul_flops_per_s / 1e12:.3g} TFLOP/s ({p.matmul_dtype}, "
@@ -212,7 +223,7 @@ def render_table(report: BenchReport):
                          no_wrap=h != "physical limit")
     previous = None
     for r, cells in zip(report.rows, table_rows(report)):
-        group = (r.backend, r.batch_size)
+        group = (r.label, r.batch_size)
         if previous is not None and group != previous:
             table.add_section()
         table.add_row(*cells, style="bold" if r.stage in (E2E, SCORE) else None)

@@ -9,7 +9,8 @@ import click
 
 from radflash.cli.options import device_option, kernels_option, model_argument
 
-BENCH_BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt", "auto", "all")
+BENCH_BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt", "openvino", "auto", "all")
+BENCH_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 
 
 def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -28,6 +29,12 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 @device_option
 @click.option("--backend", "backends", type=click.Choice(BENCH_BACKENDS), multiple=True, default=("eager",),
               show_default=True, help="Image-encoder backend; repeat the flag for several, or 'all'.")
+@click.option("--dtype", "dtypes", type=click.Choice(BENCH_DTYPES), multiple=True, default=(),
+              help="Encoder precision to time each backend in; repeat for several (default: the model's: float32 "
+                   "on CPU). Each row reports images/s and the fraction of the GEMM rate measured in its precision.")
+@click.option("--openvino-standalone/--no-openvino-standalone", default=None,
+              help="Also time the exported graph compiled by OpenVINO with its own defaults (encoder only) as the "
+                   "peer. Default: on CPU when openvino is installed.")
 @kernels_option
 @click.option("--batch-sizes", default="1,8", show_default=True, callback=_batch_sizes,
               help="Comma-separated batch sizes.")
@@ -55,7 +62,8 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 def bench(model_path: str | None, device: str, backends: tuple[str, ...], batch_sizes: tuple[int, ...],
           image_size: int | None, prompts: int, iterations: int, warmup: int, archive_files: int,
           threads: int | None, no_reference: bool, reference_loop: str, json_path: Path | None,
-          plot_path: Path | None, markdown_path: Path | None) -> None:
+          plot_path: Path | None, markdown_path: Path | None, dtypes: tuple[str, ...] = (),
+          openvino_standalone: bool | None = None) -> None:
     """Time decode, preprocessing, encoder, head, maps (for families that have them) and the score path beside the
     reference of the model's family (RadZero or CARZero)."""
     from rich.console import Console
@@ -70,7 +78,8 @@ def bench(model_path: str | None, device: str, backends: tuple[str, ...], batch_
     report = run_bench(model=model_path, device=device, backends=backends, batch_sizes=batch_sizes,
                        image_size=image_size, prompts=prompts, iterations=iterations, warmup=warmup,
                        include_reference=not no_reference, archive_files=archive_files,
-                       threads=threads, reference_loop=reference_loop)
+                       threads=threads, reference_loop=reference_loop, dtypes=dtypes or (None,),
+                       openvino_standalone=openvino_standalone)
     console = Console(width=None if sys.stdout.isatty() else 160)
     for line in summary_lines(report):
         console.print(line, highlight=False, markup=False)

@@ -27,7 +27,7 @@ from tests.engine.bench.imports import radflash_imports
 
 pytest.importorskip("transformers", reason="the reference path needs transformers (the 'bench' extra)")
 
-ROW_KEYS = {"backend", "batch_size", "stage", "images", "radflash", "reference", "ratio", "images_per_s",
+ROW_KEYS = {"backend", "dtype", "batch_size", "stage", "images", "radflash", "reference", "ratio", "images_per_s",
             "reference_images_per_s", "limit"}
 STATS_KEYS = {"n", "mean_ms", "median_ms", "p95_ms", "p99_ms", "min_ms", "max_ms", "samples_ms"}
 TAILS = {"p95_ms", "p99_ms"}  # left out at the 3 iterations of the CLI run (p95 needs ≥ 20 samples)
@@ -77,12 +77,38 @@ def test_json_schema(bench_run) -> None:
     assert {"encode", "head", "maps"} <= set(data["formulas"])
     for row in data["rows"]:
         assert set(row) == ROW_KEYS
+        if row["backend"] == "openvino-standalone":  # the peer has no reference ratio (test_openvino_peer_row)
+            continue
         assert set(row["radflash"]) == STATS_KEYS - TAILS and set(row["reference"]) == STATS_KEYS - TAILS
         assert len(row["radflash"]["samples_ms"]) == row["radflash"]["n"]
         assert math.isclose(row["ratio"], row["reference"]["median_ms"] / row["radflash"]["median_ms"])
         assert row["images_per_s"] > 0
     for mem in data["memory"]:
         assert mem["cpu_peak_rss_mb"] > 0 and mem["cuda_max_allocated_mb"] is None
+
+
+def test_encoder_rows_carry_their_precision_and_gemm_fraction(bench_run) -> None:
+    """Every encode row: backend and dtype in the JSON, and its fraction = achieved FLOP/s over the GEMM rate
+    measured in its own precision in the same run; the OpenVINO standalone peer is timed in the same run."""
+    _, paths = bench_run
+    data = json.loads(paths["json"].read_text())
+    rates = data["config"]["gemm_rates"]
+    assert rates["fp32"] > 0
+    encode = [r for r in data["rows"] if r["stage"] == "encode"]
+    per_image = {r["limit"]["amount"] / r["batch_size"] for r in encode}
+    assert len({round(x) for x in per_image}) == 1  # one FLOP count per image (the formula's test is below)
+    for row in encode:
+        prec = row["dtype"].removeprefix("default=")
+        achieved = row["limit"]["amount"] / (row["radflash"]["median_ms"] / 1e3)
+        assert row["limit"]["achieved_per_s"] == pytest.approx(achieved, rel=1e-9)
+        assert row["limit"]["fraction"] == pytest.approx(achieved / rates[prec], rel=1e-9)
+    assert {r["dtype"] for r in encode if r["backend"] == "eager"} == {"fp32"}
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return
+    peer = [r for r in encode if r["backend"] == "openvino-standalone"]
+    assert [r["batch_size"] for r in peer] == [1, 2] and all(r["dtype"].startswith("default=") for r in peer)
 
 
 def test_stage_times_are_positive_and_sum_to_at_most_e2e(bench_run) -> None:
@@ -308,7 +334,7 @@ def test_bench_auto_prints_its_measurement(tmp_path: Path, monkeypatch: pytest.M
     real_build = backends._build
 
     class FakeOrt:
-        name = "onnxruntime"
+        name, precision = "onnxruntime", "fp32"
 
         def __init__(self, model: RadFlashModel) -> None:
             self.encode = model.module.image_tokens
@@ -318,9 +344,9 @@ def test_bench_auto_prints_its_measurement(tmp_path: Path, monkeypatch: pytest.M
     timed: list[tuple[str, int]] = []
     eager_s = float(np.random.uniform(0.01, 0.1))
 
-    def fake_time(backend, pixels: torch.Tensor) -> float:
+    def fake_time(backend, pixels: torch.Tensor) -> tuple[float, torch.Tensor]:
         timed.append((backend.name, pixels.shape[0]))
-        return eager_s if backend.name == "eager" else eager_s / 2
+        return (eager_s if backend.name == "eager" else eager_s / 2), backend.encode(pixels)
 
     monkeypatch.setattr(auto, "time_encode", fake_time)
     cfg = dataclasses.replace(preset("tiny"), image_size=56)
@@ -330,9 +356,9 @@ def test_bench_auto_prints_its_measurement(tmp_path: Path, monkeypatch: pytest.M
     assert {b for _, b in timed} == {3}  # measured at the largest batch size only
     sel = report.config["auto_selection"]
     assert sel["chosen"] == "onnxruntime"  # ms are recorded rounded to 4 decimals: half a unit in the last place
-    assert sel["candidates"]["eager"]["ms_per_batch"] == pytest.approx(1e3 * eager_s, abs=5e-5)
-    line = next(x for x in summary_lines(report) if x.startswith("backend auto → onnxruntime"))
-    assert f"eager {1e3 * eager_s:.4g} ms" in line and "per batch of 3" in line and "2.00× eager" in line
+    assert sel["candidates"]["eager/fp32"]["ms_per_batch"] == pytest.approx(1e3 * eager_s, abs=5e-5)
+    line = next(x for x in summary_lines(report) if x.startswith("backend auto → onnxruntime/fp32"))
+    assert f"eager/fp32 {1e3 * eager_s:.4g} ms" in line and "per batch of 3" in line and "2.00× eager/fp32" in line
 
 
 def test_stage_clock_segments_partition_the_iteration() -> None:

@@ -194,7 +194,7 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory):
     path = save_checkpoint(random_checkpoint(CFG, seed=0, model_id="carzero-tiny-random"), out / "model")
     args = ["bench", "--model", str(path), "--device", "cpu", "--prompts", "3", "--iterations", "2", "--warmup", "0",
             "--batch-sizes", "1,2", "--archive-files", "2", "--threads", "1", "--json", str(out / "bench.json"),
-            "--markdown", str(out / "bench.md")]
+            "--markdown", str(out / "bench.md"), "--no-openvino-standalone"]  # the peer: test_bench.py
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     return result, json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text()
