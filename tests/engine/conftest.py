@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -21,6 +23,17 @@ def model_builds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(RadZero, "__init__", spy)
     return devices
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random-weights checkpoint on disk (read-only: shared by every test that scores)."""
+    from radflash.checkpoints.factory import random_checkpoint
+    from radflash.checkpoints.format import save_checkpoint
+
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    save_checkpoint(random_checkpoint("tiny", seed=0, model_id="test-tiny"), path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -55,16 +55,6 @@ def rle_claiming(path: Path, rows: int, cols: int) -> Path:
     return F.write(ds, path)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from radflash.checkpoints.factory import random_checkpoint
-    from radflash.checkpoints.format import save_checkpoint
-
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    save_checkpoint(random_checkpoint("tiny", seed=0, model_id="test-tiny"), path)
-    return path
-
-
 def statuses(table: pa.Table) -> dict[str, tuple[str, str | None]]:
     return {Path(path_from_text(r["path"])).name: (r["status"], r["reason"]) for r in table.to_pylist()}
 

@@ -19,16 +19,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from radflash.checkpoints.factory import random_checkpoint
-    from radflash.checkpoints.format import save_checkpoint
-
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    save_checkpoint(random_checkpoint("tiny", seed=0, model_id="test-tiny"), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def pacs(tmp_path_factory: pytest.TempPathFactory, real_size_archive):
     server = start_or_skip(tmp_path_factory.mktemp("pacs"))
     server.upload(list(real_size_archive.files))

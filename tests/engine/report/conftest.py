@@ -17,17 +17,6 @@ MAPS_K = 3
 
 
 @pytest.fixture(scope="package")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small random-weights checkpoint on disk."""
-    from radflash.checkpoints.factory import random_checkpoint
-    from radflash.checkpoints.format import save_checkpoint
-
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    save_checkpoint(random_checkpoint("tiny", seed=0, model_id="test-tiny"), path)
-    return path
-
-
-@pytest.fixture(scope="package")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A hospital-export-like folder: chest films in several encodings plus clutter."""
     from radflash.synthetic.dicom_archive import MANIFEST, write_archive

@@ -13,23 +13,14 @@ from radflash.segment.verb import segment
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from radflash.checkpoints.factory import random_checkpoint
-    from radflash.checkpoints.format import save_checkpoint
-
-    return save_checkpoint(random_checkpoint("tiny", seed=0, model_id="random-tiny"),
-                           tmp_path_factory.mktemp("ckpt") / "tiny")
-
-
-def test_real_size_films_segment_at_their_own_size(real_size_archive, tiny_ckpt: Path, tmp_path: Path) -> None:
+def test_real_size_films_segment_at_their_own_size(real_size_archive, tiny_model: Path, tmp_path: Path) -> None:
     import pydicom
     from PIL import Image
 
     prompts = ["left lung", "There is pleural effusion"]
-    inline = segment([real_size_archive.folder], None, prompts=prompts, model=tiny_ckpt, workers=0, batch_size=16,
+    inline = segment([real_size_archive.folder], None, prompts=prompts, model=tiny_model, workers=0, batch_size=16,
                      progress=False)
-    pooled = segment([real_size_archive.folder], tmp_path / "out", prompts=prompts, model=tiny_ckpt, workers=2,
+    pooled = segment([real_size_archive.folder], tmp_path / "out", prompts=prompts, model=tiny_model, workers=2,
                      batch_size=1, formats=("png",), progress=False)
     assert not inline.failures and not pooled.failures
     assert len(inline.images) == len(pooled.images) == len(real_size_archive.files)
