@@ -1,0 +1,124 @@
+"""CPU encoder: every runtime × precision, radflash's ``auto`` choice and OpenVINO standalone, side by side.
+
+    python benchmarks/bench_cpu_precision.py --model base --batch-sizes 1 --iterations 3
+
+Times the image tower (the ≥95% of the work that precision and runtime change) of a preset model in
+interleaved rounds (each round runs every candidate once, so load from other jobs on a shared machine
+hits all of them alike), after one warm-up each, on the same preprocessed phantoms; reports images/s,
+the ratio to eager float32, the fraction of the GEMM rate measured in the candidate's own precision
+in the same run (FLOPs from :func:`radflash.bench.harness.encoder_flops`), and the max |Δprob| against
+eager float32 over the model's default prompts (the bound ``auto`` applies: 0.02). The OpenVINO peer
+is the same exported graph compiled with OpenVINO's own CPU defaults. ``auto`` is what
+``--backend auto --dtype auto`` picks here (its own measurement, then timed like the others).
+Appends a markdown block to ``benchmarks/results/cpu-<cpu model>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="base", help="preset (random weights of that size): base, tiny, carzero")
+    parser.add_argument("--batch-sizes", default="1")
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="results file (default: one per CPU model)")
+    args = parser.parse_args()
+
+    from radflash.api import RadFlashModel
+    from radflash.backends import make_backend
+    from radflash.backends.auto import probabilities, probe_pixels, probe_prompts
+    from radflash.backends.openvino import OpenVINOBackend
+    from radflash.bench.harness import encoder_flops, gemm_rates
+    from radflash.checkpoints.factory import random_checkpoint
+    from radflash.devices import native_precisions
+    from radflash.errors import BackendUnavailable, InputError
+    from radflash.models.config import preset
+    from radflash.util.sysinfo import cpu_model, package_version
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = preset(args.model)
+    model = RadFlashModel(random_checkpoint(cfg, seed=0, model_id=f"random-{args.model}"), device="cpu")
+    flops = encoder_flops(cfg, cfg.image_size)
+    rates = gemm_rates(["fp32", *native_precisions()], torch.device("cpu"))
+    lines = [f"## {datetime.now(timezone.utc).isoformat(timespec='seconds')} · {cpu_model()} · "
+             f"{torch.get_num_threads()} threads · {args.model} encoder S={cfg.image_size} "
+             f"({flops / 1e9:.0f} GFLOP/image)", "",
+             "- GEMM rates measured here (n=1024): "
+             + ", ".join(f"{k} {v / 1e9:.0f} G(FL)OP/s" for k, v in rates.items()),
+             f"- versions: torch {torch.__version__}, onnxruntime {package_version('onnxruntime')}, "
+             f"openvino {package_version('openvino')}, nncf {package_version('nncf')}",
+             f"- interleaved rounds: {args.iterations} timed batches per candidate after 1 warm-up; ratio = "
+             "eager fp32 median / candidate median in the same run", ""]
+    for b in [int(x) for x in args.batch_sizes.split(",")]:
+        pixels = probe_pixels(model, b)
+        prompts = probe_prompts(model)
+        candidates = {}
+        for name, prec in [("eager", "fp32"), ("eager", "bf16"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"),
+                           ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8")]:
+            if prec not in native_precisions():
+                continue
+            try:
+                candidates[f"{name}/{prec}"] = make_backend(name, model, precision=prec, batch_size=b)
+            except (BackendUnavailable, InputError, ImportError) as exc:
+                print(f"skip {name}/{prec}: {exc}")
+        try:
+            peer = OpenVINOBackend(model, precision="fp32", config={}, cache=False)
+            peer._queue = None  # OpenVINO's defaults: one synchronous request
+            raw = peer.compiled.get_property("INFERENCE_PRECISION_HINT")
+            candidates[f"openvino-standalone/default={raw.get_type_name()}"] = peer
+        except (BackendUnavailable, InputError, ImportError) as exc:
+            print(f"skip openvino standalone: {exc}")
+        start = time.perf_counter()
+        auto = make_backend("auto", model, precision="auto", batch_size=b)
+        auto_s = time.perf_counter() - start
+        sel = auto.selection
+        candidates[f"auto→{sel['chosen']}/{sel['precision']}"] = auto
+        with torch.inference_mode():
+            ref = probabilities(model, model.module.image_tokens(pixels), prompts)
+            dprob = {}
+            for name, backend in candidates.items():  # warm-up + agreement
+                dprob[name] = float((probabilities(model, backend.encode(pixels), prompts) - ref).abs().max())
+            samples: dict[str, list[float]] = {n: [] for n in candidates}
+            for _ in range(args.iterations):
+                for name, backend in candidates.items():
+                    t = time.perf_counter()
+                    backend.encode(pixels)
+                    samples[name].append(time.perf_counter() - t)
+        med = {n: statistics.median(s) for n, s in samples.items()}
+        base = med["eager/fp32"]
+        lines += [f"### batch {b}", "",
+                  f"auto's own measurement took {auto_s:.1f} s ({'cached' if sel['cached'] else 'measured'}): "
+                  f"{sel['reason']}", "",
+                  "| candidate | img/s | × eager fp32 | fraction of GEMM rate | max abs Δprob |",
+                  "|---|---|---|---|---|"]
+        for name, m in med.items():
+            tail = re.split(r"[/=]", name)[-1]
+            prec = {"f32": "fp32", "float32": "fp32", "bfloat16": "bf16", "f16": "fp16"}.get(tail, tail)
+            rate = rates.get(prec)
+            frac = "—" if rate is None else f"{flops * b / m / rate:.0%} of {prec}"
+            lines.append(f"| {name} | {b / m:.3g} | {base / m:.2f}× | {frac} | {dprob[name]:.2g} |")
+        lines.append("")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = args.out or RESULTS / f"cpu-{re.sub(r'[^A-Za-z0-9]+', '-', cpu_model()).strip('-').lower()}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a", encoding="utf-8") as fh:
+        fh.write(("\n" if out.exists() and out.stat().st_size else "") + text)
+    print(f"appended to {out}")
+
+
+if __name__ == "__main__":
+    main()
