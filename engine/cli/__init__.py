@@ -32,6 +32,7 @@ COMMANDS = {
     "models": "radflash.cli.listing:models",
     "findings": "radflash.cli.listing:findings",
     "doctor": "radflash.cli.doctor:doctor",
+    "serve": "radflash.cli.serve:serve",
 }
 
 

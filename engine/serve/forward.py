@@ -1,0 +1,221 @@
+"""Scored instances → their results (DICOM SR, + SEG) held by every ``--forward`` target.
+
+One :class:`Lane` per target, each with its own thread and retry heap, so a target that is down
+delays only its own deliveries. A delivery that fails is retried with exponential backoff
+(``backoff``·2ⁿ, at most ``max_backoff``) up to ``retries`` times, then written to the dead-letter
+table (``radflash serve --status`` lists it, ``--retry-dead`` resends). Result UIDs are derived
+from the source SOP Instance UID and the model hash (:func:`radflash.dicomout.uids.sr_uids`), so a
+resend after a crash or a retry after a lost answer replaces the object, never duplicates it; no
+"does it exist" query is needed before sending.
+
+Transports are the ones ``score --store`` uses: :class:`radflash.archive.stow.Stower` (STOW-RS) and
+:class:`radflash.archive.dimse_store.DimseStore` (C-STORE), each with its own retries off (this
+module owns the retry policy, so a down target never holds a lane in a sleep loop).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from radflash.serve.journal import Instance, Journal
+from radflash.serve.options import ForwardOptions, forward_kind
+
+log = logging.getLogger("radflash.serve")
+
+
+def results_of(inst: Instance) -> list[Any]:
+    """The DICOM objects for one scored instance: its SR (TID 1500), from the journal's result and
+    the spooled header (no model needed)."""
+    import pydicom
+
+    from radflash.archive.pipeline import PromptSet
+    from radflash.archive.sinks import FileRecord
+    from radflash.archive.stow import build_sr
+
+    r = inst.result
+    if r is None:
+        raise ValueError(f"instance {inst.sop} has no result")
+    header = pydicom.dcmread(inst.file, stop_before_pixels=True, force=True)
+    record = FileRecord(path=inst.sop, status="scored", sop_instance_uid=inst.sop, study_instance_uid=inst.study,
+                        series_instance_uid=inst.series, logits=tuple(r["logits"]), probs=tuple(r["probs"]),
+                        positive=None if r.get("positive") is None else tuple(r["positive"]))
+    prompts = PromptSet(tuple(r["names"]), tuple(r["prompts"]), tuple(r["thresholds"]))
+    return [build_sr(header, record, prompts, model_id=r["model_id"], model_sha256=r["model_sha256"],
+                     version=r["version"], family=r.get("family", ""))]
+
+
+class Transport:
+    """``send(datasets)`` to one target; raises on failure (the lane decides about retries)."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.url = url
+        self.kind = forward_kind(url)
+        self.timeout = timeout
+        self._store: Any = None
+
+    def _open(self) -> Any:
+        if self.kind == "stow":
+            from radflash.archive.stow import Stower
+            from radflash.io.dicomweb import Policy
+
+            return Stower(self.url, policy=Policy(timeout=self.timeout, retries=0))
+        from radflash.archive.dimse_store import DimseStore
+        from radflash.io.dimse import Policy as DimsePolicy
+
+        t = self.timeout
+        return DimseStore(self.url, policy=DimsePolicy(connect_timeout=min(10.0, t), acse_timeout=t, dimse_timeout=t,
+                                                       network_timeout=t, retries=0, associations=1))
+
+    def send(self, datasets: list[Any]) -> None:
+        if self._store is None:
+            self._store = self._open()
+        try:
+            self._store.store(datasets)
+        except Exception:
+            self.close()  # a fresh connection for the next attempt
+            raise
+
+    def close(self) -> None:
+        store, self._store = self._store, None
+        if store is not None and hasattr(store, "close"):
+            try:
+                store.close()
+            except Exception as exc:  # closing a broken association is best effort
+                log.debug("closing %s: %s", self.url, exc)
+
+
+class Lane:
+    """Deliveries to one target, in due order, on one thread."""
+
+    def __init__(self, url: str, journal: Journal, options: ForwardOptions, metrics: Any,
+                 on_done: Callable[[Instance], None]) -> None:
+        self.url = url
+        self.transport = Transport(url, options.timeout)
+        self.journal, self.options, self.metrics, self.on_done = journal, options, metrics, on_done
+        self._heap: list[tuple[float, int, str, int]] = []  # (due, seq, sop, attempts so far)
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._stop = False
+        self._sending = 0
+        self._thread = threading.Thread(target=self._run, name="radflash-serve-forward", daemon=True)
+
+    def submit(self, sop: str, attempts: int = 0, delay: float = 0.0) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (time.monotonic() + delay, next(self._seq), sop, attempts))
+            self._cond.notify()
+
+    def busy(self) -> bool:
+        with self._cond:
+            return bool(self._heap) or self._sending > 0
+
+    def next_due(self) -> float | None:
+        with self._cond:
+            return self._heap[0][0] if self._heap else None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout=timeout)
+        self.transport.close()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and (not self._heap or self._heap[0][0] > time.monotonic()):
+                    wait = None if not self._heap else self._heap[0][0] - time.monotonic()
+                    self._cond.wait(timeout=1.0 if wait is None else max(0.0, min(wait, 1.0)))
+                if self._stop:
+                    return
+                _, _, sop, attempts = heapq.heappop(self._heap)
+                self._sending += 1
+            try:
+                self._deliver(sop, attempts)
+            finally:
+                with self._cond:
+                    self._sending -= 1
+
+    def _deliver(self, sop: str, attempts: int) -> None:
+        inst = self.journal.instance(sop)
+        if inst is None or inst.state not in ("scored", "dead"):
+            return  # already delivered (a duplicate submission) or gone
+        try:
+            self.transport.send(results_of(inst))
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            dead = attempts >= self.options.retries
+            self.journal.forward_failed(sop, self.url, reason, dead=dead)
+            if dead:
+                self.metrics.dead_letters.labels(self.url).inc()
+                log.warning("forward to %s: %s; given up after %d attempts (dead letter; --retry-dead resends)",
+                            self.url, reason, attempts + 1)
+                return
+            delay = min(self.options.max_backoff, self.options.backoff * 2 ** attempts)
+            self.metrics.forward_retries.labels(self.url).inc()
+            log.info("forward to %s: %s; retry %d in %.1f s", self.url, reason, attempts + 1, delay)
+            self.submit(sop, attempts + 1, delay)
+            return
+        self.metrics.forwarded.labels(self.url).inc()
+        if self.journal.forward_done(sop, self.url):
+            self.on_done(inst)
+
+
+class Forwarder:
+    """One :class:`Lane` per target."""
+
+    def __init__(self, journal: Journal, options: ForwardOptions, metrics: Any,
+                 on_done: Callable[[Instance], None]) -> None:
+        self.lanes = {url: Lane(url, journal, options, metrics, on_done) for url in options.targets}
+
+    def submit(self, sop: str, target: str | None = None, attempts: int = 0) -> None:
+        for url, lane in self.lanes.items():
+            if target is None or target == url:
+                lane.submit(sop, attempts)
+
+    def busy(self) -> bool:
+        return any(lane.busy() for lane in self.lanes.values())
+
+    def start(self) -> None:
+        for lane in self.lanes.values():
+            lane.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for lane in self.lanes.values():
+            lane.stop(timeout)
+
+
+def resend_dead(journal: Journal, options: ForwardOptions, *, metrics: Any = None) -> dict[str, int]:
+    """``--retry-dead``: every dead delivery once more, now, in this process (no model needed);
+    what fails again stays dead. Returns counts."""
+    from radflash.serve.metrics import Metrics
+
+    metrics = metrics or Metrics()
+    dead = journal.dead()
+    journal.retry_dead()
+    sent = failed = 0
+    transports: dict[str, Transport] = {}
+    for sop, target, _, _ in dead:
+        inst = journal.instance(sop)
+        if inst is None:
+            continue
+        transport = transports.setdefault(target, Transport(target, options.timeout))
+        try:
+            transport.send(results_of(inst))
+        except Exception as exc:
+            journal.forward_failed(sop, target, f"{type(exc).__name__}: {exc}".splitlines()[0], dead=True)
+            failed += 1
+            continue
+        journal.forward_done(sop, target)
+        sent += 1
+    for t in transports.values():
+        t.close()
+    return {"resent": sent, "still_dead": failed}

@@ -1,0 +1,385 @@
+"""``radflash serve``: a hospital AI node. Intake → journal → groups → batches → model → forward.
+
+::
+
+    C-STORE SCP ─┐                         ┌─ Scheduler ──────────┐
+                 ├─► receive ─► Journal ──►│ groups (quiet period) │─► Batcher ─► decode ─► Scorer ─┐
+    STOW-RS  ────┘   (admit, header       │ priority queue        │   (max batch,  (DecodePool)     │
+                      check, spool+fsync,  └───────────────────────┘    max delay)                   │
+                      row committed,                                                                 ▼
+                      then "stored")              Forwarder lanes (SR per instance, retries) ◄── Journal.scored
+                                                    └─► STOW-RS / C-STORE targets; dead letters
+
+The stages are ``score``'s: :func:`radflash.archive.decode_pool.decode_one` in a
+:class:`~radflash.archive.decode_pool.DecodePool` (crash-isolated, per-file timeout),
+:func:`~radflash.archive.decode_pool.resize_for_model`, :class:`radflash.archive.batching.Batcher`
+and :class:`radflash.archive.pipeline.Scorer`, and the SR builder and stores of ``score --store``;
+only the scheduling differs (a queue fed by the network, a latency bound on partial batches).
+
+Nothing acknowledged is lost: the journal holds every accepted instance until its results are held
+by every target; :meth:`Node.start` re-queues whatever a crash interrupted (queued, assembling, in a
+batch, or scored and not yet forwarded). :meth:`Node.drain` (SIGTERM) stops intake, finishes and
+forwards what is in flight within a grace period, and leaves the rest to the next start. A batch
+that stalls (no decode or inference step finished for the watchdog's limit) marks the node
+unhealthy (``/health`` 503) and, under the CLI, ends the process so a supervisor restarts it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+
+from radflash.serve.forward import Forwarder
+from radflash.serve.intake import OUT_OF_RESOURCES, inspect
+from radflash.serve.journal import Instance, Journal
+from radflash.serve.metrics import Metrics
+from radflash.serve.options import ServeOptions
+from radflash.serve.scheduler import Scheduler, Work
+
+log = logging.getLogger("radflash.serve")
+SCORE_TIMEOUT_S = 300.0  # POST /v1/score waits at most this long for its batch
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What intake answers for one instance: ``code`` 0 stored, else a C-STORE failure status."""
+
+    code: int
+    reason: str | None = None
+    sop: str | None = None
+    sop_class: str | None = None
+    outcome: str = "stored"  # stored | duplicate | refused | busy
+
+
+class Node:
+    """One serving node over one state folder (see the module doc)."""
+
+    def __init__(self, options: ServeOptions) -> None:
+        self.options = options
+        self.metrics = Metrics()
+        self.journal: Journal | None = None
+        self.model: Any = None
+        self.scheduler = Scheduler(options.schedule.group, options.schedule.quiet_period)
+        self.forwarder: Forwarder | None = None
+        self.dimse: Any = None
+        self.http: Any = None
+        self.accepting = False
+        self.stalled: str | None = None
+        self._waiting = 0  # admitted and not yet through the model (what --max-queue caps)
+        self._admit = threading.Lock()
+        self._infer_thread: threading.Thread | None = None
+        self._busy_batch = 0
+        self._pool: Any = None
+        self._watchdog: Any = None
+        self.metrics.queue_depth.set_function(lambda: self._waiting)
+
+    # ---- life cycle ---------------------------------------------------------------------------
+    def start(self) -> Node:
+        from radflash import __version__
+        from radflash.archive.pipeline import Scorer
+        from radflash.archive.verb import resolve_findings
+        from radflash.io.selection import SelectionRules
+        from radflash.util.watchdog import Watchdog, stall_limit
+
+        o = self.options
+        self.journal = Journal(o.state)
+        self.prompts = resolve_findings(o.findings)
+        self.model = o.model.load()
+        self.scorer = Scorer(self.model, self.prompts)
+        self.rules = SelectionRules() if o.max_pixels is None else SelectionRules(max_pixels=o.max_pixels)
+        self._result_base = {"model_id": self.model.model_id, "model_sha256": self.model.sha256,
+                             "family": getattr(self.model, "family", ""), "version": __version__,
+                             "names": list(self.prompts.names), "prompts": list(self.prompts.prompts),
+                             "thresholds": list(self.prompts.thresholds)}
+        if o.workers > 0:
+            from radflash.archive.decode_pool import DecodePool
+
+            self._pool = DecodePool(o.workers, rules=self.rules, timeout=o.decode_timeout, keep_workers=True)
+        self.forwarder = Forwarder(self.journal, o.forward, self.metrics, self._delivered)
+        requeued = 0
+        for inst in self.journal.unfinished():  # queued, assembling or in a batch when the node stopped
+            self._waiting += 1
+            self.scheduler.add(self._work(inst))
+            requeued += 1
+        pending = self.journal.pending_forwards(o.forward.targets)
+        for sop, target, attempts in pending:
+            if target in self.forwarder.lanes:
+                self.forwarder.lanes[target].submit(sop, attempts)
+        if requeued or pending:
+            log.warning("resuming: %d instance(s) re-queued, %d result deliver(ies) pending", requeued, len(pending))
+        self._watchdog = Watchdog(stall_limit(o.decode_timeout), what="serve")
+        self._watchdog.on_stall(self._on_stall)
+        self._watchdog.start()
+        if self._pool is not None:
+            self._watchdog.on_stall(self._pool.kill)
+        self.scheduler.start()
+        self.forwarder.start()
+        self._infer_thread = threading.Thread(target=self._infer_loop, name="radflash-serve-infer", daemon=True)
+        self._infer_thread.start()
+        self.accepting = True
+        if o.intake.dicom_port is not None:
+            from radflash.serve.intake_dimse import DimseIntake
+
+            self.dimse = DimseIntake(self, o.intake)
+            self.dimse.start()
+        if o.intake.http_port is not None:
+            from radflash.serve.http import HttpIntake
+
+            self.http = HttpIntake(self, o.intake)
+            self.http.start()
+        self._write_node_file()
+        return self
+
+    def _write_node_file(self) -> None:
+        info = {"dicom_port": self.dimse.port if self.dimse else None,
+                "http_port": self.http.port if self.http else None,
+                "model": {"id": self.model.model_id, "sha256": self.model.sha256},
+                "options": dataclasses.asdict(self.options), "started": time.time()}
+        (self.options.state / "node.json").write_text(json.dumps(info, indent=1, default=str))
+
+    def _on_stall(self) -> None:
+        self.stalled = self._watchdog.stalled if self._watchdog is not None else "stalled"
+
+    def drain(self, grace: float | None = None) -> bool:
+        """Stop intake, then finish and forward what is in flight for at most ``grace`` s.
+        Returns True when nothing was left (the rest stays in the journal for the next start)."""
+        grace = self.options.grace if grace is None else grace
+        deadline = time.monotonic() + grace
+        self.accepting = False
+        if self.dimse is not None:
+            self.dimse.stop()  # new associations are refused from here on
+        self.scheduler.release_due(everything=True)  # no group waits for its quiet period any more
+        clean = False
+        while time.monotonic() < deadline:
+            if self._waiting == 0 and not (self.forwarder and self._forwards_due_before(deadline)):
+                clean = self._waiting == 0 and not (self.forwarder and self.forwarder.busy())
+                break
+            time.sleep(0.05)
+        left = self._waiting
+        log.warning("drained: %s", "nothing left" if clean else
+                    f"{left} instance(s) not scored and some results not forwarded; they resume on the next start")
+        return clean
+
+    def _forwards_due_before(self, deadline: float) -> bool:
+        """Whether a delivery is in progress or due before ``deadline`` (a retry due later is left)."""
+        assert self.forwarder is not None
+        for lane in self.forwarder.lanes.values():
+            due = lane.next_due()
+            if lane._sending or (due is not None and due < deadline):
+                return True
+        return False
+
+    def stop(self) -> None:
+        self.accepting = False
+        if self.dimse is not None:
+            self.dimse.stop()
+        if self.http is not None:
+            self.http.stop()
+        self.scheduler.close()
+        if self._infer_thread is not None:
+            self._infer_thread.join(timeout=10)
+        if self.forwarder is not None:
+            self.forwarder.stop()
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        if self._pool is not None:
+            self._pool.close()
+        if self.journal is not None:
+            self.journal.close()
+
+    # ---- intake -------------------------------------------------------------------------------
+    def busy(self) -> str | None:
+        """Why the node cannot take an instance now (None: it can)."""
+        if not self.accepting:
+            return "not accepting (starting or draining)"
+        if self._waiting >= self.options.schedule.max_queue:
+            return f"queue full ({self._waiting} waiting)"
+        free = shutil.disk_usage(self.options.state).free
+        if free < self.options.intake.min_free_bytes:
+            return f"disk below its watermark ({free >> 20} MB free)"
+        return None
+
+    def ready(self) -> tuple[bool, str | None]:
+        if self.model is None:
+            return False, "model not loaded"
+        if self.stalled:
+            return False, self.stalled
+        why = self.busy()
+        return why is None, why
+
+    def refused(self, source: str, caller: str | None, reason: str, *, counted_as: str = "refused",
+                sop: str | None = None) -> None:
+        self.metrics.requests.labels(source, counted_as).inc()
+        log.info("%s from %s refused: %s", source, caller, reason)
+        if self.journal is not None:
+            self.journal.reject(source=source, caller=caller, sop=sop, reason=reason)
+
+    def _take_slot(self) -> str | None:
+        with self._admit:
+            why = self.busy()
+            if why is None:
+                self._waiting += 1
+            return why
+
+    def _free_slot(self) -> None:
+        with self._admit:
+            self._waiting -= 1
+
+    def receive(self, data: bytes, *, source: str, caller: str | None, priority: int = 1) -> Receipt:
+        """One instance's bytes from an intake → a durable, queued instance (or a refusal). Returns
+        only once the bytes are fsync'd and the journal row is committed; never waits for the model."""
+        assert self.journal is not None
+        why = self._take_slot()
+        if why is not None:
+            self.metrics.requests.labels(source, "busy").inc()
+            return Receipt(OUT_OF_RESOURCES, why, outcome="busy")
+        queued = False
+        try:
+            limit = self.options.intake.max_instance_bytes
+            if len(data) > limit:
+                reason = f"instance of {len(data)} bytes is over the limit of {limit}"
+                self.refused(source, caller, reason, counted_as="too_large")
+                return Receipt(0xC000, reason, outcome="refused")
+            tmp = self.journal.spool_bytes(data)
+            seen = inspect(tmp, max_pixels=self.options.max_pixels)
+            if seen.code:
+                tmp.unlink(missing_ok=True)
+                self.refused(source, caller, seen.reason or "refused", sop=seen.sop)
+                return Receipt(seen.code, seen.reason, seen.sop, seen.sop_class, "refused")
+            assert seen.sop and seen.study and seen.series
+            outcome = self.journal.accept(tmp, sop=seen.sop, study=seen.study, series=seen.series,
+                                          sop_class=seen.sop_class, priority=priority, source=source, caller=caller)
+            self.metrics.requests.labels(source, "stored" if outcome != "duplicate" else "duplicate").inc()
+            if outcome in ("new", "requeued"):
+                inst = Instance(seen.sop, seen.study, seen.series, str(self.journal.path_of(seen.sop)), priority,
+                                time.time())
+                self.scheduler.add(self._work(inst))
+                queued = True
+            return Receipt(0, None, seen.sop, seen.sop_class, "stored" if outcome != "duplicate" else "duplicate")
+        except OSError as exc:  # a full disk, a vanished state folder: the sender retries later
+            log.error("%s intake: cannot keep an instance (%s)", source, exc.strerror or exc)
+            self.metrics.requests.labels(source, "busy").inc()
+            return Receipt(OUT_OF_RESOURCES, f"cannot store ({exc.strerror or type(exc).__name__})", outcome="busy")
+        finally:
+            if not queued:
+                self._free_slot()
+
+    @staticmethod
+    def _work(inst: Instance) -> Work:
+        return Work(inst.sop, inst.study, inst.series, inst.file, inst.priority, inst.received)
+
+    def score_now(self, data: bytes, *, priority: int = 1) -> tuple[int, dict[str, Any]]:
+        """``POST /v1/score``: one image through the same batches, answered with its probabilities."""
+        why = self._take_slot()
+        if why is not None:
+            self.metrics.requests.labels("score", "busy").inc()
+            return 503, {"error": why}
+        w = Work(f"score-{uuid.uuid4().hex}", "", "", None, priority, time.time(), data=data, future=Future())
+        self.metrics.requests.labels("score", "stored").inc()
+        self.scheduler.add(w, group=False)
+        try:
+            status, reason, record = w.future.result(timeout=SCORE_TIMEOUT_S)  # type: ignore[union-attr]
+        except FutureTimeout:
+            return 504, {"error": f"no result within {SCORE_TIMEOUT_S:g} s"}
+        if status != "scored":
+            return 422, {"status": status, "reason": reason}
+        findings = {}
+        for i, name in enumerate(self.prompts.names):
+            findings[name] = {"prompt": self.prompts.prompts[i], "logit": record.logits[i],
+                              "probability": record.probs[i]}
+            if record.positive is not None:
+                findings[name]["positive"] = record.positive[i]
+        return 200, {"status": "scored", "model": {"id": self.model.model_id, "sha256": self.model.sha256},
+                     "findings": findings}
+
+    # ---- the model ----------------------------------------------------------------------------
+    def _infer_loop(self) -> None:
+        from radflash.archive.batching import Batcher
+
+        s = self.options.schedule
+        batcher: Batcher[Work] = Batcher(s.max_batch, s.max_queue_delay_ms / 1000.0)
+        dog = self._watchdog
+        for batch in batcher.from_queue(self.scheduler.ready, idle=dog.beat):
+            try:
+                self._process(list(batch.items))
+            except Exception as exc:  # a bug in one batch must not stop the node
+                log.exception("batch of %d failed: %s", len(batch), exc)
+                for w in batch.items:
+                    self._finish(w, "failed", f"{type(exc).__name__}: {exc}".splitlines()[0], None)
+
+    def _process(self, items: list[Work]) -> None:
+        from radflash.archive.decode_pool import Decoded, DecodeTask, decode_one, default_loader, resize_for_model
+        from radflash.errors import InputError
+
+        dog = self._watchdog
+        t0 = time.monotonic()
+        self._busy_batch = len(items)
+        self.metrics.in_batch.set(len(items))
+        self.metrics.batch_size.observe(len(items))
+        for w in items:
+            self.metrics.queue_time.observe(max(0.0, t0 - w.ready_at))
+        tasks = [DecodeTask(i, w.sop, w.path, w.data) for i, w in enumerate(items)]
+        with dog.step("decode"):
+            if self._pool is not None:
+                decoded = {d.index: d for d in self._pool.run(tasks)}
+            else:
+                loader = default_loader()
+                decoded = {t.index: decode_one(t, loader, self.rules) for t in tasks}
+        geometry = self.model.preprocessing.geometry
+        loaded: list[Decoded] = []
+        for i in range(len(items)):
+            d = decoded[i]
+            if d.status == "loaded":
+                try:
+                    d = Decoded(d.index, d.key, d.path, "loaded", None, resize_for_model(d.pixels, geometry),
+                                d.meta, d.decode_s)
+                except InputError as exc:
+                    d = Decoded(d.index, d.key, d.path, "failed", str(exc).splitlines()[0], meta=d.meta)
+                decoded[i] = d
+            if d.status == "loaded":
+                loaded.append(d)
+        records = {}
+        if loaded:
+            with dog.step("inference"):
+                for d, r in zip(loaded, self.scorer(loaded)):
+                    records[d.index] = r
+        self.metrics.compute_time.observe(time.monotonic() - t0)
+        for i, w in enumerate(items):
+            d = decoded[i]
+            self._finish(w, "scored" if i in records else d.status, d.reason, records.get(i))
+        self._busy_batch = 0
+        self.metrics.in_batch.set(0)
+
+    def _finish(self, w: Work, status: str, reason: str | None, record: Any) -> None:
+        """One instance out of the model: journal it, start its deliveries, free its queue slot."""
+        assert self.journal is not None and self.forwarder is not None
+        try:
+            self.metrics.results.labels(status).inc()
+            if w.future is not None:
+                w.future.set_result((status, reason, record))
+                return
+            if status == "scored":
+                result = dict(self._result_base, logits=list(record.logits), probs=list(record.probs),
+                              positive=None if record.positive is None else list(record.positive))
+                targets = self.options.forward.targets
+                self.journal.scored(w.sop, result, targets)
+                if targets:
+                    self.forwarder.submit(w.sop)
+                else:
+                    self.metrics.e2e.observe(max(0.0, time.time() - w.received))
+            else:
+                self.journal.finished(w.sop, status, reason)
+        finally:
+            self._free_slot()
+
+    def _delivered(self, inst: Instance) -> None:
+        self.metrics.e2e.observe(max(0.0, time.time() - inst.received))
