@@ -39,6 +39,7 @@ LIBJPEG = ["pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1"]  # 12-bit JPEG Extended: 
 NIFTI = ["nibabel>=5"]  # segment --format nifti
 RAY = ["ray[data]>=2.40,<3"]  # score/segment --ray: decode tasks and inference actors on Ray Data
 DICOMWEB = ["dicomweb-client>=0.59", *SEG]  # dicomweb+http(s):// inputs; --store builds SRs with highdicom
+DIMSE = ["pynetdicom>=3.0,<4", *SEG]  # dimse:// inputs (C-FIND, C-GET/C-MOVE) and --store dimse:// (C-STORE)
 TRANSFORMERS = ["transformers>=4.44,<6"]  # bench's reference path; parity tests against its modules
 
 packages: list[str] = []
@@ -89,6 +90,7 @@ setup(
         "jpegls": LIBJPEG,  # the earlier name of the same extra (JPEG-LS itself is now core)
         "nifti": NIFTI,
         "dicomweb": DICOMWEB,
+        "dimse": DIMSE,
         "bench": TRANSFORMERS,  # the reference path that `radflash bench` compares against
         "ray": RAY,  # `score --ray`: decode tasks and inference actors on a Ray cluster
         # Everything the test suite exercises: every extra but tensorrt (NVIDIA GPUs only) and the
@@ -101,7 +103,7 @@ setup(
             *TRANSFORMERS,
             "pydicom-data>=1.0",
             "triton>=3.0",
-            *ONNX, *PLOT, *SEG, *NIFTI, *DICOMWEB,
+            *ONNX, *PLOT, *SEG, *NIFTI, *DICOMWEB, *DIMSE,
             "scipy>=1.11",
             "scikit-learn>=1.3",
             "psutil>=5.9",

@@ -164,6 +164,9 @@ def header_reader(source: Any) -> Callable[[FileRecord], Any]:
     from radflash.io.dicomweb import DicomWebSource
     from radflash.io.source import path_from_text
 
+    own = getattr(source, "header_of", None)  # a source that keeps its instances' headers (DIMSE)
+    if callable(own):
+        return own
     if isinstance(source, DicomWebSource):
         def from_pacs(r: FileRecord) -> Any:
             return instance_header(source, r.path, r.study_instance_uid, r.series_instance_uid, r.sop_instance_uid)

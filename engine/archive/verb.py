@@ -111,6 +111,7 @@ def score(
     progress: bool = True,
     commit_every: int = 256,
     timeout: float | None = 120.0,
+    stall_after: float | None = None,
     max_pixels: int | None = None,
     auth: Any = None,
     stow: str | None = None,
@@ -136,6 +137,10 @@ def score(
         commit_every: files per committed part (the most work a crash can lose).
         timeout: seconds one file may take to decode before its worker is killed and it is failed
             (locally and in Ray decode tasks).
+        stall_after: seconds without any finished step (an item listed, a file decoded, a batch
+            scored, a part written) after which the run stops with :class:`radflash.util.watchdog.Stalled`
+            naming the stage; committed parts stay and ``resume`` finishes the run. ``None``:
+            :func:`radflash.util.watchdog.stall_limit` (3 × ``timeout``, at least 60 s).
         max_pixels: the pixel budget (default :data:`radflash.io.selection.DEFAULT_MAX_PIXELS`): a
             file whose header claims more pixels is failed before it is decoded.
         auth: a :class:`radflash.io.dicomweb.Auth` for ``dicomweb+http(s)://`` inputs (default: netrc).
@@ -255,7 +260,7 @@ def score(
         else:  # Ray decode tasks each keep one decode process (crash isolation), unless workers=0
             n_workers = int(n_workers > 0)
         config = PipelineConfig(batch_size=batch_size, workers=n_workers, commit_every=commit_every,
-                                timeout=timeout, include_phi=include_phi, rules=rules)
+                                timeout=timeout, stall_after=stall_after, include_phi=include_phi, rules=rules)
         bar = _progress_bar(None, enabled=progress, initial_counts=initial_counts)  # total: known at the end
         try:
             if ray is None:
@@ -339,12 +344,18 @@ def _source_of(inputs: str | Path | Sequence[str | Path] | Source | None, *, num
             raise InputError("num_parts/part_id shard files; shard a custom source when building it")
         return inputs, False
     from radflash.io.dicomweb import DicomWebSource, is_dicomweb
+    from radflash.io.dimse import DimseSource, is_dimse
 
-    urls = [inputs] if is_dicomweb(inputs) else [] if inputs is None or isinstance(inputs, (str, Path)) else \
-        [i for i in inputs if is_dicomweb(i)]
+    def is_url(i: object) -> bool:
+        return is_dicomweb(i) or is_dimse(i)
+
+    urls = [inputs] if is_url(inputs) else [] if inputs is None or isinstance(inputs, (str, Path)) else \
+        [i for i in inputs if is_url(i)]
     if urls:  # Path() would fold the URL's '//': URLs are kept as strings from the CLI on
         if len(urls) > 1 or (not isinstance(inputs, str) and len(inputs) > 1):  # type: ignore[arg-type]
-            raise InputError("a DICOMweb query is scored on its own: give one dicomweb+http(s):// URL")
+            raise InputError("a PACS query is scored on its own: give one dicomweb+http(s):// or dimse:// URL")
+        if is_dimse(urls[0]):
+            return DimseSource(str(urls[0]), num_parts=num_parts, part_id=part_id), False
         return DicomWebSource(str(urls[0]), auth=auth, num_parts=num_parts, part_id=part_id), False
     demo = inputs is None
     if inputs is None:
@@ -363,14 +374,21 @@ def _stow_sink(stow: str, inner: Any, source: Source, prompts: PromptSet, model:
     from radflash import __version__
     from radflash.archive.stow import StowSink, header_reader
     from radflash.io.dicomweb import DicomWebSource
+    from radflash.io.dimse import DimseSource, is_dimse
 
     if stow == "same":
-        if not isinstance(source, DicomWebSource):
-            raise InputError("--store without a URL writes back to the DICOMweb server scored from; "
-                             "give --store dicomweb+http(s)://… for file inputs")
-        stow = "dicomweb+" + source.target.base
+        if not isinstance(source, (DicomWebSource, DimseSource)):
+            raise InputError("--store without a URL writes back to the PACS scored from; "
+                             "give --store dicomweb+http(s)://… or dimse://… for file inputs")
+        stow = source.target.display if isinstance(source, DimseSource) else "dicomweb+" + source.target.base
+    if is_dimse(stow):  # C-STORE (radflash.archive.dimse_store), as the source's calling AE title
+        from radflash.archive.dimse_store import DimseStoreSink
+
+        return DimseStoreSink(inner, stow, prompts=prompts, model_id=model.model_id, model_sha256=model.sha256,
+                              version=__version__, header_of=header_reader(source), family=getattr(model, "family", ""))
     return StowSink(inner, stow, prompts=prompts, model_id=model.model_id, model_sha256=model.sha256,
-                    version=__version__, header_of=header_reader(source), auth=auth)
+                    version=__version__, header_of=header_reader(source), auth=auth,
+                    family=getattr(model, "family", ""))
 
 
 def _done_key(item: SourceItem) -> str:

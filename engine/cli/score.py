@@ -51,9 +51,12 @@ DEMO_GALLERY_K = 4  # top images per finding in the demo run's report gallery
               help="Files per committed part: the most work a crash can lose.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
               help="Seconds one file may take to decode before it is recorded as failed.")
+@click.option("--stall-after", type=click.FloatRange(min=0, min_open=True), default=None, metavar="S",
+              help="Stop the run, naming the stalled stage, when nothing finishes for S seconds "
+                   "[default: 3 × --timeout, at least 60]; committed results are kept for --resume.")
 @click.option("--store", "stow", is_flag=False, flag_value="same", default=None, metavar="[URL]",
-              help="Store one DICOM SR per scored image with STOW-RS: on the DICOMweb server scored from, "
-                   "or on dicomweb+http(s)://URL.")
+              help="Store one DICOM SR per scored image with STOW-RS or C-STORE: on the PACS scored from, "
+                   "or on dicomweb+http(s)://URL or dimse://AET@HOST:PORT.")
 @click.option("--token-env", metavar="VAR", default=None,
               help="DICOMweb inputs: environment variable holding a bearer token (default: ~/.netrc).")
 @click.option("--basic-auth-env", metavar="VAR", default=None,
@@ -64,13 +67,15 @@ def score(inputs: tuple[str, ...], output: Path | None, model_path: str | None, 
           device: str, batch_size: int, workers: int | None, backend: str, dtype: str | None, fmt: str,
           include_phi: bool,
           resume: bool, num_parts: int, part_id: int, include_lateral: bool, modalities: tuple[str, ...] | None,
-          commit_every: int, timeout: float, max_pixels: int | None, quiet: bool, token_env: str | None,
+          commit_every: int, timeout: float, stall_after: float | None, max_pixels: int | None, quiet: bool,
+          token_env: str | None,
           basic_auth_env: str | None, stow: str | None, report_mode: str | None = None, report_maps: int | None = None,
           ray_address: str | None = None, ray_actors: int | None = None, ray_threads: int | None = None) -> None:
     """Score every image in INPUTS (files or folders, searched recursively) for each finding.
 
     An input may instead be a DICOMweb study query on a PACS, e.g.
-    'dicomweb+http://host:8042/dicom-web/studies?ModalitiesInStudy=CR' (scored on its own).
+    'dicomweb+http://host:8042/dicom-web/studies?ModalitiesInStudy=CR', or a DIMSE query,
+    'dimse://PACS@host:104?ModalitiesInStudy=CR' (C-FIND, then C-GET; scored on its own).
 
     With no INPUTS the small embedded demo archive (synthetic phantoms) is scored, and its report
     shows the map gallery (--report-maps 4) unless told otherwise. Writes OUTPUT/results.<fmt> (one
@@ -86,6 +91,7 @@ def score(inputs: tuple[str, ...], output: Path | None, model_path: str | None, 
     from radflash.archive.verb import DEMO_ARCHIVE
     from radflash.archive.verb import score as score_fn
     from radflash.io.dicomweb import Auth, is_dicomweb
+    from radflash.io.dimse import is_dimse
 
     report_mode = checked_report_mode(report_mode, report_maps, output)
     if not inputs and report_maps is None and report_mode in (None, "full") and output is not None:
@@ -99,11 +105,12 @@ def score(inputs: tuple[str, ...], output: Path | None, model_path: str | None, 
 
     gallery = start_gallery("score", report_maps, output, resume=resume)
     run = score_fn(
-        [i if is_dicomweb(i) else Path(i) for i in inputs] or None, output, model=model_path, findings=findings,
-        device=device, dtype=dtype,
+        [i if is_dicomweb(i) or is_dimse(i) else Path(i) for i in inputs] or None, output, model=model_path,
+        findings=findings, device=device, dtype=dtype,
         batch_size=batch_size, workers=workers, backend=backend, fmt=fmt, include_phi=include_phi,
         resume=resume, num_parts=num_parts, part_id=part_id, rules=rules, progress=not quiet,
-        commit_every=commit_every, timeout=timeout, max_pixels=max_pixels, auth=auth, stow=stow,
+        commit_every=commit_every, timeout=timeout, stall_after=stall_after, max_pixels=max_pixels, auth=auth,
+        stow=stow,
         ray=ray_run_options(ray_address, ray_actors, ray_threads), observer=gallery,
     )
     if not quiet:

@@ -15,7 +15,7 @@ from radflash.cli.options import (
 )
 from radflash.errors import RadflashError
 
-FORMAT_NAMES = ("png", "npz", "dicom-seg", "nifti")
+FORMAT_NAMES = ("png", "npz", "dicom-seg", "dicom-sr", "nifti")
 
 
 def _formats(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -45,21 +45,32 @@ def _formats(ctx: click.Context, param: click.Parameter, value: tuple[str, ...])
               help="Mask threshold on the probability map for prompts without their own (default: the "
                    "model's calibrated map threshold, else 0.5).")
 @click.option("--format", "formats", multiple=True, callback=_formats, metavar="LIST",
-              help="Outputs: png, npz, dicom-seg, nifti (comma list or repeated; default png,npz).")
+              help="Outputs: png, npz, dicom-seg, dicom-sr (a TID 1500 report referencing the SEG), nifti "
+                   "(comma list or repeated; default png,npz).")
 @click.option("--preview", is_flag=True, help="Also write overlay PNGs at the source size.")
+@click.option("--overlay", type=click.Choice(["sc"]), default=None,
+              help="Also write the overlay as a DICOM Secondary Capture (overlay-sc.dcm) in the source's study, "
+                   "for PACS viewers without SEG/SR display (DICOM sources; stored with --store).")
 @click.option("--store", is_flag=False, flag_value="same", default=None, metavar="[URL]",
-              help="Store each DICOM SEG (implies --format dicom-seg) with STOW-RS: on the DICOMweb server "
-                   "segmented from, or on dicomweb+http(s)://URL. SEGs the server holds are not sent again.")
+              help="Store each DICOM SEG (implies --format dicom-seg) with STOW-RS or C-STORE: on the PACS "
+                   "segmented from, or on dicomweb+http(s)://URL or dimse://AET@HOST:PORT. SEGs the server holds "
+                   "are not sent again.")
 @click.option("--token-env", metavar="VAR", default=None,
               help="DICOMweb: environment variable holding a bearer token (default: ~/.netrc).")
 @click.option("--basic-auth-env", metavar="VAR", default=None,
               help="DICOMweb: environment variable holding user:password for basic auth.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+              help="Seconds one file may take to decode before it is recorded as failed.")
+@click.option("--stall-after", type=click.FloatRange(min=0, min_open=True), default=None, metavar="S",
+              help="Stop the run, naming the stalled stage, when nothing finishes for S seconds "
+                   "[default: 3 × --timeout, at least 60].")
 @inference_options(batch_size=8)
 @report_options
 @ray_options
 def segment(inputs: tuple[str, ...], outdir: Path, prompt_texts: tuple[str, ...], prompt_file: Path | None,
-            threshold: float | None, formats: tuple[str, ...], preview: bool, store: str | None,
-            token_env: str | None, basic_auth_env: str | None, model_path: str | None,
+            threshold: float | None, formats: tuple[str, ...], preview: bool, overlay: str | None, store: str | None,
+            token_env: str | None, basic_auth_env: str | None, timeout: float, stall_after: float | None,
+            model_path: str | None,
             device: str, backend: str, batch_size: int, workers: int | None, max_pixels: int | None,
             quiet: bool, dtype: str | None = None, report_mode: str | None = None, report_maps: int | None = None,
             ray_address: str | None = None, ray_actors: int | None = None, ray_threads: int | None = None) -> None:
@@ -70,7 +81,8 @@ def segment(inputs: tuple[str, ...], outdir: Path, prompt_texts: tuple[str, ...]
     peak probability) in one JSON per image; OUTDIR/report.html summarises the run (see --report).
 
     An input may instead be a DICOMweb study query on a PACS, e.g.
-    'dicomweb+http://host:8042/dicom-web/studies?ModalitiesInStudy=CR' (segmented on its own).
+    'dicomweb+http://host:8042/dicom-web/studies?ModalitiesInStudy=CR', or a DIMSE query,
+    'dimse://PACS@host:104?ModalitiesInStudy=CR' (segmented on its own).
     """
     if not prompt_texts and prompt_file is None:
         raise click.UsageError("give at least one --prompt TEXT or a --prompts FILE")
@@ -80,6 +92,7 @@ def segment(inputs: tuple[str, ...], outdir: Path, prompt_texts: tuple[str, ...]
         from radflash.cli.report import finish_run_report, start_gallery
         from radflash.findings import load_prompt_file
         from radflash.io.dicomweb import Auth, is_dicomweb
+        from radflash.io.dimse import is_dimse
         from radflash.segment.summary import summary_table
         from radflash.segment.verb import segment as run_segment
 
@@ -90,12 +103,13 @@ def segment(inputs: tuple[str, ...], outdir: Path, prompt_texts: tuple[str, ...]
                 raise click.BadParameter("empty prompt", param_hint="--prompt")
             prompts.setdefault(text, {"prompt": text, "threshold": None})
         auth = Auth(token_env=token_env, basic_env=basic_auth_env) if token_env or basic_auth_env else None
-        sources = [i if is_dicomweb(i) else Path(i) for i in inputs]
+        sources = [i if is_dicomweb(i) or is_dimse(i) else Path(i) for i in inputs]
         gallery = start_gallery("segment", report_maps, outdir)
         run = run_segment(sources, outdir, prompts=prompts, thresholds=threshold, model=model_path,
                           device=device, dtype=dtype, backend=backend, batch_size=batch_size, formats=formats,
-                          preview=preview, workers=workers, progress=not quiet, max_pixels=max_pixels,
-                          ray=ray, auth=auth, store=store, observer=gallery)
+                          preview=preview, overlay=overlay, workers=workers, progress=not quiet, max_pixels=max_pixels,
+                          ray=ray, auth=auth, store=store, observer=gallery, timeout=timeout,
+                          stall_after=stall_after)
     except RadflashError as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from None
     if not quiet:

@@ -52,13 +52,16 @@ from radflash.segment.grounding import ground
 from radflash.segment.output import REPORT, OutputWriter, build_report, check_formats
 from radflash.segment.prompts import resolve_prompts
 from radflash.segment.results import DecodedItem, ImageResult, InputFailure, PromptSpec, SegmentRun
+from radflash.util.watchdog import Watchdog, stall_limit
 
 if TYPE_CHECKING:
     from radflash.api import RadFlashModel
     from radflash.archive.decode_pool import Decoded
+    from radflash.archive.dimse_store import DimseStore
     from radflash.archive.ray_executor import Placement, RayOptions
     from radflash.archive.stow import Stower
     from radflash.io.dicomweb import Auth, DicomWebSource
+    from radflash.io.dimse import DimseSource
     from radflash.io.selection import SelectionRules
     from radflash.io.source import SourceItem
 
@@ -83,9 +86,11 @@ def segment(
     batch_size: int = 8,
     formats: Sequence[str] = ("png", "npz"),
     preview: bool = False,
+    overlay: str | None = None,
     rules: SelectionRules | None = None,
     workers: int | None = None,
     timeout: float | None = 120.0,
+    stall_after: float | None = None,
     progress: bool = True,
     max_pixels: int | None = None,
     ray: RayOptions | None = None,
@@ -107,13 +112,20 @@ def segment(
             prompt, or name → float. A threshold given with a prompt (file/mapping) wins, then
             this argument, then the checkpoint's calibrated map thresholds, then 0.5.
         formats: any of ``png`` (masks), ``npz`` (float16 maps), ``dicom-seg`` (DICOM sources
-            only), ``nifti`` (needs nibabel). The per-image JSON is always written.
+            only), ``dicom-sr`` (a TID 1500 report referencing the SEG; DICOM sources only),
+            ``nifti`` (needs nibabel). The per-image JSON is always written.
         preview: also write an overlay PNG (image + masks + points + legend) at the source size.
+        overlay: ``"sc"``: also write that overlay as a DICOM Secondary Capture (``overlay-sc.dcm``,
+            DICOM sources only) in the source's study, a new series, marked derived and not for
+            diagnosis, for PACS viewers that show neither SEG nor SR (:mod:`radflash.dicomout.sc`);
+            ``store`` sends it with the SEG.
         rules: a :class:`radflash.io.selection.SelectionRules`; ``None`` = the default rules.
         workers: decode processes for files; 0 decodes in-process; ``None`` = min(4, CPU count,
             files), and 0 for a single file (nothing to overlap its decode with).
         timeout: seconds one file may take to decode before its worker is killed and it is failed
             (locally and in Ray decode tasks, which isolate their decoder unless ``workers=0``).
+        stall_after: seconds without any finished step before the run stops naming the stalled
+            stage (:class:`radflash.util.watchdog.Stalled`); ``None``: 3 × ``timeout``, at least 60 s.
         max_pixels: the pixel budget shared with ``score`` (files above it fail from their header).
         ray: decode files as Ray tasks and encode them in a Ray actor pool on ``device``
             (:func:`radflash.archive.ray_executor.encode_on_ray`); maps, masks and writers stay here.
@@ -134,6 +146,12 @@ def segment(
     if store is not None and "dicom-seg" not in check_formats(formats):
         formats = (*check_formats(formats), "dicom-seg")  # --store sends the SEGs: make them
     formats = check_formats(formats)
+    if overlay not in (None, "sc"):
+        raise InputError(f"unknown overlay {overlay!r}; choose sc (a DICOM Secondary Capture)")
+    if overlay is not None:  # fail before the model loads, not on the first image
+        from radflash.util.optional import require
+
+        require("highdicom", extra="seg", purpose="--overlay sc")
     web, inputs = _dicomweb_input(inputs, auth)
     stower = _stower(store, web, auth, outdir)
     if max_pixels is not None:
@@ -193,7 +211,8 @@ def segment(
         raise InputError("no input images found" + (f" under {where}" if where else ""))
 
     header_of = _header_reader(web) if web is not None else None
-    writer = OutputWriter(out, rf, specs, formats, preview, header_of=header_of) if out is not None else None
+    writer = (OutputWriter(out, rf, specs, formats, preview, header_of=header_of, overlay=overlay)
+              if out is not None else None)
     names = NameAllocator(fallback="image")
     images: list[ImageResult] = []
     isolate = workers != 0  # a Ray decode task isolates its decoder unless decoding in-process was asked
@@ -212,22 +231,28 @@ def segment(
         encoded = _encoded_on_ray(arrays, files, rf, ray, placement, model, failures, bar, dtype=dtype,
                                   backend=backend, batch_size=batch_size, rules=rules, timeout=timeout,
                                   isolate=isolate)
+    watchdog = Watchdog(stall_after if stall_after is not None else stall_limit(timeout), what="segment").start()
+    # decoding and encoding run on a helper thread that this loop waits for in slices, so a stage
+    # that stops delivering ends the run with its name (radflash.util.watchdog)
+    guarded = watchdog.guard(encoded, "decode/encode" if ray is None else "ray")
     try:
-        for item, tokens in encoded:
+        for item, tokens in guarded:
             meta = item.meta
             uid = meta.sop_instance_uid if meta is not None else None
             stem = image_output_name(None, item.source if meta is not None else None, item.index)
             name = names.claim(image_output_name(uid, None, item.index) if uid else stem, fallback=stem)
             try:
-                result = _segment_one(rf, tokens, item, name, uid, specs, writer)
+                with watchdog.step("maps"):
+                    result = _segment_one(rf, tokens, item, name, uid, specs, writer)
             except (RadflashError, OSError) as exc:  # this image's outputs; the next may still work
                 failures.append(InputFailure(item.source, "failed", f"{exc}".splitlines()[0]))
             else:
                 images.append(result)
                 if observer is not None:
                     observer(item, result)
-                if stower is not None and "dicom-seg" in result.files:
-                    _store_seg(stower, out, result)  # type: ignore[arg-type]
+                if stower is not None and ("dicom-seg" in result.files or "overlay-sc" in result.files):
+                    with watchdog.step("store"):
+                        _store_seg(stower, out, result)  # type: ignore[arg-type]
                 failed = [n for n in result.notes if ": failed" in n]
                 if failed:  # the image's other outputs (and its JSON) were written
                     failures.append(InputFailure(item.source, "partial", "; ".join(failed)))
@@ -240,7 +265,10 @@ def segment(
         if stower is not None:
             log.info("stored %d DICOM SEG objects (%d already on the server)", stower.stored, stower.already)
     finally:
-        encoded.close()  # stops decode workers promptly if the run ended early
+        guarded.close()  # its helper thread closes `encoded`, which stops the decode workers
+        watchdog.stop()
+        if stower is not None and hasattr(stower, "close"):
+            stower.close()  # a DimseStore's association: an archive waits on open ones
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - t0
@@ -248,7 +276,8 @@ def segment(
                          failures=failures, elapsed_s=elapsed)
         report = build_report(run, rf, started=started, complete=sys.exc_info()[0] is None, preview=preview)
         if stower is not None:
-            report["store"] = {"url": "dicomweb+" + stower.target.base, "stored": stower.stored,
+            url = getattr(stower, "url", None) or "dicomweb+" + stower.target.base  # DimseStore: dimse://
+            report["store"] = {"url": url, "stored": stower.stored,
                                "already_on_server": stower.already}
         if executor is not None:  # as score's manifest: Ray's version, the cluster, the actor pool
             report["executor"] = executor
@@ -267,64 +296,88 @@ def segment(
 
 
 # ---- inputs ------------------------------------------------------------------------------------
-def _dicomweb_input(inputs: Any, auth: Auth | None) -> tuple[DicomWebSource | None, Any]:
-    """(the DICOMweb source, None) when ``inputs`` is one ``dicomweb+http(s)://`` query; else (None, inputs)."""
+def _dicomweb_input(inputs: Any, auth: Auth | None) -> tuple[DicomWebSource | DimseSource | None, Any]:
+    """(the PACS source, None) when ``inputs`` is one ``dicomweb+http(s)://`` or ``dimse://`` query;
+    else (None, inputs)."""
     from radflash.io.dicomweb import DicomWebSource, is_dicomweb
+    from radflash.io.dimse import DimseSource, is_dimse
 
-    if is_dicomweb(inputs):
+    def is_url(i: object) -> bool:
+        return is_dicomweb(i) or is_dimse(i)
+
+    if is_url(inputs):
         inputs = [inputs]
-    elif not isinstance(inputs, (list, tuple)) or not any(is_dicomweb(i) for i in inputs):
+    elif not isinstance(inputs, (list, tuple)) or not any(is_url(i) for i in inputs):
         return None, inputs
     if len(inputs) > 1:
-        raise InputError("a DICOMweb query is segmented on its own: give one dicomweb+http(s):// URL")
+        raise InputError("a PACS query is segmented on its own: give one dicomweb+http(s):// or dimse:// URL")
+    if is_dimse(inputs[0]):
+        return DimseSource(str(inputs[0])), None
     return DicomWebSource(str(inputs[0]), auth=auth), None
 
 
-def _stower(store: str | None, web: DicomWebSource | None, auth: Auth | None, outdir: Any) -> Stower | None:
+def _stower(store: str | None, web: DicomWebSource | DimseSource | None, auth: Auth | None,
+            outdir: Any) -> Stower | DimseStore | None:
     """Where ``store`` sends the SEGs (checked before the model loads), or None without ``store``."""
     if store is None:
         return None
     if outdir is None:
         raise InputError("--store sends the DICOM SEG files a run writes: give an output folder")
+    from radflash.io.dimse import DimseSource, is_dimse
+
     if store == "same":
         if web is None:
-            raise InputError("--store without a URL writes back to the DICOMweb server segmented from; "
-                             "give --store dicomweb+http(s)://… for file inputs")
-        store = "dicomweb+" + web.target.base
+            raise InputError("--store without a URL writes back to the PACS segmented from; "
+                             "give --store dicomweb+http(s)://… or dimse://… for file inputs")
+        store = web.target.display if isinstance(web, DimseSource) else "dicomweb+" + web.target.base
+    if is_dimse(store):  # C-STORE, idempotent like STOW-RS (radflash.archive.dimse_store)
+        from radflash.archive.dimse_store import DimseStore
+
+        return DimseStore(store)
     from radflash.archive.stow import Stower
 
     return Stower(store, auth=auth)
 
 
-def _header_reader(web: DicomWebSource) -> Any:
-    """A DICOMweb item's source header for its SEG (WADO-RS metadata): no file is kept to re-read."""
+def _header_reader(web: DicomWebSource | DimseSource) -> Any:
+    """A PACS item's source header for its SEG (WADO-RS metadata; a DIMSE source keeps the headers
+    of what it retrieved): no file is kept to re-read."""
     from radflash.archive.stow import instance_header
+    from radflash.io.dicomweb import DicomWebSource
 
     def header_of(item: DecodedItem) -> Any:
         meta = item.meta
         assert meta is not None
+        if not isinstance(web, DicomWebSource):
+            return web.header(meta.study_instance_uid or "", meta.series_instance_uid or "",
+                              meta.sop_instance_uid or "")
         return instance_header(web, item.source, meta.study_instance_uid or "", meta.series_instance_uid or "",
                                meta.sop_instance_uid or "")
     return header_of
 
 
 def _store_seg(stower: Stower, out: Path, result: ImageResult) -> None:
-    """STOW-RS one image's SEG unless the server holds it; a refusal is noted, a server gone ends the run."""
+    """STOW-RS one image's SEG (and overlay SC) unless the server holds it; a refusal is noted, a
+    server gone ends the run."""
     import pydicom
 
     from radflash.io.dicomweb import DicomWebError, ServerUnavailable
+    from radflash.io.dimse import DimseError, DimseUnavailable
 
-    seg = pydicom.dcmread(inside(out, *result.files["dicom-seg"].split("/")))
-    try:
-        if stower.exists(seg.StudyInstanceUID, seg.SOPInstanceUID):
-            stower.already += 1
-            return
-        stower.store([seg])
-    except ServerUnavailable:
-        raise
-    except DicomWebError as exc:
-        result.notes.append(f"store: failed ({str(exc).splitlines()[0]})")
-        log.warning("%s: storing its DICOM SEG failed: %s", result.source, exc)
+    for key in ("dicom-seg", "dicom-sr", "overlay-sc"):
+        if key not in result.files:
+            continue
+        ds = pydicom.dcmread(inside(out, *result.files[key].split("/")))
+        try:
+            if stower.exists(ds.StudyInstanceUID, ds.SOPInstanceUID):
+                stower.already += 1
+                continue
+            stower.store([ds])
+        except (ServerUnavailable, DimseUnavailable):
+            raise
+        except (DicomWebError, DimseError) as exc:
+            result.notes.append(f"store: failed ({str(exc).splitlines()[0]})")
+            log.warning("%s: storing its %s failed: %s", result.source, key, exc)
 
 
 def _split_inputs(inputs: Any) -> tuple[list[np.ndarray], list[Path]]:
