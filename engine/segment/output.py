@@ -237,6 +237,8 @@ def build_report(run: SegmentRun, rf: RadFlashModel, *, started: datetime, compl
         "model": {"id": rf.model_id, "sha256": rf.sha256, "notice": rf.notice,
                   "image_size": rf.config.image_size},
         "device": str(rf.device),
+        "backend": rf.backend_name, "precision": rf.precision,
+        "backend_selection": rf.backend_selection,  # auto: every candidate's timing and agreement
         "formats": list(run.formats),
         "preview": preview,
         "prompts": [{**asdict(s), "positives": positives[s.name]} for s in run.prompts],
