@@ -91,6 +91,7 @@ class Node:
         from radflash.util.watchdog import Watchdog, stall_limit
 
         o = self.options
+        _import_before_threads(o)
         self.journal = Journal(o.state)
         self.prompts = resolve_findings(o.findings)
         self.model = o.model.load()
@@ -383,3 +384,24 @@ class Node:
 
     def _delivered(self, inst: Instance) -> None:
         self.metrics.e2e.observe(max(0.0, time.time() - inst.received))
+
+
+def _import_before_threads(options: ServeOptions) -> None:
+    """Import the DICOM stack on this thread before any worker thread starts: two threads importing
+    pydicom at once can see it half-initialised (``module 'pydicom' has no attribute 'dcmread'``)."""
+    import importlib
+
+    import pydicom
+    import pydicom.dataset  # noqa: F401
+
+    from radflash.util.optional import require
+
+    if options.intake.dicom_port is not None or any(t.lower().startswith("dimse://") for t in options.forward.targets):
+        require("pynetdicom", extra="serve", purpose="radflash serve's C-STORE SCP and dimse:// targets")
+    if options.forward.targets:
+        require("highdicom", extra="serve", purpose="radflash serve's structured reports")
+        importlib.import_module("radflash.archive.stow")
+        importlib.import_module("radflash.archive.dimse_store")
+        importlib.import_module("radflash.dicomout.sr")
+    if any(t.lower().startswith("dicomweb") for t in options.forward.targets):
+        require("dicomweb_client", extra="serve", purpose="radflash serve's STOW-RS targets")

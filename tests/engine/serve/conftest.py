@@ -181,8 +181,8 @@ def srs_in(pacs) -> dict[str, dict]:
 
 
 def sr_count(pacs) -> int:
-    return len(pacs.request("POST", "/tools/find",  # type: ignore[arg-type]
-                            json.dumps({"Level": "Instance", "Query": {"Modality": "SR"}}).encode(), "application/json"))
+    query = json.dumps({"Level": "Instance", "Query": {"Modality": "SR"}}).encode()
+    return len(pacs.request("POST", "/tools/find", query, "application/json"))  # type: ignore[arg-type]
 
 
 def stow_body(files: list[bytes], boundary: str = "radflash-test-boundary") -> tuple[bytes, str]:

@@ -21,8 +21,8 @@ from tests.engine.serve.conftest import (
     sr_count,
     sr_uid_of,
     srs_in,
-    storescu,
     stored_by,
+    storescu,
     uids,
 )
 
