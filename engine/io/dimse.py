@@ -586,9 +586,10 @@ class DimseSource:
     for studies that could not be listed and instances that could not be had.
 
     Order is stable: studies by Study Instance UID, series and instances by UID within them (a
-    C-FIND has no order of its own). ``num_parts``/``part_id`` keep the instances whose
-    SOPInstanceUID hashes to this shard: the DICOMweb source's rule
-    (:func:`radflash.io.dicomweb.shard_uid`), so nodes agree without coordination.
+    C-FIND has no order of its own). ``num_parts``/``part_id`` keep the studies whose
+    StudyInstanceUID hashes to this shard (the stable hash of :func:`radflash.io.dicomweb.shard_uid`,
+    so nodes agree without coordination): a study is never split between shards, and a shard sends
+    the series and instance C-FINDs of its own studies only.
     """
 
     def __init__(self, url: str, *, policy: Policy | None = None, num_parts: int = 1, part_id: int = 0,
@@ -639,13 +640,13 @@ class DimseSource:
             pairs = {p for p in pairs if all(p)}
             if not pairs:
                 raise DimseError(f"{t.display}: C-FIND matched no series")
-            yield from sorted(pairs)
+            yield from sorted(p for p in pairs if self._mine(p[0]))
             return
         rows = self._find(t.display, query_identifier("STUDY", StudyInstanceUID="", **filters))
         studies = sorted({str(r.get("StudyInstanceUID", "")) for r in rows} - {""})
         if not studies:
             raise DimseError(f"{t.display}: C-FIND matched no studies")
-        for study in studies:
+        for study in filter(self._mine, studies):
             where = f"{t.base}/studies/{study}"
             try:
                 rows = self._find(where, query_identifier("SERIES", StudyInstanceUID=study, SeriesInstanceUID=""))
@@ -655,6 +656,10 @@ class DimseSource:
                 self.failures.append((where, f"query failed: {str(exc).split(': ', 1)[-1]}"))
                 continue
             yield from sorted({(study, str(r.get("SeriesInstanceUID", ""))) for r in rows} - {(study, "")})
+
+    def _mine(self, study: str) -> bool:
+        """Whether ``study`` belongs to this shard."""
+        return self.num_parts == 1 or shard_uid(study, self.num_parts) == self.part_id
 
     def listing(self) -> Iterator[DimseItem]:
         """Every matching instance of this shard, listed but not retrieved (C-FIND only), study by
@@ -680,7 +685,7 @@ class DimseSource:
             refs = {InstanceRef(study, series, str(r.get("SOPInstanceUID", "")), str(r.get("SOPClassUID", "")))
                     for r in rows}
             for ref in sorted(refs, key=lambda r: r.sop):
-                if ref.sop and (self.num_parts == 1 or shard_uid(ref.sop, self.num_parts) == self.part_id):
+                if ref.sop:
                     if ref.sop_class.startswith(NOT_IMAGES):  # accounted for, never retrieved
                         yield DimseItem(self.key_of(ref), skip=f"not an image (SOP class {ref.sop_class})", ref=ref)
                     else:
