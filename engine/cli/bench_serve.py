@@ -1,0 +1,43 @@
+"""``radflash bench-serve``: load a local node over STOW-RS or C-STORE (see :mod:`radflash.serve.bench`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("bench-serve")
+@click.option("--transport", type=click.Choice(("stow", "dimse")), default="stow", show_default=True)
+@click.option("--concurrency", type=click.IntRange(min=1), default=None, help="Closed loop with N senders.")
+@click.option("--rate", "rates", type=click.FloatRange(min=0.01), multiple=True,
+              help="Open loop, Poisson arrivals at R instances/s (repeatable: one load each).")
+@click.option("--max-batch", type=click.IntRange(min=2), default=8, show_default=True,
+              help="The node's batch bound; every load also runs with --max-batch 1.")
+@click.option("--max-queue-delay-ms", type=click.FloatRange(min=0), default=50.0, show_default=True)
+@click.option("--window", type=click.FloatRange(min=1), default=10.0, show_default=True,
+              help="Seconds per window; a load ends when three windows agree within 10%.")
+@click.option("--max-windows", type=click.IntRange(min=3), default=8, show_default=True)
+@click.option("--model", type=click.Path(exists=True), default=None, help="Checkpoint (default: the demo model).")
+@click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the table (.md) and JSON here.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="PNG: throughput and latency.")
+def bench_serve(transport: str, concurrency: int | None, rates: tuple[float, ...], max_batch: int,
+                max_queue_delay_ms: float, window: float, max_windows: int, model: str | None, workers: int,
+                out: Path | None, plot_path: Path | None) -> None:
+    """Receive → result-forwarded latency (p50/p90/p95/p99) and throughput of a local serve node."""
+    from radflash.serve import bench
+
+    if concurrency is None and not rates:
+        raise click.UsageError("give --concurrency N (closed loop) and/or --rate R (open loop)")
+    results = bench.bench_serve(transport=transport, concurrency=concurrency, rates=rates, max_batch=max_batch,
+                                max_queue_delay_ms=max_queue_delay_ms, window=window, max_windows=max_windows,
+                                model=model, workers=workers)
+    text = bench.table(results, batched=max_batch)
+    click.echo(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(text)
+        out.with_suffix(".json").write_text(bench.as_json(results))
+    if plot_path is not None:
+        bench.plot(results, plot_path, batched=max_batch)
