@@ -26,12 +26,12 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from radflash.errors import InputError
-from radflash.io.source import SourceItem
+from radflash.io.source import SourceItem, prefetched
 
 log = logging.getLogger("radflash.dicomweb")
 
@@ -306,46 +306,11 @@ class Retrieval:
     source: DicomWebSource
     items: Iterable[SourceItem]  # a list (then ``len`` works) or a stream, iterated once
     prefetch: int = 4
-    fetched: int = field(default=0)
 
     def __len__(self) -> int:
         return len(self.items)  # type: ignore[arg-type]  # only for a listed (sized) sequence
 
     def __iter__(self) -> Iterator[SourceItem]:
-        from collections import deque
-        from concurrent.futures import Future, ThreadPoolExecutor
-
-        pending: deque[tuple[SourceItem, Future | None]] = deque()
-        todo = iter(self.items)
-        with ThreadPoolExecutor(max_workers=self.prefetch, thread_name_prefix="radflash-wado") as pool:
-            try:
-                while True:
-                    while len(pending) < self.prefetch and (item := next(todo, None)) is not None:
-                        wanted = isinstance(item, DicomWebItem) and item.ref is not None
-                        pending.append((item, pool.submit(self.source.fetch, item) if wanted else None))
-                    if not pending:
-                        return
-                    item, future = pending.popleft()
-                    if future is None:
-                        yield item
-                        continue
-                    data = self._result(item, future)
-                    if data is not None:
-                        self.fetched += 1
-                        yield SourceItem(item.key, data=data)
-            finally:
-                for _, future in pending:
-                    if future is not None:
-                        future.cancel()
-
-    def _result(self, item: SourceItem, future: Any) -> bytes | None:
-        try:
-            return future.result()
-        except ServerUnavailable:
-            raise
-        except DicomWebError as exc:
-            self.source.failures.append((item.key, f"retrieve failed: {str(exc).split(': ', 1)[-1]}"))
-        except Exception as exc:  # a part pydicom cannot parse: that instance fails, the run goes on
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            self.source.failures.append((item.key, f"retrieve failed: {type(exc).__name__}: {first}"))
-        return None
+        return prefetched(self.items, self.source.fetch, ahead=self.prefetch, failures=self.source.failures,
+                          wanted=lambda item: isinstance(item, DicomWebItem) and item.ref is not None,
+                          fatal=ServerUnavailable, name="radflash-wado")

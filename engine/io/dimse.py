@@ -43,13 +43,13 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from radflash.errors import InputError
 from radflash.io.dicomweb import shard_uid
-from radflash.io.source import SourceItem
+from radflash.io.source import SourceItem, prefetched
 
 log = logging.getLogger("radflash.dimse")
 
@@ -859,49 +859,16 @@ class DimseRetrieval:
     source: DimseSource
     items: Iterable[SourceItem]
     prefetch: int = 2
-    fetched: int = field(default=0)
 
     def __len__(self) -> int:
         return len(self.items)  # type: ignore[arg-type]  # only for a listed (sized) sequence
 
     def __iter__(self) -> Iterator[SourceItem]:
-        from concurrent.futures import Future, ThreadPoolExecutor
-
-        pending: deque[tuple[SourceItem, Future | None]] = deque()
-        todo = iter(self.items)
-        pool = ThreadPoolExecutor(max_workers=self.prefetch, thread_name_prefix="radflash-dimse")
+        # a listed non-image is accounted for from the listing (score): never retrieved, not passed on
+        items = (item for item in self.items if not (item.skip is not None and isinstance(item, DimseItem)))
         try:
-            while True:
-                while len(pending) < self.prefetch and (item := next(todo, None)) is not None:
-                    if item.skip is not None and isinstance(item, DimseItem):
-                        continue  # a listed non-image: the run accounts for it from the listing (score)
-                    wanted = isinstance(item, DimseItem) and item.ref is not None
-                    pending.append((item, pool.submit(self.source.fetch, item) if wanted else None))
-                if not pending:
-                    return
-                item, future = pending.popleft()
-                if future is None:
-                    yield item
-                    continue
-                data = self._result(item, future)
-                if data is not None:
-                    self.fetched += 1
-                    yield SourceItem(item.key, data=data)
+            yield from prefetched(items, self.source.fetch, ahead=self.prefetch, failures=self.source.failures,
+                                  wanted=lambda item: isinstance(item, DimseItem) and item.ref is not None,
+                                  fatal=DimseUnavailable, name="radflash-dimse")
         finally:
-            for _, future in pending:
-                if future is not None:
-                    future.cancel()
-            pool.shutdown(wait=True)  # every wait in a fetch is bounded by the policy's timeouts
-            self.source.close()
-
-    def _result(self, item: SourceItem, future: Any) -> bytes | None:
-        try:
-            return future.result()
-        except DimseUnavailable:
-            raise
-        except DimseError as exc:
-            self.source.failures.append((item.key, f"retrieve failed: {str(exc).split(': ', 1)[-1]}"))
-        except Exception as exc:  # bytes pynetdicom could not frame: that instance fails, the run goes on
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            self.source.failures.append((item.key, f"retrieve failed: {type(exc).__name__}: {first}"))
-        return None
+            self.source.close()  # the associations are released when the items run out (or the run stops)

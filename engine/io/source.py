@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
@@ -116,6 +116,51 @@ def retrieved_items(source: Source, items: Iterable[SourceItem]) -> Iterable[Sou
 def retrieval_failures(source: Source) -> Sequence[tuple[str, str]]:
     """``(key, reason)`` of listed items the source could not retrieve (none for most sources)."""
     return getattr(source, "failures", ())
+
+
+def prefetched(items: Iterable[SourceItem], fetch: Callable[[SourceItem], bytes], *,
+               wanted: Callable[[SourceItem], bool], ahead: int, failures: list[tuple[str, str]],
+               fatal: type[BaseException] | tuple[type[BaseException], ...], name: str) -> Iterator[SourceItem]:
+    """``items`` in order, each ``wanted`` one with its bytes fetched up to ``ahead`` items early on
+    a thread pool (network sources: retrieval overlaps decoding, and at most ``ahead`` instances
+    are held in memory). An item whose fetch fails on its own is recorded in ``failures`` as
+    ``(key, "retrieve failed: …")`` and left out, so the run carries on; a ``fatal`` error (the
+    server is gone) ends the iteration. Every wait is bounded by the fetch's own timeouts.
+    """
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from radflash.errors import RadflashError
+
+    pending: deque[tuple[SourceItem, Future | None]] = deque()
+    todo = iter(items)
+    with ThreadPoolExecutor(max_workers=ahead, thread_name_prefix=name) as pool:
+        try:
+            while True:
+                while len(pending) < ahead and (item := next(todo, None)) is not None:
+                    pending.append((item, pool.submit(fetch, item) if wanted(item) else None))
+                if not pending:
+                    return
+                item, future = pending.popleft()
+                if future is None:
+                    yield item
+                    continue
+                try:
+                    data = future.result()
+                except fatal:
+                    raise
+                except RadflashError as exc:  # "<where>: <reason>": the row already names the instance
+                    failures.append((item.key, f"retrieve failed: {str(exc).split(': ', 1)[-1]}"))
+                    continue
+                except Exception as exc:  # bytes that cannot be parsed: that instance fails, the run goes on
+                    first = str(exc).splitlines()[0] if str(exc) else ""
+                    failures.append((item.key, f"retrieve failed: {type(exc).__name__}: {first}"))
+                    continue
+                yield SourceItem(item.key, data=data)
+        finally:
+            for _, future in pending:
+                if future is not None:
+                    future.cancel()
 
 
 def _absolute(path: str, cwd: str) -> str:
