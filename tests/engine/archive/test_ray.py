@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -24,6 +23,7 @@ from radflash.archive.sinks import read_manifest, read_table
 from radflash.archive.verb import DEMO_ARCHIVE, score
 from radflash.cli import cli
 from radflash.errors import InputError, MissingDependency
+from tests.engine.crash import kill9_after_second_part
 
 ray = pytest.importorskip("ray")
 
@@ -189,15 +189,7 @@ def test_driver_kill9_then_resume(ray_address: str, tiny_model: Path, reference,
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "radflash", "score", str(DEMO_ARCHIVE), "-o", str(out), "--model", str(tiny_model),
            "--batch-size", "1", "--commit-every", "1", "-q", "--ray", ray_address]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    while not (out / "parts" / "part-00001.parquet").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
-        assert time.monotonic() < deadline, "no part committed within 180 s"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert not read_manifest(out)["complete"], "the run finished before it could be killed"
+    kill9_after_second_part(cmd, out, within=180)
     committed = read_table_parts(out)
     assert 2 <= committed < reference.discovered
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from click.testing import CliRunner
 from radflash.archive.sinks import PHI_COLUMNS, path_from_text, read_manifest, read_table
 from radflash.cli import cli
 from radflash.errors import InputError
+from tests.engine.crash import kill9_after_second_part
 
 FILMS = 40  # chest films; write_archive adds 9 clutter files (other modalities, views, broken files)
 STATUS_OF = {"loaded": "scored", "skipped": "skipped", "failed": "failed"}  # archive manifest → status table
@@ -287,15 +287,7 @@ def test_kill9_then_resume_matches_uninterrupted(archive, tiny_model, reference,
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "radflash", "score", str(archive[0]), "-o", str(out), "--model", str(tiny_model),
            "--workers", "1", "--batch-size", "2", "--commit-every", "8", "-q"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not list((out / "parts").glob("part-00001.parquet")):
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline, "no part committed within 120 s"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert not read_manifest(out)["complete"], "the run finished before it could be killed"
+    kill9_after_second_part(cmd, out)
     committed = len(list((out / "parts").glob("part-*.parquet")))
     assert 2 <= committed < reference.discovered / 8
 

@@ -15,8 +15,6 @@ import functools
 import io
 import json
 import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -27,6 +25,7 @@ import pytest
 from radflash.archive.sinks import read_manifest, read_table
 from radflash.archive.verb import score
 from radflash.errors import InputError
+from tests.engine.crash import kill9_after_second_part
 from tests.engine.orthanc import ARCHIVE_FILES, free_port, start_or_skip
 
 pytest.importorskip("pynetdicom", reason="pynetdicom is not installed (pip install 'radflash[dimse]')")
@@ -239,15 +238,7 @@ def test_resume_after_kill9_finishes_without_rescoring(pacs, from_files, tmp_pat
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "radflash", "score", pacs.dimse(), "-o", str(out), "--workers", "1",
            "--batch-size", "1", "--commit-every", "2", "-q"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not list((out / "parts").glob("part-00001.parquet")):
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline, "no part committed within 120 s"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert not read_manifest(out)["complete"], "the run finished before it could be killed"
+    kill9_after_second_part(cmd, out)
     run = score(pacs.dimse(), out, resume=True, workers=1, batch_size=1, progress=False)
     assert run.resumed >= 2 and run.manifest["counts"]["processed_this_run"] == run.discovered - run.resumed
     paths = run.status.column("path").to_pylist()
