@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from radflash.archive.decode_check import agreement, decode_settings
 from radflash.archive.pipeline import PipelineConfig, PipelineStats, PromptSet, run_pipeline
 from radflash.archive.sinks import (
     FORMATS,
@@ -41,6 +42,7 @@ from radflash.archive.sinks import (
 from radflash.checkpoints.calibration import score_calibrated
 from radflash.errors import InputError
 from radflash.io.decoders import missing_decoder_line
+from radflash.io.imageio import fast_loader
 from radflash.io.source import (
     FileSource,
     Source,
@@ -117,6 +119,7 @@ def score(
     stow: str | None = None,
     ray: RayOptions | None = None,
     observer: BatchObserver | None = None,
+    fast_decode: bool = False,
 ) -> ScoreRun:
     """Score every image under ``inputs`` (files/folders, searched recursively).
 
@@ -151,6 +154,11 @@ def score(
         observer: sees each scored batch with its image tokens in the same pass, e.g.
             :class:`radflash.report.gallery.ScoreGallery`; under Ray it must be a
             :class:`radflash.archive.pipeline.DistributedObserver` (a copy runs in each actor).
+        fast_decode: decode JPEG 2000 / 8-bit JPEG films only at the coarsest resolution that still
+            covers the model input (:func:`radflash.io.decoders.decode_reduced`); other syntaxes are
+            decoded in full. Off by default: the default keeps the reference preprocessing exactly.
+            The manifest's ``decode`` records the mode and the probe batch's max |Δprob| against a
+            full decode (:mod:`radflash.archive.decode_check`).
 
     With an output folder the run holds ``OUT/.radflash.lock`` (:class:`radflash.archive.sinks.OutputLock`)
     from before the model loads until the tables are written: a second run into the same folder
@@ -225,6 +233,7 @@ def score(
             },
             "source": described,
             "demo_archive": demo,
+            "decode": decode_settings(fast_decode, rf_model.preprocessing.geometry),
         }
 
         # ---- output / resume -----------------------------------------------------------------
@@ -260,7 +269,8 @@ def score(
         else:  # Ray decode tasks each keep one decode process (crash isolation), unless workers=0
             n_workers = int(n_workers > 0)
         config = PipelineConfig(batch_size=batch_size, workers=n_workers, commit_every=commit_every,
-                                timeout=timeout, stall_after=stall_after, include_phi=include_phi, rules=rules)
+                                timeout=timeout, stall_after=stall_after, include_phi=include_phi, rules=rules,
+                                loader=fast_loader(manifest["decode"]["min_size"]) if fast_decode else None)
         bar = _progress_bar(None, enabled=progress, initial_counts=initial_counts)  # total: known at the end
         try:
             if ray is None:
@@ -283,6 +293,8 @@ def score(
         # ---- consolidate ---------------------------------------------------------------------
         results_path, status_path, results, status = sink.finalize(fmt)
         counts = status_counts(status.column("status").to_pylist())
+        if fast_decode:  # the probe batch: the run's probabilities against a full decode of its files
+            manifest["decode"]["agreement"] = agreement(rf_model, prompt_set, results, status, rules=rules)
         missing = missing_decoder_line(status.column("reason").to_pylist())
         if missing:  # the run's last line: what to install to score the files it had to skip
             log.warning("%s", missing)

@@ -61,6 +61,11 @@ DEMO_GALLERY_K = 4  # top images per finding in the demo run's report gallery
               help="DICOMweb inputs: environment variable holding a bearer token (default: ~/.netrc).")
 @click.option("--basic-auth-env", metavar="VAR", default=None,
               help="DICOMweb inputs: environment variable holding user:password for basic auth.")
+@click.option("--fast-decode", is_flag=True,
+              help="Decode JPEG 2000 and 8-bit JPEG films only at the coarsest resolution that still covers "
+                   "the model input (several times faster on large films; other syntaxes decode in full). "
+                   "Off by default: the default is the reference preprocessing. The manifest records the "
+                   "probe batch's max |Δprob| against a full decode.")
 @report_options
 @ray_options
 def score(inputs: tuple[str, ...], output: Path | None, model_path: str | None, findings: Path | None,
@@ -70,7 +75,8 @@ def score(inputs: tuple[str, ...], output: Path | None, model_path: str | None, 
           commit_every: int, timeout: float, stall_after: float | None, max_pixels: int | None, quiet: bool,
           token_env: str | None,
           basic_auth_env: str | None, stow: str | None, report_mode: str | None = None, report_maps: int | None = None,
-          ray_address: str | None = None, ray_actors: int | None = None, ray_threads: int | None = None) -> None:
+          ray_address: str | None = None, ray_actors: int | None = None, ray_threads: int | None = None,
+          fast_decode: bool = False) -> None:
     """Score every image in INPUTS (files or folders, searched recursively) for each finding.
 
     An input may instead be a DICOMweb study query on a PACS, e.g.
@@ -111,7 +117,7 @@ def score(inputs: tuple[str, ...], output: Path | None, model_path: str | None, 
         resume=resume, num_parts=num_parts, part_id=part_id, rules=rules, progress=not quiet,
         commit_every=commit_every, timeout=timeout, stall_after=stall_after, max_pixels=max_pixels, auth=auth,
         stow=stow,
-        ray=ray_run_options(ray_address, ray_actors, ray_threads), observer=gallery,
+        ray=ray_run_options(ray_address, ray_actors, ray_threads), observer=gallery, fast_decode=fast_decode,
     )
     if not quiet:
         _summary(run)

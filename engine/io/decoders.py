@@ -19,10 +19,14 @@ Imports nothing heavy at module level: the decode workers load it, and they must
 
 from __future__ import annotations
 
+import logging
 import re
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger("radflash.decoders")
 
 # Syntax UIDs (pydicom.uid names), spelled out so this table needs no pydicom import to read.
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
@@ -178,18 +182,29 @@ class Decoded:
 
     array: Any  # numpy array
     decoder: str  # "native", "native (deflate)", "gdcm", "pylibjpeg-openjpeg", ...
+    reduction: int = 0  # resolution levels skipped (fast decode): the array is ~2^-r of Rows × Columns
 
 
-def decode(ds: Any) -> Decoded:
+def decode(ds: Any, *, min_size: int | None = None) -> Decoded:
     """Decode ``ds``'s pixel data with the fastest usable plugin; the next ones on its error.
 
     A compressed file reaches this only after :func:`decoder_reason` said some plugin can read it;
     if every plugin raises, the first error (the preferred decoder's) is re-raised.
+
+    ``min_size`` (``--fast-decode``): the model input's side. A JPEG 2000 or 8-bit JPEG film is
+    then decoded at the coarsest resolution whose shorter side still covers it
+    (:func:`decode_reduced`), with the stored-value range unchanged, so the Modality/VOI LUTs
+    apply as they do to the full decode; any other syntax, or a file the reduced path cannot
+    vouch for, is decoded in full as usual.
     """
     meta = getattr(ds, "file_meta", None)
     uid = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     from pydicom.uid import UID
 
+    if min_size is not None and uid in REDUCIBLE:
+        reduced = decode_reduced(ds, min_size)
+        if reduced is not None:
+            return reduced
     tsyntax = UID(uid) if uid else None
     if tsyntax is None or not tsyntax.is_transfer_syntax or not tsyntax.is_compressed or tsyntax.is_deflated:
         return Decoded(ds.pixel_array, "native (deflate)" if tsyntax is not None and tsyntax.is_deflated
@@ -206,6 +221,166 @@ def decode(ds: Any) -> Decoded:
     if first_error is not None:
         raise first_error
     raise NotImplementedError(f"{MISSING_DECODER} ({uid}; {missing_hint(uid, bits)})")
+
+
+# ---- reduced-resolution decode (--fast-decode) ---------------------------------------------------
+# Syntaxes whose codestream can be decoded at a fraction of its resolution for a fraction of the
+# cost: JPEG 2000 by stopping the inverse wavelet transform r levels early (OpenJPEG's decoded-
+# resolution factor, reached through Pillow: pylibjpeg-openjpeg 2.6 does not expose it), 8-bit JPEG
+# by libjpeg's DCT scaling (1/2, 1/4, 1/8). Both keep the stored-value range: the LL band of the
+# reversible 5/3 and irreversible 9/7 wavelets has unit DC gain, and a scaled IDCT averages.
+REDUCIBLE = frozenset({JPEG_2000_LOSSLESS, JPEG_2000, JPEG_BASELINE, JPEG_EXTENDED})
+MAX_DCT_REDUCTION = 3  # libjpeg scales by 1/2, 1/4 or 1/8 at most
+
+
+def reduction_levels(rows: int, cols: int, min_size: int, max_levels: int | None = None) -> int:
+    """The largest r with min(rows, cols) / 2^r ≥ ``min_size`` (0 when even r = 1 falls short),
+    capped at ``max_levels`` (the codestream's wavelet levels, or libjpeg's 3 DCT scalings).
+
+    The shorter side decides so that the model's resize still goes *down* in both directions
+    (a letterbox scales the longer side to S, which the shorter-side rule covers too).
+    """
+    if min_size < 1 or rows < 1 or cols < 1:
+        return 0
+    r, short = 0, min(rows, cols)
+    while short / 2 ** (r + 1) >= min_size and (max_levels is None or r + 1 <= max_levels):
+        r += 1
+    return r
+
+
+@dataclass(frozen=True)
+class J2KHeader:
+    """What the reduced decode needs from a JPEG 2000 main header (SIZ and COD/COC markers)."""
+
+    width: int
+    height: int
+    x0: int
+    y0: int
+    components: int
+    precision: int
+    signed: bool
+    levels: int  # decomposition levels (the fewest over COD and any COC)
+
+
+def j2k_header(frame: bytes) -> J2KHeader | None:
+    """Parse SIZ and COD/COC of a JPEG 2000 codestream (or of the codestream in a JP2 file);
+    ``None`` when the main header is not what ISO 15444-1 A.5/A.6 describes."""
+    start = frame.find(b"\xff\x4f\xff\x51")  # SOC then SIZ: the codestream's first two markers
+    if start < 0 or start > 4096:
+        return None
+    pos, size, levels = start + 2, None, []
+    try:
+        while pos + 4 <= len(frame):
+            marker, length = struct.unpack(">HH", frame[pos:pos + 4])
+            body = frame[pos + 4:pos + 2 + length]
+            if marker == 0xFF51:  # SIZ: Rsiz, Xsiz, Ysiz, XOsiz, YOsiz, XTsiz, YTsiz, XTOsiz, YTOsiz, Csiz
+                _, xs, ys, xo, yo, *_tiles, csiz = struct.unpack(">HIIIIIIIIH", body[:36])
+                ssiz = body[36]
+                size = (xs, ys, xo, yo, csiz, (ssiz & 0x7F) + 1, bool(ssiz & 0x80))
+            elif marker == 0xFF52:  # COD: Scod, SGcod (4 bytes), then the decomposition levels
+                levels.append(body[5])
+            elif marker == 0xFF53 and size is not None:  # COC: component index (1 or 2 bytes), Scoc
+                levels.append(body[(1 if size[4] < 257 else 2) + 1])
+            elif marker == 0xFF90:  # SOT: the main header is over
+                break
+            pos += 2 + length
+    except (struct.error, IndexError):
+        return None
+    if size is None or not levels:
+        return None
+    xs, ys, xo, yo, csiz, precision, signed = size
+    return J2KHeader(xs - xo, ys - yo, xo, yo, csiz, precision, signed, min(levels))
+
+
+def decode_reduced(ds: Any, min_size: int) -> Decoded | None:
+    """``ds``'s stored values at the coarsest resolution that still covers ``min_size``, or
+    ``None`` when the full decode must be used instead (another syntax, a film already too small
+    to reduce, several frames or samples, or a codestream whose header disagrees with the DICOM one).
+
+    The values are the stored values' own range (no rescale, no bit shift left over), so the
+    Modality and VOI LUTs apply unchanged: Pillow returns JPEG 2000 samples shifted up to 8 or 16
+    bits (a 15-bit CR comes back ×2; that was the "wrong values" seen with Pillow's ``reduce``),
+    which is undone here and checked against the full decode in ``tests/engine/io/test_fast_decode.py``.
+    """
+    meta = getattr(ds, "file_meta", None)
+    uid = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    rows, cols, bits = _int(ds.get("Rows")), _int(ds.get("Columns")), _int(ds.get("BitsStored"))
+    if uid not in REDUCIBLE or not rows or not cols or not bits:
+        return None
+    if (_int(ds.get("NumberOfFrames")) or 1) != 1 or (_int(ds.get("SamplesPerPixel")) or 1) != 1:
+        return None
+    if "PixelData" not in ds or reduction_levels(rows, cols, min_size) == 0:
+        return None
+    from pydicom.encaps import generate_frames
+
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except Exception as exc:  # malformed encapsulation: the full decode reports it properly
+        log.debug("reduced decode: no frame (%s); decoding in full", exc)
+        return None
+    signed = bool(_int(ds.get("PixelRepresentation")))
+    try:
+        if uid in (JPEG_2000_LOSSLESS, JPEG_2000):
+            return _j2k_reduced(frame, rows, cols, bits, signed, min_size)
+        return _jpeg_reduced(frame, rows, cols, bits, min_size)
+    except Exception as exc:  # a codestream Pillow cannot reduce: the full decode still may
+        log.debug("reduced decode failed (%s: %s); decoding in full", type(exc).__name__, exc)
+        return None
+
+
+def _expected(rows: int, cols: int, r: int) -> tuple[int, int]:
+    return -(-rows // 2**r), -(-cols // 2**r)
+
+
+def _j2k_reduced(frame: bytes, rows: int, cols: int, bits: int, signed: bool, min_size: int) -> Decoded | None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    head = j2k_header(frame)
+    # Only what a CR/DX stores and what the shift below undoes exactly: one unsigned component of
+    # ≤ 16 bits, the precision the header claims, no image offset (Pillow sizes an offset image
+    # differently from OpenJPEG and fails on it, as on RG1_J2KR at r = 2 before this check).
+    if head is None or head.components != 1 or head.signed or signed or head.precision != bits or bits > 16:
+        return None
+    if (head.width, head.height) != (cols, rows) or head.x0 or head.y0:
+        return None
+    r = reduction_levels(rows, cols, min_size, head.levels)
+    if r == 0:
+        return None
+    with Image.open(io.BytesIO(frame), formats=["JPEG2000"]) as im:
+        im.reduce = r  # OpenJPEG's cp_reduce: the inverse DWT stops r levels early
+        im.load()
+        mode, arr = im.mode, np.asarray(im)
+    shift = {"L": 8, "I;16": 16}.get(mode, 0) - bits
+    if shift < 0 or arr.shape != _expected(rows, cols, r):
+        return None
+    out = (arr >> shift if shift else arr).astype(np.uint16 if bits > 8 else np.uint8, copy=False)
+    return Decoded(out, "pillow (openjpeg, reduced)", r)
+
+
+def _jpeg_reduced(frame: bytes, rows: int, cols: int, bits: int, min_size: int) -> Decoded | None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    if bits > 8:  # 12-bit JPEG: libjpeg only, no DCT scaling through Pillow
+        return None
+    r = reduction_levels(rows, cols, min_size, MAX_DCT_REDUCTION)
+    if r == 0:
+        return None
+    want = _expected(rows, cols, r)
+    with Image.open(io.BytesIO(frame), formats=["JPEG"]) as im:
+        if im.mode != "L" or im.size != (cols, rows):
+            return None
+        im.draft("L", (want[1], want[0]))  # libjpeg's scale_denom: the smallest scale ≥ the request
+        im.load()
+        arr = np.asarray(im)
+    if arr.shape != want:
+        return None
+    return Decoded(arr, "pillow (DCT-scaled)", r)
 
 
 def missing_decoder_line(reasons: Iterable[str | None]) -> str | None:

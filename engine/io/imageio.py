@@ -12,6 +12,7 @@ never pay for a pixel decode (JPEG 2000 decoding costs ~100× a header parse).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -19,7 +20,7 @@ import stat
 import struct
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,7 @@ class ImageMeta:
     has_pixel_data: bool | None = None  # None: unknown until the full read (deflated files)
     voi: str | None = None  # the VOI transform applied: "window LINEAR c=.. w=..", "voi-lut", "minmax"
     decoder: str | None = None  # the library that decoded the pixels ("gdcm", "native"...): traces a bad decode
+    reduction: int = 0  # --fast-decode: resolution levels skipped (pixels are ~2^-r of rows × cols)
     patient_id: str | None = field(default=None, repr=False)  # PHI: kept out of reprs and logs
     patient_name: str | None = field(default=None, repr=False)
 
@@ -135,8 +137,12 @@ class LoadOutcome:
 
 
 # ---- public API --------------------------------------------------------------------------------
-def load_image(path: str | Path, *, rules: SelectionRules | None = None) -> DecodedImage:
+def load_image(path: str | Path, *, rules: SelectionRules | None = None, min_size: int | None = None) -> DecodedImage:
     """Load one radiograph for scoring.
+
+    ``min_size`` (``--fast-decode``): decode a JPEG 2000 / 8-bit JPEG film only at the coarsest
+    resolution whose shorter side still covers this many pixels (:func:`radflash.io.decoders.decode_reduced`);
+    ``None`` (the default) decodes every pixel, as the reference preprocessing does.
 
     Raises:
         SkippedImage: excluded by ``rules`` (``None`` = the default chest X-ray rules) or by the
@@ -161,7 +167,7 @@ def load_image(path: str | Path, *, rules: SelectionRules | None = None) -> Deco
     except OSError as exc:  # permissions, a file vanishing mid-run, I/O errors on network shares
         raise _failure(p, f"cannot read ({_one_line(f'{type(exc).__name__}: {exc}')})") from exc
     if kind == "dicom":
-        image = _load_dicom(p, rules)
+        image = _load_dicom(p, rules, min_size)
     elif kind is None:
         raise _failure(p, "not a DICOM or image file")
     else:
@@ -173,10 +179,10 @@ def load_image(path: str | Path, *, rules: SelectionRules | None = None) -> Deco
     return image
 
 
-def try_load(path: str | Path, rules: SelectionRules | None = None) -> LoadOutcome:
+def try_load(path: str | Path, rules: SelectionRules | None = None, *, min_size: int | None = None) -> LoadOutcome:
     """:func:`load_image` that never raises: batch jobs record every file as loaded/skipped/failed."""
     try:
-        image = load_image(path, rules=rules)
+        image = load_image(path, rules=rules, min_size=min_size)
     except SkippedImage as exc:
         return LoadOutcome(str(path), "skipped", exc.reason, meta=exc.meta)
     except ImageLoadError as exc:
@@ -184,6 +190,17 @@ def try_load(path: str | Path, rules: SelectionRules | None = None) -> LoadOutco
     except Exception as exc:  # a bug or a decoder's exotic error must not stop an archive run
         return LoadOutcome(str(path), "failed", _one_line(f"{type(exc).__name__}: {exc}"))
     return LoadOutcome(str(path), "loaded", None, image, image.meta)
+
+
+def fast_loader(min_size: int) -> Callable[[str | Path, SelectionRules | None], LoadOutcome]:
+    """The decode workers' loader for ``--fast-decode``: :func:`try_load` with ``min_size`` bound.
+
+    A :func:`functools.partial` of a module-level function, so it pickles into spawn workers and
+    keeps the ``(path, rules) → LoadOutcome`` shape every executor already calls.
+    """
+    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1:
+        raise InputError(f"fast decode needs the model input size (a positive integer), got {min_size!r}")
+    return functools.partial(try_load, min_size=min_size)
 
 
 def sniff(path: str | Path) -> str | None:
@@ -465,12 +482,12 @@ def _meta_of(p: Path, header: _Header) -> ImageMeta:
     return meta_from_dataset(header.ds, header.has_pixel_data, path=p)
 
 
-def _load_dicom(p: Path, rules: SelectionRules) -> DecodedImage:
+def _load_dicom(p: Path, rules: SelectionRules, min_size: int | None = None) -> DecodedImage:
     with _quiet_pydicom(p):  # value conversions are lazy: odd values warn on first access too
-        return _decode_dicom(p, rules)
+        return _decode_dicom(p, rules, min_size)
 
 
-def _decode_dicom(p: Path, rules: SelectionRules) -> DecodedImage:
+def _decode_dicom(p: Path, rules: SelectionRules, min_size: int | None = None) -> DecodedImage:
     """Header checks (selection, pixel budget, integrity) first; only then is anything decoded."""
     import pydicom
 
@@ -509,7 +526,7 @@ def _decode_dicom(p: Path, rules: SelectionRules) -> DecodedImage:
                               f"its header describes {native}")
     _ensure_transfer_syntax(ds)
     try:
-        decoded = decode(ds)  # the fastest installed plugin that reads this syntax and bit depth
+        decoded = decode(ds, min_size=min_size)  # the fastest installed plugin for this syntax and bit depth
         arr = decoded.array
     except Exception as exc:
         raise _failure(p, f"pixel decode failed ({_one_line(f'{type(exc).__name__}: {exc}')})") from exc
@@ -521,7 +538,8 @@ def _decode_dicom(p: Path, rules: SelectionRules) -> DecodedImage:
         raise _failure(p, _one_line(str(exc))) from exc
     except Exception as exc:
         raise _failure(p, f"grayscale transform failed ({_one_line(f'{type(exc).__name__}: {exc}')})") from exc
-    return DecodedImage(pixels, dataclasses.replace(meta, has_pixel_data=True, voi=voi, decoder=decoded.decoder))
+    return DecodedImage(pixels, dataclasses.replace(meta, has_pixel_data=True, voi=voi, decoder=decoded.decoder,
+                                                    reduction=decoded.reduction))
 
 
 def _ensure_transfer_syntax(ds: Any) -> None:
