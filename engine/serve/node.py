@@ -80,6 +80,7 @@ class Node:
         self._busy_batch = 0
         self._pool: Any = None
         self._watchdog: Any = None
+        self._stopping = False
         self.metrics.queue_depth.set_function(lambda: self._waiting)
 
     # ---- life cycle ---------------------------------------------------------------------------
@@ -180,14 +181,16 @@ class Node:
         return False
 
     def stop(self) -> None:
+        """Close intake and stop; what is still queued stays in the journal (re-queued on the next start)."""
         self.accepting = False
+        self._stopping = True
         if self.dimse is not None:
             self.dimse.stop()
         if self.http is not None:
             self.http.stop()
-        self.scheduler.close()
+        self.scheduler.close(abandon=True)
         if self._infer_thread is not None:
-            self._infer_thread.join(timeout=10)
+            self._infer_thread.join(timeout=30)
         if self.forwarder is not None:
             self.forwarder.stop()
         if self._watchdog is not None:
@@ -310,6 +313,8 @@ class Node:
         batcher: Batcher[Work] = Batcher(s.max_batch, s.max_queue_delay_ms / 1000.0)
         dog = self._watchdog
         for batch in batcher.from_queue(self.scheduler.ready, idle=dog.beat):
+            if self._stopping:  # stop() abandons the queue: its instances stay queued in the journal
+                return
             try:
                 self._process(list(batch.items))
             except Exception as exc:  # a bug in one batch must not stop the node
@@ -363,6 +368,9 @@ class Node:
     def _finish(self, w: Work, status: str, reason: str | None, record: Any) -> None:
         """One instance out of the model: journal it, start its deliveries, free its queue slot."""
         assert self.journal is not None and self.forwarder is not None
+        if self._stopping and w.future is None:
+            self._free_slot()  # past stop(): the journal keeps it queued for the next start
+            return
         try:
             self.metrics.results.labels(status).inc()
             if w.future is not None:

@@ -107,9 +107,10 @@ class Scheduler:
         self._thread = threading.Thread(target=run, name="radflash-serve-groups", daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
-        """No more instances: stop the group timer and end the batcher's stream after what is queued."""
+    def close(self, *, abandon: bool = False) -> None:
+        """No more instances: stop the group timer and end the batcher's stream after what is queued
+        (``abandon``: before it; what is left stays in the journal for the next start)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self.ready.put((1 << 30, next(self._seq), END))
+        self.ready.put((-1 if abandon else 1 << 30, next(self._seq), END))

@@ -6,9 +6,12 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import pytest
+
 from tests.engine.serve.conftest import CHEST, orthanc_or_skip, sr_count, sr_uid_of, srs_in, stored_by, storescu, uids
 
 
+@pytest.mark.slow  # ~20-30 s: real Orthancs and several node starts
 def test_a_target_down_then_up_is_retried_then_dead_lettered_then_resent(tmp_path: Path, nodes) -> None:
     pacs = orthanc_or_skip(tmp_path / "pacs")
     try:

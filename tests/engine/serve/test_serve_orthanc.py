@@ -27,6 +27,7 @@ from tests.engine.serve.conftest import (
 )
 
 
+@pytest.mark.slow  # ~20-30 s: real Orthancs and several node starts
 def test_orthanc_push_and_storescu_give_one_sr_per_image_with_score_probabilities(tmp_path: Path, nodes) -> None:
     pacs = orthanc_or_skip(tmp_path / "pacs")  # pushes studies; receives SRs over STOW-RS
     archive = orthanc_or_skip(tmp_path / "archive")  # receives SRs over C-STORE only
@@ -83,6 +84,7 @@ def _copies(files: list[Path], folder: Path, n: int) -> list[Path]:
     return out
 
 
+@pytest.mark.slow  # ~20-30 s: real Orthancs and several node starts
 def test_kill9_in_intake_in_a_batch_and_in_forward_loses_nothing_and_duplicates_nothing(tmp_path: Path, nodes) -> None:
     pacs = orthanc_or_skip(tmp_path / "pacs")
     files = _copies(CHEST, tmp_path / "films", 24)
