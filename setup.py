@@ -40,6 +40,7 @@ NIFTI = ["nibabel>=5"]  # segment --format nifti
 RAY = ["ray[data]>=2.40,<3"]  # score/segment --ray: decode tasks and inference actors on Ray Data
 DICOMWEB = ["dicomweb-client>=0.59", *SEG]  # dicomweb+http(s):// inputs; --store builds SRs with highdicom
 DIMSE = ["pynetdicom>=3.0,<4", *SEG]  # dimse:// inputs (C-FIND, C-GET/C-MOVE) and --store dimse:// (C-STORE)
+SERVE = ["prometheus-client>=0.20", "pynetdicom>=3.0,<4", "dicomweb-client>=0.59", *SEG]  # radflash serve
 OPENVINO = ["openvino>=2025.2", "nncf>=2.17"]  # --backend openvino, OpenVINO INT8 (NNCF post-training)
 TRANSFORMERS = ["transformers>=4.44,<6"]  # bench's reference path; parity tests against its modules
 
@@ -93,6 +94,7 @@ setup(
         "dicomweb": DICOMWEB,
         "dimse": DIMSE,
         "openvino": OPENVINO,
+        "serve": SERVE,  # `radflash serve`: C-STORE/STOW-RS intake, forwarding, Prometheus metrics
         "bench": TRANSFORMERS,  # the reference path that `radflash bench` compares against
         "ray": RAY,  # `score --ray`: decode tasks and inference actors on a Ray cluster
         # Everything the test suite exercises: every extra but tensorrt (NVIDIA GPUs only) and the
@@ -105,7 +107,7 @@ setup(
             *TRANSFORMERS,
             "pydicom-data>=1.0",
             "triton>=3.0",
-            *ONNX, *PLOT, *SEG, *NIFTI, *DICOMWEB, *DIMSE, *OPENVINO,
+            *ONNX, *PLOT, *SEG, *NIFTI, *DICOMWEB, *DIMSE, *OPENVINO, *SERVE,
             "scipy>=1.11",
             "scikit-learn>=1.3",
             "psutil>=5.9",
