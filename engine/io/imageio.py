@@ -478,6 +478,16 @@ def _header_meta(p: Path) -> ImageMeta:
     return _meta_of(p, _read_header(p))
 
 
+def read_header(path: str | Path) -> tuple[ImageMeta, str | None]:
+    """The bounded header read every decode starts with, and nothing more: the file's metadata and
+    the integrity problem found without decoding (e.g. pixel data cut short), or None. For callers
+    that must accept or refuse a file before any decode (``radflash serve`` acknowledges an
+    instance only once it is known to be whole). Raises :class:`ImageLoadError` for an unreadable header."""
+    p = Path(path)
+    header = _read_header(p)
+    return _meta_of(p, header), header.problem
+
+
 def _meta_of(p: Path, header: _Header) -> ImageMeta:
     return meta_from_dataset(header.ds, header.has_pixel_data, path=p)
 

@@ -43,10 +43,8 @@ def inspect(path: Path, *, max_pixels: int | None = None) -> Inspected:
         kind = imageio.sniff(path)
         if kind != "dicom":
             return Inspected(ERROR_CANNOT_UNDERSTAND, "not a DICOM instance")
-        # the loader's bounded header reader (deferred large values, truncation check against the
-        # file size); private in radflash.io.imageio: see the report of #25 for a public name
-        header = imageio._read_header(path)
-        meta = imageio.meta_from_dataset(header.ds, header.has_pixel_data, path=path)
+        # the loader's bounded header reader (deferred large values, truncation check against the file size)
+        meta, problem = imageio.read_header(path)
     except RadflashError as exc:
         return Inspected(ERROR_CANNOT_UNDERSTAND, str(exc).split(": ", 1)[-1][:200])
     except Exception as exc:  # a reader bug must refuse the instance, not crash the node
@@ -55,11 +53,11 @@ def inspect(path: Path, *, max_pixels: int | None = None) -> Inspected:
                sop_class=meta.sop_class_uid)
     if not (meta.sop_instance_uid and meta.study_instance_uid and meta.series_instance_uid):
         return Inspected(ERROR_CANNOT_UNDERSTAND, "missing SOP, Study or Series Instance UID", **ids)
-    if meta.has_pixel_data is False and not header.problem:
+    if meta.has_pixel_data is False and not problem:
         return Inspected(REFUSED_NOT_IMAGE, f"not an image (SOP class {meta.sop_class_uid or 'unknown'})", **ids)
     budget = pixel_budget_reason(meta, max_pixels or DEFAULT_MAX_PIXELS)
     if budget:
         return Inspected(ERROR_CANNOT_UNDERSTAND, budget, **ids)
-    if header.problem:
-        return Inspected(ERROR_CANNOT_UNDERSTAND, header.problem, **ids)
+    if problem:
+        return Inspected(ERROR_CANNOT_UNDERSTAND, problem, **ids)
     return Inspected(0, None, **ids)
