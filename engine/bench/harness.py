@@ -215,6 +215,7 @@ def bench(
     reference_loop: str = "image",
     dtypes: Sequence[str | None] = (None,),
     openvino_standalone: bool | None = None,
+    films: int = 0,
 ) -> BenchReport:
     """Time every stage of radflash (and the reference, side by side) for each backend and batch size.
 
@@ -234,6 +235,9 @@ def bench(
             see :mod:`radflash.backends.auto`); combinations a backend cannot run are listed in ``skipped``.
         openvino_standalone: also time the exported graph compiled by OpenVINO with its own defaults (no
             radflash pipeline, encoder only) as the peer; ``None``: when openvino is installed.
+        films: with N > 0, also write N real-size (3000×2500) films per syntax (explicit LE, RLE, JPEG 2000)
+            and measure each stage's core-seconds per image on them, full and ``--fast-decode``, with the
+            pipeline limit cores ÷ Σ (:mod:`radflash.bench.pipeline_limit`; ``report.config["stage_costs"]``).
         threads: torch intra-op threads during the run, restored afterwards (``None``: as set). On a CPU
             shared with other jobs use 1: with more threads than free cores every parallel op can stall
             for a scheduler time slice (measured: the reference encoder 1.2 s instead of 40 ms at 2
@@ -251,7 +255,7 @@ def bench(
     try:
         return _bench(model, device, names, batch_sizes, image_size, prompts, iterations, warmup,
                       include_reference, archive_files, reference_loop, tuple(dtypes) or (None,),
-                      openvino_standalone)
+                      openvino_standalone, films)
     finally:
         torch.set_num_threads(previous_threads)  # the caller's process setting, restored
 
@@ -259,7 +263,7 @@ def bench(
 def _bench(model: Any, device: str, names: list[str], batch_sizes: Sequence[int], image_size: int | None,
            prompts: int, iterations: int, warmup: int, include_reference: bool, archive_files: int,
            reference_loop: str = "image", dtypes: tuple[str | None, ...] = (None,),
-           openvino_standalone: bool | None = None) -> BenchReport:
+           openvino_standalone: bool | None = None, films: int = 0) -> BenchReport:
     from radflash.util.sysinfo import machine_info
 
     batch_sizes = sorted({int(b) for b in batch_sizes})
@@ -354,6 +358,11 @@ def _bench(model: Any, device: str, names: list[str], batch_sizes: Sequence[int]
         finally:
             if (rf.backend_name, rf.precision) != (original_backend, original_precision):
                 rf.set_backend(original_backend, dtype=original_precision)
+        if films:  # the model's own backend and precision, at the largest batch size (score's setting)
+            from radflash.bench.pipeline_limit import stage_costs, write_films
+
+            report.config["stage_costs"] = stage_costs(rf, write_films(Path(tmp) / "films", films),
+                                                       batch_size=batch_sizes[-1]).to_dict()
     return report
 
 

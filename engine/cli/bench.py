@@ -47,6 +47,9 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
               help="Untimed warm-up iterations before them.")
 @click.option("--archive-files", type=click.IntRange(min=0), default=16, show_default=True,
               help="Files in the synthetic DICOM archive (decode and score stages; 0 = in-memory images).")
+@click.option("--films", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="Also time each stage in core-seconds per image on N real-size films per syntax (explicit LE, "
+                   "RLE, JPEG 2000; full and --fast-decode) and report the pipeline limit cores ÷ Σ.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads for the run (use 1 on a machine shared with other jobs).")
 @click.option("--no-reference", is_flag=True, help="Skip the transformers reference path (no ratios).")
@@ -63,7 +66,7 @@ def bench(model_path: str | None, device: str, backends: tuple[str, ...], batch_
           image_size: int | None, prompts: int, iterations: int, warmup: int, archive_files: int,
           threads: int | None, no_reference: bool, reference_loop: str, json_path: Path | None,
           plot_path: Path | None, markdown_path: Path | None, dtypes: tuple[str, ...] = (),
-          openvino_standalone: bool | None = None) -> None:
+          openvino_standalone: bool | None = None, films: int = 0) -> None:
     """Time decode, preprocessing, encoder, head, maps (for families that have them) and the score path beside the
     reference of the model's family (RadZero or CARZero)."""
     from rich.console import Console
@@ -79,11 +82,16 @@ def bench(model_path: str | None, device: str, backends: tuple[str, ...], batch_
                        image_size=image_size, prompts=prompts, iterations=iterations, warmup=warmup,
                        include_reference=not no_reference, archive_files=archive_files,
                        threads=threads, reference_loop=reference_loop, dtypes=dtypes or (None,),
-                       openvino_standalone=openvino_standalone)
+                       openvino_standalone=openvino_standalone, films=films)
     console = Console(width=None if sys.stdout.isatty() else 160)
     for line in summary_lines(report):
         console.print(line, highlight=False, markup=False)
     console.print(render_table(report))
+    if "stage_costs" in report.config:
+        from radflash.bench.pipeline_limit import stage_cost_lines
+
+        for line in stage_cost_lines(report.config["stage_costs"]):
+            console.print(line, highlight=False, markup=False)
     if json_path is not None:
         report.to_json(json_path)
         console.print(f"JSON written to {json_path}", highlight=False, markup=False)

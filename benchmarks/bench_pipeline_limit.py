@@ -1,0 +1,123 @@
+"""``score`` end to end on real-size JPEG 2000 films, with and without ``--fast-decode``, against the
+pipeline limit cores ÷ Σ(stage core-seconds per image) (#29 item 5).
+
+    python benchmarks/bench_pipeline_limit.py [--films 12] [--model base] [--backend openvino --dtype bfloat16]
+        [--rounds 2] [--workers 1] [--batch-size 1] [--out benchmarks/results/pipeline-limit-cpu.md]
+
+The stage costs come from :func:`radflash.bench.pipeline_limit.stage_costs` (the same code as
+``radflash bench --films``); the two score modes run interleaved (full, fast, full, fast...) on the
+same archive, and each run's images/s is the pipeline's own (``manifest.json`` timings: decode,
+resize, encode and write overlapped; model load and the fast run's agreement probe excluded).
+The CPU is named in the results; compare ratios from one run only on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+MACHINE_KEYS = ("cpu", "cpu_cores_usable", "torch_threads", "versions")
+RESULTS = Path(__file__).resolve().parent / "results" / "pipeline-limit-cpu.md"
+
+
+def _model(name: str, backend: str, dtype: str | None):
+    from radflash.api import RadFlashModel, as_model
+    from radflash.checkpoints.factory import random_checkpoint
+    from radflash.models.config import PRESETS
+
+    if name in PRESETS and not Path(name).exists():
+        model = RadFlashModel(random_checkpoint(name, seed=0, model_id=f"random-{name}"), device="cpu")
+    else:
+        model = as_model(None if name == "demo" else name, device="cpu")
+    if backend != "eager" or dtype:
+        model.set_backend(backend, dtype=dtype)
+    return model
+
+
+def _cpu_family() -> str:
+    """' (family F model M)' from /proc/cpuinfo: 'AMD EPYC' alone does not name the generation."""
+    try:
+        info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in
+                                                  Path("/proc/cpuinfo").read_text().splitlines()[:30] if ":" in line)}
+        return f" (family {info['cpu family']} model {info['model']})"
+    except (OSError, KeyError, ValueError):
+        return ""
+
+
+def main() -> None:
+    import torch
+
+    from radflash.archive.verb import score
+    from radflash.bench.pipeline_limit import stage_costs, write_films
+    from radflash.util.sysinfo import machine_info
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--films", type=int, default=12, help="JPEG 2000 films in the scored archive")
+    ap.add_argument("--model", default="base", help="preset (random weights), checkpoint path, or 'demo'")
+    ap.add_argument("--backend", default="openvino")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1, help="decode processes beside the encoder")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved (full, fast) pairs")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+
+    machine = machine_info(torch.device("cpu"))
+    model = _model(args.model, args.backend, args.dtype)
+    with tempfile.TemporaryDirectory(prefix="radflash-pipeline-limit-") as tmp:
+        t0 = time.perf_counter()
+        costs_films = write_films(Path(tmp) / "costs", 2)
+        archive = write_films(Path(tmp) / "archive", args.films, ("j2k",))["j2k"][0].parent
+        print(f"films written in {time.perf_counter() - t0:.0f} s")
+        costs = stage_costs(model, costs_films, batch_size=args.batch_size)
+        print(costs.markdown())
+        runs: dict[str, list[dict]] = {"full": [], "fast": []}
+        for r in range(args.rounds):
+            for mode in ("full", "fast"):
+                out = Path(tmp) / f"run-{mode}-{r}"
+                run = score(archive, out, model=model, batch_size=args.batch_size, workers=args.workers,
+                            fast_decode=mode == "fast", progress=False)
+                manifest = json.loads((out / "manifest.json").read_text())
+                t = manifest["timings"]
+                runs[mode].append({"images_per_s": run.scored / t["pipeline_wall_s"], "wall_s": t["pipeline_wall_s"],
+                                   "decode_cpu_s": t["decode_cpu_s"], "agreement": manifest["decode"]["agreement"]})
+                print(f"round {r} {mode}: {runs[mode][-1]['images_per_s']:.3f} img/s "
+                      f"({run.scored} films in {t['pipeline_wall_s']:.1f} s)")
+    best = {m: max(x["images_per_s"] for x in v) for m, v in runs.items()}
+    limit = {"full": costs.row("j2k", "full").limit_images_per_s, "fast": costs.row("j2k", "fast").limit_images_per_s}
+    worst_dprob = max(x["agreement"]["max_abs_dprob"] for x in runs["fast"])
+    cpu = f"{machine.get('cpu') or 'CPU'}{_cpu_family()}"
+    lines = [
+        f"\n## {datetime.now(timezone.utc).date()} — {cpu}, {costs.cores} cores; {costs.model} {costs.image_size}², "
+        f"{costs.backend} {costs.precision}, batch {args.batch_size}, {args.workers} decode worker(s)\n",
+        f"`python benchmarks/bench_pipeline_limit.py --films {args.films} --model {args.model} "
+        f"--backend {args.backend} "
+        f"--dtype {args.dtype} --batch-size {args.batch_size} --workers {args.workers} --rounds {args.rounds}`\n",
+        "Stage costs (core-seconds per image, 3000×2500 12-bit phantom films):\n",
+        costs.markdown(),
+        f"score on {args.films} JPEG 2000 films, {args.rounds} interleaved rounds (best round; all rounds: "
+        + "; ".join(f"{m} " + ", ".join(f"{x['images_per_s']:.3f}" for x in v) for m, v in runs.items()) + "):\n",
+        "| mode | img/s | pipeline limit img/s | fraction of limit |\n|---|---|---|---|",
+        *(f"| {m} | {best[m]:.3f} | {limit[m]:.3f} | {best[m] / limit[m]:.0%} |" for m in ("full", "fast")),
+        "\nPer interleaved round, fast / full: " + ", ".join(
+            f"{f['images_per_s'] / g['images_per_s']:.2f}×" for g, f in zip(runs["full"], runs["fast"])) + ".",
+        f"\n`--fast-decode` / full, best rounds: **{best['fast'] / best['full']:.2f}×** (target ≥ 1.5×); "
+        f"max |Δprob| on the probe batch: {worst_dprob:.4g} (target ≤ 0.02).\n",
+        f"Machine: {json.dumps({k: machine.get(k) for k in MACHINE_KEYS})}\n",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("a", encoding="utf-8") as fh:
+        if fh.tell() == 0:
+            fh.write("# score vs the pipeline limit (cores ÷ Σ stage core-seconds per image)\n")
+        fh.write(text)
+    print(f"appended to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
