@@ -17,7 +17,7 @@ import platform
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from radflash.archive.decode_check import agreement, decode_settings
+from radflash.archive.options import OutputOptions, ScoreOptions
 from radflash.archive.pipeline import PipelineConfig, PipelineStats, PromptSet, run_pipeline
 from radflash.archive.sinks import (
-    FORMATS,
     FileRecord,
     MemoryStore,
     OutputLock,
@@ -39,6 +39,8 @@ from radflash.archive.sinks import (
     status_counts,
     write_manifest,
 )
+from radflash.archive.sources import DEMO_ARCHIVE as DEMO_ARCHIVE  # where callers have always found it
+from radflash.archive.sources import open_store
 from radflash.checkpoints.calibration import score_calibrated
 from radflash.errors import InputError
 from radflash.io.decoders import missing_decoder_line
@@ -49,7 +51,6 @@ from radflash.io.source import (
     SourceItem,
     listed_items,
     path_from_text,
-    path_text,
     peek,
     retrieval_failures,
     retrieved_items,
@@ -63,7 +64,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("radflash.score")
 
-DEMO_ARCHIVE = Path(__file__).resolve().parents[1] / "assets" / "demo_archive"
 MANIFEST_VERSION = 1
 
 
@@ -165,136 +165,63 @@ def score(
     fails at once with the holder's pid, host and start time. Files are matched to an earlier
     run's committed rows by resolved path, so a resume may spell the inputs differently.
     """
-    with _output_lock(output, resume=resume):
+    return run_score(ScoreOptions.from_flat(
+        inputs, output, model=model, findings=findings, device=device, dtype=dtype, batch_size=batch_size,
+        workers=workers, backend=backend, fmt=fmt, include_phi=include_phi, resume=resume, num_parts=num_parts,
+        part_id=part_id, rules=rules, progress=progress, commit_every=commit_every, timeout=timeout,
+        stall_after=stall_after, max_pixels=max_pixels, fast_decode=fast_decode, auth=auth, stow=stow, ray=ray,
+        observer=observer))
+
+
+def run_score(options: ScoreOptions) -> ScoreRun:
+    """:func:`score` on typed options: the run's stages assembled in data-flow order.
+
+    source (:func:`radflash.archive.sources.open_source`) → model (:meth:`ModelSpec.load`) → the
+    output folder and what an earlier run committed → sink (+ :func:`~radflash.archive.sources.open_store`)
+    → the executor (:func:`radflash.archive.pipeline.run_pipeline` here, or Ray) → consolidated tables.
+    """
+    o = options
+    with _output_lock(o.output.output, resume=o.output.resume):
         t0 = time.perf_counter()
         started = datetime.now(timezone.utc)
-        _check_options(fmt=fmt, batch_size=batch_size, num_parts=num_parts, part_id=part_id, workers=workers)
-        prompt_set = resolve_findings(findings)
-        out_dir = Path(output) if output is not None else None
-        if out_dir is not None:
-            PartStore.check_output(out_dir, resume=resume)
-        if ray is not None:  # before anything slow: a missing ray fails here with its install hint
-            from radflash.archive.ray_executor import connect
+        o.check()
+        prompt_set = resolve_findings(o.findings)
+        _preflight(o)
 
-            connect(ray)
-        elif model is None or isinstance(model, (str, Path)):
-            from radflash.devices import resolve_device
-
-            resolve_device(device)  # an absent --device fails here, not after discovery and model load
-        from radflash.io.selection import SelectionRules
-
-        rules = rules or SelectionRules()
-        if max_pixels is not None:
-            rules = dataclasses.replace(rules, max_pixels=max_pixels)
-
-        # ---- items ---------------------------------------------------------------------------
-        # Streamed: nothing is listed ahead. A file source checks its inputs here, before the model
-        # loads; a network source lists cheaply and retrieves only what is still to do (below).
-        source, demo = _source_of(inputs, num_parts=num_parts, part_id=part_id, auth=auth)
+        # ---- items: streamed, nothing listed ahead. A file source checks its inputs here, before the
+        # model loads; a network source lists cheaply and retrieves only what is still to do (below).
+        source, demo = o.source.open()
         intake = _Intake(listed_items(source))
 
         # ---- model ---------------------------------------------------------------------------
         t_model = time.perf_counter()
-        from radflash.api import as_model
-        # under Ray the driver's copy only names the model (id, hash, size); the actors run it on `device`
-        # auto runtime and/or precision: timed at this run's batch size (radflash.backends.auto)
-        measured = (backend == "auto" or dtype == "auto") and ray is None
-        rf_model = as_model(model, device=device if ray is None else "cpu",
-                            dtype=None if measured or dtype == "auto" else dtype,
-                            backend="eager" if measured or ray is not None else backend)
-        if measured:
-            rf_model.set_backend(backend, dtype=dtype, batch_size=batch_size)
+        rf_model = o.model.load(batch_size=o.batch_size, on_ray=o.ray is not None)
         load_model_s = time.perf_counter() - t_model
         calibrated = score_calibrated(rf_model.calibration)
-        spec = TableSpec(prompt_set.names, include_phi=include_phi,
+        spec = TableSpec(prompt_set.names, include_phi=o.output.include_phi,
                          with_positive=calibrated or any(t is not None for t in prompt_set.thresholds))
+        manifest = _manifest(o, rf_model, prompt_set, source, demo, started, calibrated=calibrated)
 
-        described = source.describe()
-        manifest: dict[str, Any] = {
-            "manifest_version": MANIFEST_VERSION,
-            "complete": False,
-            "started": started.isoformat(timespec="seconds"),
-            "model": {"id": rf_model.model_id, "sha256": rf_model.sha256, "calibrated": calibrated,
-                      "image_size": rf_model.config.image_size},
-            "findings": {n: {"prompt": p, "threshold": t}
-                         for n, p, t in zip(prompt_set.names, prompt_set.prompts, prompt_set.thresholds)},
-            "versions": _versions(),
-            "device": str(rf_model.device), "dtype": str(rf_model.dtype).removeprefix("torch."),
-            "backend": rf_model.backend_name, "precision": rf_model.precision,
-            "backend_selection": rf_model.backend_selection,  # auto: candidates' ms/batch, reason, cache hit
-            "args": {
-                "inputs": described.get("inputs"), "output": None if out_dir is None else path_text(out_dir),
-                "model": model if model is None or isinstance(model, (str, Path)) else rf_model.model_id,
-                "findings": findings if findings is None or isinstance(findings, (str, Path)) else "<in memory>",
-                "device": device, "dtype": dtype, "batch_size": batch_size, "workers": workers,
-                "backend": backend, "format": fmt, "include_phi": include_phi, "resume": resume,
-                "num_parts": num_parts, "part_id": part_id, "commit_every": commit_every, "timeout": timeout,
-                "rules": dataclasses.asdict(rules) if dataclasses.is_dataclass(rules) else repr(rules),
-            },
-            "source": described,
-            "demo_archive": demo,
-            "decode": decode_settings(fast_decode, rf_model.preprocessing.geometry),
-        }
+        # ---- output / resume → sink ----------------------------------------------------------
+        table, done, committed_before = _open_output(o.output, spec, manifest)
+        initial_counts = _done_counts(table, o.output.output)
+        store = table if o.store is None else open_store(o.store, table, source, prompt_set, rf_model, o.source.auth)
+        sink = _SerialSink(store)  # unread entries are committed by the walk (the decode feed), rows by the pipeline
+        todo = retrieved_items(source, intake.todo(done, sink, group=o.output.commit_every))
 
-        # ---- output / resume -----------------------------------------------------------------
-        store: PartStore | MemoryStore
-        done: set[str] = set()
-        committed_before = 0
-        if out_dir is not None:
-            previous = read_manifest(out_dir) if resume else None
-            if previous is not None:
-                _check_resumable(previous, manifest, out_dir)
-                manifest["resumed_from"] = previous.get("started")
-                manifest["runs"] = int(previous.get("runs", 1)) + 1
-            store = PartStore(out_dir, spec)
-            committed = store.open()
-            keys = committed.column("path").to_pylist()
-            # files by resolved path (see _done_key); items without a path by their key
-            done = {resume_key(path_from_text(k)) for k in keys} | set(keys)
-            committed_before = committed.num_rows
-            write_manifest(out_dir, manifest)
-        else:
-            store = MemoryStore(spec)
-        initial_counts = _done_counts(store, out_dir)
-        if stow is not None:
-            store = _stow_sink(stow, store, source, prompt_set, rf_model, auth)
-        # unread entries are committed by the walk (the decode feed thread), rows by the pipeline
-        sink = _SerialSink(store)
-        todo = retrieved_items(source, intake.todo(done, sink, group=commit_every))
-
-        n_workers = min(4, os.cpu_count() or 1) if workers is None else workers
-        if ray is None:
-            ahead, todo = peek(todo, n_workers)
-            n_workers = min(n_workers, ahead)  # no point spawning idle decoders for a handful of files
-        else:  # Ray decode tasks each keep one decode process (crash isolation), unless workers=0
-            n_workers = int(n_workers > 0)
-        config = PipelineConfig(batch_size=batch_size, workers=n_workers, commit_every=commit_every,
-                                timeout=timeout, stall_after=stall_after, include_phi=include_phi, rules=rules,
-                                loader=fast_loader(manifest["decode"]["min_size"]) if fast_decode else None)
-        bar = _progress_bar(None, enabled=progress, initial_counts=initial_counts)  # total: known at the end
-        try:
-            if ray is None:
-                stats = run_pipeline(todo, rf_model, prompt_set, sink, config,
-                                     on_record=bar.update if bar is not None else None, observer=observer)
-            else:
-                from radflash.archive.ray_executor import run_on_ray
-
-                stats = run_on_ray(todo, model, rf_model, prompt_set, spec, sink, config, manifest, ray,
-                                   device=device, dtype=dtype, backend=backend, out_dir=out_dir,
-                                   on_record=bar.update if bar is not None else None, observer=observer)
-        finally:
-            if bar is not None:
-                bar.close()
+        # ---- execute ---------------------------------------------------------------------------
+        stats = _execute(o, todo, rf_model, prompt_set, spec, sink, manifest, initial_counts)
         sink.commit([FileRecord(path=key, status="failed", reason=why)
-                      for key, why in retrieval_failures(source)])  # instances the server would not give
+                     for key, why in retrieval_failures(source)])  # instances the server would not give
         if intake.already:
             log.info("resumed: %d of %d entries were committed by an earlier run", intake.already, intake.discovered)
 
         # ---- consolidate ---------------------------------------------------------------------
-        results_path, status_path, results, status = sink.finalize(fmt)
+        results_path, status_path, results, status = sink.finalize(o.output.fmt)
         counts = status_counts(status.column("status").to_pylist())
-        if fast_decode:  # the probe batch: the run's probabilities against a full decode of its files
-            manifest["decode"]["agreement"] = agreement(rf_model, prompt_set, results, status, rules=rules)
+        if o.decode.fast_decode:  # the probe batch: the run's probabilities against a full decode of its files
+            manifest["decode"]["agreement"] = agreement(rf_model, prompt_set, results, status,
+                                                        rules=o.decode.selection())
         missing = missing_decoder_line(status.column("reason").to_pylist())
         if missing:  # the run's last line: what to install to score the files it had to skip
             log.warning("%s", missing)
@@ -308,6 +235,7 @@ def score(
             "timings": {"discover_s": round(intake.walk_s, 3), "load_model_s": round(load_model_s, 3),
                         **_timings(stats), "total_s": round(elapsed, 3)},
         })
+        out_dir = o.output.output
         manifest_path = write_manifest(out_dir, manifest) if out_dir is not None else None
         return ScoreRun(
             output=out_dir, discovered=intake.discovered, resumed=committed_before, elapsed_s=elapsed,
@@ -315,6 +243,96 @@ def score(
             results=results, status=status, manifest=manifest, results_path=results_path,
             status_path=status_path, manifest_path=manifest_path, demo=demo, **counts,
         )
+
+
+def _preflight(o: ScoreOptions) -> None:
+    """What can fail fast does, before discovery and the model load: the output folder, a missing
+    ``ray`` (its install hint) or an absent ``--device``."""
+    if o.output.output is not None:
+        PartStore.check_output(o.output.output, resume=o.output.resume)
+    if o.ray is not None:
+        from radflash.archive.ray_executor import connect
+
+        connect(o.ray)
+    else:
+        o.model.check_device()
+
+
+def _manifest(o: ScoreOptions, rf_model: RadFlashModel, prompt_set: PromptSet, source: Source, demo: bool,
+              started: datetime, *, calibrated: bool) -> dict[str, Any]:
+    """The run's manifest as written before the first part (``complete`` False until the end)."""
+    described = source.describe()
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "complete": False,
+        "started": started.isoformat(timespec="seconds"),
+        "model": {"id": rf_model.model_id, "sha256": rf_model.sha256, "calibrated": calibrated,
+                  "image_size": rf_model.config.image_size},
+        "findings": {n: {"prompt": p, "threshold": t}
+                     for n, p, t in zip(prompt_set.names, prompt_set.prompts, prompt_set.thresholds)},
+        "versions": _versions(),
+        "device": str(rf_model.device), "dtype": str(rf_model.dtype).removeprefix("torch."),
+        "backend": rf_model.backend_name, "precision": rf_model.precision,
+        "backend_selection": rf_model.backend_selection,  # auto: candidates' ms/batch, reason, cache hit
+        "args": o.manifest_args(described, rf_model),
+        "source": described,
+        "demo_archive": demo,
+        "decode": decode_settings(o.decode.fast_decode, rf_model.preprocessing.geometry),
+    }
+
+
+def _open_output(out: OutputOptions, spec: TableSpec, manifest: dict[str, Any]
+                 ) -> tuple[PartStore | MemoryStore, set[str], int]:
+    """The table sink, the keys an earlier run committed, and how many rows that was.
+
+    A folder run checks a resumed run's settings against the earlier manifest, opens the
+    committed parts and writes this run's manifest before anything new is committed.
+    """
+    if out.output is None:
+        return MemoryStore(spec), set(), 0
+    previous = read_manifest(out.output) if out.resume else None
+    if previous is not None:
+        _check_resumable(previous, manifest, out.output)
+        manifest["resumed_from"] = previous.get("started")
+        manifest["runs"] = int(previous.get("runs", 1)) + 1
+    store = PartStore(out.output, spec)
+    committed = store.open()
+    keys = committed.column("path").to_pylist()
+    # files by resolved path (see _done_key); items without a path by their key
+    done = {resume_key(path_from_text(k)) for k in keys} | set(keys)
+    write_manifest(out.output, manifest)
+    return store, done, committed.num_rows
+
+
+def _execute(o: ScoreOptions, todo: Iterable[SourceItem], rf_model: RadFlashModel, prompt_set: PromptSet,
+             spec: TableSpec, sink: _SerialSink, manifest: dict[str, Any],
+             initial_counts: Mapping[str, int]) -> PipelineStats:
+    """Run the stages on this machine (:func:`run_pipeline`) or on Ray, with the progress bar."""
+    n_workers = o.decode.processes()
+    if o.ray is None:
+        ahead, todo = peek(todo, n_workers)
+        n_workers = min(n_workers, ahead)  # no point spawning idle decoders for a handful of files
+    else:  # Ray decode tasks each keep one decode process (crash isolation), unless workers=0
+        n_workers = int(n_workers > 0)
+    d = o.decode
+    config = PipelineConfig(batch_size=o.batch_size, workers=n_workers, commit_every=o.output.commit_every,
+                            timeout=d.timeout, stall_after=d.stall_after, include_phi=o.output.include_phi,
+                            rules=d.selection(),
+                            loader=fast_loader(manifest["decode"]["min_size"]) if d.fast_decode else None)
+    bar = _progress_bar(None, enabled=o.progress, initial_counts=initial_counts)  # total: known at the end
+    on_record = bar.update if bar is not None else None
+    try:
+        if o.ray is None:
+            return run_pipeline(todo, rf_model, prompt_set, sink, config, on_record=on_record, observer=o.observer)
+        from radflash.archive.ray_executor import run_on_ray
+
+        m = o.model
+        return run_on_ray(todo, m.model, rf_model, prompt_set, spec, sink, config, manifest, o.ray,
+                          device=m.device, dtype=m.dtype, backend=m.backend, out_dir=o.output.output,
+                          on_record=on_record, observer=o.observer)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 @contextmanager
@@ -330,77 +348,6 @@ def _output_lock(output: str | Path | None, *, resume: bool) -> Iterator[None]:
     PartStore.check_output(Path(output), resume=resume)
     with OutputLock(Path(output)):
         yield
-
-
-def _check_options(*, fmt: str, batch_size: int, num_parts: int, part_id: int, workers: int | None) -> None:
-    """One-line errors for bad option values, before anything slow (findings, model, discovery)."""
-    if fmt not in FORMATS:
-        raise InputError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    if batch_size < 1:
-        raise InputError(f"batch_size must be ≥ 1, got {batch_size}")
-    if num_parts < 1 or not 0 <= part_id < num_parts:
-        raise InputError(f"part_id must be in [0, num_parts): got part {part_id} of {num_parts}")
-    if workers is not None and workers < 0:
-        raise InputError(f"workers must be ≥ 0, got {workers}")
-
-
-def _source_of(inputs: str | Path | Sequence[str | Path] | Source | None, *, num_parts: int,
-               part_id: int, auth: Any = None) -> tuple[Source, bool]:
-    """``inputs`` as a :class:`Source`, and whether it is the embedded demo archive.
-
-    Sharding is by file path, so only a file source can be sharded here; any other source is
-    already one shard (its owner splits the work), and asking to shard it again is an error.
-    """
-    if isinstance(inputs, Source):
-        if num_parts > 1:
-            raise InputError("num_parts/part_id shard files; shard a custom source when building it")
-        return inputs, False
-    from radflash.io.dicomweb import DicomWebSource, is_dicomweb
-    from radflash.io.dimse import DimseSource, is_dimse
-
-    def is_url(i: object) -> bool:
-        return is_dicomweb(i) or is_dimse(i)
-
-    urls = [inputs] if is_url(inputs) else [] if inputs is None or isinstance(inputs, (str, Path)) else \
-        [i for i in inputs if is_url(i)]
-    if urls:  # Path() would fold the URL's '//': URLs are kept as strings from the CLI on
-        if len(urls) > 1 or (not isinstance(inputs, str) and len(inputs) > 1):  # type: ignore[arg-type]
-            raise InputError("a PACS query is scored on its own: give one dicomweb+http(s):// or dimse:// URL")
-        if is_dimse(urls[0]):
-            return DimseSource(str(urls[0]), num_parts=num_parts, part_id=part_id), False
-        return DicomWebSource(str(urls[0]), auth=auth, num_parts=num_parts, part_id=part_id), False
-    demo = inputs is None
-    if inputs is None:
-        log.info("no inputs given: scoring the embedded demo archive %s", DEMO_ARCHIVE)
-        inputs = [DEMO_ARCHIVE]
-    elif isinstance(inputs, (str, Path)):
-        inputs = [inputs]
-    paths = [Path(p) for p in inputs]
-    if not paths:
-        raise InputError("no inputs given")
-    return FileSource(paths, num_parts=num_parts, part_id=part_id), demo
-
-
-def _stow_sink(stow: str, inner: Any, source: Source, prompts: PromptSet, model: Any, auth: Any) -> Any:
-    """Wrap ``inner`` so every committed batch is first stored as SRs (see :mod:`radflash.archive.stow`)."""
-    from radflash import __version__
-    from radflash.archive.stow import StowSink, header_reader
-    from radflash.io.dicomweb import DicomWebSource
-    from radflash.io.dimse import DimseSource, is_dimse
-
-    if stow == "same":
-        if not isinstance(source, (DicomWebSource, DimseSource)):
-            raise InputError("--store without a URL writes back to the PACS scored from; "
-                             "give --store dicomweb+http(s)://… or dimse://… for file inputs")
-        stow = source.target.display if isinstance(source, DimseSource) else "dicomweb+" + source.target.base
-    if is_dimse(stow):  # C-STORE (radflash.archive.dimse_store), as the source's calling AE title
-        from radflash.archive.dimse_store import DimseStoreSink
-
-        return DimseStoreSink(inner, stow, prompts=prompts, model_id=model.model_id, model_sha256=model.sha256,
-                              version=__version__, header_of=header_reader(source), family=getattr(model, "family", ""))
-    return StowSink(inner, stow, prompts=prompts, model_id=model.model_id, model_sha256=model.sha256,
-                    version=__version__, header_of=header_reader(source), auth=auth,
-                    family=getattr(model, "family", ""))
 
 
 def _done_key(item: SourceItem) -> str:
@@ -520,6 +467,9 @@ def _check_resumable(previous: dict, current: dict, out_dir: Path) -> None:
                         f"{new_model['id']!r} sha256 {str(new_model['sha256'])[:12]}")
     if previous.get("findings") != current["findings"]:
         problems.append("findings/prompts differ")
+    old_mode, new_mode = previous.get("decode", {}).get("mode", "full"), current["decode"]["mode"]
+    if old_mode != new_mode:  # rows of a full and a fast decode must not mix in one table
+        problems.append(f"decode {old_mode} ≠ {new_mode} (--fast-decode)")
     old_args = previous.get("args", {})
     for key in ("include_phi", "num_parts", "part_id"):
         if old_args.get(key) != current["args"][key]:

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from radflash.archive.options import DecodeOptions, ModelSpec
 from radflash.errors import InputError, RadflashError
 from radflash.io.decoders import missing_decoder_line
 from radflash.io.safe_paths import NameAllocator, image_output_name, inside
@@ -52,7 +53,7 @@ from radflash.segment.grounding import ground
 from radflash.segment.output import REPORT, OutputWriter, build_report, check_formats
 from radflash.segment.prompts import resolve_prompts
 from radflash.segment.results import DecodedItem, ImageResult, InputFailure, PromptSpec, SegmentRun
-from radflash.util.watchdog import Watchdog, stall_limit
+from radflash.util.watchdog import Watchdog
 
 if TYPE_CHECKING:
     from radflash.api import RadFlashModel
@@ -154,34 +155,24 @@ def segment(
         require("highdicom", extra="seg", purpose="--overlay sc")
     web, inputs = _dicomweb_input(inputs, auth)
     stower = _stower(store, web, auth, outdir)
-    if max_pixels is not None:
-        from dataclasses import replace
-
-        from radflash.io.selection import SelectionRules
-
-        rules = replace(rules or SelectionRules(), max_pixels=max_pixels)
+    decoding = DecodeOptions(workers=workers, timeout=timeout, stall_after=stall_after, rules=rules,
+                             max_pixels=max_pixels)
+    decoding.check()
+    rules = decoding.selection()
     if outdir is not None:
         from radflash.archive.sinks import check_creatable
 
         check_creatable(outdir)  # a file on the path fails before the model loads
     if batch_size < 1:
         raise InputError(f"batch_size must be ≥ 1, got {batch_size}")
-    if workers is not None and workers < 0:
-        raise InputError(f"workers must be ≥ 0, got {workers}")
     if outdir is None and (formats or preview):
         log.debug("no outdir: formats %s and preview are not written", formats)
-    from radflash.api import as_model
     if ray is not None:  # before the model loads: a missing ray fails here with its install hint
         from radflash.archive.ray_executor import connect
 
         connect(ray)
     # under Ray the encoder runs in the actors; this copy makes the maps from their tokens, on CPU
-    # auto runtime and/or precision: timed at this run's batch size (radflash.backends.auto)
-    measured = (backend == "auto" or dtype == "auto") and ray is None
-    rf = as_model(model, device=device if ray is None else "cpu", dtype=None if measured or dtype == "auto" else dtype,
-                  backend="eager" if measured or ray is not None else backend)
-    if measured:
-        rf.set_backend(backend, dtype=dtype, batch_size=batch_size)
+    rf = ModelSpec(model, device, dtype, backend).load(batch_size=batch_size, on_ray=ray is not None)
     rf.require_maps()  # a family without maps fails once here, not once per image
     specs = resolve_prompts(prompts, thresholds, calibration=rf.calibration, default_prompts=rf.default_prompts)
     rf.encode_text([s.prompt for s in specs])  # validate + cache all prompt embeddings up front
@@ -198,9 +189,6 @@ def segment(
     failures: list[InputFailure] = []
     files: Iterator[SourceItem] = iter(())
     if web is not None or paths:
-        from radflash.io.selection import SelectionRules
-
-        rules = rules or SelectionRules()
         # streamed: a DICOMweb query is listed and retrieved as the decoders ask, folders are walked
         # as they go; unread entries (hidden files, FIFOs, link loops) hold no image: left out
         files = iter(web.retrieve(web.listing())) if web is not None else _image_files(paths)
@@ -231,7 +219,7 @@ def segment(
         encoded = _encoded_on_ray(arrays, files, rf, ray, placement, model, failures, bar, dtype=dtype,
                                   backend=backend, batch_size=batch_size, rules=rules, timeout=timeout,
                                   isolate=isolate)
-    watchdog = Watchdog(stall_after if stall_after is not None else stall_limit(timeout), what="segment").start()
+    watchdog = Watchdog(decoding.stall_limit(), what="segment").start()
     # decoding and encoding run on a helper thread that this loop waits for in slices, so a stage
     # that stops delivering ends the run with its name (radflash.util.watchdog)
     guarded = watchdog.guard(encoded, "decode/encode" if ray is None else "ray")

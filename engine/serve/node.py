@@ -95,7 +95,7 @@ class Node:
         _import_before_threads(o)
         self.journal = Journal(o.state)
         self.prompts = resolve_findings(o.findings)
-        self.model = o.model.load()
+        self.model = o.model.load(batch_size=o.schedule.max_batch)  # auto: timed at the largest batch
         self.scorer = Scorer(self.model, self.prompts)
         self.rules = SelectionRules() if o.max_pixels is None else SelectionRules(max_pixels=o.max_pixels)
         self._result_base = {"model_id": self.model.model_id, "model_sha256": self.model.sha256,

@@ -12,7 +12,10 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from radflash.archive.options import ModelSpec  # the model group score and segment use too
 from radflash.errors import InputError
+
+__all__ = ["AllowedCaller", "ForwardOptions", "IntakeOptions", "ModelSpec", "ScheduleOptions", "ServeOptions"]
 
 GROUPS = ("instance", "series", "study")
 PRIORITIES = {"high": 0, "medium": 1, "low": 2}  # rank: lower is served first
@@ -43,21 +46,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which model and where it runs: :meth:`load` is the node's one way to build it."""
-
-    checkpoint: str | None = None  # None: the embedded demo model
-    device: str = "auto"
-    dtype: str | None = None
-    backend: str = "eager"
-
-    def load(self):  # -> RadFlashModel
-        from radflash.api import load
-
-        return load(self.checkpoint, device=self.device, dtype=self.dtype, backend=self.backend)
 
 
 @dataclass(frozen=True)

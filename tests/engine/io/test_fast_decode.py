@@ -224,3 +224,13 @@ def test_score_default_is_full_decode_and_unchanged(small_archive: Path) -> None
         pixels = resize_for_model(load_image(row["path"]).pixels, model.preprocessing.geometry)
         ref = model.score(images=pixels, prompts=prompts).probs.cpu().numpy()[0]
         np.testing.assert_allclose(np.float32([row[f"{n}.prob"] for n in names]), ref, rtol=0, atol=1e-6)
+
+
+def test_a_resume_refuses_another_decode_mode(tmp_path) -> None:
+    from radflash.archive.verb import DEMO_ARCHIVE, score
+    from radflash.errors import InputError
+
+    film = DEMO_ARCHIVE / "patient00" / "study0" / "img000.dcm"
+    score([film], tmp_path / "out", workers=0, progress=False)
+    with pytest.raises(InputError, match=r"decode full ≠ fast \(--fast-decode\)"):
+        score([film], tmp_path / "out", workers=0, progress=False, resume=True, fast_decode=True)
