@@ -57,7 +57,7 @@ def test_decode_pool_carries_real_size_payloads_both_ways(workers: int, real_siz
     out: list = []
     runner = threading.Thread(target=lambda: out.extend(pool.run(tasks)), daemon=True)
     runner.start()
-    runner.join(timeout=90)
+    runner.join(timeout=45)
     if runner.is_alive():
         pool.kill()
         pytest.fail(f"decode pool with {workers} worker(s) made no progress on real-size items: deadlock")
