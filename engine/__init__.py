@@ -46,6 +46,7 @@ _LAZY = {
     "RadflashError": "radflash.errors",
     "CheckpointError": "radflash.errors",
     "InputError": "radflash.errors",
+    "serve": "radflash.serving",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -4,7 +4,7 @@
 where it runs (:class:`ModelSpec`, whose :meth:`~ModelSpec.load` is the one way a driver, a Ray
 actor's driver copy or a server builds it), where items come from (:class:`SourceOptions`), and how
 they are decoded (:class:`DecodeOptions`). Each verb composes them with its own (``score``:
-:class:`OutputOptions` and :class:`ScoreOptions`; ``serve``: :mod:`radflash.serve.options`), and a
+:class:`OutputOptions` and :class:`ScoreOptions`; ``serve``: :mod:`radflash.serving.options`), and a
 run's manifest records the composed options instead of repeating its parameters by hand.
 """
 

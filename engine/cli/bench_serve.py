@@ -1,4 +1,4 @@
-"""``radflash bench-serve``: load a local node over STOW-RS or C-STORE (see :mod:`radflash.serve.bench`)."""
+"""``radflash bench-serve``: load a local node over STOW-RS or C-STORE (see :mod:`radflash.serving.bench`)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def bench_serve(transport: str, concurrency: int | None, rates: tuple[float, ...
                 max_queue_delay_ms: float, window: float, max_windows: int, model: str | None, workers: int,
                 out: Path | None, plot_path: Path | None) -> None:
     """Receive → result-forwarded latency (p50/p90/p95/p99) and throughput of a local serve node."""
-    from radflash.serve import bench
+    from radflash.serving import bench
 
     if concurrency is None and not rates:
         raise click.UsageError("give --concurrency N (closed loop) and/or --rate R (open loop)")

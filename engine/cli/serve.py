@@ -1,4 +1,5 @@
-"""``radflash serve``: parse flags into :class:`radflash.serve.options.ServeOptions` and run the node."""
+"""``radflash serve``: parse flags into :class:`radflash.serving.options.ServeOptions` (through
+``ServeOptions.from_flat``, the same keyword spelling ``radflash.serve(...)`` takes) and run the node."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import click
 from radflash.cli.options import backend_option, device_option, dtype_option, max_pixels_option, model_argument, stack
 
 if TYPE_CHECKING:
-    from radflash.serve.options import ForwardOptions
+    from radflash.serving.options import ForwardOptions
 
 
 @click.command()
@@ -50,7 +51,10 @@ if TYPE_CHECKING:
 @click.option("--max-instance-mb", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option("--max-body-mb", type=click.IntRange(min=1), default=2048, show_default=True)
 @click.option("--segment", "segment", multiple=True, metavar="PROMPT",
-              help="Also a DICOM SEG for this prompt (repeatable; not implemented yet).")
+              help="Also a DICOM SEG per scored instance, one segment per prompt (repeatable), to every --forward "
+                   "target with the SR.")
+@click.option("--overlay", type=click.Choice(("sc",)), default=None,
+              help="sc: also an overlay Secondary Capture of the --segment masks (not for diagnosis).")
 @click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True, help="Decode processes.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
               help="Seconds one instance may take to decode.")
@@ -64,40 +68,28 @@ def serve(state: Path, model_path: str | None, device: str, dtype: str | None, b
           token_file: Path | None, tls_cert: Path | None, tls_key: Path | None, forward: tuple[str, ...],
           forward_retries: int, forward_backoff: float, group: str, quiet_period: float, max_batch: int,
           max_queue_delay_ms: float, max_queue: int, min_free_mb: int, max_instance_mb: int, max_body_mb: int,
-          segment: tuple[str, ...], workers: int, timeout: float, max_pixels: int | None, grace: float,
-          show_status: bool, retry_dead: bool) -> None:
-    """Receive studies (C-STORE, STOW-RS), score them in batches and forward SRs to the hospital."""
-    from radflash.serve import serve as run
-    from radflash.serve.options import (
-        AllowedCaller,
-        ForwardOptions,
-        IntakeOptions,
-        ModelSpec,
-        ScheduleOptions,
-        ServeOptions,
-    )
+          segment: tuple[str, ...], overlay: str | None, workers: int, timeout: float, max_pixels: int | None,
+          grace: float, show_status: bool, retry_dead: bool) -> None:
+    """Receive studies (C-STORE, STOW-RS), score them in batches and forward SRs (and with --segment
+    SEGs) to the hospital."""
+    from radflash.serving import serve as run
+    from radflash.serving.options import ForwardOptions, ServeOptions
 
-    if segment:
-        raise click.UsageError("--segment is not implemented yet in serve (SRs only)")
-    forward_options = ForwardOptions(targets=tuple(forward), retries=forward_retries, backoff=forward_backoff)
     if show_status or retry_dead:
+        forward_options = ForwardOptions(targets=tuple(forward), retries=forward_retries, backoff=forward_backoff)
         _status(state, forward_options, retry=retry_dead)
         return
-    options = ServeOptions(
-        state=state,
-        model=ModelSpec(model_path, device=device, dtype=dtype, backend=backend),
-        findings=findings,
-        intake=IntakeOptions(bind=bind, dicom_port=dicom_port or None, ae_title=ae_title,
-                             allow_ae=tuple(AllowedCaller.parse(a) for a in allow_ae),
-                             http_port=http_port or None, token_file=token_file, tls_cert=tls_cert, tls_key=tls_key,
-                             max_associations=max_associations, max_instance_bytes=max_instance_mb << 20,
-                             max_body_bytes=max_body_mb << 20, min_free_bytes=min_free_mb << 20),
-        schedule=ScheduleOptions(group=group, quiet_period=quiet_period, max_batch=max_batch,
-                                 max_queue_delay_ms=max_queue_delay_ms, max_queue=max_queue),
-        forward=forward_options, workers=workers, decode_timeout=timeout, max_pixels=max_pixels, grace=grace)
+    options = ServeOptions.from_flat(
+        state, model=model_path, device=device, dtype=dtype, backend=backend, findings=findings, bind=bind,
+        dicom_port=dicom_port, ae_title=ae_title, allow_ae=allow_ae, max_associations=max_associations,
+        http_port=http_port, token_file=token_file, tls_cert=tls_cert, tls_key=tls_key, forward=forward,
+        forward_retries=forward_retries, forward_backoff=forward_backoff, group=group, quiet_period=quiet_period,
+        max_batch=max_batch, max_queue_delay_ms=max_queue_delay_ms, max_queue=max_queue, min_free_mb=min_free_mb,
+        max_instance_mb=max_instance_mb, max_body_mb=max_body_mb, segment=segment, overlay=overlay,
+        workers=workers, timeout=timeout, max_pixels=max_pixels, grace=grace)
     import logging
 
-    logging.getLogger("radflash.serve").setLevel(min(logging.INFO, logging.getLogger().level or logging.INFO))
+    logging.getLogger("radflash.serving").setLevel(min(logging.INFO, logging.getLogger().level or logging.INFO))
     run(options)
 
 
@@ -105,8 +97,8 @@ def _status(state: Path, forward: ForwardOptions, *, retry: bool) -> None:
     import json
     import time
 
-    from radflash.serve.forward import resend_dead
-    from radflash.serve.journal import Journal
+    from radflash.serving.forward import resend_dead
+    from radflash.serving.journal import Journal
 
     if not (state / "journal.sqlite").exists():
         raise click.ClickException(f"{state}: no serve journal here")

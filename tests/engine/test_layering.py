@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("radflash.bench",),
     ("radflash.report",),
     # the serving node (#25): intake, journal, scheduler, forward; reuses archive's stages
-    ("radflash.serve",),
+    ("radflash.serving",),
     ("radflash.cli",),
 ]
 # The command line is where everything is assembled: it alone reaches training and calibration,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine.orthanc import ARCHIVE_FILES
-from tests.engine.serve.conftest import CHEST, expected_scores, stored_by, storescu, stow_body
+from tests.engine.serving.conftest import CHEST, expected_scores, stored_by, storescu, stow_body
 
 TOKEN = "serve-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -16,7 +16,9 @@ States of an instance::
 "received" is not a separate row state: a row is written only once the bytes are safe, and it is
 queued in the same transaction. A ``forwards`` row per (instance, target) tracks each delivery.
 Results are kept as JSON with everything an SR needs (model, prompts, numbers), so forwarding and
-``--retry-dead`` need neither the model nor the findings file. Instances refused at intake are
+``--retry-dead`` need neither the model nor the findings file; with ``--segment`` the result also
+names the SEG (and overlay SC) files under ``STATE/results/``, written and fsync'd before the row
+says "scored", and removed with the spool once every target holds them. Instances refused at intake are
 rows of ``rejections`` (reason, caller; never patient data). No table holds patient names or IDs.
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -157,7 +160,20 @@ class Journal:
         return tmp
 
     def path_of(self, sop: str) -> Path:
-        return self.spool / (hashlib.sha256(sop.encode()).hexdigest()[:40] + ".dcm")
+        return self.spool / (self.key(sop) + ".dcm")
+
+    @staticmethod
+    def key(sop: str) -> str:
+        """An instance's name on disk: a digest of its UID (file names never carry patient data)."""
+        return hashlib.sha256(sop.encode()).hexdigest()[:40]
+
+    @property
+    def results_root(self) -> Path:
+        return self.root / "results"
+
+    def results_dir(self, sop: str) -> Path:
+        """Where the instance's SEG/overlay files wait for delivery (``--segment``); removed with its spool."""
+        return self.results_root / self.key(sop)
 
     def accept(self, tmp: Path, *, sop: str, study: str, series: str, sop_class: str | None, priority: int,
                source: str, caller: str | None) -> str:
@@ -243,6 +259,9 @@ class Journal:
     def _drop_spool(self, sop: str) -> None:
         with suppress(OSError):
             self.path_of(sop).unlink()
+        folder = self.results_dir(sop)
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
     # ---- start-up and status --------------------------------------------------------------------
     def _instance(self, row: tuple) -> Instance:

@@ -1,7 +1,7 @@
 """The node's HTTP face (stdlib ``ThreadingHTTPServer``; HTTPS with ``--tls-cert/--tls-key``).
 
 * ``POST /dicom-web/studies[/{study}]`` — STOW-RS intake (``multipart/related; type="application/dicom"``):
-  each part goes through :meth:`radflash.serve.node.Node.receive`, exactly as a C-STORE does; 200
+  each part goes through :meth:`radflash.serving.node.Node.receive`, exactly as a C-STORE does; 200
   when every part is stored, 202 when some were refused (``FailedSOPSequence`` with the reason in
   Error Comment), 409 when none was, 503 + ``Retry-After`` when the node cannot keep them (queue
   full, disk low, draining), 413 for a body over ``max_body_bytes`` (refused before it is read).
@@ -24,13 +24,13 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from radflash.serve.intake import OUT_OF_RESOURCES
-from radflash.serve.options import PRIORITIES, IntakeOptions
+from radflash.serving.intake import OUT_OF_RESOURCES
+from radflash.serving.options import PRIORITIES, IntakeOptions
 
 if TYPE_CHECKING:
-    from radflash.serve.node import Node
+    from radflash.serving.node import Node
 
-log = logging.getLogger("radflash.serve")
+log = logging.getLogger("radflash.serving")
 RETRY_AFTER_S = 5
 
 

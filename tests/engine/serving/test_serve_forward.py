@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine.serve.conftest import CHEST, orthanc_or_skip, sr_count, sr_uid_of, srs_in, stored_by, storescu, uids
+from tests.engine.serving.conftest import CHEST, orthanc_or_skip, sr_count, sr_uid_of, srs_in, stored_by, storescu, uids
 
 
 @pytest.mark.slow  # ~20-30 s: real Orthancs and several node starts

@@ -16,6 +16,16 @@ The stages are ``score``'s: :func:`radflash.archive.decode_pool.decode_one` in a
 and :class:`radflash.archive.pipeline.Scorer`, and the SR builder and stores of ``score --store``;
 only the scheduling differs (a queue fed by the network, a latency bound on partial batches).
 
+With ``--segment PROMPT…`` each scored instance also gets a DICOM SEG (one segment per prompt) and,
+with ``--overlay sc``, an overlay Secondary Capture. They are ``segment``'s: the Scorer's batch
+observer hands over the image tokens the scorer has just computed, and
+:func:`radflash.segment.verb._segment_one` makes the maps and masks from them at the source's own
+size and writes both objects through ``segment``'s :class:`~radflash.segment.output.OutputWriter`
+(built by :mod:`radflash.dicomout`, UIDs from the source instance, the model hash and the prompt set:
+:func:`radflash.dicomout.uids.seg_uids`). The files go to ``STATE/results/<key>/`` and are fsync'd
+before the instance is journaled as scored, so a restart or ``--retry-dead`` resends the same
+objects without the model, and a resend replaces them on the target, never duplicates them.
+
 Nothing acknowledged is lost: the journal holds every accepted instance until its results are held
 by every target; :meth:`Node.start` re-queues whatever a crash interrupted (queued, assembling, in a
 batch, or scored and not yet forwarded). :meth:`Node.drain` (SIGTERM) stops intake, finishes and
@@ -38,14 +48,14 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
-from radflash.serve.forward import Forwarder
-from radflash.serve.intake import OUT_OF_RESOURCES, inspect
-from radflash.serve.journal import Instance, Journal
-from radflash.serve.metrics import Metrics
-from radflash.serve.options import ServeOptions
-from radflash.serve.scheduler import Scheduler, Work
+from radflash.serving.forward import Forwarder
+from radflash.serving.intake import OUT_OF_RESOURCES, inspect
+from radflash.serving.journal import Instance, Journal
+from radflash.serving.metrics import Metrics
+from radflash.serving.options import ServeOptions
+from radflash.serving.scheduler import Scheduler, Work
 
-log = logging.getLogger("radflash.serve")
+log = logging.getLogger("radflash.serving")
 SCORE_TIMEOUT_S = 300.0  # POST /v1/score waits at most this long for its batch
 
 
@@ -96,7 +106,17 @@ class Node:
         self.journal = Journal(o.state)
         self.prompts = resolve_findings(o.findings)
         self.model = o.model.load(batch_size=o.schedule.max_batch)  # auto: timed at the largest batch
-        self.scorer = Scorer(self.model, self.prompts)
+        self.seg_specs: tuple[Any, ...] = ()
+        if o.segment:
+            from radflash.segment.prompts import resolve_prompts
+
+            self.model.require_maps()  # a family without maps fails at start, not once per instance
+            self.seg_specs = resolve_prompts(list(o.segment), calibration=self.model.calibration,
+                                             default_prompts=self.model.default_prompts)
+            self.model.encode_text([s.prompt for s in self.seg_specs])  # validated and cached once
+        self._batch: dict[int, tuple[Work, Any]] = {}  # this batch's index → (work, full-size pixels)
+        self._objects: dict[int, dict[str, Any]] = {}  # index → SEG/SC files (relative to STATE), notes
+        self.scorer = Scorer(self.model, self.prompts, observer=self._segment_batch if self.seg_specs else None)
         self.rules = SelectionRules() if o.max_pixels is None else SelectionRules(max_pixels=o.max_pixels)
         self._result_base = {"model_id": self.model.model_id, "model_sha256": self.model.sha256,
                              "family": getattr(self.model, "family", ""), "version": __version__,
@@ -129,12 +149,12 @@ class Node:
         self._infer_thread.start()
         self.accepting = True
         if o.intake.dicom_port is not None:
-            from radflash.serve.intake_dimse import DimseIntake
+            from radflash.serving.intake_dimse import DimseIntake
 
             self.dimse = DimseIntake(self, o.intake)
             self.dimse.start()
         if o.intake.http_port is not None:
-            from radflash.serve.http import HttpIntake
+            from radflash.serving.http import HttpIntake
 
             self.http = HttpIntake(self, o.intake)
             self.http.start()
@@ -342,8 +362,11 @@ class Node:
                 decoded = {t.index: decode_one(t, loader, self.rules) for t in tasks}
         geometry = self.model.preprocessing.geometry
         loaded: list[Decoded] = []
+        self._batch, self._objects = {}, {}
         for i in range(len(items)):
             d = decoded[i]
+            if d.status == "loaded" and self.seg_specs and items[i].future is None:
+                self._batch[i] = (items[i], d.pixels)  # SEG masks are made at the source's own size
             if d.status == "loaded":
                 try:
                     d = Decoded(d.index, d.key, d.path, "loaded", None, resize_for_model(d.pixels, geometry),
@@ -359,13 +382,53 @@ class Node:
                 for d, r in zip(loaded, self.scorer(loaded)):
                     records[d.index] = r
         self.metrics.compute_time.observe(time.monotonic() - t0)
+        objects, self._batch, self._objects = self._objects, {}, {}
         for i, w in enumerate(items):
             d = decoded[i]
-            self._finish(w, "scored" if i in records else d.status, d.reason, records.get(i))
+            self._finish(w, "scored" if i in records else d.status, d.reason, records.get(i), objects.get(i))
         self._busy_batch = 0
         self.metrics.in_batch.set(0)
 
-    def _finish(self, w: Work, status: str, reason: str | None, record: Any) -> None:
+    def _segment_batch(self, model: Any, prompts: Any, items: list[Any], tokens: Any, records: Any) -> None:
+        """The Scorer's observer (same pass, tokens still in memory): each instance's SEG (and overlay
+        SC) under ``STATE/results/<key>/``, made by ``segment``'s own functions, fsync'd. A failure
+        is noted for that instance, whose SR still goes out."""
+        import pydicom
+
+        from radflash.segment.output import OutputWriter
+        from radflash.segment.results import DecodedItem
+        from radflash.segment.verb import _segment_one
+
+        assert self.journal is not None
+
+        def header_of(item: DecodedItem) -> Any:  # the spooled instance's own header
+            return pydicom.dcmread(item.source, stop_before_pixels=True, force=True)
+
+        # one writer per batch: its per-study instance counters then never grow with the node's uptime
+        writer = OutputWriter(self.journal.results_root, model, self.seg_specs, ("dicom-seg",), False,
+                              header_of=header_of, overlay=self.options.overlay)
+        for j, d in enumerate(items):
+            if d.index not in self._batch:
+                continue
+            w, pixels = self._batch[d.index]
+            folder = self.journal.results_dir(w.sop)
+            item = DecodedItem(d.index, str(w.path), pixels, d.meta)
+            files: list[str] = []
+            notes: list[str] = []
+            try:
+                result = _segment_one(model, tokens[j:j + 1], item, folder.name, w.sop, self.seg_specs, writer)
+                notes = [n for n in result.notes if "failed" in n]
+                files = [f"{self.journal.results_root.name}/{result.files[k]}"
+                         for k in ("dicom-seg", "overlay-sc") if k in result.files]
+                _fsync_files([self.journal.root / f for f in files])
+            except Exception as exc:  # this instance's SEG; its SR and the batch's others still go out
+                notes.append(f"segment: failed ({type(exc).__name__}: {exc})".splitlines()[0])
+            for n in notes:
+                log.warning("instance %s: %s", folder.name[:12], n)  # the spool key, never patient data
+            self._objects[d.index] = {"objects": files, "notes": notes}
+
+    def _finish(self, w: Work, status: str, reason: str | None, record: Any,
+                objects: dict[str, Any] | None = None) -> None:
         """One instance out of the model: journal it, start its deliveries, free its queue slot."""
         assert self.journal is not None and self.forwarder is not None
         if self._stopping and w.future is None:
@@ -379,6 +442,8 @@ class Node:
             if status == "scored":
                 result = dict(self._result_base, logits=list(record.logits), probs=list(record.probs),
                               positive=None if record.positive is None else list(record.positive))
+                if objects is not None:  # SEG/overlay files, sent with the SR (radflash.serving.forward)
+                    result.update(objects)
                 targets = self.options.forward.targets
                 self.journal.scored(w.sop, result, targets)
                 if targets:
@@ -392,6 +457,20 @@ class Node:
 
     def _delivered(self, inst: Instance) -> None:
         self.metrics.e2e.observe(max(0.0, time.time() - inst.received))
+
+
+def _fsync_files(paths: list[Any]) -> None:
+    """Each file and its folder on disk before the journal says "scored": a crash after that commit
+    must find the objects it names (they cannot be remade without the model)."""
+    import os
+
+    for path in paths:
+        for target, flags in ((path, os.O_RDONLY), (path.parent, os.O_RDONLY)):
+            fd = os.open(target, flags)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def _import_before_threads(options: ServeOptions) -> None:
@@ -411,5 +490,10 @@ def _import_before_threads(options: ServeOptions) -> None:
         importlib.import_module("radflash.archive.stow")
         importlib.import_module("radflash.archive.dimse_store")
         importlib.import_module("radflash.dicomout.sr")
+    if options.segment:
+        require("highdicom", extra="serve", purpose="radflash serve --segment (DICOM SEG)")
+        for module in ("highdicom", "radflash.dicomout.seg", "radflash.dicomout.sc", "radflash.segment.verb",
+                       "radflash.segment.output", "radflash.segment.writers"):
+            importlib.import_module(module)
     if any(t.lower().startswith("dicomweb") for t in options.forward.targets):
         require("dicomweb_client", extra="serve", purpose="radflash serve's STOW-RS targets")

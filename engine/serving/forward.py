@@ -1,10 +1,12 @@
-"""Scored instances → their results (DICOM SR, + SEG) held by every ``--forward`` target.
+"""Scored instances → their results (DICOM SR; with ``--segment`` also SEG and overlay SC) held by
+every ``--forward`` target.
 
 One :class:`Lane` per target, each with its own thread and retry heap, so a target that is down
 delays only its own deliveries. A delivery that fails is retried with exponential backoff
 (``backoff``·2ⁿ, at most ``max_backoff``) up to ``retries`` times, then written to the dead-letter
 table (``radflash serve --status`` lists it, ``--retry-dead`` resends). Result UIDs are derived
-from the source SOP Instance UID and the model hash (:func:`radflash.dicomout.uids.sr_uids`), so a
+from the source SOP Instance UID and the model hash (:func:`radflash.dicomout.uids.sr_uids`; a SEG's
+and an SC's also from the prompt set: :func:`~radflash.dicomout.uids.seg_uids`), so a
 resend after a crash or a retry after a lost answer replaces the object, never duplicates it; no
 "does it exist" query is needed before sending.
 
@@ -21,17 +23,20 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from radflash.serve.journal import Instance, Journal
-from radflash.serve.options import ForwardOptions, forward_kind
+from radflash.serving.journal import Instance, Journal
+from radflash.serving.options import ForwardOptions, forward_kind
 
-log = logging.getLogger("radflash.serve")
+log = logging.getLogger("radflash.serving")
 
 
-def results_of(inst: Instance) -> list[Any]:
+def results_of(inst: Instance, root: Path) -> list[Any]:
     """The DICOM objects for one scored instance: its SR (TID 1500), from the journal's result and
-    the spooled header (no model needed)."""
+    the spooled header, then its SEG and overlay SC (``--segment``), read from the files the result
+    names under the state folder ``root`` (no model needed). A named file that is gone raises: the
+    delivery is retried, then dead-lettered, never sent without it."""
     import pydicom
 
     from radflash.archive.pipeline import PromptSet
@@ -46,8 +51,9 @@ def results_of(inst: Instance) -> list[Any]:
                         series_instance_uid=inst.series, logits=tuple(r["logits"]), probs=tuple(r["probs"]),
                         positive=None if r.get("positive") is None else tuple(r["positive"]))
     prompts = PromptSet(tuple(r["names"]), tuple(r["prompts"]), tuple(r["thresholds"]))
-    return [build_sr(header, record, prompts, model_id=r["model_id"], model_sha256=r["model_sha256"],
-                     version=r["version"], family=r.get("family", ""))]
+    sr = build_sr(header, record, prompts, model_id=r["model_id"], model_sha256=r["model_sha256"],
+                  version=r["version"], family=r.get("family", ""))
+    return [sr, *(pydicom.dcmread(root / rel) for rel in r.get("objects", ()))]
 
 
 class Transport:
@@ -149,7 +155,7 @@ class Lane:
         if inst is None or inst.state not in ("scored", "dead"):
             return  # already delivered (a duplicate submission) or gone
         try:
-            self.transport.send(results_of(inst))
+            self.transport.send(results_of(inst, self.journal.root))
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
             dead = attempts >= self.options.retries
@@ -196,7 +202,7 @@ class Forwarder:
 def resend_dead(journal: Journal, options: ForwardOptions, *, metrics: Any = None) -> dict[str, int]:
     """``--retry-dead``: every dead delivery once more, now, in this process (no model needed);
     what fails again stays dead. Returns counts."""
-    from radflash.serve.metrics import Metrics
+    from radflash.serving.metrics import Metrics
 
     metrics = metrics or Metrics()
     dead = journal.dead()
@@ -209,7 +215,7 @@ def resend_dead(journal: Journal, options: ForwardOptions, *, metrics: Any = Non
             continue
         transport = transports.setdefault(target, Transport(target, options.timeout))
         try:
-            transport.send(results_of(inst))
+            transport.send(results_of(inst, journal.root))
         except Exception as exc:
             journal.forward_failed(sop, target, f"{type(exc).__name__}: {exc}".splitlines()[0], dead=True)
             failed += 1

@@ -1,6 +1,6 @@
 """The C-STORE SCP (and Verification): instances pushed by a PACS or a modality → the node's intake.
 
-The handler only admits, persists and enqueues (:meth:`radflash.serve.node.Node.receive`); it never
+The handler only admits, persists and enqueues (:meth:`radflash.serving.node.Node.receive`); it never
 waits for the model. Who may associate: with no ``--allow-ae``, any AE title from a loopback
 address; with entries, only those AE titles (an unknown one gets an A-ASSOCIATE-RJ "calling AE
 title not recognised"), and an ``AET@HOST`` entry only from that host (TCP connections from hosts
@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from radflash.serve.intake import NOT_AUTHORISED, OUT_OF_RESOURCES
-from radflash.serve.options import DIMSE_PRIORITY, IntakeOptions, is_loopback
+from radflash.serving.intake import NOT_AUTHORISED, OUT_OF_RESOURCES
+from radflash.serving.options import DIMSE_PRIORITY, IntakeOptions, is_loopback
 
 if TYPE_CHECKING:
-    from radflash.serve.node import Node
+    from radflash.serving.node import Node
 
-log = logging.getLogger("radflash.serve")
+log = logging.getLogger("radflash.serving")
 VERIFICATION = "1.2.840.10008.1.1"
 
 

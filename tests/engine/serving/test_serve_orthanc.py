@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine.serve.conftest import (
+from tests.engine.serving.conftest import (
     CHEST,
     NODE_AET,
     OTHER,

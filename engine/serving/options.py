@@ -1,7 +1,7 @@
 """``radflash serve``'s options: flags → a few typed groups, validated once, at the boundary.
 
 The groups follow the node's stages (intake → schedule → model → forward), so each stage gets only
-its own group; :class:`ServeOptions` composes them and is what :class:`radflash.serve.node.Node`
+its own group; :class:`ServeOptions` composes them and is what :class:`radflash.serving.node.Node`
 takes. ``asdict(options)`` is what the node records in ``STATE/node.json`` (no token: only the
 token file's path).
 """
@@ -9,8 +9,10 @@ token file's path).
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from radflash.archive.options import ModelSpec  # the model group score and segment use too
 from radflash.errors import InputError
@@ -101,13 +103,17 @@ class ForwardOptions:
 
 @dataclass(frozen=True)
 class ServeOptions:
+    """Everything a node needs, in the groups above; :meth:`from_flat` builds it from the CLI's
+    keyword spelling. Checked once when made (one-line :class:`InputError` s)."""
+
     state: Path
     model: ModelSpec = field(default_factory=ModelSpec)
     findings: str | None = None  # a prompt file; None: the default findings
     intake: IntakeOptions = field(default_factory=IntakeOptions)
     schedule: ScheduleOptions = field(default_factory=ScheduleOptions)
     forward: ForwardOptions = field(default_factory=ForwardOptions)
-    segment: tuple[str, ...] = ()  # prompts that also get a DICOM SEG
+    segment: tuple[str, ...] = ()  # prompts: each scored instance also gets a DICOM SEG, one segment per prompt
+    overlay: str | None = None  # "sc": and an overlay Secondary Capture of those masks (needs segment)
     workers: int = 1  # decode processes (0: in the inference thread, no crash isolation)
     decode_timeout: float = 120.0  # s per instance before its decoder is killed
     max_pixels: int | None = None  # the header's pixel budget (default: the loader's)
@@ -134,6 +140,49 @@ class ServeOptions:
             raise InputError("forward retries and backoff must be ≥ 0")
         for url in f.targets:
             forward_kind(url)
+        if self.overlay not in (None, "sc"):
+            raise InputError(f"--overlay {self.overlay!r}: choose sc (a DICOM Secondary Capture)")
+        if self.overlay is not None and not self.segment:
+            raise InputError("--overlay sc draws the --segment masks: give at least one --segment PROMPT")
+        if any(not p.strip() for p in self.segment):
+            raise InputError("--segment takes a non-empty prompt")
+
+    @classmethod
+    def from_flat(cls, state: str | Path, *, model: Any = None, device: str = "auto",
+                  dtype: str | None = None, backend: str = "eager", findings: str | None = None,
+                  bind: str = "127.0.0.1", dicom_port: int | None = 11112, ae_title: str = "RADFLASH",
+                  allow_ae: Sequence[str | AllowedCaller] = (), max_associations: int = 8,
+                  http_port: int | None = 8080, token_file: str | Path | None = None,
+                  tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
+                  forward: Sequence[str] | str = (), forward_retries: int = 5, forward_backoff: float = 1.0,
+                  forward_timeout: float = 30.0, group: str = "instance", quiet_period: float = 0.0,
+                  max_batch: int = 8, max_queue_delay_ms: float = 50.0, max_queue: int = 1000,
+                  min_free_mb: int = 1024, max_instance_mb: int = 1024, max_body_mb: int = 2048,
+                  segment: Sequence[str] | str = (), overlay: str | None = None, workers: int = 1,
+                  timeout: float = 120.0, max_pixels: int | None = None, grace: float = 30.0) -> ServeOptions:
+        """The groups from ``radflash serve``'s flags, spelled as keywords (the CLI and
+        ``radflash.serve(state=..., forward=[...])`` both come through here, so the two cannot
+        drift apart). Sizes are in MB as on the command line; a port of 0 or None: not listened on."""
+        def path(p: str | Path | None) -> Path | None:
+            return None if p is None else Path(p)
+
+        return cls(
+            state=Path(state),
+            model=ModelSpec(model, device=device, dtype=dtype, backend=backend),
+            findings=None if findings is None else str(findings),
+            intake=IntakeOptions(bind=bind, dicom_port=dicom_port or None, ae_title=ae_title,
+                                 allow_ae=tuple(a if isinstance(a, AllowedCaller) else AllowedCaller.parse(a)
+                                                for a in allow_ae),
+                                 http_port=http_port or None, token_file=path(token_file), tls_cert=path(tls_cert),
+                                 tls_key=path(tls_key), max_associations=max_associations,
+                                 max_instance_bytes=max_instance_mb << 20, max_body_bytes=max_body_mb << 20,
+                                 min_free_bytes=min_free_mb << 20),
+            schedule=ScheduleOptions(group=group, quiet_period=quiet_period, max_batch=max_batch,
+                                     max_queue_delay_ms=max_queue_delay_ms, max_queue=max_queue),
+            forward=ForwardOptions(targets=(forward,) if isinstance(forward, str) else tuple(forward),
+                                   retries=forward_retries, backoff=forward_backoff, timeout=forward_timeout),
+            segment=(segment,) if isinstance(segment, str) else tuple(segment), overlay=overlay, workers=workers,
+            decode_timeout=timeout, max_pixels=max_pixels, grace=grace)
 
 
 def forward_kind(url: str) -> str:

@@ -48,7 +48,7 @@ class _Receiver:
     """A STOW-RS endpoint that records when each SR arrived (by its SOP Instance UID)."""
 
     def __init__(self) -> None:
-        from radflash.serve.http import multipart_parts
+        from radflash.serving.http import multipart_parts
 
         arrived: dict[str, float] = {}
         cond = threading.Condition()
@@ -232,8 +232,8 @@ def bench_serve(*, transport: str = "stow", concurrency: int | None = None, rate
                 model: str | None = None, workers: int = 1) -> list[LoadResult]:
     """Every load (closed loop at ``concurrency``, open loop at each of ``rates``) against a node with
     ``max_batch`` and against one with ``max_batch=1``; see the module doc."""
-    from radflash.serve.node import Node
-    from radflash.serve.options import ForwardOptions, IntakeOptions, ModelSpec, ScheduleOptions, ServeOptions
+    from radflash.serving.node import Node
+    from radflash.serving.options import ForwardOptions, IntakeOptions, ModelSpec, ScheduleOptions, ServeOptions
 
     loads: list[tuple[str, int | None, float | None]] = []
     if concurrency is not None:

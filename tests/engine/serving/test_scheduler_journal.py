@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from radflash.archive.batching import Batcher
-from radflash.serve.journal import Journal, JournalError
-from radflash.serve.scheduler import Scheduler, Work
+from radflash.serving.journal import Journal, JournalError
+from radflash.serving.scheduler import Scheduler, Work
 
 
 def _work(sop: str, study: str = "st", series: str = "se", priority: int = 1) -> Work:
