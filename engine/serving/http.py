@@ -20,7 +20,9 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import socket
 import threading
+from contextlib import suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
@@ -83,14 +85,15 @@ class HttpIntake:
             pass
 
         Handler.intake = intake
-        server = ThreadingHTTPServer((self.options.bind, self.options.http_port), Handler)
-        server.daemon_threads = True
+        ctx = None
         if self.options.tls_cert is not None:
-            import ssl
+            from radflash.serving.tls import server_context
 
-            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ctx.load_cert_chain(str(self.options.tls_cert), str(self.options.tls_key))
-            server.socket = ctx.wrap_socket(server.socket, server_side=True)
+            assert self.options.tls_key is not None
+            ctx = server_context(self.options.tls_cert, self.options.tls_key)
+        server = _Server((self.options.bind, self.options.http_port), Handler)
+        server.daemon_threads = True
+        server.tls = ctx
         self.server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="radflash-serve-http", daemon=True)
@@ -109,9 +112,33 @@ class HttpIntake:
             server.server_close()
 
 
+class _Server(ThreadingHTTPServer):
+    """The stdlib server, with the TLS handshake (when ``tls`` is set) in each connection's own
+    thread, bounded in time (:mod:`radflash.serving.tls`), not in the accept loop."""
+
+    tls: Any = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        from radflash.serving.tls import handshake
+
+        conn = handshake(self.tls, request, client_address, "HTTPS")
+        if conn is None:
+            return
+        try:
+            super().finish_request(conn, client_address)
+        finally:
+            with suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+
 class _Handler(BaseHTTPRequestHandler):
     intake: HttpIntake
     protocol_version = "HTTP/1.1"
+    timeout = 300  # s a connection may sit silent mid-request or idle between requests before it is closed
     server_version = "radflash-serve"
 
     def log_message(self, format: str, *args: Any) -> None:

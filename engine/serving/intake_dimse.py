@@ -63,17 +63,33 @@ class DimseIntake:
         ae.maximum_pdu_size = 0
         ssl_context = None
         if o.tls_cert is not None:
-            import ssl
+            from radflash.serving.tls import server_context
 
-            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ssl_context.load_cert_chain(str(o.tls_cert), str(o.tls_key))
+            assert o.tls_key is not None
+            ssl_context = server_context(o.tls_cert, o.tls_key)
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo)]
-        self.server = ae.start_server((o.bind, o.dicom_port), block=False, evt_handlers=handlers,
-                                      ssl_context=ssl_context)
+        # not start_server(ssl_context=...): pynetdicom would handshake in its accept loop, where one
+        # silent client holds every later association (radflash.serving.tls); here each connection's
+        # own thread does it, bounded in time
+        self.server = ae.start_server((o.bind, o.dicom_port), block=False, evt_handlers=handlers)
         # socketserver's hook: a host no entry admits is closed before any DICOM is read
         self.server.verify_request = lambda request, address: self.host_admitted(address[0])
+        if ssl_context is not None:
+            self.server.finish_request = self._tls_finish(self.server.finish_request, ssl_context)
         log.info("C-STORE SCP %s listening on %s:%d%s", o.ae_title, o.bind, o.dicom_port,
                  " (TLS)" if ssl_context else "")
+
+    @staticmethod
+    def _tls_finish(finish: Any, ctx: Any) -> Any:
+        """``finish_request`` that first completes the TLS handshake (or drops the connection)."""
+        from radflash.serving.tls import handshake
+
+        def finish_request(request: Any, client_address: Any) -> None:
+            conn = handshake(ctx, request, client_address, "DICOM TLS")
+            if conn is not None:
+                finish(conn, client_address)  # the association runs on in its own thread
+
+        return finish_request
 
     @property
     def port(self) -> int:

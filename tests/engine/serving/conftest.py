@@ -34,8 +34,10 @@ OTHER = [p for p in ARCHIVE_FILES if "other" in p.parts]  # CT, MR, knee, latera
 class NodeProc:
     """One ``radflash serve`` subprocess on free loopback ports."""
 
-    def __init__(self, state: Path, *args: str, dicom_port: int | None = None, http_port: int | None = None) -> None:
+    def __init__(self, state: Path, *args: str, dicom_port: int | None = None, http_port: int | None = None,
+                 tls_ca: Path | None = None) -> None:
         self.state = state
+        self.tls_ca = tls_ca  # the node serves HTTPS (--tls-cert): talk to it trusting this certificate
         self.args = args
         self.dicom_port = dicom_port or free_port()
         self.http_port = http_port or free_port()
@@ -64,13 +66,21 @@ class NodeProc:
 
     def request(self, method: str, path: str, data: bytes | None = None, headers: dict | None = None,
                 timeout: float = 30.0) -> tuple[int, bytes, dict]:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method,
-                                     headers=headers or {})
+        req = urllib.request.Request(f"{self.url}{path}", data=data, method=method, headers=headers or {})
+        context = None
+        if self.tls_ca is not None:
+            import ssl
+
+            context = ssl.create_default_context(cafile=str(self.tls_ca))
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
                 return resp.status, resp.read(), dict(resp.headers)
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read(), dict(exc.headers)
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls_ca else 'http'}://127.0.0.1:{self.http_port}"
 
     def get(self, path: str) -> tuple[int, bytes]:
         code, body, _ = self.request("GET", path, timeout=5)
@@ -130,8 +140,8 @@ def nodes(tmp_path: Path):
     """Make nodes with ``nodes(name, *flags)``; every one is killed at the end of the test."""
     made: list[NodeProc] = []
 
-    def make(name: str, *args: str, **ports: int) -> NodeProc:
-        node = NodeProc(tmp_path / name, *args, **ports)
+    def make(name: str, *args: str, **options) -> NodeProc:
+        node = NodeProc(tmp_path / name, *args, **options)
         made.append(node)
         return node
 
