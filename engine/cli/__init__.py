@@ -33,7 +33,6 @@ COMMANDS = {
     "findings": "radflash.cli.listing:findings",
     "doctor": "radflash.cli.doctor:doctor",
     "serve": "radflash.cli.serve:serve",
-    "bench-serve": "radflash.cli.bench_serve:bench_serve",
 }
 
 

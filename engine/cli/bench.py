@@ -1,4 +1,8 @@
-"""``radflash bench``: parse options, call :func:`radflash.bench.harness.bench`, print/save the report."""
+"""``radflash bench``: parse options, call :func:`radflash.bench.harness.bench`, print/save the report.
+
+``bench`` is a click group that runs that benchmark when called without a subcommand (every
+``radflash bench --…`` invocation works as before); ``radflash bench serve`` loads a local serving
+node (:mod:`radflash.cli.bench_serve`)."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from radflash.cli.bench_serve import bench_serve
 from radflash.cli.options import device_option, kernels_option, model_argument
 
 BENCH_BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt", "openvino", "auto", "all")
@@ -24,7 +29,7 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     return sizes
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @model_argument(presets=True)
 @device_option
 @click.option("--backend", "backends", type=click.Choice(BENCH_BACKENDS), multiple=True, default=("eager",),
@@ -62,13 +67,17 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
               help="Write a PNG: latency vs batch size per backend, and the stage breakdown.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Append the table (with machine, versions, config, date) to a markdown results file.")
-def bench(model_path: str | None, device: str, backends: tuple[str, ...], batch_sizes: tuple[int, ...],
-          image_size: int | None, prompts: int, iterations: int, warmup: int, archive_files: int,
+@click.pass_context
+def bench(ctx: click.Context, model_path: str | None, device: str, backends: tuple[str, ...],
+          batch_sizes: tuple[int, ...], image_size: int | None, prompts: int, iterations: int, warmup: int,
+          archive_files: int,
           threads: int | None, no_reference: bool, reference_loop: str, json_path: Path | None,
           plot_path: Path | None, markdown_path: Path | None, dtypes: tuple[str, ...] = (),
           openvino_standalone: bool | None = None, films: int = 0) -> None:
     """Time decode, preprocessing, encoder, head, maps (for families that have them) and the score path beside the
-    reference of the model's family (RadZero or CARZero)."""
+    reference of the model's family (RadZero or CARZero). `radflash bench serve --help`: a serving node under load."""
+    if ctx.invoked_subcommand is not None:  # `bench serve …`: the group's own benchmark does not run
+        return
     from rich.console import Console
 
     from radflash.bench.harness import bench as run_bench
@@ -105,3 +114,6 @@ def bench(model_path: str | None, device: str, backends: tuple[str, ...], batch_
         with markdown_path.open("a", encoding="utf-8") as fh:
             fh.write(("\n" if markdown_path.stat().st_size else "") + to_markdown(report))
         console.print(f"table appended to {markdown_path}", highlight=False, markup=False)
+
+
+bench.add_command(bench_serve, "serve")

@@ -1,4 +1,4 @@
-"""``radflash bench-serve``: load on a real node, receive → result-forwarded latency and throughput.
+"""``radflash bench serve``: load on a real node, receive → result-forwarded latency and throughput.
 
 A node runs in this process on loopback with one forward target: a STOW-RS receiver in this process
 that notes when each SR arrives (so the latency is the hospital's: from the first byte sent to
@@ -11,7 +11,11 @@ UID, over STOW-RS (one instance per request) or C-STORE (one association per sen
 Each load runs in windows of ``window`` s until the throughputs of the last three windows agree
 within 10% (or ``max_windows``); the percentiles are over the results of those three windows.
 Every load runs twice in the same process: as configured and with ``max_batch=1``, and the
-throughput ratio (batching / no batching) is reported.
+throughput ratio (batching / no batching) is reported. With ``fractions`` the closed loop first
+measures the batched node's capacity and the open loops run at those fractions of it (the same
+rates at ``max_batch=1``). Each load gets a fresh node (a fresh state folder): an overloaded
+load's backlog is abandoned with its node, never carried into the next load's numbers; what was
+still waiting when a load ended is reported (``backlog``).
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ class LoadResult:
     windows: list[float] = field(default_factory=list)
     completed: int = 0
     converged: bool = False
+    wall_s: float = 0.0  # how long the load ran before its windows agreed (or max_windows)
+    backlog: int = 0  # instances accepted but not yet through the model when the load ended
 
 
 class _Receiver:
@@ -228,42 +234,55 @@ def _free_port() -> int:
 
 
 def bench_serve(*, transport: str = "stow", concurrency: int | None = None, rates: tuple[float, ...] = (),
-                max_batch: int = 8, max_queue_delay_ms: float = 50.0, window: float = 10.0, max_windows: int = 8,
-                model: str | None = None, workers: int = 1) -> list[LoadResult]:
-    """Every load (closed loop at ``concurrency``, open loop at each of ``rates``) against a node with
+                fractions: tuple[float, ...] = (), max_batch: int = 8, max_queue_delay_ms: float = 50.0,
+                window: float = 10.0, max_windows: int = 8, model: str | None = None,
+                workers: int = 1) -> list[LoadResult]:
+    """Every load (closed loop at ``concurrency``, open loop at each of ``rates`` and at each of
+    ``fractions`` × the closed loop's throughput on the batched node) against a node with
     ``max_batch`` and against one with ``max_batch=1``; see the module doc."""
     from radflash.serving.node import Node
     from radflash.serving.options import ForwardOptions, IntakeOptions, ModelSpec, ScheduleOptions, ServeOptions
 
-    loads: list[tuple[str, int | None, float | None]] = []
-    if concurrency is not None:
-        loads.append((f"closed {concurrency}", concurrency, None))
-    loads += [(f"open {r:g}/s", None, r) for r in rates]
+    if fractions and concurrency is None:
+        raise ValueError("fractions need a closed loop (concurrency) to measure the capacity")
+    closed = [(f"closed {concurrency}", concurrency, None)] if concurrency is not None else []
+    opened: list[tuple[str, int | None, float | None]] = [(f"open {r:g}/s", None, r) for r in rates]
     receiver = _Receiver()
     results: list[LoadResult] = []
+    spec = ModelSpec(model, device="cpu").load(batch_size=max_batch)  # loaded once, shared by every node
+    films = _Films(spec.sha256)
+    derived: list[tuple[str, int | None, float | None]] = []  # from the measured capacity (fractions)
     try:
         for batch in (max_batch, 1):
-            with tempfile.TemporaryDirectory(prefix="radflash-bench-serve-") as state:
-                options = ServeOptions(
-                    state=Path(state), model=ModelSpec(model, device="cpu"),
-                    intake=IntakeOptions(dicom_port=_free_port(), http_port=_free_port(), min_free_bytes=0),
-                    schedule=ScheduleOptions(max_batch=batch, max_queue_delay_ms=max_queue_delay_ms, max_queue=10_000),
-                    forward=ForwardOptions(targets=(receiver.url,)), workers=workers)
-                node = Node(options).start()
-                try:
-                    films = _Films(node.model.sha256)
-                    for label, conc, rate in loads:
+            loads = closed + opened + derived
+            for label, conc, rate in loads:  # a list iterated while the capacity load extends it
+                with tempfile.TemporaryDirectory(prefix="radflash-bench-serve-") as state:
+                    options = ServeOptions(
+                        state=Path(state), model=ModelSpec(spec, device="cpu"),
+                        intake=IntakeOptions(dicom_port=_free_port(), http_port=_free_port(), min_free_bytes=0),
+                        schedule=ScheduleOptions(max_batch=batch, max_queue_delay_ms=max_queue_delay_ms,
+                                                 max_queue=100_000),
+                        forward=ForwardOptions(targets=(receiver.url,)), workers=workers)
+                    node = Node(options).start()
+                    try:
+                        t0 = time.monotonic()
                         windows, lat, converged = _run_load(node, receiver, films, transport=transport,
                                                             concurrency=conc, rate=rate, window=window,
                                                             max_windows=max_windows,
                                                             ae_port=node.dimse.port if node.dimse else None)
-                        tail = windows[-3:]
-                        results.append(LoadResult(label, batch, rate, sum(tail) / len(tail), _percentile(lat, 50),
-                                                  _percentile(lat, 90), _percentile(lat, 95), _percentile(lat, 99),
-                                                  windows, len(lat), converged))
-                finally:
-                    node.drain(grace=10)
-                    node.stop()
+                        wall = time.monotonic() - t0
+                        backlog = node._waiting
+                    finally:
+                        node.stop()  # an overloaded load's backlog goes with its node
+                tail = windows[-3:]
+                r = LoadResult(label, batch, rate, sum(tail) / len(tail), _percentile(lat, 50),
+                               _percentile(lat, 90), _percentile(lat, 95), _percentile(lat, 99),
+                               windows, len(lat), converged, round(wall, 1), backlog)
+                results.append(r)
+                if batch == max_batch and conc is not None and fractions:  # the capacity: derive the loads
+                    derived = [(f"open {f:g}× ({f * r.throughput:.2f}/s)", None, round(f * r.throughput, 2))
+                               for f in fractions]
+                    loads += derived
     finally:
         receiver.close()
     return results
@@ -272,11 +291,12 @@ def bench_serve(*, transport: str = "stow", concurrency: int | None = None, rate
 def table(results: list[LoadResult], *, batched: int) -> str:
     """A Markdown table: each load with and without batching, and their throughput ratio."""
     rows = ["| load | max batch | offered /s | results /s | p50 s | p90 s | p95 s | p99 s | windows (results/s) "
-            "| converged |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+            "| converged | ran s | backlog |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
     for r in results:
         rows.append(f"| {r.label} | {r.max_batch} | {'' if r.offered is None else f'{r.offered:g}'} | "
                     f"{r.throughput:.2f} | {r.p50:.3f} | {r.p90:.3f} | {r.p95:.3f} | {r.p99:.3f} | "
-                    f"{', '.join(f'{w:.1f}' for w in r.windows)} | {'yes' if r.converged else 'no'} |")
+                    f"{', '.join(f'{w:.1f}' for w in r.windows)} | {'yes' if r.converged else 'no'} | "
+                    f"{r.wall_s:.0f} | {r.backlog} |")
     rows.append("")
     for r in results:
         if r.max_batch != batched:
@@ -293,7 +313,7 @@ def plot(results: list[LoadResult], path: str | Path, *, batched: int) -> Path:
     """Throughput and p50/p99 against offered load (open-loop loads), batching vs not."""
     from radflash.util.plotting import pyplot, save_figure
 
-    plt = pyplot("bench-serve --plot")
+    plt = pyplot("bench serve --plot")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for batch in (batched, 1):
         rs = [r for r in results if r.max_batch == batch and r.offered is not None]
