@@ -114,9 +114,16 @@ def test_v1_score_returns_the_probabilities_of_radflash_score(tmp_path: Path, no
     assert code == 200
     for name, p in want[sop].items():
         assert json.loads(body)["findings"][name]["probability"] == pytest.approx(p, abs=0.05)
+    # and a JPEG of it (lossy at quality 95: close, not equal)
+    jpeg = io.BytesIO()
+    Image.fromarray((load_image(CHEST[0]).pixels * 255).round().astype(np.uint8)).save(jpeg, format="JPEG", quality=95)
+    code, body, _ = node.request("POST", "/v1/score", jpeg.getvalue(), {"Content-Type": "image/jpeg"})
+    assert code == 200
+    for name, p in want[sop].items():
+        assert json.loads(body)["findings"][name]["probability"] == pytest.approx(p, abs=0.05)
     code, body, _ = node.request("POST", "/v1/score", NOT_DICOM.read_bytes())
     assert code == 422 and json.loads(body)["status"] == "failed"
-    assert node.metric("radflash_serve_batch_size_count") == 3
+    assert node.metric("radflash_serve_batch_size_count") == 4
     assert node.get("/ready")[0] == 200
 
 
