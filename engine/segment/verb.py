@@ -231,7 +231,7 @@ def segment(
             name = names.claim(image_output_name(uid, None, item.index) if uid else stem, fallback=stem)
             try:
                 with watchdog.step("maps"):
-                    result = _segment_one(rf, tokens, item, name, uid, specs, writer)
+                    result = segment_one(rf, tokens, item, name, uid, specs, writer)
             except (RadflashError, OSError) as exc:  # this image's outputs; the next may still work
                 failures.append(InputFailure(item.source, "failed", f"{exc}".splitlines()[0]))
             else:
@@ -479,8 +479,10 @@ def _in_input_order(stream: Iterator[Decoded]) -> Iterator[Decoded]:
 
 
 # ---- one image ---------------------------------------------------------------------------------
-def _segment_one(rf: RadFlashModel, tokens: Any, item: DecodedItem, name: str, uid: str | None,
-                 specs: tuple[PromptSpec, ...], writer: OutputWriter | None) -> ImageResult:
+def segment_one(rf: RadFlashModel, tokens: Any, item: DecodedItem, name: str, uid: str | None,
+                specs: tuple[PromptSpec, ...], writer: OutputWriter | None) -> ImageResult:
+    """One image's maps, masks, grounding and outputs from its image tokens (the stage ``segment``
+    and ``serve --segment`` share): prompts in chunks that bound the maps' memory at any image size."""
     h, w = item.pixels.shape
     t_all = len(specs)
     chunk = max(1, min(t_all, MAP_BUDGET_BYTES // (3 * h * w)))  # uint8 mask + float16 map per prompt

@@ -19,7 +19,7 @@ only the scheduling differs (a queue fed by the network, a latency bound on part
 With ``--segment PROMPT…`` each scored instance also gets a DICOM SEG (one segment per prompt) and,
 with ``--overlay sc``, an overlay Secondary Capture. They are ``segment``'s: the Scorer's batch
 observer hands over the image tokens the scorer has just computed, and
-:func:`radflash.segment.verb._segment_one` makes the maps and masks from them at the source's own
+:func:`radflash.segment.verb.segment_one` makes the maps and masks from them at the source's own
 size and writes both objects through ``segment``'s :class:`~radflash.segment.output.OutputWriter`
 (built by :mod:`radflash.dicomout`, UIDs from the source instance, the model hash and the prompt set:
 :func:`radflash.dicomout.uids.seg_uids`). The files go to ``STATE/results/<key>/`` and are fsync'd
@@ -397,7 +397,7 @@ class Node:
 
         from radflash.segment.output import OutputWriter
         from radflash.segment.results import DecodedItem
-        from radflash.segment.verb import _segment_one
+        from radflash.segment.verb import segment_one
 
         assert self.journal is not None
 
@@ -416,7 +416,7 @@ class Node:
             files: list[str] = []
             notes: list[str] = []
             try:
-                result = _segment_one(model, tokens[j:j + 1], item, folder.name, w.sop, self.seg_specs, writer)
+                result = segment_one(model, tokens[j:j + 1], item, folder.name, w.sop, self.seg_specs, writer)
                 notes = [n for n in result.notes if "failed" in n]
                 files = [f"{self.journal.results_root.name}/{result.files[k]}"
                          for k in ("dicom-seg", "overlay-sc") if k in result.files]

@@ -61,13 +61,13 @@ def test_a_source_that_stops_delivering_is_named_and_resume_finishes(tiny_model:
 def test_segment_names_the_stage_that_stalled(tiny_model: Path, tmp_path: Path, monkeypatch) -> None:
     from radflash.segment import verb
 
-    real = verb._segment_one
+    real = verb.segment_one
 
     def slow(*args: Any, **kwargs: Any):
         time.sleep(8)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(verb, "_segment_one", slow)
+    monkeypatch.setattr(verb, "segment_one", slow)
     t0 = time.monotonic()
     with pytest.raises(Stalled, match=r"segment stalled: .*the maps stage"):
         verb.segment(CHEST[:4], tmp_path / "seg", prompts=["left lung"], model=tiny_model, workers=0,
