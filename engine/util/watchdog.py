@@ -41,9 +41,9 @@ MIN_STALL_S = 60.0  # never less: worker start-up and a first batch on a slow CP
 DEFAULT_TIMEOUT_S = 120.0  # the per-file timeout the limit derives from when a run has none
 STALL_EXIT_CODE = 70  # EX_SOFTWARE: the process was ended by the watchdog (hard_exit_after)
 
-# Seconds a stalled run gets to stop on its own before the watchdog ends the process. None in a
-# library (ending a caller's process is not radflash's to decide); the `radflash` command owns its
-# process and sets CLI_HARD_EXIT_S (radflash.cli.main).
+# Seconds a stalled run gets to stop on its own before the watchdog ends the process: as long again
+# as the stall limit, at most this. None in a library (ending a caller's process is not radflash's
+# to decide); the `radflash` command owns its process and sets CLI_HARD_EXIT_S (radflash.cli.main).
 HARD_EXIT_AFTER: float | None = None
 CLI_HARD_EXIT_S = 30.0
 
@@ -68,7 +68,9 @@ class Watchdog:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
         self.what = what
-        self.hard_exit_after = hard_exit_after if hard_exit_after is not None else HARD_EXIT_AFTER
+        if hard_exit_after is None and HARD_EXIT_AFTER is not None and limit is not None:
+            hard_exit_after = min(HARD_EXIT_AFTER, limit)
+        self.hard_exit_after = hard_exit_after
         self._clock = clock
         self._lock = threading.Lock()
         self._last = clock()
