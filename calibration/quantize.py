@@ -187,12 +187,17 @@ def quantize_int8(
     report = QuantReport(out, method, calib_px.shape[0], held_px.shape[0], float(err.max()), float(err.mean()),
                          float(ref.abs().max()), seconds)
     if auroc_phantoms:
-        try:
-            report.auroc_fp32, report.auroc_int8 = auroc_fp32_vs(model, int8, auroc_phantoms, seed=auroc_seed)
-            report.auroc_images = auroc_phantoms
-        except InputError as exc:
-            report.notes.append(f"AUROC not measured: {exc}")
+        _measure_auroc(report, model, int8, auroc_phantoms, seed=auroc_seed)
     return report
+
+
+def _measure_auroc(report: QuantReport, model: RadFlashModel, int8: Any, n: int, *, seed: int) -> None:
+    """Add the phantom macro AUROC of float32 and of the INT8 backend to ``report`` (or why not)."""
+    try:
+        report.auroc_fp32, report.auroc_int8 = auroc_fp32_vs(model, int8, n, seed=seed)
+        report.auroc_images = n
+    except InputError as exc:
+        report.notes.append(f"AUROC not measured: {exc}")
 
 
 def auroc_fp32_vs(model: RadFlashModel, backend: Any, n: int, *, seed: int, batch: int = 16) -> tuple[float, float]:
@@ -290,11 +295,7 @@ def quantize_openvino(
                        - model.score(tokens=ref, prompts=prompts).probs).abs().max())
     report.notes.append(f"max |Δprob| vs float32 on the held-out images: {dprob:.4f}")
     if auroc_phantoms:
-        try:
-            report.auroc_fp32, report.auroc_int8 = auroc_fp32_vs(model, int8, auroc_phantoms, seed=auroc_seed)
-            report.auroc_images = auroc_phantoms
-        except InputError as exc:
-            report.notes.append(f"AUROC not measured: {exc}")
+        _measure_auroc(report, model, int8, auroc_phantoms, seed=auroc_seed)
     write_report(report, out.with_suffix(".json"), model=model, max_abs_dprob=dprob)
     return report
 
