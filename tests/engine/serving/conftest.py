@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine.orthanc import ARCHIVE_FILES, free_port, skip_reason
+from tests.services import unavailable
 
 pytest.importorskip("pynetdicom", reason="pynetdicom is not installed (pip install 'radflash[serve]')")
 pytest.importorskip("prometheus_client", reason="prometheus-client is not installed (pip install 'radflash[serve]')")
@@ -155,14 +156,14 @@ def orthanc_or_skip(root: Path, **options):
 
     reason = skip_reason()
     if reason is not None:
-        pytest.skip(reason)
+        unavailable(reason)
     return Orthanc(root, **options).start()
 
 
 def storescu(port: int, files: list[Path], *, aet: str = "STORESCU", called: str = NODE_AET,
              extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     if shutil.which("storescu") is None:
-        pytest.skip("DCMTK's storescu is not installed (apt-get install dcmtk)")
+        unavailable("DCMTK's storescu is not installed (apt-get install dcmtk)")
     # -cx: propose each file's own transfer syntax (JPEG 2000 films go as they are)
     return subprocess.run(["storescu", "-v", "-cx", "-aet", aet, "-aec", called, *extra, "127.0.0.1", str(port),
                            *map(str, files)], capture_output=True, text=True, timeout=120)
