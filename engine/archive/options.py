@@ -115,7 +115,7 @@ class DecodeOptions:
         """Seconds without a finished step before the run stops (radflash.util.watchdog)."""
         from radflash.util.watchdog import stall_limit
 
-        return self.stall_after if self.stall_after is not None else stall_limit(self.timeout)
+        return stall_limit(self.timeout, self.stall_after)
 
     def processes(self) -> int:
         return min(4, os.cpu_count() or 1) if self.workers is None else self.workers

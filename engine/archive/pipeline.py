@@ -274,8 +274,7 @@ def run_pipeline(
     """
     stats = PipelineStats()
     t_start = time.perf_counter()
-    limit = config.stall_after if config.stall_after is not None else stall_limit(config.timeout)
-    with Watchdog(limit, what="score") as watchdog:
+    with Watchdog(stall_limit(config.timeout, config.stall_after), what="score") as watchdog:
         _run(items, model, prompts, store, config, stats, watchdog, on_record=on_record, observer=observer)
     stats.wall_s = time.perf_counter() - t_start
     return stats

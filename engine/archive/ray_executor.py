@@ -459,8 +459,7 @@ def run_ray_pipeline(
     """
     ray = require_ray()  # also imports ray.data
 
-    limit = config.stall_after if config.stall_after is not None else stall_limit(config.timeout)
-    with Watchdog(limit, what="score --ray") as watchdog:
+    with Watchdog(stall_limit(config.timeout, config.stall_after), what="score --ray") as watchdog:
         return _run_windows(ray, items, model, prompts, spec, store, config, geometry=geometry, placement=placement,
                             dtype=dtype, backend=backend, window=window, is_done=is_done, on_record=on_record,
                             observer=observer, watchdog=watchdog)

@@ -52,8 +52,11 @@ class Stalled(RadflashError):
     """A run made no progress for :func:`stall_limit` seconds; the message names the stage."""
 
 
-def stall_limit(timeout: float | None) -> float:
-    """Seconds without any finished step after which a run counts as stalled (see the module doc)."""
+def stall_limit(timeout: float | None, stall_after: float | None = None) -> float:
+    """Seconds without any finished step after which a run counts as stalled (see the module doc):
+    ``stall_after`` when the run names one, else derived from its per-file ``timeout``."""
+    if stall_after is not None:
+        return stall_after
     per_file = timeout if timeout is not None and timeout > 0 else DEFAULT_TIMEOUT_S
     return max(STALL_FACTOR * per_file, MIN_STALL_S)
 
