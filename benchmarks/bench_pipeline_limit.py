@@ -2,18 +2,21 @@
 pipeline limit cores ÷ Σ(stage core-seconds per image) (#29 item 5).
 
     python benchmarks/bench_pipeline_limit.py [--films 12] [--model base] [--backend openvino --dtype bfloat16]
-        [--rounds 2] [--workers 1] [--batch-size 1] [--out benchmarks/results/pipeline-limit-cpu.md]
+        [--rounds 2] [--workers N] [--batch-size 1] [--nice-baseline] [--out benchmarks/results/pipeline-limit-cpu.md]
 
 The stage costs come from :func:`radflash.bench.pipeline_limit.stage_costs` (the same code as
 ``radflash bench --films``); the two score modes run interleaved (full, fast, full, fast...) on the
 same archive, and each run's images/s is the pipeline's own (``manifest.json`` timings: decode,
 resize, encode and write overlapped; model load and the fast run's agreement probe excluded).
-The CPU is named in the results; compare ratios from one run only on a shared machine.
+``--nice-baseline`` adds full-decode runs with the decode workers at nice 0, the measurement behind
+:data:`radflash.archive.decode_pool.DECODE_NICE`. The CPU is named in the results; compare ratios
+from one run only on a shared machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 import time
@@ -48,10 +51,28 @@ def _cpu_family() -> str:
         return ""
 
 
+def _score(archive: Path, out: Path, model, args, *, fast: bool, nice: int) -> dict:
+    """One ``score`` run; its images/s over the pipeline's own wall time (model load excluded)."""
+    from unittest import mock
+
+    import radflash.archive.verb as verb
+    from radflash.archive.pipeline import PipelineConfig
+
+    config = functools.partial(PipelineConfig, decode_nice=nice)  # the decode workers' niceness, for this run only
+    with mock.patch.object(verb, "PipelineConfig", config):
+        run = verb.score(archive, out, model=model, batch_size=args.batch_size, workers=args.workers,
+                         fast_decode=fast, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    t = manifest["timings"]
+    return {"images_per_s": run.scored / t["pipeline_wall_s"], "wall_s": t["pipeline_wall_s"],
+            "decode_cpu_s": t["decode_cpu_s"], "agreement": manifest["decode"].get("agreement"),
+            "cores": manifest.get("cores"), "scored": run.scored}
+
+
 def main() -> None:
     import torch
 
-    from radflash.archive.verb import score
+    from radflash.archive.decode_pool import DECODE_NICE
     from radflash.bench.pipeline_limit import stage_costs, write_films
     from radflash.util.sysinfo import machine_info
 
@@ -61,13 +82,18 @@ def main() -> None:
     ap.add_argument("--backend", default="openvino")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--workers", type=int, default=1, help="decode processes beside the encoder")
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved (full, fast) pairs")
+    ap.add_argument("--workers", type=int, default=None, help="decode processes beside the encoder (default: score's)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every mode")
+    ap.add_argument("--nice-baseline", action="store_true",
+                    help=f"also score in full with the decode workers at nice 0 (score's: {DECODE_NICE})")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
     machine = machine_info(torch.device("cpu"))
     model = _model(args.model, args.backend, args.dtype)
+    modes = {"full": (False, DECODE_NICE), "fast": (True, DECODE_NICE)}
+    if args.nice_baseline:
+        modes["full, nice 0"] = (False, 0)
     with tempfile.TemporaryDirectory(prefix="radflash-pipeline-limit-") as tmp:
         t0 = time.perf_counter()
         costs_films = write_films(Path(tmp) / "costs", 2)
@@ -75,34 +101,33 @@ def main() -> None:
         print(f"films written in {time.perf_counter() - t0:.0f} s")
         costs = stage_costs(model, costs_films, batch_size=args.batch_size)
         print(costs.markdown())
-        runs: dict[str, list[dict]] = {"full": [], "fast": []}
+        runs: dict[str, list[dict]] = {m: [] for m in modes}
         for r in range(args.rounds):
-            for mode in ("full", "fast"):
-                out = Path(tmp) / f"run-{mode}-{r}"
-                run = score(archive, out, model=model, batch_size=args.batch_size, workers=args.workers,
-                            fast_decode=mode == "fast", progress=False)
-                manifest = json.loads((out / "manifest.json").read_text())
-                t = manifest["timings"]
-                runs[mode].append({"images_per_s": run.scored / t["pipeline_wall_s"], "wall_s": t["pipeline_wall_s"],
-                                   "decode_cpu_s": t["decode_cpu_s"], "agreement": manifest["decode"]["agreement"]})
-                print(f"round {r} {mode}: {runs[mode][-1]['images_per_s']:.3f} img/s "
-                      f"({run.scored} films in {t['pipeline_wall_s']:.1f} s)")
+            for mode, (fast, nice) in modes.items():
+                runs[mode].append(_score(archive, Path(tmp) / f"run-{len(runs[mode])}-{r}-{fast}-{nice}", model, args,
+                                         fast=fast, nice=nice))
+                x = runs[mode][-1]
+                print(f"round {r} {mode}: {x['images_per_s']:.3f} img/s ({x['scored']} films in {x['wall_s']:.1f} s)")
     best = {m: max(x["images_per_s"] for x in v) for m, v in runs.items()}
-    limit = {"full": costs.row("j2k", "full").limit_images_per_s, "fast": costs.row("j2k", "fast").limit_images_per_s}
+    limits = {"full": costs.row("j2k", "full").limit_images_per_s, "fast": costs.row("j2k", "fast").limit_images_per_s}
+    limit = {m: limits["fast" if fast else "full"] for m, (fast, _) in modes.items()}
     worst_dprob = max(x["agreement"]["max_abs_dprob"] for x in runs["fast"])
     cpu = f"{machine.get('cpu') or 'CPU'}{_cpu_family()}"
+    split = runs["full"][0]["cores"]
     lines = [
         f"\n## {datetime.now(timezone.utc).date()} — {cpu}, {costs.cores} cores; {costs.model} {costs.image_size}², "
-        f"{costs.backend} {costs.precision}, batch {args.batch_size}, {args.workers} decode worker(s)\n",
+        f"{costs.backend} {costs.precision}, batch {args.batch_size}, {split['decode_workers']} decode worker(s) "
+        f"beside {split['encoder_threads']} encoder threads\n",
         f"`python benchmarks/bench_pipeline_limit.py --films {args.films} --model {args.model} "
-        f"--backend {args.backend} "
-        f"--dtype {args.dtype} --batch-size {args.batch_size} --workers {args.workers} --rounds {args.rounds}`\n",
+        f"--backend {args.backend} --dtype {args.dtype} --batch-size {args.batch_size}"
+        + ("" if args.workers is None else f" --workers {args.workers}")
+        + f" --rounds {args.rounds}{' --nice-baseline' if args.nice_baseline else ''}`\n",
         "Stage costs (core-seconds per image, 3000×2500 12-bit phantom films):\n",
         costs.markdown(),
         f"score on {args.films} JPEG 2000 films, {args.rounds} interleaved rounds (best round; all rounds: "
         + "; ".join(f"{m} " + ", ".join(f"{x['images_per_s']:.3f}" for x in v) for m, v in runs.items()) + "):\n",
-        "| mode | img/s | pipeline limit img/s | fraction of limit |\n|---|---|---|---|",
-        *(f"| {m} | {best[m]:.3f} | {limit[m]:.3f} | {best[m] / limit[m]:.0%} |" for m in ("full", "fast")),
+        "| mode | decode nice | img/s | pipeline limit img/s | fraction of limit |\n|---|---|---|---|---|",
+        *(f"| {m} | {modes[m][1]} | {best[m]:.3f} | {limit[m]:.3f} | {best[m] / limit[m]:.0%} |" for m in modes),
         "\nPer interleaved round, fast / full: " + ", ".join(
             f"{f['images_per_s'] / g['images_per_s']:.2f}×" for g, f in zip(runs["full"], runs["fast"])) + ".",
         f"\n`--fast-decode` / full, best rounds: **{best['fast'] / best['full']:.2f}×** (target ≥ 1.5×); "

@@ -16,6 +16,19 @@ parent to a private file first (:class:`_Spool`) and the worker is sent its path
 and the parent is always free to read the large results the workers are blocked sending (and to
 enforce the per-file timeout). Sending the bytes themselves deadlocked: the parent blocked
 sending a 15 MB task to a worker that was itself blocked sending a 30 MB result to the parent.
+
+Why the workers run at a lower priority (``nice``, :data:`DECODE_NICE` in ``score``, ``segment`` and
+``serve``): the encoder in the parent runs one thread per core, and each of its parallel regions
+waits for its slowest thread. A decoder sharing a core at equal priority takes half of that core,
+so every region runs at the pace of the thread that was preempted, and both cores lose. Niced,
+a decoder takes the cycles the encoder leaves (its single-threaded head and Python, and every core
+while it waits for input), so the cores stay busy without slowing the encoder's regions. Measured
+on 2 cores, base tower in OpenVINO bf16, 3000×2500 JPEG 2000 films (``python
+benchmarks/bench_pipeline_limit.py``; ``benchmarks/results/pipeline-limit-cpu.md``): 2 workers at
+nice 0 scored at 77–83% of the pipeline limit, at nice 5–19 at 86–88%, under ``SCHED_IDLE`` at 84%.
+Nice 10 rather than 19: a niced worker still gets ~10% of a core against a busy process of
+normal priority (~1.5% at 19), so on a machine shared with other jobs a file's decode does not
+starve into its timeout.
 """
 
 from __future__ import annotations
@@ -48,6 +61,8 @@ log = logging.getLogger("radflash.pipeline")
 
 
 WORKER_BYTES_PER_PIXEL = 40
+
+DECODE_NICE = 10  # decode workers' niceness beside an encoder on the same cores (see the module docstring)
 
 
 # Backstop for what no header check can see (a JPEG 2000 codestream claiming other dimensions than
@@ -185,10 +200,12 @@ def _readable(task: DecodeTask) -> Iterator[Path]:
         os.unlink(name)
 
 
-def _worker_main(conn, loader: Loader | None, rules: SelectionRules | None) -> None:
+def _worker_main(conn, loader: Loader | None, rules: SelectionRules | None, nice: int = 0) -> None:
     """Worker process loop (top-level so that ``spawn`` can import it). Imports no torch."""
     import pydicom  # noqa: F401  (imported before READY: a file's timeout must not pay for it)
 
+    if nice > 0 and hasattr(os, "nice"):  # not on Windows: there the OS shares the cores as it likes
+        os.nice(nice)
     _limit_memory(rules)
     loader = loader or default_loader()
     try:
@@ -255,11 +272,12 @@ class DecodePool:
     Items come back at the source resolution (see :class:`Decoded`); callers resize if they need to.
     With ``keep_workers`` the healthy workers outlive a :meth:`run` and serve the next one (a Ray
     decode task decodes a few files per call and must not pay a process start each time);
-    :meth:`close` stops them.
+    :meth:`close` stops them. ``nice``: the workers' niceness (:data:`DECODE_NICE` beside an encoder
+    in this process; 0 where decoding is all the process does).
     """
 
     def __init__(self, workers: int, *, loader: Loader | None = None, rules: SelectionRules | None = None,
-                 depth: int = 2, timeout: float | None = 120.0, keep_workers: bool = False) -> None:
+                 depth: int = 2, timeout: float | None = 120.0, keep_workers: bool = False, nice: int = 0) -> None:
         if workers < 1:
             raise ValueError("DecodePool needs at least one worker; use decode_inline for workers=0")
         self.n = workers
@@ -269,13 +287,14 @@ class DecodePool:
         self.timeout = timeout
         self.restarts = 0
         self.keep_workers = keep_workers
+        self.nice = max(0, int(nice))
         self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker | None] = []
         self._idle: list[_Worker] = []  # kept by the last run (keep_workers): started, nothing in flight
 
     def _start(self) -> _Worker:
         parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=_worker_main, args=(child, self.loader, self.rules),
+        proc = self._ctx.Process(target=_worker_main, args=(child, self.loader, self.rules, self.nice),
                                  daemon=True, name="radflash-decode")
         proc.start()
         child.close()
@@ -459,16 +478,17 @@ def decode_files(tasks: list[DecodeTask], *, loader: Loader | None, rules: Selec
 
 
 def decode_stream(items: Iterable[SourceItem | str | os.PathLike], *, workers: int, loader: Loader | None = None,
-                  rules: SelectionRules | None = None, depth: int = 2,
-                  timeout: float | None = 120.0) -> tuple[Generator[Decoded, None, None], DecodePool | None]:
+                  rules: SelectionRules | None = None, depth: int = 2, timeout: float | None = 120.0,
+                  nice: int = 0) -> tuple[Generator[Decoded, None, None], DecodePool | None]:
     """One :class:`Decoded` per item (completion order with workers, input order without) and the
     pool (``None`` for ``workers=0``), whose ``restarts`` count is valid once the stream is done.
+    ``nice``: the worker processes' niceness (:class:`DecodePool`).
 
     A plain path stands for :meth:`SourceItem.of_path` (its key is the path's text, as given).
     """
     tasks = (to_task(i, item) for i, item in enumerate(items))
     if workers > 0:
-        pool = DecodePool(workers, loader=loader, rules=rules, depth=depth, timeout=timeout)
+        pool = DecodePool(workers, loader=loader, rules=rules, depth=depth, timeout=timeout, nice=nice)
         return pool.run(tasks), pool
     return decode_inline(tasks, loader=loader, rules=rules), None
 

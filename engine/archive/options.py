@@ -34,7 +34,11 @@ class ModelSpec:
     model: Any = None  # a checkpoint path, a loaded RadFlashModel, or None: the embedded demo model
     device: str = "auto"
     dtype: str | None = None  # the image encoder's precision; "auto": measured (radflash.backends.auto)
-    backend: str = "eager"
+    backend: str | None = None  # None: "auto" when dtype is "auto" (runtime and precision together), else "eager"
+
+    def __post_init__(self) -> None:
+        if self.backend is None:  # resolved here, so the manifest and a resume see the runtime actually asked for
+            object.__setattr__(self, "backend", "auto" if self.dtype == "auto" else "eager")
 
     @property
     def measured(self) -> bool:
@@ -156,7 +160,7 @@ class ScoreOptions:
     @classmethod
     def from_flat(cls, inputs: Any = None, output: str | Path | None = None, *, model: Any = None,
                   findings: Any = None, device: str = "auto", dtype: str | None = None, batch_size: int = 16,
-                  workers: int | None = None, backend: str = "eager", fmt: str = "parquet",
+                  workers: int | None = None, backend: str | None = None, fmt: str = "parquet",
                   include_phi: bool = False, resume: bool = False, num_parts: int = 1, part_id: int = 0,
                   rules: SelectionRules | None = None, progress: bool = True, commit_every: int = 256,
                   timeout: float | None = 120.0, stall_after: float | None = None, max_pixels: int | None = None,

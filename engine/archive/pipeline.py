@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 from radflash.archive.batching import END, Batch, Batcher
-from radflash.archive.decode_pool import Decoded, Loader, decode_stream, resize_for_model
+from radflash.archive.decode_pool import DECODE_NICE, Decoded, Loader, decode_stream, resize_for_model
 from radflash.archive.sinks import FileRecord, Sink, storable
 from radflash.checkpoints.calibration import score_calibrated
 from radflash.util.watchdog import Watchdog, stall_limit
@@ -80,6 +80,7 @@ class PipelineConfig:
     max_wait: float = 0.05  # s a partial batch may wait for more decoded images
     queue_size: int = 0  # decoded images buffered ahead of inference; 0 → 2 × batch_size
     depth: int = 2  # tasks queued per worker: one decoding, one ready to start
+    decode_nice: int = DECODE_NICE  # decode workers yield the cores to the encoder's threads (decode_pool)
     timeout: float | None = 120.0  # s per file before its worker is killed and the file failed
     stall_after: float | None = None  # s with no finished step before the run stops; None: stall_limit(timeout)
     include_phi: bool = False
@@ -290,7 +291,7 @@ def _run(items: Iterable[SourceItem | str | os.PathLike], model: RadFlashModel, 
     committer = Committer(store, config.commit_every, stats, on_record, watchdog)
     decoded_stream, pool = decode_stream(watchdog.track(items, "source"), workers=config.workers,
                                          loader=config.loader, rules=config.rules, depth=config.depth,
-                                         timeout=config.timeout)
+                                         timeout=config.timeout, nice=config.decode_nice)
     if pool is not None:
         watchdog.on_stall(pool.kill)  # frees a feed thread waiting on a worker; its records are not committed
 

@@ -103,7 +103,7 @@ def score(
     dtype: str | None = None,
     batch_size: int = 16,
     workers: int | None = None,
-    backend: str = "eager",
+    backend: str | None = None,
     fmt: str = "parquet",
     include_phi: bool = False,
     resume: bool = False,
@@ -245,6 +245,17 @@ def run_score(options: ScoreOptions) -> ScoreRun:
         )
 
 
+def _core_split(config: PipelineConfig) -> dict[str, Any]:
+    """How this run shares the cores: the encoder's threads, and decode processes niced beside them
+    (why: :mod:`radflash.archive.decode_pool`)."""
+    import torch
+
+    from radflash.util.sysinfo import usable_cores
+
+    return {"cores": usable_cores(), "encoder_threads": torch.get_num_threads(),
+            "decode_workers": config.workers, "decode_nice": config.decode_nice if config.workers else None}
+
+
 def _preflight(o: ScoreOptions) -> None:
     """What can fail fast does, before discovery and the model load: the output folder, a missing
     ``ray`` (its install hint) or an absent ``--device``."""
@@ -319,6 +330,8 @@ def _execute(o: ScoreOptions, todo: Iterable[SourceItem], rf_model: RadFlashMode
                             timeout=d.timeout, stall_after=d.stall_after, include_phi=o.output.include_phi,
                             rules=d.selection(),
                             loader=fast_loader(manifest["decode"]["min_size"]) if d.fast_decode else None)
+    if o.ray is None:
+        manifest["cores"] = _core_split(config)
     bar = _progress_bar(None, enabled=o.progress, initial_counts=initial_counts)  # total: known at the end
     on_record = bar.update if bar is not None else None
     try:

@@ -16,14 +16,14 @@ How each stage is timed, where it runs in ``score``:
 * encoder and head: process CPU time around ``encode_images`` and ``score(tokens=...)`` over
   whole batches, divided by the batch size.
 
-No thread split between decode and the encoder is tuned here: ``score`` runs the decode workers
-as separate processes beside the encoder's threads and lets the OS share the cores; this module
-measures what that costs, not a split.
+How ``score`` shares the cores is not tuned here: it runs the encoder with one thread per core and
+the decode workers beside it at a lower priority (:data:`radflash.archive.decode_pool.DECODE_NICE`,
+whose docstring gives the measurement); this module measures what each stage costs, and
+``benchmarks/bench_pipeline_limit.py`` how close ``score`` comes to the limit.
 """
 
 from __future__ import annotations
 
-import os
 import resource
 import time
 from collections.abc import Sequence
@@ -140,14 +140,6 @@ class StageCosts:
             f"{r.limit_images_per_s:.3f} |\n" for r in self.rows)
 
 
-def cores_available() -> int:
-    """Cores this process may run on (the affinity mask where there is one, as ``score``'s workers see)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def stage_costs(model: RadFlashModel, films: dict[str, list[Path]], *, batch_size: int = 1,
                 repeats: int = 2, cores: int | None = None) -> StageCosts:
     """Core-seconds per image of decode (per syntax, full and fast), resize, encoder and head."""
@@ -155,10 +147,11 @@ def stage_costs(model: RadFlashModel, films: dict[str, list[Path]], *, batch_siz
 
     from radflash.archive.decode_check import min_size_of
     from radflash.archive.decode_pool import resize_for_model
+    from radflash.util.sysinfo import usable_cores
 
     geometry = model.preprocessing.geometry
     min_size = min_size_of(geometry)
-    costs = StageCosts(cores or cores_available(), model.model_id, model.config.image_size, model.backend_name,
+    costs = StageCosts(cores or usable_cores(), model.model_id, model.config.image_size, model.backend_name,
                        model.precision, batch_size)
     decoded: list[tuple[str, str, float, list[np.ndarray], list[str]]] = []
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:

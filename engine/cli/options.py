@@ -118,8 +118,9 @@ def device_option(f: F) -> F:
 def backend_option(f: F) -> F:
     """``--backend`` for the commands that run one encoder backend (``bench`` takes several: its own flag)."""
     return click.option(
-        "--backend", type=click.Choice(BACKEND_CHOICES), default="eager", show_default=True,
-        help="Image-encoder backend.",
+        "--backend", type=click.Choice(BACKEND_CHOICES), default=None,
+        help="Image-encoder backend. Default: auto with --dtype auto (runtime and precision measured together), "
+             "else eager.",
     )(f)
 
 

@@ -69,7 +69,7 @@ DEMO_GALLERY_K = 4  # top images per finding in the demo run's report gallery
 @report_options
 @ray_options
 def score(inputs: tuple[str, ...], output: Path | None, model_path: str | None, findings: Path | None,
-          device: str, batch_size: int, workers: int | None, backend: str, dtype: str | None, fmt: str,
+          device: str, batch_size: int, workers: int | None, backend: str | None, dtype: str | None, fmt: str,
           include_phi: bool,
           resume: bool, num_parts: int, part_id: int, include_lateral: bool, modalities: tuple[str, ...] | None,
           commit_every: int, timeout: float, stall_after: float | None, max_pixels: int | None, quiet: bool,

@@ -71,7 +71,7 @@ def segment(inputs: tuple[str, ...], outdir: Path, prompt_texts: tuple[str, ...]
             threshold: float | None, formats: tuple[str, ...], preview: bool, overlay: str | None, store: str | None,
             token_env: str | None, basic_auth_env: str | None, timeout: float, stall_after: float | None,
             model_path: str | None,
-            device: str, backend: str, batch_size: int, workers: int | None, max_pixels: int | None,
+            device: str, backend: str | None, batch_size: int, workers: int | None, max_pixels: int | None,
             quiet: bool, dtype: str | None = None, report_mode: str | None = None, report_maps: int | None = None,
             ray_address: str | None = None, ray_actors: int | None = None, ray_threads: int | None = None) -> None:
     """Segment and ground prompts in DICOM/PNG/JPEG INPUTS (files or folders).

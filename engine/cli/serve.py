@@ -63,8 +63,9 @@ if TYPE_CHECKING:
               help="Seconds SIGTERM gives in-flight work before the node exits.")
 @click.option("--status", "show_status", is_flag=True, help="Print the journal's counts and dead letters, then exit.")
 @click.option("--retry-dead", is_flag=True, help="Resend every dead-lettered result to its target, then exit.")
-def serve(state: Path, model_path: str | None, device: str, dtype: str | None, backend: str, findings: str | None,
-          bind: str, dicom_port: int, ae_title: str, allow_ae: tuple[str, ...], max_associations: int, http_port: int,
+def serve(state: Path, model_path: str | None, device: str, dtype: str | None, backend: str | None,
+          findings: str | None, bind: str, dicom_port: int, ae_title: str, allow_ae: tuple[str, ...],
+          max_associations: int, http_port: int,
           token_file: Path | None, tls_cert: Path | None, tls_key: Path | None, forward: tuple[str, ...],
           forward_retries: int, forward_backoff: float, group: str, quiet_period: float, max_batch: int,
           max_queue_delay_ms: float, max_queue: int, min_free_mb: int, max_instance_mb: int, max_body_mb: int,

@@ -83,7 +83,7 @@ def segment(
     model: str | Path | RadFlashModel | None = None,
     device: str = "auto",
     dtype: str | None = None,
-    backend: str = "eager",
+    backend: str | None = None,
     batch_size: int = 8,
     formats: Sequence[str] = ("png", "npz"),
     preview: bool = False,
@@ -392,7 +392,7 @@ def _decoded(arrays: list[np.ndarray], files: Iterable[SourceItem], rules: Selec
              failures: list[InputFailure], bar: Any, *, workers: int, timeout: float | None) -> Iterator[DecodedItem]:
     """In-memory arrays, then the files through the shared decode stage (input order);
     unloadable files are recorded in ``failures``."""
-    from radflash.archive.decode_pool import decode_stream
+    from radflash.archive.decode_pool import DECODE_NICE, decode_stream
     from radflash.preprocess import as_image_list
 
     index = 0
@@ -408,7 +408,7 @@ def _decoded(arrays: list[np.ndarray], files: Iterable[SourceItem], rules: Selec
         yield DecodedItem(index, f"<array {index}>", img.float().numpy())
     if not files:
         return
-    stream, _ = decode_stream(files, workers=workers, rules=rules, timeout=timeout)
+    stream, _ = decode_stream(files, workers=workers, rules=rules, timeout=timeout, nice=DECODE_NICE)
     try:
         for d in _in_input_order(stream):
             if d.status != "loaded":

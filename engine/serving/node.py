@@ -123,9 +123,10 @@ class Node:
                              "names": list(self.prompts.names), "prompts": list(self.prompts.prompts),
                              "thresholds": list(self.prompts.thresholds)}
         if o.workers > 0:
-            from radflash.archive.decode_pool import DecodePool
+            from radflash.archive.decode_pool import DECODE_NICE, DecodePool
 
-            self._pool = DecodePool(o.workers, rules=self.rules, timeout=o.decode_timeout, keep_workers=True)
+            self._pool = DecodePool(o.workers, rules=self.rules, timeout=o.decode_timeout, keep_workers=True,
+                                    nice=DECODE_NICE)  # the encoder's threads keep their cores (decode_pool)
         self.forwarder = Forwarder(self.journal, o.forward, self.metrics, self._delivered)
         requeued = 0
         for inst in self.journal.unfinished():  # queued, assembling or in a batch when the node stopped

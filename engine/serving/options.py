@@ -149,7 +149,7 @@ class ServeOptions:
 
     @classmethod
     def from_flat(cls, state: str | Path, *, model: Any = None, device: str = "auto",
-                  dtype: str | None = None, backend: str = "eager", findings: str | None = None,
+                  dtype: str | None = None, backend: str | None = None, findings: str | None = None,
                   bind: str = "127.0.0.1", dicom_port: int | None = 11112, ae_title: str = "RADFLASH",
                   allow_ae: Sequence[str | AllowedCaller] = (), max_associations: int = 8,
                   http_port: int | None = 8080, token_file: str | Path | None = None,

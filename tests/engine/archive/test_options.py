@@ -38,6 +38,14 @@ def test_from_flat_groups_by_stage(tmp_path: Path) -> None:
     assert o.decode.stall_limit() == 30.0 and DecodeOptions(timeout=100.0).stall_limit() == 300.0
 
 
+def test_dtype_auto_alone_measures_runtime_and_precision_together() -> None:
+    """``--dtype auto`` without ``--backend`` chooses the runtime too; a named backend keeps its runtime."""
+    assert ModelSpec("m", dtype="auto").backend == "auto"
+    assert ModelSpec("m", dtype="auto", backend="eager").backend == "eager"
+    assert ModelSpec("m").backend == "eager" and ModelSpec("m", dtype="bfloat16").backend == "eager"
+    assert ScoreOptions.from_flat(dtype="auto").model.backend == "auto"
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"fmt": "xlsx"}, "unknown format 'xlsx'"),
     ({"batch_size": 0}, "batch_size must be ≥ 1"),

@@ -1,11 +1,15 @@
-"""The decode process a Ray decode task keeps between calls (``process_pool``/``decode_files``)."""
+"""The decode process a Ray decode task keeps between calls (``process_pool``/``decode_files``), and
+the niceness decode processes run at beside an encoder."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
+
 from radflash.archive import decode_pool
-from radflash.archive.decode_pool import DecodeTask, decode_files, process_pool
+from radflash.archive.decode_pool import DECODE_NICE, DecodePool, DecodeTask, decode_files, process_pool
 from radflash.archive.verb import DEMO_ARCHIVE
 from tests.engine.archive.ray_hooks import ATTEMPTS, misbehaving_loader
 
@@ -43,3 +47,41 @@ def test_without_isolation_files_decode_in_this_process(tmp_path: Path) -> None:
     out = decode_files(tasks, loader=None, rules=None, timeout=None, isolate=False)
     assert [(d.status, d.reason) for d in out] == [("loaded", None), ("failed", "no such file")]
     assert decode_pool._PROCESS_POOL is None  # no process started
+
+
+def niceness_loader(path: Path, rules):
+    """Top-level (spawn-importable): reports the decoding process's niceness instead of decoding."""
+    from radflash.io.imageio import LoadOutcome
+
+    return LoadOutcome(str(path), "skipped", f"nice {os.nice(0)}")
+
+
+@pytest.mark.skipif(not hasattr(os, "nice"), reason="no process niceness on this OS")
+@pytest.mark.parametrize("nice", [0, 3, DECODE_NICE])
+def test_workers_decode_at_the_niceness_asked_for(nice: int) -> None:
+    """Niceness is relative to the parent's and capped at 19 by the OS."""
+    pool = DecodePool(2, loader=niceness_loader, nice=nice)
+    out = list(pool.run([DecodeTask(i, str(i), str(FILM)) for i in range(4)]))
+    assert {d.reason for d in out} == {f"nice {min(19, os.nice(0) + nice)}"} and len(out) == 4
+
+
+def test_score_decodes_beside_the_encoder_at_decode_nice(tiny_model: Path) -> None:
+    """The pipeline hands DECODE_NICE to its workers; a run's manifest says how the cores are shared."""
+    import torch
+
+    import radflash
+    from radflash.archive.pipeline import PipelineConfig, run_pipeline
+    from radflash.archive.sinks import MemoryStore, TableSpec
+    from radflash.archive.verb import resolve_findings, score
+    from radflash.findings import default_prompts
+
+    prompts = resolve_findings(default_prompts())
+    store = MemoryStore(TableSpec(prompts.names))
+    config = PipelineConfig(batch_size=2, workers=1, loader=niceness_loader)
+    run_pipeline([FILM, FILM.with_name("img001.dcm")], radflash.load(tiny_model, device="cpu"), prompts, store, config)
+    reasons = set(store.table().column("reason").to_pylist())
+    assert reasons == {f"nice {min(19, os.nice(0) + DECODE_NICE)}"}
+
+    run = score([FILM], model=tiny_model, workers=1, progress=False)
+    assert run.manifest["cores"] == {"cores": len(os.sched_getaffinity(0)), "encoder_threads": torch.get_num_threads(),
+                                     "decode_workers": 1, "decode_nice": DECODE_NICE}
