@@ -15,8 +15,8 @@ from tests.engine.serving.conftest import CHEST, orthanc_or_skip, sr_count, sr_u
 def test_a_target_down_then_up_is_retried_then_dead_lettered_then_resent(tmp_path: Path, nodes) -> None:
     pacs = orthanc_or_skip(tmp_path / "pacs")
     try:
-        node = nodes("node", "--forward", pacs.dicomweb, "--forward-retries", "3", "--forward-backoff", "1").start()
-        # down, then back within the retries (1 + 2 + 4 s): delivered by a retry
+        node = nodes("node", "--forward", pacs.dicomweb, "--forward-retries", "3", "--forward-backoff", "0.5").start()
+        # down, then back within the retries (0.5 + 1 + 2 s): delivered by a retry
         pacs.stop()
         assert stored_by(storescu(node.dicom_port, CHEST[:2])) == 2
         node.wait_for(lambda: node.metric("radflash_serve_forward_retries_total") >= 2, 30, "retries")

@@ -74,6 +74,8 @@ def test_https_stow_and_dicom_tls_are_accepted_and_plain_connections_fail(tmp_pa
         assert not plain.is_established
         node.wait_for(lambda: node.counts()["forwarded"] == 2, 60, "both instances scored")  # no targets
         assert node.metric("radflash_serve_requests_total", status="stored") == 2
+        for s in silent:  # closed before the stop, which would otherwise wait out their handshake time
+            s.close()
         assert node.terminate() == 0
     finally:
         for s in silent:
