@@ -2,7 +2,8 @@
 pipeline limit cores ÷ Σ(stage core-seconds per image) (#29 item 5).
 
     python benchmarks/bench_pipeline_limit.py [--films 12] [--model base] [--backend openvino --dtype bfloat16]
-        [--rounds 2] [--workers N] [--batch-size 1] [--nice-baseline] [--out benchmarks/results/pipeline-limit-cpu.md]
+        [--rounds 2] [--workers N] [--batch-size 1] [--nice-baseline] [--quantize]
+        [--out benchmarks/results/pipeline-limit-cpu.md]
 
 The stage costs come from :func:`radflash.bench.pipeline_limit.stage_costs` (the same code as
 ``radflash bench --films``); the two score modes run interleaved (full, fast, full, fast...) on the
@@ -27,7 +28,7 @@ MACHINE_KEYS = ("cpu", "cpu_cores_usable", "torch_threads", "versions")
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline-limit-cpu.md"
 
 
-def _model(name: str, backend: str, dtype: str | None):
+def _model(name: str, backend: str, dtype: str | None, *, quantize: bool = False):
     from radflash.api import RadFlashModel, as_model
     from radflash.checkpoints.factory import random_checkpoint
     from radflash.models.config import PRESETS
@@ -36,6 +37,12 @@ def _model(name: str, backend: str, dtype: str | None):
         model = RadFlashModel(random_checkpoint(name, seed=0, model_id=f"random-{name}"), device="cpu")
     else:
         model = as_model(None if name == "demo" else name, device="cpu")
+    if quantize:  # the NNCF INT8 OpenVINO model (in the cache by model hash), for --dtype int8 or auto
+        from radflash.backends.openvino import int8_model_path
+        from radflash.calibration.quantize import quantize_openvino
+
+        if not int8_model_path(model).exists():  # made once per model and versions
+            quantize_openvino(model)
     if backend != "eager" or dtype:
         model.set_backend(backend, dtype=dtype)
     return model
@@ -86,11 +93,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every mode")
     ap.add_argument("--nice-baseline", action="store_true",
                     help=f"also score in full with the decode workers at nice 0 (score's: {DECODE_NICE})")
+    ap.add_argument("--quantize", action="store_true",
+                    help="make the OpenVINO INT8 model first (for --dtype int8, or one auto may choose)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
     machine = machine_info(torch.device("cpu"))
-    model = _model(args.model, args.backend, args.dtype)
+    model = _model(args.model, args.backend, args.dtype, quantize=args.quantize)
     modes = {"full": (False, DECODE_NICE), "fast": (True, DECODE_NICE)}
     if args.nice_baseline:
         modes["full, nice 0"] = (False, 0)
@@ -121,7 +130,8 @@ def main() -> None:
         f"`python benchmarks/bench_pipeline_limit.py --films {args.films} --model {args.model} "
         f"--backend {args.backend} --dtype {args.dtype} --batch-size {args.batch_size}"
         + ("" if args.workers is None else f" --workers {args.workers}")
-        + f" --rounds {args.rounds}{' --nice-baseline' if args.nice_baseline else ''}`\n",
+        + f" --rounds {args.rounds}{' --nice-baseline' if args.nice_baseline else ''}"
+        + f"{' --quantize' if args.quantize else ''}`\n",
         "Stage costs (core-seconds per image, 3000×2500 12-bit phantom films):\n",
         costs.markdown(),
         f"score on {args.films} JPEG 2000 films, {args.rounds} interleaved rounds (best round; all rounds: "
