@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from results_file import append_block
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "carzero_cpu.md"
 IMAGE_SHAPE = (512, 416)  # H×W of the synthetic radiographs (non-square: the letterbox pads)
@@ -245,13 +246,7 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     start = time.perf_counter()
     rows, extra = run(args)
-    block = markdown(args, rows, extra, load_start, time.perf_counter() - start)
-    print(block)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    new = not args.out.exists() or not args.out.read_text().strip()
-    with args.out.open("a", encoding="utf-8") as fh:
-        fh.write((TITLE + "\n" if new else "\n") + block)
-    print(f"appended to {args.out}")
+    append_block(args.out, TITLE, markdown(args, rows, extra, load_start, time.perf_counter() - start))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from results_file import append_block
+
 MACHINE_KEYS = ("cpu", "cpu_cores_usable", "torch_threads", "versions")
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline-limit-cpu.md"
 
@@ -144,14 +146,7 @@ def main() -> None:
         f"max |Δprob| on the probe batch: {worst_dprob:.4g} (target ≤ 0.02).\n",
         f"Machine: {json.dumps({k: machine.get(k) for k in MACHINE_KEYS})}\n",
     ]
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a", encoding="utf-8") as fh:
-        if fh.tell() == 0:
-            fh.write("# score vs the pipeline limit (cores ÷ Σ stage core-seconds per image)\n")
-        fh.write(text)
-    print(f"appended to {args.out}")
+    append_block(args.out, "# score vs the pipeline limit (cores ÷ Σ stage core-seconds per image)", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from results_file import append_block
+
 RESULTS = Path(__file__).resolve().parent / "results" / "score-auto-cpu.md"
 
 
@@ -110,14 +112,7 @@ def run_all(args: argparse.Namespace, tmp: Path) -> None:
         "with native bf16 or VNNI, ≥ 1.5× on AVX2 only).",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a", encoding="utf-8") as fh:
-        if fh.tell() == 0:
-            fh.write("# score --dtype auto vs --dtype float32, end to end\n")
-        fh.write(text)
-    print(f"appended to {args.out}")
+    append_block(args.out, "# score --dtype auto vs --dtype float32, end to end", "\n".join(lines))
 
 
 if __name__ == "__main__":
