@@ -13,6 +13,7 @@ import json
 import logging
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 import torch
@@ -165,19 +166,27 @@ def test_unknown_and_unavailable_backends(model: RadFlashModel) -> None:
 
 # ---- auto: measured, cached, recorded ------------------------------------------------------------
 class FakeOrt:
-    """Stands in for the ONNX Runtime backend: eager's numbers under another name (no export needed);
-    ``noise`` > 0 makes it disagree with float32 (the agreement check must refuse it)."""
+    """Stands in for the ONNX Runtime (or, named so, the OpenVINO) backend: eager's numbers under another name
+    (no export needed); ``noise[label]`` > 0 makes that candidate disagree with float32 (the agreement check
+    must refuse it); ``builds`` records each build's (label, batch_size)."""
 
     name = "onnxruntime"
-    noise = 0.0
+    noise: ClassVar[dict[str, float]] = {}
+    builds: ClassVar[list[tuple[str, int | None]]] = []
 
-    def __init__(self, model: RadFlashModel, precision: str = "fp32") -> None:
+    def __init__(self, model: RadFlashModel, precision: str = "fp32", name: str = "onnxruntime",
+                 batch_size: int | None = None) -> None:
         self.module = model.module
         self.precision = precision
+        self.name = name
+        self.batch_size = batch_size
+        FakeOrt.builds.append((f"{name}/{precision}", batch_size))
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         tokens = self.module.image_tokens(pixels)
-        return tokens + self.noise * tokens.abs().max() * torch.randn_like(tokens)
+        label = f"{self.name}/{self.precision}"
+        noise = self.noise.get(f"{label}@{self.batch_size}", self.noise.get(label, 0.0))  # "@8": built for batch 8
+        return tokens + noise * tokens.abs().max() * torch.randn_like(tokens)
 
 
 @pytest.fixture
@@ -197,8 +206,8 @@ def fake_auto(model: RadFlashModel, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}))
     monkeypatch.setattr(backends, "_importable", lambda name: name == "onnxruntime")
     real_build = backends._build
-    monkeypatch.setattr(backends, "_build", lambda name, m, opts: FakeOrt(m, opts.get("precision", "fp32"))
-                        if name == "onnxruntime" else real_build(name, m, opts))
+    monkeypatch.setattr(backends, "_build", lambda name, m, opts: FakeOrt(m, name=name, **opts)
+                        if name in ("onnxruntime", "openvino") else real_build(name, m, opts))
     clock = SimpleNamespace(script={}, calls={}, shapes=[])
 
     def fake_time(backend, pixels: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -208,7 +217,8 @@ def fake_auto(model: RadFlashModel, tmp_path: Path, monkeypatch: pytest.MonkeyPa
         return clock.script[name].pop(0), backend.encode(pixels)
 
     monkeypatch.setattr(auto, "time_encode", fake_time)
-    FakeOrt.noise = 0.0
+    monkeypatch.setattr(FakeOrt, "noise", {})
+    monkeypatch.setattr(FakeOrt, "builds", [])
     return clock
 
 
@@ -232,25 +242,29 @@ def script_for(eager_s: float, speedup: float, **others: float) -> dict[str, lis
 @pytest.mark.parametrize(("speedup", "expected"), [(2.0, "onnxruntime"), (1.02, "eager"), (2 / 3, "eager")])
 def test_auto_times_both_and_keeps_the_faster(model: RadFlashModel, fake_auto, speedup: float, expected: str,
                                               caplog: pytest.LogCaptureFixture) -> None:
-    import statistics
-
-    from radflash.backends.auto import ITERATIONS, WARMUP
+    from radflash.backends.auto import ITERATIONS, SCREEN, WARMUP
 
     eager_s = float(torch.empty(()).uniform_(0.005, 0.5))
     fake_auto.script = script_for(eager_s, speedup)
-    timed = {k: v[WARMUP:] for k, v in fake_auto.script.items()}  # what the medians must be taken of
+    timed = {k: v[WARMUP:] for k, v in fake_auto.script.items()}  # the timed calls (the warm-up is not one)
     batch = int(torch.randint(1, 6, ()))
     with caplog.at_level(logging.INFO, logger="radflash.backends"):
         backend = make_backend("auto", model, batch_size=batch, buckets=(1, 2))  # other options are ignored
     sel = backend.selection
     assert backend.name == expected == sel["chosen"] and sel["precision"] == "fp32"  # the model's (float32) precision
     assert sel["measured"] and not sel["cached"]
-    assert fake_auto.calls == {"eager/fp32": WARMUP + ITERATIONS, "onnxruntime/fp32": WARMUP + ITERATIONS}
+    # the screen: one timed batch each; a candidate more than SCREEN× slower than the other is not timed again
+    slower = None if max(speedup, 1 / speedup) < SCREEN else ("eager/fp32" if speedup > 1 else "onnxruntime/fp32")
+    runs = {n: 1 if n == slower else ITERATIONS for n in timed}
+    assert fake_auto.calls == {n: WARMUP + k for n, k in runs.items()}
     assert set(fake_auto.shapes) == {(batch, 3, SIZE, SIZE)}  # timed at the run's batch size
     for name, samples in timed.items():  # ms are recorded rounded to 4 decimals: half a unit in the last place
-        assert sel["candidates"][name]["ms_per_batch"] == pytest.approx(1e3 * statistics.median(samples), abs=5e-5)
-        assert sel["candidates"][name]["iterations"] == ITERATIONS
-        assert sel["candidates"][name]["max_abs_dprob"] == 0.0  # same maths as eager
+        c = sel["candidates"][name]
+        assert c["ms_per_batch"] == pytest.approx(1e3 * min(samples[:runs[name]]), abs=5e-5)  # the fastest call
+        assert c["iterations"] == runs[name] and c["status"] == ("screened out" if name == slower else "timed")
+        assert c["max_abs_dprob"] == 0.0  # same maths as eager
+    assert sel["finalists"] == [n for n in timed if n != slower] and sel["screen_batch"] == batch
+    assert sel["measure_s"] >= 0 and sel["build_s"] >= 0
     assert sel["batch_size"] == batch and sel["image_size"] == SIZE and sel["reason"]
     # the log line carries both measurements, not just the verdict
     line = next(r.getMessage() for r in caplog.records if "auto →" in r.getMessage())
@@ -258,14 +272,16 @@ def test_auto_times_both_and_keeps_the_faster(model: RadFlashModel, fake_auto, s
 
 
 def test_auto_dtype_chooses_runtime_and_precision_together(model: RadFlashModel, fake_auto) -> None:
-    """--backend auto --dtype auto: eager fp32/bf16 and ONNX Runtime fp32/int8 all timed; the fastest that
-    agrees wins, and the encoder it returns runs in that precision."""
-    fake_auto.script = script_for(0.05, 1.5, eager_bf16=1.3, onnxruntime_int8=2.5)
+    """--backend auto --dtype auto: eager fp32/bf16 and ONNX Runtime fp32/int8 all screened, the two within
+    SCREEN× of the fastest timed again; the fastest that agrees wins, and the encoder it returns runs in that
+    precision."""
+    fake_auto.script = script_for(0.05, 2.0, eager_bf16=1.3, onnxruntime_int8=2.5)
     backend = make_backend("auto", model, batch_size=2, precision="auto")
     sel = backend.selection
     assert (sel["chosen"], sel["precision"]) == ("onnxruntime", "int8") == (backend.name, backend.precision)
-    assert {k for k, c in sel["candidates"].items() if c["status"] == "timed"} == {
-        "eager/fp32", "eager/bf16", "onnxruntime/fp32", "onnxruntime/int8"}
+    status = {k: (c["status"], c["iterations"]) for k, c in sel["candidates"].items() if "iterations" in c}
+    assert status == {"eager/fp32": ("screened out", 1), "eager/bf16": ("screened out", 1),
+                      "onnxruntime/fp32": ("timed", 2), "onnxruntime/int8": ("timed", 2)}
     assert sel["candidates"]["openvino/bf16"]["status"] == "left out"  # not installed (here: faked absent)
     bf16 = sel["candidates"]["eager/bf16"]["max_abs_dprob"]
     assert 0 < bf16 <= sel["agreement_bound"] == 0.02  # bf16 really ran, and agreed
@@ -280,7 +296,7 @@ def test_auto_dtype_chooses_runtime_and_precision_together(model: RadFlashModel,
 def test_auto_refuses_a_candidate_that_disagrees(model: RadFlashModel, fake_auto) -> None:
     from radflash.backends.auto import ITERATIONS
 
-    FakeOrt.noise = 0.5  # tokens off by half their scale: probabilities move far beyond 0.02
+    FakeOrt.noise["onnxruntime/fp32"] = 0.5  # tokens off by half their scale: probabilities move far beyond 0.02
     fake_auto.script = script_for(0.05, 4.0)  # and it would be by far the fastest
     backend = make_backend("auto", model, batch_size=3)
     sel = backend.selection
@@ -288,6 +304,98 @@ def test_auto_refuses_a_candidate_that_disagrees(model: RadFlashModel, fake_auto
     refused = sel["candidates"]["onnxruntime/fp32"]
     assert refused["status"] == "refused" and refused["max_abs_dprob"] > 0.02 and "ms_per_batch" not in refused
     assert fake_auto.calls["onnxruntime/fp32"] == 1 and fake_auto.calls["eager/fp32"] == 1 + ITERATIONS  # never timed
+
+
+def test_auto_screen_never_lets_a_refused_candidate_win_or_set_the_pace(model: RadFlashModel, fake_auto) -> None:
+    """The fastest candidate disagrees: refused on its warm-up, never timed, and not the yardstick of the screen
+    (measured against it, every other candidate would be screened out)."""
+    from radflash.backends.auto import ITERATIONS, WARMUP
+
+    FakeOrt.noise["onnxruntime/int8"] = 0.5
+    fake_auto.script = script_for(0.05, 1.4, eager_bf16=1.2, onnxruntime_int8=10.0)
+    backend = make_backend("auto", model, batch_size=2, precision="auto")
+    sel = backend.selection
+    assert (backend.name, backend.precision) == ("onnxruntime", "fp32") == (sel["chosen"], sel["precision"])
+    c = sel["candidates"]
+    assert c["onnxruntime/int8"]["status"] == "refused" and "ms_per_batch" not in c["onnxruntime/int8"]
+    assert fake_auto.calls == {"onnxruntime/int8": 1, "eager/fp32": WARMUP + 1, "eager/bf16": WARMUP + ITERATIONS,
+                               "onnxruntime/fp32": WARMUP + ITERATIONS}
+    assert c["eager/fp32"]["status"] == "screened out" and c["eager/bf16"]["status"] == "timed"  # 1.4× vs 1.17×
+    assert c[sel["chosen"] + "/" + sel["precision"]]["max_abs_dprob"] <= 0.02
+
+
+def test_auto_screen_survives_a_burst_of_load_and_only_finalists_win(model: RadFlashModel, fake_auto) -> None:
+    """The screen takes the faster of warm-up and first timed call (load only adds time): the fastest candidate
+    whose timed call was hit by a burst stays a finalist. A screened-out candidate never wins, even when the
+    finalists' later calls are slower than its single one."""
+    fake_auto.script = {  # warm-up, screen call, second call (finalists only), seconds per batch of 2
+        "eager/fp32": [0.10, 0.10],
+        "eager/bf16": [0.07, 0.06],  # 1.5× the fastest screen: out, although 0.06 < every finalist's best below
+        "onnxruntime/fp32": [0.045, 0.08, 0.09],  # within 1.3×: a finalist
+        "onnxruntime/int8": [0.04, 0.11, 0.10],  # the screen call hit by a burst (2.75×): still the fastest screen
+    }
+    sel = make_backend("auto", model, batch_size=2, precision="auto").selection
+    c = sel["candidates"]
+    assert {n: c[n]["status"] for n in fake_auto.script} == {
+        "eager/fp32": "screened out", "eager/bf16": "screened out", "onnxruntime/fp32": "timed",
+        "onnxruntime/int8": "timed"}
+    assert c["onnxruntime/int8"]["screen_ms"] == 40.0 and c["eager/bf16"]["ms_per_batch"] == 60.0
+    assert (sel["chosen"], sel["precision"]) == ("onnxruntime", "fp32")  # 80 ms: the fastest finalist
+    assert "2.22× eager/fp32 in the screen at batch 2" in sel["reason"]  # 100 / 45 ms: the baseline rule, decided
+
+
+def test_auto_large_model_screens_at_batch_1_and_confirms_finalists_at_the_run_batch(
+        model: RadFlashModel, fake_auto, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch 8, a model that fills the GEMMs at batch 1 (here: SCREEN_TOKENS lowered to the tiny model's 16):
+    seven candidates screened at batch 1; the three within SCREEN× confirmed at batch 8 as the run will use
+    them (OpenVINO rebuilt for batch 8: its hint follows the batch), each agreement-checked again on the probe
+    images; one disagrees only as built for batch 8 and is refused, one is pruned, the third wins."""
+    import radflash.backends as backends
+    from radflash.backends import auto
+
+    monkeypatch.setattr(auto, "SCREEN_TOKENS", 16)
+    monkeypatch.setattr(backends, "_importable", lambda name: name in ("onnxruntime", "openvino"))
+    FakeOrt.noise["openvino/int8@8"] = 0.5
+    e = 0.1  # eager fp32 at batch 1; the lists: warm-up and screen at batch 1, then warm-up and timed at 8
+    fake_auto.script = {
+        "eager/fp32": [e, e], "eager/bf16": [e / 1.3] * 2, "onnxruntime/fp32": [e / 1.1] * 2,
+        "openvino/fp32": [e / 1.2] * 2,
+        "onnxruntime/int8": [e / 1.9, e / 1.9, 0.5, 0.45],  # finalist (1.16×), 1.5× the fastest at 8: pruned
+        "openvino/bf16": [e / 2.0, e / 2.0, 0.4, 0.3, 0.32],  # finalist (1.1×), the fastest at 8
+        "openvino/int8": [e / 2.2, e / 2.2, 0.2],  # the fastest screened; disagrees as built for batch 8
+    }
+    backend = make_backend("auto", model, batch_size=8, precision="auto")
+    sel = backend.selection
+    assert (backend.name, backend.precision, backend.batch_size) == ("openvino", "bf16", 8)  # the batch-8 build
+    assert (sel["chosen"], sel["precision"], sel["screen_batch"], sel["batch_size"]) == ("openvino", "bf16", 1, 8)
+    assert sel["finalists"] == ["onnxruntime/int8", "openvino/bf16", "openvino/int8"]
+    assert all(not v for v in fake_auto.script.values())  # every scripted call ran, and no other
+    assert [b for b, *_ in fake_auto.shapes[:14]] == [1] * 14 and [b for b, *_ in fake_auto.shapes[14:]] == [8] * 6
+    assert sorted(FakeOrt.builds, key=str) == sorted(
+        [("onnxruntime/fp32", None), ("onnxruntime/int8", None), ("openvino/fp32", 1), ("openvino/bf16", 1),
+         ("openvino/int8", 1), ("openvino/bf16", 8), ("openvino/int8", 8)], key=str)  # only finalists rebuilt
+    c = sel["candidates"]
+    for name in ("eager/fp32", "eager/bf16", "onnxruntime/fp32", "openvino/fp32"):
+        assert c[name]["status"] == "screened out" and c[name]["screen_ms"] > 0 and "ms_per_batch" not in c[name]
+    assert c["openvino/int8"]["status"] == "refused" and c["openvino/int8"]["max_abs_dprob"] <= 0.02
+    assert c["openvino/int8"]["max_abs_dprob_at_batch"] > 0.02 and "batch of 8" in c["openvino/int8"]["why"]
+    assert c["onnxruntime/int8"]["status"] == "pruned" and c["onnxruntime/int8"]["samples_ms"] == [450.0]
+    win = c["openvino/bf16"]
+    assert win["status"] == "timed" and win["samples_ms"] == [300.0, 320.0] and win["ms_per_batch"] == 300.0
+    assert win["max_abs_dprob"] <= 0.02 and win["max_abs_dprob_at_batch"] <= 0.02 and len(win["warmup_ms"]) == 2
+    assert "in the screen at batch 1" in sel["reason"] and "eager/fp32" in sel["reason"]  # the baseline was out
+    line = auto.summary(sel)
+    assert "screened out at batch 1: eager/fp32 100 ms" in line and "per batch of 8" in line and "measured in" in line
+
+
+@pytest.mark.parametrize(("grid", "b", "n", "expected"), [
+    (37, 1, 7, 1), (37, 2, 7, 2), (37, 8, 7, 1), (37, 8, 2, 8), (14, 8, 7, 8), (32, 8, 3, 1)])
+def test_screen_batch(grid: int, b: int, n: int, expected: int) -> None:
+    """Batch 1 for a large model (base at 518²: 37² patches) at a large run batch with more than two candidates;
+    otherwise the run's batch (the demo at 224²: 14² patches)."""
+    from radflash.backends.auto import screen_batch
+
+    assert screen_batch(SimpleNamespace(config=SimpleNamespace(grid=grid)), b, n) == expected
 
 
 def test_auto_never_times_bf16_without_native_bf16(model: RadFlashModel, fake_auto,
@@ -306,7 +414,8 @@ def test_auto_decision_is_cached_per_key(model: RadFlashModel, fake_auto, tmp_pa
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import radflash
     import radflash.devices as devices
-    from radflash.backends.auto import CACHE_FILE
+    from radflash.backends import auto
+    from radflash.backends.auto import CACHE_FILE, summary
 
     fake_auto.script = script_for(0.02, 3.0)
     first = make_backend("auto", model, batch_size=2).selection
@@ -317,6 +426,7 @@ def test_auto_decision_is_cached_per_key(model: RadFlashModel, fake_auto, tmp_pa
     again = make_backend("auto", model, batch_size=2)
     assert again.selection["cached"] and again.name == "onnxruntime" and fake_auto.calls == calls  # not re-timed
     assert again.selection["candidates"] == first["candidates"]
+    assert again.selection["measure_s"] == first["measure_s"] and "cached" in summary(again.selection)
 
     # any part of the key changing means measuring again: the batch size, a version, the CPU's flags,
     # the threads, the request
@@ -325,6 +435,7 @@ def test_auto_decision_is_cached_per_key(model: RadFlashModel, fake_auto, tmp_pa
         lambda: monkeypatch.setattr(radflash, "__version__", radflash.__version__ + ".post1"),
         lambda: monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "amx_bf16"})),
         lambda: monkeypatch.setattr(torch, "get_num_threads", lambda: 7),
+        lambda: monkeypatch.setattr(auto, "SCREEN", 1.5),  # the method itself
     ]
     for i, change in enumerate(changes):
         change()
@@ -422,9 +533,11 @@ def test_score_manifest_records_the_choice(model: RadFlashModel, fake_auto, tmp_
     sel = written["backend_selection"]
     assert written["backend"] == sel["chosen"] == "onnxruntime" and written["precision"] == sel["precision"] == "fp32"
     assert sel["batch_size"] == 2 and written["dtype"] == "float32"
-    timed = {n: c["iterations"] for n, c in sel["candidates"].items() if c["status"] == "timed"}
-    assert timed == {"eager/fp32": 2, "eager/bf16": 2, "onnxruntime/fp32": 2, "onnxruntime/int8": 2}
+    timed = {n: (c["status"], c["iterations"]) for n, c in sel["candidates"].items() if "iterations" in c}
+    assert timed == {"eager/fp32": ("screened out", 1), "eager/bf16": ("timed", 2), "onnxruntime/fp32": ("timed", 2),
+                     "onnxruntime/int8": ("screened out", 1)}  # 1.5× and 1.36× slower than the fastest: out
     assert all(sel["candidates"][n]["max_abs_dprob"] <= 0.02 for n in timed)
+    assert sel["measure_s"] >= 0 and sel["build_s"] >= 0 and sel["finalists"] == ["eager/bf16", "onnxruntime/fp32"]
     assert run.scored == 3
     model.set_backend("eager", dtype="float32")
 
