@@ -21,8 +21,12 @@ import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from radflash.api import RadFlashModel
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -34,6 +38,10 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="results file (default: one per CPU model)")
+    parser.add_argument("--quantize", action="store_true",
+                        help="first make the NNCF INT8 OpenVINO model of the preset (what `radflash calibrate quantize "
+                             "--backend openvino` does; kept in the cache by model hash, reused when present), so "
+                             "the table has an openvino/int8 row and auto can choose it")
     args = parser.parse_args()
 
     from radflash.api import RadFlashModel
@@ -52,6 +60,9 @@ def main() -> None:
     cfg = preset(args.model)
     model = RadFlashModel(random_checkpoint(cfg, seed=0, model_id=f"random-{args.model}"), device="cpu")
     flops = encoder_flops(cfg, cfg.image_size)
+    quantized = None
+    if args.quantize:
+        quantized = quantize(model)
     rates = gemm_rates(["fp32", *native_precisions()], torch.device("cpu"))
     lines = [f"## {datetime.now(timezone.utc).isoformat(timespec='seconds')} · {cpu_model()} · "
              f"{torch.get_num_threads()} threads · {args.model} encoder S={cfg.image_size} "
@@ -61,7 +72,10 @@ def main() -> None:
              f"- versions: torch {torch.__version__}, onnxruntime {package_version('onnxruntime')}, "
              f"openvino {package_version('openvino')}, nncf {package_version('nncf')}",
              f"- interleaved rounds: {args.iterations} timed batches per candidate after 1 warm-up; ratio = "
-             "eager fp32 median / candidate median in the same run", ""]
+             "eager fp32 median / candidate median in the same run"]
+    if quantized:
+        lines.append(f"- openvino/int8: {quantized}")
+    lines.append("")
     for b in [int(x) for x in args.batch_sizes.split(",")]:
         pixels = probe_pixels(model, b)
         prompts = probe_prompts(model)
@@ -101,7 +115,7 @@ def main() -> None:
         base = med["eager/fp32"]
         lines += [f"### batch {b}", "",
                   f"auto's own measurement took {auto_s:.1f} s ({'cached' if sel['cached'] else 'measured'}): "
-                  f"{sel['reason']}", "",
+                  f"{sel['reason']}", "", measurement_line(sel), "",
                   "| candidate | img/s | × eager fp32 | fraction of GEMM rate | max abs Δprob |",
                   "|---|---|---|---|---|"]
         for name, m in med.items():
@@ -118,6 +132,42 @@ def main() -> None:
     with out.open("a", encoding="utf-8") as fh:
         fh.write(("\n" if out.exists() and out.stat().st_size else "") + text)
     print(f"appended to {out}")
+
+
+def quantize(model: RadFlashModel) -> str:
+    """The preset's NNCF INT8 OpenVINO IR, made like ``radflash calibrate quantize --backend openvino`` makes it
+    (:func:`radflash.calibration.quantize.quantize_openvino`: 16 demo phantoms, 8 held out for the report) unless
+    the cache has it already (a random preset has no checkpoint folder: the IR is kept by model hash,
+    :func:`radflash.backends.openvino.int8_model_path`). Returns a line for the results block."""
+    from radflash.backends.openvino import int8_model_path
+    from radflash.calibration.quantize import quantize_openvino
+    from radflash.errors import BackendUnavailable, InputError
+
+    path = int8_model_path(model)
+    if path.exists() and path.with_suffix(".bin").exists():
+        return f"NNCF INT8 IR reused from {path}"
+    start = time.perf_counter()
+    try:
+        report = quantize_openvino(model)
+    except (BackendUnavailable, InputError, ImportError) as exc:
+        print(f"skip --quantize: {exc}")
+        return f"not quantised ({exc})"
+    summary = report.summary().replace("\n", "; ")
+    return f"NNCF INT8 IR made here in {time.perf_counter() - start:.0f} s: {summary}"
+
+
+def measurement_line(sel: dict[str, Any]) -> str:
+    """What auto's measurement cost and what each candidate became (from its decision record)."""
+    if sel.get("measure_s") is None:
+        return f"auto did not measure here: {sel['reason']}"
+    statuses: dict[str, list[str]] = {}
+    for name, c in sel.get("candidates", {}).items():
+        if c.get("status") != "left out":
+            statuses.setdefault(c["status"], []).append(name)
+    cached = f" (when measured, {sel.get('measured_at')}; cached now)" if sel.get("cached") else ""
+    return (f"auto's measurement{cached}: {sel['measure_s']:.1f} s of warm-ups and timed batches + "
+            f"{sel.get('build_s', 0):.1f} s of builds; screened at batch {sel.get('screen_batch')}; "
+            + "; ".join(f"{k}: {', '.join(v)}" for k, v in statuses.items()))
 
 
 if __name__ == "__main__":
