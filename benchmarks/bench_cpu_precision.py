@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from results_file import append_block
 
 if TYPE_CHECKING:
     from radflash.api import RadFlashModel
@@ -88,13 +89,17 @@ def main() -> None:
                 candidates[f"{name}/{prec}"] = make_backend(name, model, precision=prec, batch_size=b)
             except (BackendUnavailable, InputError, ImportError) as exc:
                 print(f"skip {name}/{prec}: {exc}")
-        try:
-            peer = OpenVINOBackend(model, precision="fp32", config={}, cache=False)
+        # The peers: the same graphs compiled with OpenVINO's own CPU defaults, no radflash settings — the
+        # float32 export (OpenVINO picks its precision) and, where it exists, the same NNCF INT8 model.
+        for prec in ("fp32", "int8"):
+            try:
+                peer = OpenVINOBackend(model, precision=prec, config={}, cache=False)
+            except (BackendUnavailable, InputError, ImportError) as exc:
+                print(f"skip openvino standalone {prec}: {exc}")
+                continue
             peer._queue = None  # OpenVINO's defaults: one synchronous request
-            raw = peer.compiled.get_property("INFERENCE_PRECISION_HINT")
-            candidates[f"openvino-standalone/default={raw.get_type_name()}"] = peer
-        except (BackendUnavailable, InputError, ImportError) as exc:
-            print(f"skip openvino standalone: {exc}")
+            raw = peer.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+            candidates["openvino-standalone/int8" if prec == "int8" else f"openvino-standalone/default={raw}"] = peer
         start = time.perf_counter()
         auto = make_backend("auto", model, precision="auto", batch_size=b)
         auto_s = time.perf_counter() - start
@@ -125,13 +130,8 @@ def main() -> None:
             frac = "—" if rate is None else f"{flops * b / m / rate:.0%} of {prec}"
             lines.append(f"| {name} | {b / m:.3g} | {base / m:.2f}× | {frac} | {dprob[name]:.2g} |")
         lines.append("")
-    text = "\n".join(lines) + "\n"
-    print(text)
     out = args.out or RESULTS / f"cpu-{re.sub(r'[^A-Za-z0-9]+', '-', cpu_model()).strip('-').lower()}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a", encoding="utf-8") as fh:
-        fh.write(("\n" if out.exists() and out.stat().st_size else "") + text)
-    print(f"appended to {out}")
+    append_block(out, f"# CPU encoder paths on {cpu_model()}", "\n".join(lines))
 
 
 def quantize(model: RadFlashModel) -> str:
