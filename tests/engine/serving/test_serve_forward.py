@@ -17,7 +17,7 @@ def test_a_target_down_then_up_is_retried_then_dead_lettered_then_resent(tmp_pat
     try:
         node = nodes("node", "--forward", pacs.dicomweb, "--forward-retries", "3", "--forward-backoff", "0.5").start()
         # down, then back within the retries (0.5 + 1 + 2 s): delivered by a retry
-        pacs.stop()
+        pacs.stop(kill=True)
         assert stored_by(storescu(node.dicom_port, CHEST[:2])) == 2
         node.wait_for(lambda: node.metric("radflash_serve_forward_retries_total") >= 2, 30, "retries")
         pacs.start()
@@ -25,7 +25,7 @@ def test_a_target_down_then_up_is_retried_then_dead_lettered_then_resent(tmp_pat
         assert node.metric("radflash_serve_dead_letters_total") == 0
 
         # down for longer than the retries: dead letters, listed by --status
-        pacs.stop()
+        pacs.stop(kill=True)
         assert stored_by(storescu(node.dicom_port, CHEST[2:5])) == 3
         node.wait_for(lambda: node.metric("radflash_serve_dead_letters_total") == 3, 60, "dead letters")
         listing = node.status()
@@ -41,7 +41,7 @@ def test_a_target_down_then_up_is_retried_then_dead_lettered_then_resent(tmp_pat
         assert counts["forwarded"] == 5 and counts["dead"] == 0
         assert node.terminate() == 0
     finally:
-        pacs.stop()
+        pacs.stop(kill=True)
 
 
 def test_sigterm_stops_intake_forwards_what_is_in_flight_and_exits_0(tmp_path: Path, nodes) -> None:
@@ -61,4 +61,4 @@ def test_sigterm_stops_intake_forwards_what_is_in_flight_and_exits_0(tmp_path: P
         assert node.counts()["forwarded"] == 6 and node.metric("radflash_serve_results_total") == 0
         assert node.terminate() == 0
     finally:
-        pacs.stop()
+        pacs.stop(kill=True)

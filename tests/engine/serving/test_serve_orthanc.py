@@ -63,8 +63,8 @@ def test_orthanc_push_and_storescu_give_one_sr_per_image_with_score_probabilitie
         assert node.metric("radflash_serve_end_to_end_seconds_count") == len(CHEST)
         assert node.terminate() == 0
     finally:
-        pacs.stop()
-        archive.stop()
+        pacs.stop(kill=True)
+        archive.stop(kill=True)
 
 
 def _copies(files: list[Path], folder: Path, n: int) -> list[Path]:
@@ -104,7 +104,7 @@ def test_kill9_in_intake_in_a_batch_and_in_forward_loses_nothing_and_duplicates_
         # 2. in a batch and in forward (one restart checks both): restarted with the PACS down (the
         # acknowledged ones are re-queued), so scored results wait for delivery while later batches
         # compute; killed once both are under way
-        pacs.stop()
+        pacs.stop(kill=True)
         node = nodes("node", *flags, **ports).start()
         assert node.state == state
         sent = storescu(node.dicom_port, files)  # the sender retries everything; duplicates are acknowledged
@@ -125,4 +125,4 @@ def test_kill9_in_intake_in_a_batch_and_in_forward_loses_nothing_and_duplicates_
         assert counts["forwarded"] == len(files) and counts["queued"] == counts["scored"] == counts["dead"] == 0
         assert node.terminate() == 0
     finally:
-        pacs.stop()
+        pacs.stop(kill=True)

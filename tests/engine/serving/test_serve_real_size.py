@@ -38,4 +38,4 @@ def test_real_size_films_are_scored_and_reported_back(tmp_path: Path, nodes, rea
                 assert got[sr_uid_of(sop, study)][name] == pytest.approx(p, abs=1e-5), (path.name, name)
         assert node.terminate() == 0
     finally:
-        pacs.stop()
+        pacs.stop(kill=True)

@@ -56,7 +56,7 @@ def test_segment_and_overlay_reach_every_target_once_and_validate(tmp_path: Path
     archive = orthanc_or_skip(tmp_path / "archive")  # receives over C-STORE; down at first
     chest = CHEST[:6]
     try:
-        archive.stop()
+        archive.stop(kill=True)
         flags = ("--segment", PROMPTS[0], "--segment", PROMPTS[1], "--overlay", "sc", "--forward", pacs.dicomweb,
                  "--forward", archive.dimse(aet=archive.aet), "--forward-retries", "0", "--max-batch", "4")
         node = nodes("node", *flags).start()
@@ -107,8 +107,8 @@ def test_segment_and_overlay_reach_every_target_once_and_validate(tmp_path: Path
                 assert _count(server, modality) == len(chest), modality
         assert again.terminate() == 0
     finally:
-        pacs.stop()
-        archive.stop()
+        pacs.stop(kill=True)
+        archive.stop(kill=True)
 
 
 def test_overlay_without_segment_and_a_blank_prompt_are_usage_errors(tmp_path: Path) -> None:
