@@ -172,7 +172,9 @@ def segment(
 
         connect(ray)
     # under Ray the encoder runs in the actors; this copy makes the maps from their tokens, on CPU
-    rf = ModelSpec(model, device, dtype, backend).load(batch_size=batch_size, on_ray=ray is not None)
+    spec = ModelSpec(model, device, dtype, backend)
+    backend = spec.backend  # resolved: "auto" with dtype "auto", else "eager" (the Ray actors get the same)
+    rf = spec.load(batch_size=batch_size, on_ray=ray is not None)
     rf.require_maps()  # a family without maps fails once here, not once per image
     specs = resolve_prompts(prompts, thresholds, calibration=rf.calibration, default_prompts=rf.default_prompts)
     rf.encode_text([s.prompt for s in specs])  # validate + cache all prompt embeddings up front
