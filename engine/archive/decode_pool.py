@@ -23,12 +23,13 @@ waits for its slowest thread. A decoder sharing a core at equal priority takes h
 so every region runs at the pace of the thread that was preempted, and both cores lose. Niced,
 a decoder takes the cycles the encoder leaves (its single-threaded head and Python, and every core
 while it waits for input), so the cores stay busy without slowing the encoder's regions. Measured
-on 2 cores, base tower in OpenVINO bf16, 3000×2500 JPEG 2000 films (``python
-benchmarks/bench_pipeline_limit.py``; ``benchmarks/results/pipeline-limit-cpu.md``): 2 workers at
-nice 0 scored at 77–83% of the pipeline limit, at nice 5–19 at 86–88%, under ``SCHED_IDLE`` at 84%.
-Nice 10 rather than 19: a niced worker still gets ~10% of a core against a busy process of
-normal priority (~1.5% at 19), so on a machine shared with other jobs a file's decode does not
-starve into its timeout.
+on 2 cores, base tower in OpenVINO bf16, 12 JPEG 2000 films of 3000×2500 (``python
+benchmarks/bench_pipeline_limit.py --backend openvino --dtype bfloat16 --nice-baseline``;
+``benchmarks/results/pipeline-limit-cpu.md``): 2 workers at nice 10 scored at 90–99% of the pipeline
+limit, at nice 0 at 78–90% (exploratory rounds before: nice 0 77–83%, nice 5–19 86–88%,
+``SCHED_IDLE`` 84%); with the cheaper INT8 encoder both reached 89–99%. Nice 10 rather than 19:
+a niced worker still gets ~10% of a core against a busy process of normal priority (~1.5% at 19),
+so on a machine shared with other jobs a file's decode does not starve into its timeout.
 """
 
 from __future__ import annotations
