@@ -150,14 +150,13 @@ class Orthanc:
         if self.proc is not None and self.proc.poll() is None:
             if kill:
                 self.proc.kill()
-                self.proc.wait()
             else:
                 self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:  # a clean stop that never came
+                self.proc.kill()
+                self.proc.wait()
         self.proc = None
 
     def request(self, method: str, path: str, data: bytes | None = None,
