@@ -253,9 +253,10 @@ def test_auto_times_both_and_keeps_the_faster(model: RadFlashModel, fake_auto, s
     sel = backend.selection
     assert backend.name == expected == sel["chosen"] and sel["precision"] == "fp32"  # the model's (float32) precision
     assert sel["measured"] and not sel["cached"]
-    # the screen: one timed batch each; a candidate more than SCREEN× slower than the other is not timed again
+    # the screen: one timed batch each; a candidate more than SCREEN× slower than the other is not timed again,
+    # and neither is the one left alone (the second call only separates close candidates)
     slower = None if max(speedup, 1 / speedup) < SCREEN else ("eager/fp32" if speedup > 1 else "onnxruntime/fp32")
-    runs = {n: 1 if n == slower else ITERATIONS for n in timed}
+    runs = {n: ITERATIONS if slower is None else 1 for n in timed}
     assert fake_auto.calls == {n: WARMUP + k for n, k in runs.items()}
     assert set(fake_auto.shapes) == {(batch, 3, SIZE, SIZE)}  # timed at the run's batch size
     for name, samples in timed.items():  # ms are recorded rounded to 4 decimals: half a unit in the last place
@@ -294,8 +295,6 @@ def test_auto_dtype_chooses_runtime_and_precision_together(model: RadFlashModel,
 
 
 def test_auto_refuses_a_candidate_that_disagrees(model: RadFlashModel, fake_auto) -> None:
-    from radflash.backends.auto import ITERATIONS
-
     FakeOrt.noise["onnxruntime/fp32"] = 0.5  # tokens off by half their scale: probabilities move far beyond 0.02
     fake_auto.script = script_for(0.05, 4.0)  # and it would be by far the fastest
     backend = make_backend("auto", model, batch_size=3)
@@ -303,7 +302,8 @@ def test_auto_refuses_a_candidate_that_disagrees(model: RadFlashModel, fake_auto
     assert backend.name == sel["chosen"] == "eager"
     refused = sel["candidates"]["onnxruntime/fp32"]
     assert refused["status"] == "refused" and refused["max_abs_dprob"] > 0.02 and "ms_per_batch" not in refused
-    assert fake_auto.calls["onnxruntime/fp32"] == 1 and fake_auto.calls["eager/fp32"] == 1 + ITERATIONS  # never timed
+    assert fake_auto.calls["onnxruntime/fp32"] == 1 and fake_auto.calls["eager/fp32"] == 1 + 1  # never timed
+    # (eager, left alone after the screen, is timed once: a second call would have nothing to separate)
 
 
 def test_auto_screen_never_lets_a_refused_candidate_win_or_set_the_pace(model: RadFlashModel, fake_auto) -> None:
@@ -361,7 +361,7 @@ def test_auto_large_model_screens_at_batch_1_and_confirms_finalists_at_the_run_b
         "eager/fp32": [e, e], "eager/bf16": [e / 1.3] * 2, "onnxruntime/fp32": [e / 1.1] * 2,
         "openvino/fp32": [e / 1.2] * 2,
         "onnxruntime/int8": [e / 1.9, e / 1.9, 0.5, 0.45],  # finalist (1.16×), 1.5× the fastest at 8: pruned
-        "openvino/bf16": [e / 2.0, e / 2.0, 0.4, 0.3, 0.32],  # finalist (1.1×), the fastest at 8
+        "openvino/bf16": [e / 2.0, e / 2.0, 0.4, 0.3],  # finalist (1.1×), the fastest at 8, then alone
         "openvino/int8": [e / 2.2, e / 2.2, 0.2],  # the fastest screened; disagrees as built for batch 8
     }
     backend = make_backend("auto", model, batch_size=8, precision="auto")
@@ -370,7 +370,7 @@ def test_auto_large_model_screens_at_batch_1_and_confirms_finalists_at_the_run_b
     assert (sel["chosen"], sel["precision"], sel["screen_batch"], sel["batch_size"]) == ("openvino", "bf16", 1, 8)
     assert sel["finalists"] == ["onnxruntime/int8", "openvino/bf16", "openvino/int8"]
     assert all(not v for v in fake_auto.script.values())  # every scripted call ran, and no other
-    assert [b for b, *_ in fake_auto.shapes[:14]] == [1] * 14 and [b for b, *_ in fake_auto.shapes[14:]] == [8] * 6
+    assert [b for b, *_ in fake_auto.shapes[:14]] == [1] * 14 and [b for b, *_ in fake_auto.shapes[14:]] == [8] * 5
     assert sorted(FakeOrt.builds, key=str) == sorted(
         [("onnxruntime/fp32", None), ("onnxruntime/int8", None), ("openvino/fp32", 1), ("openvino/bf16", 1),
          ("openvino/int8", 1), ("openvino/bf16", 8), ("openvino/int8", 8)], key=str)  # only finalists rebuilt
@@ -381,11 +381,38 @@ def test_auto_large_model_screens_at_batch_1_and_confirms_finalists_at_the_run_b
     assert c["openvino/int8"]["max_abs_dprob_at_batch"] > 0.02 and "batch of 8" in c["openvino/int8"]["why"]
     assert c["onnxruntime/int8"]["status"] == "pruned" and c["onnxruntime/int8"]["samples_ms"] == [450.0]
     win = c["openvino/bf16"]
-    assert win["status"] == "timed" and win["samples_ms"] == [300.0, 320.0] and win["ms_per_batch"] == 300.0
+    assert win["status"] == "timed" and win["samples_ms"] == [300.0] and win["ms_per_batch"] == 300.0
     assert win["max_abs_dprob"] <= 0.02 and win["max_abs_dprob_at_batch"] <= 0.02 and len(win["warmup_ms"]) == 2
     assert "in the screen at batch 1" in sel["reason"] and "eager/fp32" in sel["reason"]  # the baseline was out
     line = auto.summary(sel)
     assert "screened out at batch 1: eager/fp32 100 ms" in line and "per batch of 8" in line and "measured in" in line
+
+
+def test_auto_lone_finalist_runs_only_its_checked_warm_up_at_the_run_batch(
+        model: RadFlashModel, fake_auto, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One finalist out of the screen at batch 1 has nothing to be compared with at batch 8: it is rebuilt for 8
+    and runs the agreement-checked warm-up there, whose time (set-up included) is its record; no timed call."""
+    import radflash.backends as backends
+    from radflash.backends import auto
+
+    monkeypatch.setattr(auto, "SCREEN_TOKENS", 16)
+    monkeypatch.setattr(backends, "_importable", lambda name: name in ("onnxruntime", "openvino"))
+    e = float(torch.empty(()).uniform_(0.05, 0.5))  # eager fp32 at batch 1
+    w8 = float(torch.empty(()).uniform_(2.0, 4.0)) * e  # the winner's warm-up at batch 8
+    fake_auto.script = {name: [e / gain] * 2 for name, gain in (
+        ("eager/fp32", 1.0), ("eager/bf16", 1.3), ("onnxruntime/fp32", 1.1), ("openvino/fp32", 1.2),
+        ("onnxruntime/int8", 1.8), ("openvino/bf16", 1.9))}
+    fake_auto.script["openvino/int8"] = [e / 2.5, e / 2.5, w8]  # 1.32× the next: the only finalist
+    backend = make_backend("auto", model, batch_size=8, precision="auto")
+    sel = backend.selection
+    assert (backend.name, backend.precision, backend.batch_size) == ("openvino", "int8", 8)
+    assert sel["finalists"] == ["openvino/int8"] and all(not v for v in fake_auto.script.values())
+    assert [b for b, *_ in fake_auto.shapes] == [1] * 14 + [8]  # screen at 1, then one call at 8
+    win = sel["candidates"]["openvino/int8"]
+    assert win["status"] == "timed" and win["timed_from"] == "warm-up" and win["iterations"] == 0
+    assert win["ms_per_batch"] == pytest.approx(1e3 * w8, abs=5e-5) and win["max_abs_dprob_at_batch"] <= 0.02
+    assert "2.50× eager/fp32 in the screen at batch 1" in sel["reason"]
+    assert "(warm-up)" in auto.summary(sel)
 
 
 @pytest.mark.parametrize(("grid", "b", "n", "expected"), [
