@@ -63,6 +63,7 @@ log = logging.getLogger("radflash.bench")
 
 
 SCORE_RUNS = 3  # whole-archive runs of the score path (each run already covers archive_files images)
+INT8_DYNAMIC = "int8-dynamic-linear"  # gemm_rates' key for the dynamically quantised Linear's rate
 
 
 # ---- formulas ---------------------------------------------------------------------------------------
@@ -73,6 +74,34 @@ def encoder_flops(cfg: Any, image_size: int) -> float:
     n, d, m = patches + 1, v.hidden, v.mlp
     layers = v.layers + cfg.align_layers
     return layers * (2 * n * (4 * d * d + 2 * d * m) + 4 * n * n * d) + 2 * patches * (v.in_chans * v.patch**2) * d
+
+
+def encoder_attention_flops(cfg: Any, image_size: int) -> float:
+    """The part of :func:`encoder_flops` in attention's products of two activations (QKᵀ and the weighted
+    sum of V): INT8 recipes (NNCF for OpenVINO, ONNX Runtime's dynamic quantisation) quantise only the
+    products with a weight, so this part runs at another precision's rate (:func:`int8_yardsticks`)."""
+    v = cfg.vision
+    n = (image_size // v.patch) ** 2 + 1
+    return (v.layers + cfg.align_layers) * 4 * n * n * v.hidden
+
+
+def int8_yardsticks(cfg: Any, image_size: int, rates: dict[str, float], *, rest: str) -> dict[str, float]:
+    """Effective FLOP/s an INT8 encoder is held against beside the int8 GEMM rate (``torch._int_mm``):
+
+    - ``int8 GEMMs + <rest> attention``: the bound of the mix an INT8 recipe builds — the weight GEMMs at
+      the int8 rate, attention's activation products (:func:`encoder_attention_flops`) at ``rest``'s
+      rate (OpenVINO: bf16 where native, else fp32; ONNX Runtime: fp32);
+    - ``int8 dynamic Linear``: PyTorch's dynamically quantised ``Linear`` (activation quantisation
+      included), the yardstick the CPU issue's table used (568 GOP/s on the Zen 4 dev box).
+    """
+    out: dict[str, float] = {}
+    total = encoder_flops(cfg, image_size)
+    attention = encoder_attention_flops(cfg, image_size)
+    if "int8" in rates and rest in rates:
+        out[f"int8 GEMMs + {rest} attention"] = total / ((total - attention) / rates["int8"] + attention / rates[rest])
+    if INT8_DYNAMIC in rates:
+        out["int8 dynamic Linear"] = rates[INT8_DYNAMIC]
+    return out
 
 
 def carzero_head_flops(cfg: Any, b: int, t: int) -> int:
@@ -107,18 +136,26 @@ def gemm_rates(precisions: Sequence[str], device: torch.device, *, n: int = 1024
     """Measured square-GEMM rate (2·n³ operations / best time) per encoder precision on this machine.
 
     fp32/bf16/fp16 with ``torch.matmul`` (fp16 is emulated on CPUs without AVX512-FP16/AMX-FP16: its rate
-    says so); int8 with ``torch._int_mm`` (int8 × int8 → int32, the kernel class INT8 runtimes use).
-    Each encoder row's fraction is taken against the rate of its own precision.
+    says so); int8 with ``torch._int_mm`` (int8 × int8 → int32, the kernel class INT8 runtimes use) and,
+    beside it, :data:`INT8_DYNAMIC`: a dynamically quantised ``Linear`` (it quantises its input on
+    every call: the slower yardstick the CPU issue quoted). Each encoder row's fraction is taken
+    against the rate of its own precision (INT8 rows also against :func:`int8_yardsticks`).
     """
     from radflash.devices import PRECISION_DTYPES
     from radflash.util.timing import time_fn
 
     rates: dict[str, float] = {}
-    for prec in dict.fromkeys(precisions):
+    wanted = list(dict.fromkeys(precisions))
+    if "int8" in wanted and device.type == "cpu":
+        wanted.insert(wanted.index("int8") + 1, INT8_DYNAMIC)
+    for prec in wanted:
         if prec == "int8":
             a = torch.randint(-127, 128, (n, n), dtype=torch.int8, device=device)
             b = torch.randint(-127, 128, (n, n), dtype=torch.int8, device=device)
             fn = lambda a=a, b=b: torch._int_mm(a, b)
+        elif prec == INT8_DYNAMIC:
+            if (fn := _dynamic_linear(n)) is None:
+                continue
         elif prec in PRECISION_DTYPES:
             a = torch.randn(n, n, device=device, dtype=PRECISION_DTYPES[prec])
             b = torch.randn(n, n, device=device, dtype=PRECISION_DTYPES[prec])
@@ -130,6 +167,21 @@ def gemm_rates(precisions: Sequence[str], device: torch.device, *, n: int = 1024
         except RuntimeError as exc:  # a dtype this build has no kernel for
             log.warning("no %s GEMM rate: %s", prec, exc)
     return rates
+
+
+def _dynamic_linear(n: int) -> Any:
+    """A call of an n×n dynamically quantised ``Linear`` on n rows, or None where this torch has none (PyTorch
+    deprecates ``torch.ao`` quantisation in favour of torchao)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its deprecation notice, on every construction
+            layer = torch.ao.nn.quantized.dynamic.Linear(n, n, dtype=torch.qint8)
+            layer.set_weight_bias(torch.quantize_per_tensor(torch.randn(n, n), 0.02, 0, torch.qint8), None)
+    except (AttributeError, RuntimeError, NotImplementedError) as exc:
+        log.warning("no int8 dynamic Linear rate: %s", exc)
+        return None
+    x = torch.randn(n, n)
+    return lambda: layer(x)
 
 
 # ---- model ------------------------------------------------------------------------------------------
@@ -340,7 +392,8 @@ def _bench(model: Any, device: str, names: list[str], batch_sizes: Sequence[int]
                     report.memory.append(MemoryRow(f"{label}/{prec}", b, peak_memory(dev, reset_ok=reset_ok)))
                     for stage, st in stages.items():
                         ref = ref_stages.get(b, {}).get(stage)
-                        limit = _limit(stage, st, rf, b, len(prompt_list), inputs, peaks, gemm.get(prec))
+                        limit = _limit(stage, st, rf, b, len(prompt_list), inputs, peaks,
+                                       *_encode_rates(rf, prec, gemm, rf.backend_name))
                         report.rows.append(_row(label, b, stage, b, st, ref, limit, dtype=prec))
                     if files and score_ok:
                         try:
@@ -413,8 +466,17 @@ def _precisions(rf: RadFlashModel, dtypes: Sequence[str | None]) -> list[str]:
     return list(dict.fromkeys(["fp32", *native_precisions(), *(p for p in asked if p != "auto")]))
 
 
+def _encode_rates(rf: RadFlashModel, prec: str, gemm: dict[str, float], runtime: str) -> tuple[float | None,
+                                                                                             dict[str, float]]:
+    """The GEMM rate an encoder row in ``prec`` is held against, and for INT8 its other yardsticks."""
+    if prec != "int8":
+        return gemm.get(prec), {}
+    rest = "bf16" if runtime.startswith("openvino") and "bf16" in gemm else "fp32"
+    return gemm.get(prec), int8_yardsticks(rf.config, rf.config.image_size, gemm, rest=rest)
+
+
 def _limit(stage: str, st: Stats, rf: RadFlashModel, b: int, t: int, inputs: BenchInputs, peaks: Peaks,
-           gemm_rate: float | None = None) -> Limit | None:
+           gemm_rate: float | None = None, yardsticks: dict[str, float] | None = None) -> Limit | None:
     cfg = rf.config
     n, d = (cfg.image_size // cfg.vision.patch) ** 2 + 1, cfg.vision.hidden
     e = torch.finfo(rf.dtype).bits // 8
@@ -430,7 +492,9 @@ def _limit(stage: str, st: Stats, rf: RadFlashModel, b: int, t: int, inputs: Ben
     else:
         return None
     rate = amount / (st.median_ms / 1e3)
-    return Limit(kind=kind, amount=float(amount), achieved_per_s=rate, peak_per_s=peak, fraction=rate / peak)
+    others = {name: rate / r for name, r in (yardsticks or {}).items()} if stage == "encode" else {}
+    return Limit(kind=kind, amount=float(amount), achieved_per_s=rate, peak_per_s=peak, fraction=rate / peak,
+                 others=others)
 
 
 # ---- timed loops --------------------------------------------------------------------------------------
@@ -555,5 +619,6 @@ def _openvino_standalone(rf: RadFlashModel, report: BenchReport, inputs: BenchIn
         pixels = rf.preprocess([image_loader()(p).pixels for p in batch] if inputs.files else batch)
         st = Stats.from_seconds(time_fn(lambda px=pixels: peer.encode(px), device=rf.device, iterations=iterations,
                                         warmup=max(warmup, 1)))
-        limit = _limit("encode", st, rf, b, 1, inputs, report.peaks, gemm.get(prec)) if report.peaks else None
+        limit = (_limit("encode", st, rf, b, 1, inputs, report.peaks, *_encode_rates(rf, prec, gemm, "openvino"))
+                 if report.peaks else None)
         report.rows.append(_row("openvino-standalone", b, "encode", b, st, None, limit, dtype=f"default={prec}"))

@@ -61,10 +61,12 @@ class Limit:
     achieved_per_s: float
     peak_per_s: float
     fraction: float
+    others: dict[str, float] = field(default_factory=dict)  # fraction of other yardsticks, by name
 
     def describe(self) -> str:
         if self.kind == "flop":
-            return f"{self.achieved_per_s / 1e12:.3g} TFLOP/s = {100 * self.fraction:.0f}% of matmul"
+            more = "".join(f"; {100 * f:.0f}% of {name}" for name, f in self.others.items())
+            return f"{self.achieved_per_s / 1e12:.3g} TFLOP/s = {100 * self.fraction:.0f}% of matmul{more}"
         return f"{self.achieved_per_s / 1e9:.3g} GB/s = {100 * self.fraction:.0f}% of copy"
 
 

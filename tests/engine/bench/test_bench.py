@@ -375,3 +375,41 @@ def test_stage_clock_segments_partition_the_iteration() -> None:
 def test_encoder_flops_formula_matches_the_spec() -> None:
     # the spec: ≈ 0.35 TFLOP per 518² image for the 14 ViT layers of RadZero
     assert encoder_flops(preset("base"), 518) == pytest.approx(0.35e12, rel=0.02)
+
+
+def test_encoder_flop_formulas_match_torch_flop_counter() -> None:
+    """The whole tower and its attention part against PyTorch's own FLOP counter on a random model at a random
+    size: the patch convolution, the weight GEMMs (addmm) and attention (SDPA in its math form: two bmm)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from radflash.bench.harness import encoder_attention_flops
+
+    cfg = preset("tiny")
+    size = cfg.vision.patch * int(torch.randint(4, 9, ()))
+    cfg = dataclasses.replace(cfg, image_size=size)
+    model = RadFlashModel(random_checkpoint(cfg, seed=int(torch.randint(0, 2**31, ()))), device="cpu")
+    b = int(torch.randint(1, 4, ()))
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernel is not counted
+        model.module.image_tokens(torch.randn(b, 3, size, size))
+    counts = {str(op).split(".")[1]: n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert set(counts) == {"convolution", "addmm", "bmm"}
+    assert counts["bmm"] == b * encoder_attention_flops(cfg, size)
+    assert sum(counts.values()) == b * encoder_flops(cfg, size)
+
+
+def test_int8_yardsticks_bound_the_mix_int8_recipes_build() -> None:
+    """The mixed bound: weight GEMMs at the int8 rate, attention at the rest precision's; the dynamic Linear's rate
+    passed through; nothing without the rates it needs."""
+    from radflash.bench.harness import INT8_DYNAMIC, encoder_attention_flops, int8_yardsticks
+
+    cfg = preset("base")
+    total, attention = encoder_flops(cfg, 518), encoder_attention_flops(cfg, 518)
+    assert 0.2 < attention / total < 0.25  # base at 518²: 81 of 353 GFLOP
+    r8, rb, rd = (float(x) for x in torch.empty(3).uniform_(1e11, 1e12))
+    got = int8_yardsticks(cfg, 518, {"int8": r8, "bf16": rb, INT8_DYNAMIC: rd}, rest="bf16")
+    seconds = (total - attention) / r8 + attention / rb
+    assert got == {"int8 GEMMs + bf16 attention": pytest.approx(total / seconds, rel=1e-12),
+                   "int8 dynamic Linear": rd}
+    assert int8_yardsticks(cfg, 518, {"int8": r8}, rest="bf16") == {}
