@@ -11,7 +11,6 @@ run's manifest records the composed options instead of repeating its parameters 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,7 +96,7 @@ class SourceOptions:
 class DecodeOptions:
     """How items are read, selected and decoded, and how long any of it may take."""
 
-    workers: int | None = None  # decode processes; 0 in-process; None: min(4, CPU count)
+    workers: int | None = None  # decode processes; 0 in-process; None: decode_pool.default_workers()
     timeout: float | None = 120.0  # s one file may take to decode
     stall_after: float | None = None  # s without a finished step; None: radflash.util.watchdog.stall_limit
     rules: SelectionRules | None = None  # None: the default chest CR/DX rules
@@ -122,7 +121,9 @@ class DecodeOptions:
         return stall_limit(self.timeout, self.stall_after)
 
     def processes(self) -> int:
-        return min(4, os.cpu_count() or 1) if self.workers is None else self.workers
+        from radflash.archive.decode_pool import default_workers
+
+        return default_workers() if self.workers is None else self.workers
 
 
 @dataclass(frozen=True)

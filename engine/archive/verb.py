@@ -131,7 +131,8 @@ def score(
         model: checkpoint path or a loaded :class:`RadFlashModel`; ``None`` = embedded demo model.
         findings: ``None`` = the 14 CheXpert findings ("There is {finding}"); a YAML/JSON/TXT prompt
             file; a mapping name → prompt (or → {prompt, threshold}); or a list of prompts.
-        workers: decode processes; 0 decodes in-process; ``None`` = min(4, CPU count). Under
+        workers: decode processes; 0 decodes in-process; ``None`` = one per core as memory allows
+            (:func:`radflash.archive.decode_pool.default_workers`). Under
             ``ray`` each decode task keeps one decode process, and 0 decodes inside the task.
         resume: continue an interrupted run in ``output``: committed files are skipped.
         num_parts, part_id: score only shard ``part_id`` of ``num_parts`` (deterministic split of

@@ -166,7 +166,8 @@ def workers_option(f: F) -> F:
     """``--workers``: decode processes; ``None`` lets the pipeline size the pool to the machine and input."""
     return click.option(
         "--workers", type=click.IntRange(min=0), default=None,
-        help="Decode processes (0 = decode in-process). Default: min(4, CPUs, files).",
+        help="Decode processes (0 = decode in-process). Default: one per core (niced beside the encoder) "
+             "as memory allows, at most one per file.",
     )(f)
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
@@ -121,8 +120,9 @@ def segment(
             diagnosis, for PACS viewers that show neither SEG nor SR (:mod:`radflash.dicomout.sc`);
             ``store`` sends it with the SEG.
         rules: a :class:`radflash.io.selection.SelectionRules`; ``None`` = the default rules.
-        workers: decode processes for files; 0 decodes in-process; ``None`` = min(4, CPU count,
-            files), and 0 for a single file (nothing to overlap its decode with).
+        workers: decode processes for files; 0 decodes in-process; ``None`` = one per core as memory
+            allows (:func:`radflash.archive.decode_pool.default_workers`) but no more than the files,
+            and 0 for a single file (nothing to overlap its decode with).
         timeout: seconds one file may take to decode before its worker is killed and it is failed
             (locally and in Ray decode tasks, which isolate their decoder unless ``workers=0``).
         stall_after: seconds without any finished step before the run stops naming the stalled
@@ -194,8 +194,10 @@ def segment(
         # streamed: a DICOMweb query is listed and retrieved as the decoders ask, folders are walked
         # as they go; unread entries (hidden files, FIFOs, link loops) hold no image: left out
         files = iter(web.retrieve(web.listing())) if web is not None else _image_files(paths)
+    from radflash.archive.decode_pool import default_workers
+
     # a few files ahead: whether there is anything at all, and how many decoders that is worth
-    ahead, files = peek(files, min(4, os.cpu_count() or 1) if workers is None else max(1, workers))
+    ahead, files = peek(files, default_workers() if workers is None else max(1, workers))
     if not arrays and not ahead:
         where = web.target.display if web is not None else ", ".join(map(str, paths))
         raise InputError("no input images found" + (f" under {where}" if where else ""))

@@ -85,3 +85,32 @@ def test_score_decodes_beside_the_encoder_at_decode_nice(tiny_model: Path) -> No
     run = score([FILM], model=tiny_model, workers=1, progress=False)
     assert run.manifest["cores"] == {"cores": len(os.sched_getaffinity(0)), "encoder_threads": torch.get_num_threads(),
                                      "decode_workers": 1, "decode_nice": DECODE_NICE}
+
+
+GIB = 1 << 30
+
+
+@pytest.mark.parametrize(("cores", "memory", "expected"), [
+    (2, 24 * GIB, 2),  # this machine: one per core
+    (64, 256 * GIB, 64),  # a large server: no fixed cap of 4
+    (64, 8 * GIB, 4),  # half the available memory holds 4 workers of 1 GiB
+    (16, GIB // 2, 1),  # at least one
+    (8, None, 8),  # memory unknown: the cores decide
+])
+def test_default_workers_one_per_core_as_memory_allows(cores: int, memory: int | None, expected: int,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from radflash.archive.options import DecodeOptions
+    from radflash.util import sysinfo
+
+    monkeypatch.setattr(sysinfo, "usable_cores", lambda: cores)
+    monkeypatch.setattr(sysinfo, "available_memory", lambda: memory)
+    assert decode_pool.WORKER_MEMORY == GIB
+    assert decode_pool.default_workers() == expected
+    assert DecodeOptions().processes() == expected and DecodeOptions(workers=3).processes() == 3
+
+
+def test_available_memory_reads_this_machine() -> None:
+    from radflash.util.sysinfo import available_memory
+
+    free = available_memory()  # Linux: /proc/meminfo's MemAvailable, between 0 and the physical memory
+    assert free is not None and 0 < free <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
