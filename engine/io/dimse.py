@@ -26,7 +26,11 @@ the in-flight instances (at most one per association) are the only spool.
 PACS etiquette: at most ``associations`` simultaneous associations (default 2), reused across
 requests; an archive out of resources (status 0xA7xx) or refusing for now (a transient rejection)
 is retried with exponential backoff; every network wait has a timeout (connection, ACSE, DIMSE,
-network), so no run hangs on a silent peer.
+network), so no run hangs on a silent peer. An archive that died (killed, host gone: its
+connections closed) is noticed at once rather than after a timeout: an idle association is
+reused only while its connection is open, a request's wait on one that dies ends within
+:data:`WATCH_PERIOD`, and an idle one is released with a short ACSE timeout, or aborted when its
+peer is gone.
 
 Errors are one line naming the target (``dimse://AET@HOST:PORT``, no patient data): an instance
 that cannot be had is recorded as failed and the run goes on; an archive that rejects the
@@ -96,6 +100,8 @@ MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1.
 # Statuses (PS3.4 C.4, PS3.7 C): what each one means for a retry
 SUCCESS, PENDING = 0x0000, (0xFF00, 0xFF01)
 MOVE_DESTINATION_UNKNOWN = 0xA801
+WATCH_PERIOD = 0.2  # s between a waiting request's looks at whether its association died (_watch)
+RELEASE_TIMEOUT = 5.0  # s an idle association's A-RELEASE waits for the reply (then it is aborted)
 T = TypeVar("T")
 
 
@@ -299,6 +305,7 @@ class Connector:
                              ext_neg=ext_neg, evt_handlers=[(evt.EVT_ACSE_RECV, lambda e: answers.append(e.primitive)),
                                                             (evt.EVT_CONN_OPEN, _no_delay), *(handlers or [])])
         if assoc.is_established:
+            _watch(assoc)
             return assoc
         where = self.target.base
         if assoc.is_rejected:
@@ -451,14 +458,22 @@ class Pool:
         try:
             with self.lock:
                 self.busy += 1
-                for link in list(self.idle):
-                    if link.key == key and link.assoc.is_established:
-                        self.idle.remove(link)
-                        return link
+                # an idle association whose archive died (killed, restarted) is dropped, not reused:
+                # a request on it would wait out the DIMSE timeout (see _alive)
+                dead = [link for link in self.idle if not _alive(link.assoc)]
+                for link in dead:
+                    self.idle.remove(link)
+                reuse = next((link for link in self.idle if link.key == key), None)
+                if reuse is not None:
+                    self.idle.remove(reuse)
                 # open ones (busy + idle) stay within the bound: close idle ones opened for another use
                 victims = []
-                while self.idle and self.busy + len(self.idle) > self.limit:
+                while reuse is None and self.idle and self.busy + len(self.idle) > self.limit:
                     victims.append(self.idle.popleft())
+            for link in dead:
+                _abort(link.assoc)
+            if reuse is not None:
+                return reuse
             for victim in victims:
                 _close(victim.assoc)
             link = Link(key)
@@ -479,7 +494,7 @@ class Pool:
 
     def _release(self, link: Link, ok: bool) -> None:
         link.received.clear()
-        keep = ok and link.assoc is not None and link.assoc.is_established
+        keep = ok and link.assoc is not None and _alive(link.assoc)
         if not keep and link.assoc is not None:
             _abort(link.assoc)  # never reuse an association a request failed on
         with self.lock:
@@ -496,10 +511,117 @@ class Pool:
             _close(link.assoc)
 
 
-def _close(assoc: Any) -> None:
+def _dead(assoc: Any) -> bool:
+    """Whether pynetdicom knows ``assoc`` is over (released, aborted, its connection closed)."""
+    return not assoc.is_established or assoc.is_aborted or assoc.is_released or not assoc.dul.is_alive()
+
+
+def _closed_by_peer(assoc: Any) -> bool:
+    """Whether the peer closed (or reset) the connection under ``assoc``, whether or not pynetdicom
+    has noticed yet: readable with nothing to read is end of file."""
+    import select
+    import socket
+    import ssl
+
+    sock = getattr(assoc.dul.socket, "socket", None)
+    if sock is None:
+        return True
+    if isinstance(sock, ssl.SSLSocket) or not hasattr(socket, "MSG_DONTWAIT"):  # no peek through TLS,
+        return False  # nor one that cannot block (Windows): pynetdicom's own notice only
     try:
-        if assoc.is_established:
-            assoc.release()
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):  # pynetdicom's reader took the bytes first
+        return False
+    except (OSError, ValueError):  # reset, or closed on our side
+        return True
+
+
+def _alive(assoc: Any) -> bool:
+    """Whether an idle association can carry a request.
+
+    ``is_established`` alone is not enough: when the archive dies (SIGKILL, a crash; the kernel
+    closes its connections), pynetdicom's reader thread sees the connection close and wakes any
+    request waiting on the association, but its reactor thread, which runs while the association
+    is idle, takes that wake-up off the queue and only then clears ``is_established``. A request
+    started in between (or one started on a connection whose close pynetdicom has not read yet)
+    then waits its whole DIMSE timeout for a reply that cannot come. So the reader thread must
+    still run and the socket must still be open.
+    """
+    try:
+        return not _dead(assoc) and not _closed_by_peer(assoc)
+    except Exception:  # no DUL or socket left: not usable
+        return False
+
+
+def _watch(assoc: Any, period: float = WATCH_PERIOD) -> None:
+    """Make ``assoc``'s blocking waits (a DIMSE response, an A-RELEASE reply) notice its death.
+
+    pynetdicom waits on a queue for the whole DIMSE (or ACSE) timeout and counts on the reader
+    thread's wake-up when the connection closes; its reactor thread may take that wake-up first
+    (see :func:`_alive`), or the request may start just after. Each wait here is cut into
+    ``period`` s slices, and ends as pynetdicom's own wake-up would (no message: aborted) once the
+    association is over, so a request on a dead archive fails at once (:class:`Broken`, retried on
+    a new association) and the timeouts still bound a live but silent one.
+    """
+    import queue
+
+    from pynetdicom import evt
+    from pynetdicom.pdu_primitives import A_P_ABORT
+
+    def wait(q: queue.Queue, timeout: float | None, gone: Any) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = period if deadline is None else min(period, deadline - time.monotonic())
+            try:
+                return q.get(block=True, timeout=max(left, 0.0))
+            except queue.Empty:
+                pass
+            if _dead(assoc):
+                try:  # what the reader thread queued before it stopped comes first
+                    return q.get(block=False)
+                except queue.Empty:
+                    return gone
+            if deadline is not None and time.monotonic() >= deadline:
+                raise queue.Empty
+
+    dimse, dul = assoc.dimse, assoc.dul
+    plain_get_msg, plain_receive_pdu = dimse.get_msg, dul.receive_pdu
+
+    def get_msg(block: bool = False) -> Any:
+        if not block:
+            return plain_get_msg(block=False)
+        try:
+            return wait(dimse.msg_queue, dimse.dimse_timeout, (None, None))
+        except queue.Empty:
+            return None, None
+
+    def receive_pdu(wait_: bool = False, timeout: float | None = None) -> Any:
+        if not wait_:
+            return plain_receive_pdu(wait=False)
+        try:
+            primitive = wait(dul.to_user_queue, timeout, None)
+        except queue.Empty:
+            return None
+        if primitive is None:
+            primitive = A_P_ABORT()  # as the reader thread reports a closed connection
+        evt.trigger(assoc, evt.EVT_ACSE_RECV, {"primitive": primitive})  # as pynetdicom's own call does
+        return primitive
+
+    dimse.get_msg = get_msg
+    dul.receive_pdu = lambda wait=False, timeout=None: receive_pdu(wait, timeout)
+
+
+def _close(assoc: Any) -> None:
+    """Release an idle association; abort it when its archive is gone (a release would wait for a
+    reply that cannot come). The release waits :data:`RELEASE_TIMEOUT` s at most, then aborts."""
+    try:
+        if not _alive(assoc):
+            _abort(assoc)
+            return
+        if assoc.acse_timeout is None or assoc.acse_timeout > RELEASE_TIMEOUT:
+            assoc.acse_timeout = RELEASE_TIMEOUT
+        assoc.release()
     except Exception:  # a peer that went away while idle: nothing left to release
         _abort(assoc)
 

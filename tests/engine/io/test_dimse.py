@@ -385,6 +385,90 @@ def test_associations_stay_within_the_bound(pacs, monkeypatch) -> None:
     assert not any(a.is_established for a in opened)  # all released when the items ran out
 
 
+def _killed_pacs_clients(tmp_path: Path, corpus: list[Path]):
+    """A PACS of its own (it gets killed) holding RG1, and a source and a store whose pools each hold
+    an idle association to it, as between two requests of a run."""
+    from radflash.archive.dimse_store import DimseStore
+
+    server = start_or_skip(tmp_path / "pacs")
+    assert server.upload(corpus[-2:])
+    policy = dimse.Policy(retries=1, backoff=0.01, connect_timeout=2)  # the DIMSE timeout stays 60 s
+    source, store = DimseSource(server.dimse(), policy=policy), DimseStore(server.dimse(), policy=policy)
+    assert source._find(source.target.base, _all_studies()) and not store.exists("1.2.3", "1.2.3.4")
+    assert len(source.pool.idle) == len(store.pool.idle) == 1
+    return server, source, store
+
+
+def _all_studies() -> object:  # a C-FIND identifier matching every study
+    return dimse.query_identifier("STUDY", StudyInstanceUID="")
+
+
+def test_pacs_killed_under_an_idle_association_is_noticed_at_once(tmp_path: Path, corpus) -> None:
+    """SIGKILL (no A-RELEASE, no A-ABORT: the kernel closes the connections) while the pools hold
+    idle associations: the next request fails in one line naming the archive, not after the 60 s
+    DIMSE timeout; once the archive is back the next one succeeds; closing after a kill is quick."""
+    server, source, store = _killed_pacs_clients(tmp_path, corpus)
+    try:
+        server.stop(kill=True)
+        started = time.monotonic()
+        with pytest.raises(DimseUnavailable) as down:
+            source._find(source.target.base, _all_studies())
+        message = str(down.value)
+        assert message.startswith(source.target.base + ": ") and "\n" not in message
+        assert "unreachable" in message or "aborted" in message
+        with pytest.raises(DimseUnavailable, match=r"^dimse://ORTHANC@127\.0\.0\.1:\d+/studies/1\.2\.3: "):
+            store.exists("1.2.3", "1.2.3.4")
+        assert time.monotonic() - started < 20  # a hang guard: the DIMSE timeout is 60 s
+
+        server.start()  # back, same port: a new association each
+        started = time.monotonic()
+        assert source._find(source.target.base, _all_studies()) and not store.exists("1.2.3", "1.2.3.4")
+        assert time.monotonic() - started < 20
+        server.stop(kill=True)  # and again, now closing: a release would wait for a reply
+        started = time.monotonic()
+        source.close()
+        store.close()
+        assert time.monotonic() - started < 20 and not source.pool.idle and not store.pool.idle
+    finally:
+        server.stop()
+
+
+def test_dead_association_still_marked_established_is_not_waited_on(tmp_path: Path, corpus) -> None:
+    """The race behind the 60 s wait, pinned: the archive is killed while its association is idle;
+    pynetdicom's reader thread sees the connection close, queues its wake-up and stops, and the
+    association's reactor thread takes the wake-up off the queue, but has not yet cleared
+    ``is_established``. Reused as it was (``is_established`` only), the next request waited out
+    the whole DIMSE timeout; now it is not reused, and a request on it ends at once."""
+    server, source, store = _killed_pacs_clients(tmp_path, corpus)
+    try:
+        assoc = source.pool.idle[0].assoc
+        assoc._reactor_checkpoint.clear()  # hold the reactor where it would be mid-turn
+        deadline = time.monotonic() + 10
+        while not assoc._is_paused and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.stop(kill=True)
+        while assoc.dul.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not assoc.dul.is_alive(), "pynetdicom did not see the connection close"
+        while not assoc.dimse.msg_queue.empty():  # the reactor's turn: the wake-ups are gone
+            assoc.dimse.msg_queue.get_nowait()
+        while not assoc.dul.to_user_queue.empty():
+            assoc.dul.to_user_queue.get_nowait()
+        assert assoc.is_established
+
+        started = time.monotonic()
+        with pytest.raises(dimse.Broken, match="association aborted or timed out during C-FIND"):
+            dimse.find(assoc, _all_studies(), "q")  # a request already on it: woken, not left waiting
+        with pytest.raises(DimseUnavailable, match=r"unreachable .* after 2 attempts$"):
+            source._find(source.target.base, _all_studies())  # the pool does not hand it out again
+        source.close()
+        store.close()
+        assert time.monotonic() - started < 20  # a hang guard: the DIMSE timeout is 60 s
+    finally:
+        assoc._reactor_checkpoint.set()
+        server.stop()
+
+
 def test_out_of_resources_is_retried_with_backoff() -> None:
     """A real pynetdicom C-FIND SCP on loopback that answers 0xA700 twice, then matches."""
     from pydicom import Dataset
