@@ -30,7 +30,9 @@ tower on 2 cores: ~0.65 s a batch of 1 in OpenVINO INT8, ~2.2 s in eager fp32, 7
    faster than it is, while one burst of load on the one timed call must not screen out the
    fastest candidate (it did, with the timed call alone, on the loaded 2-core dev box). One steady
    call ranks candidates that are far apart; a candidate more than :data:`SCREEN`× the fastest
-   screen time is ``screened out``: it cannot win, and is not a contender in the final.
+   screen time is ``screened out``: it cannot win, and is not a contender in the final. An eager or
+   ONNX Runtime candidate (no first-call set-up to speak of) whose warm-up alone is more than
+   :data:`FAR` × :data:`SCREEN`× the fastest warm-up is screened out without a timed call.
 2. **Final.** Only the finalists (within :data:`SCREEN`×) get more timed batches, up to
    :data:`ITERATIONS` in all (fewer when :data:`BUDGET_S` runs out, none for a lone finalist):
    the second call only separates close candidates, where noise matters. Before, every candidate got the second call
@@ -104,6 +106,8 @@ SCREEN = 1.3  # a first timed batch this many times the fastest one's is not tim
 SCREEN_BATCH = 1  # large models are screened at this batch when the run's is larger (screen_batch)
 SCREEN_TOKENS = 1024  # tokens per image from which one image fills the GEMMs (base at 518²: 1369)
 BATCH_AWARE = ("openvino",)  # runtimes built for a batch size (OpenVINO's hint): rebuilt for the run's batch
+STEADY_FIRST_CALL = ("eager", "onnxruntime")  # runtimes whose first call costs about a steady one (see FAR)
+FAR = 1.5  # such a candidate whose warm-up is > FAR × SCREEN × every warm-up's fastest is screened out on it
 AGREEMENT = 0.02  # max |prob − float32 prob| on the probe batch that any candidate must meet
 PROBE_SEED = 20_260_529
 
@@ -228,8 +232,8 @@ def probabilities(model: RadFlashModel, tokens: torch.Tensor, prompts: list[str]
 
 def measure(candidates: Mapping[str, EncoderBackend], pixels: torch.Tensor, *, warmup: int = WARMUP,
             iterations: int = ITERATIONS, budget_s: float = BUDGET_S, screen: float | None = None,
-            dropped: str = "screened out",
-            on_warmup: Callable[[str, torch.Tensor], bool] | None = None) -> dict[str, dict[str, Any]]:
+            dropped: str = "screened out", on_warmup: Callable[[str, torch.Tensor], bool] | None = None,
+            steady: Callable[[str], bool] | None = None) -> dict[str, dict[str, Any]]:
     """Warm-up then timed calls of each candidate, in alternating rounds.
 
     ``on_warmup(name, tokens)`` sees each candidate's first output and returns False to refuse it
@@ -241,8 +245,16 @@ def measure(candidates: Mapping[str, EncoderBackend], pixels: torch.Tensor, *, w
     is enough to rank candidates that far apart, the second only separates the close ones. A round
     that takes a candidate past ``budget_s`` of timed work is its last (at least one timed call each
     always runs), and a candidate left alone after the first round is not timed again (the second call
-    only separates close candidates). ``iterations=0`` runs the warm-ups only. Returns per candidate
-    ``{"warmup_s", "samples", "screen_s", "status"}``.
+    only separates close candidates). ``iterations=0`` runs the warm-ups only.
+
+    A candidate whose first call costs about a steady one (``steady(name)``: eager and ONNX Runtime,
+    :data:`STEADY_FIRST_CALL`; their warm-ups were 0.9–1.11× their timed calls for the base tower
+    here, OpenVINO's up to 50× on the tiny model) is screened out on its warm-up alone when that is
+    more than :data:`FAR` × ``screen`` × the fastest warm-up: every warm-up is at least its
+    candidate's steady time, so the fastest one bounds the fastest candidate from above, and FAR
+    leaves room for the first call's extra cost and a burst of load on it. For the base tower on 2
+    cores that spares the timed calls of the slow fp32 and bf16 candidates, ~2 s each. Returns per
+    candidate ``{"warmup_s", "samples", "screen_s", "status"}`` (``"on_warmup": True`` for those).
     """
     if iterations < 0:
         raise InputError(f"iterations must be ≥ 0, got {iterations}")
@@ -256,6 +268,11 @@ def measure(candidates: Mapping[str, EncoderBackend], pixels: torch.Tensor, *, w
                     out[name]["status"] = "refused"
                     break
         live = [n for n in candidates if out[n]["status"] == "timed"]
+        if screen is not None and steady is not None and iterations and len(live) > 1:
+            bound = FAR * screen * min(out[n]["warmup_s"][0] for n in live)
+            for name in [n for n in live if steady(n) and out[n]["warmup_s"][0] > bound]:
+                out[name].update(status=dropped, screen_s=min(out[name]["warmup_s"]), on_warmup=True)
+                live.remove(name)
         for round_ in range(iterations):
             live = [n for n in live if not out[n]["samples"] or sum(out[n]["samples"]) < budget_s]
             if not live or (round_ and len(live) == 1):
@@ -311,7 +328,8 @@ def summary(selection: Mapping[str, Any]) -> str:
                     and c.get("ms_per_batch") is None}
         if screened:
             more.append(f"screened out at batch {selection.get('screen_batch')}: "
-                        + ", ".join(f"{n} {v:.4g} ms" for n, v in screened.items()))
+                        + ", ".join(f"{n} {v:.4g} ms" + (" (warm-up)" if candidates[n].get("screened_on") else "")
+                                    for n, v in screened.items()))
         if selection.get("measure_s") is not None:
             more.append(f"measured in {selection['measure_s']:.3g} s + {selection.get('build_s', 0):.3g} s of builds")
         if selection["cached"]:
@@ -494,7 +512,8 @@ def select(model: RadFlashModel, *, batch_size: int | None = None,
 
     # stage 1, the screen: every candidate's warm-up (the agreement probe) and one timed batch at s; at s == b
     # the finalists (within SCREEN× the fastest) get the other timed batches in the same call
-    results = measure(built, pixels, on_warmup=agrees, screen=SCREEN, iterations=ITERATIONS if s == b else 1)
+    results = measure(built, pixels, on_warmup=agrees, screen=SCREEN, iterations=ITERATIONS if s == b else 1,
+                      steady=lambda name: name.split("/")[0] in STEADY_FIRST_CALL)
     for name, r in results.items():
         entry: dict[str, Any] = {"status": r["status"], "max_abs_dprob": round(agreement.get(name, float("nan")), 6),
                                  "warmup_ms": [round(1e3 * x, 4) for x in r["warmup_s"]],
@@ -505,6 +524,8 @@ def select(model: RadFlashModel, *, batch_size: int | None = None,
             entry["screen_ms"] = round(1e3 * r["screen_s"], 4)
             if s == b:
                 entry.update(_timing(r["samples"]))
+        elif r.get("on_warmup"):  # far behind on its warm-up: never timed
+            entry.update(screen_ms=round(1e3 * r["screen_s"], 4), screened_on="warm-up")
         records[name] = entry
     finalists = [n for n, r in results.items() if r["status"] == "timed"]
     baseline = next(label(n, p) for n, p in todo)

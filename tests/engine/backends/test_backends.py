@@ -239,13 +239,15 @@ def script_for(eager_s: float, speedup: float, **others: float) -> dict[str, lis
     return script
 
 
-@pytest.mark.parametrize(("speedup", "expected"), [(2.0, "onnxruntime"), (1.02, "eager"), (2 / 3, "eager")])
+@pytest.mark.parametrize(("speedup", "expected"), [
+    (1.7, "onnxruntime"), (2.5, "onnxruntime"), (1.02, "eager"), (2 / 3, "eager"), (1 / 2.2, "eager")])
 def test_auto_times_both_and_keeps_the_faster(model: RadFlashModel, fake_auto, speedup: float, expected: str,
                                               caplog: pytest.LogCaptureFixture) -> None:
-    from radflash.backends.auto import ITERATIONS, SCREEN, WARMUP
+    from radflash.backends.auto import FAR, ITERATIONS, SCREEN, WARMUP
 
     eager_s = float(torch.empty(()).uniform_(0.005, 0.5))
     fake_auto.script = script_for(eager_s, speedup)
+    fake_auto.script_copy = {k: list(v) for k, v in fake_auto.script.items()}
     timed = {k: v[WARMUP:] for k, v in fake_auto.script.items()}  # the timed calls (the warm-up is not one)
     batch = int(torch.randint(1, 6, ()))
     with caplog.at_level(logging.INFO, logger="radflash.backends"):
@@ -254,16 +256,23 @@ def test_auto_times_both_and_keeps_the_faster(model: RadFlashModel, fake_auto, s
     assert backend.name == expected == sel["chosen"] and sel["precision"] == "fp32"  # the model's (float32) precision
     assert sel["measured"] and not sel["cached"]
     # the screen: one timed batch each; a candidate more than SCREEN× slower than the other is not timed again,
-    # and neither is the one left alone (the second call only separates close candidates)
-    slower = None if max(speedup, 1 / speedup) < SCREEN else ("eager/fp32" if speedup > 1 else "onnxruntime/fp32")
-    runs = {n: ITERATIONS if slower is None else 1 for n in timed}
+    # and neither is the one left alone (the second call only separates close candidates); both runtimes' first
+    # calls cost about a steady one, so a warm-up more than FAR × SCREEN × the other's screens out on its own
+    ratio = max(speedup, 1 / speedup)  # ±1% noise: every ratio here is ≥ 5% from SCREEN and FAR × SCREEN
+    slower = None if ratio < SCREEN else ("eager/fp32" if speedup > 1 else "onnxruntime/fp32")
+    runs = {n: ITERATIONS if slower is None else 0 if n == slower and ratio > FAR * SCREEN else 1 for n in timed}
     assert fake_auto.calls == {n: WARMUP + k for n, k in runs.items()}
     assert set(fake_auto.shapes) == {(batch, 3, SIZE, SIZE)}  # timed at the run's batch size
     for name, samples in timed.items():  # ms are recorded rounded to 4 decimals: half a unit in the last place
         c = sel["candidates"][name]
+        assert c["status"] == ("screened out" if name == slower else "timed") and c["max_abs_dprob"] == 0.0
+        if runs[name] == 0:  # screened out on its warm-up
+            warm = fake_auto.script_copy[name][0]
+            assert c["screened_on"] == "warm-up" and c["screen_ms"] == pytest.approx(1e3 * warm, abs=5e-5)
+            assert "ms_per_batch" not in c
+            continue
         assert c["ms_per_batch"] == pytest.approx(1e3 * min(samples[:runs[name]]), abs=5e-5)  # the fastest call
-        assert c["iterations"] == runs[name] and c["status"] == ("screened out" if name == slower else "timed")
-        assert c["max_abs_dprob"] == 0.0  # same maths as eager
+        assert c["iterations"] == runs[name]
     assert sel["finalists"] == [n for n in timed if n != slower] and sel["screen_batch"] == batch
     assert sel["measure_s"] >= 0 and sel["build_s"] >= 0
     assert sel["batch_size"] == batch and sel["image_size"] == SIZE and sel["reason"]
@@ -281,8 +290,11 @@ def test_auto_dtype_chooses_runtime_and_precision_together(model: RadFlashModel,
     sel = backend.selection
     assert (sel["chosen"], sel["precision"]) == ("onnxruntime", "int8") == (backend.name, backend.precision)
     status = {k: (c["status"], c["iterations"]) for k, c in sel["candidates"].items() if "iterations" in c}
-    assert status == {"eager/fp32": ("screened out", 1), "eager/bf16": ("screened out", 1),
+    assert status == {"eager/bf16": ("screened out", 1),  # 1.92× the fastest warm-up: one timed call to know
                       "onnxruntime/fp32": ("timed", 2), "onnxruntime/int8": ("timed", 2)}
+    eager = sel["candidates"]["eager/fp32"]  # 2.5× the fastest warm-up (> FAR × SCREEN): never timed
+    assert eager["status"] == "screened out" and eager["screened_on"] == "warm-up"
+    assert fake_auto.calls["eager/fp32"] == 1
     assert sel["candidates"]["openvino/bf16"]["status"] == "left out"  # not installed (here: faked absent)
     bf16 = sel["candidates"]["eager/bf16"]["max_abs_dprob"]
     assert 0 < bf16 <= sel["agreement_bound"] == 0.02  # bf16 really ran, and agreed
@@ -358,7 +370,7 @@ def test_auto_large_model_screens_at_batch_1_and_confirms_finalists_at_the_run_b
     FakeOrt.noise["openvino/int8@8"] = 0.5
     e = 0.1  # eager fp32 at batch 1; the lists: warm-up and screen at batch 1, then warm-up and timed at 8
     fake_auto.script = {
-        "eager/fp32": [e, e], "eager/bf16": [e / 1.3] * 2, "onnxruntime/fp32": [e / 1.1] * 2,
+        "eager/fp32": [e], "eager/bf16": [e / 1.3] * 2, "onnxruntime/fp32": [e / 1.1],  # > 1.95×: on warm-up
         "openvino/fp32": [e / 1.2] * 2,
         "onnxruntime/int8": [e / 1.9, e / 1.9, 0.5, 0.45],  # finalist (1.16×), 1.5× the fastest at 8: pruned
         "openvino/bf16": [e / 2.0, e / 2.0, 0.4, 0.3],  # finalist (1.1×), the fastest at 8, then alone
@@ -370,7 +382,7 @@ def test_auto_large_model_screens_at_batch_1_and_confirms_finalists_at_the_run_b
     assert (sel["chosen"], sel["precision"], sel["screen_batch"], sel["batch_size"]) == ("openvino", "bf16", 1, 8)
     assert sel["finalists"] == ["onnxruntime/int8", "openvino/bf16", "openvino/int8"]
     assert all(not v for v in fake_auto.script.values())  # every scripted call ran, and no other
-    assert [b for b, *_ in fake_auto.shapes[:14]] == [1] * 14 and [b for b, *_ in fake_auto.shapes[14:]] == [8] * 5
+    assert [b for b, *_ in fake_auto.shapes[:12]] == [1] * 12 and [b for b, *_ in fake_auto.shapes[12:]] == [8] * 5
     assert sorted(FakeOrt.builds, key=str) == sorted(
         [("onnxruntime/fp32", None), ("onnxruntime/int8", None), ("openvino/fp32", 1), ("openvino/bf16", 1),
          ("openvino/int8", 1), ("openvino/bf16", 8), ("openvino/int8", 8)], key=str)  # only finalists rebuilt
@@ -400,14 +412,14 @@ def test_auto_lone_finalist_runs_only_its_checked_warm_up_at_the_run_batch(
     e = float(torch.empty(()).uniform_(0.05, 0.5))  # eager fp32 at batch 1
     w8 = float(torch.empty(()).uniform_(2.0, 4.0)) * e  # the winner's warm-up at batch 8
     fake_auto.script = {name: [e / gain] * 2 for name, gain in (
-        ("eager/fp32", 1.0), ("eager/bf16", 1.3), ("onnxruntime/fp32", 1.1), ("openvino/fp32", 1.2),
-        ("onnxruntime/int8", 1.8), ("openvino/bf16", 1.9))}
+        ("eager/bf16", 1.3), ("openvino/fp32", 1.2), ("onnxruntime/int8", 1.8), ("openvino/bf16", 1.9))}
+    fake_auto.script.update({"eager/fp32": [e], "onnxruntime/fp32": [e / 1.1]})  # > 1.95× the fastest warm-up
     fake_auto.script["openvino/int8"] = [e / 2.5, e / 2.5, w8]  # 1.32× the next: the only finalist
     backend = make_backend("auto", model, batch_size=8, precision="auto")
     sel = backend.selection
     assert (backend.name, backend.precision, backend.batch_size) == ("openvino", "int8", 8)
     assert sel["finalists"] == ["openvino/int8"] and all(not v for v in fake_auto.script.values())
-    assert [b for b, *_ in fake_auto.shapes] == [1] * 14 + [8]  # screen at 1, then one call at 8
+    assert [b for b, *_ in fake_auto.shapes] == [1] * 12 + [8]  # screen at 1, then one call at 8
     win = sel["candidates"]["openvino/int8"]
     assert win["status"] == "timed" and win["timed_from"] == "warm-up" and win["iterations"] == 0
     assert win["ms_per_batch"] == pytest.approx(1e3 * w8, abs=5e-5) and win["max_abs_dprob_at_batch"] <= 0.02
@@ -585,8 +597,8 @@ def test_score_cli_shows_the_measurement(fake_auto, tmp_path: Path) -> None:
                                    "--workers", "0"], env={"COLUMNS": "400"})  # one table row per line
     assert res.exit_code == 0, res.output
     line = next(x for x in res.output.splitlines() if "backend choice" in x)
-    assert "auto → eager/fp32 (eager/fp32 " in line and " ms, onnxruntime/fp32 " in line
-    assert "ms per batch of 2" in line
+    assert "auto → eager/fp32 (eager/fp32 " in line and "ms per batch of 2" in line
+    assert "screened out at batch 2: onnxruntime/fp32 " in line and " ms (warm-up)" in line  # 2× behind: warm-up only
 
 
 # ---- TensorRT: everything up to the real library ---------------------------------------------------
