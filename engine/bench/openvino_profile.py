@@ -79,11 +79,15 @@ def group_times(rows: list[tuple[str, str, float]], attention: set[str]) -> dict
 def profile(backend: OpenVINOBackend, pixels: torch.Tensor, *, flops: Mapping[str, float], runs: int = 3,
             ov: Any = None) -> list[Group]:
     """The groups' times for one batch of ``pixels`` (the run with the least counted time of ``runs``, after
-    one warm-up), with ``flops`` per image by group (``weight GEMMs``, ``attention``)."""
+    one warm-up), with ``flops`` per image by group (``weight GEMMs``, ``attention``).
+
+    Compiled with the backend's properties but the ``LATENCY`` hint: the counters are one request's, and
+    under ``THROUGHPUT`` one request runs on one stream's share of the threads (a batch job splits its
+    batch over the streams), so its rates would be that share's."""
     from radflash.backends.openvino import import_openvino
 
     ov = ov or import_openvino()
-    config = {**backend.config, "PERF_COUNT": True}
+    config = {**backend.config, "PERF_COUNT": True, "PERFORMANCE_HINT": "LATENCY"}
     compiled = ov.Core().compile_model(str(backend.ir_path), "CPU", config)
     attention = attention_nodes(compiled)
     request = compiled.create_infer_request()
