@@ -478,8 +478,8 @@ def _precisions(rf: RadFlashModel, dtypes: Sequence[str | None]) -> list[str]:
     return list(dict.fromkeys(["fp32", *native_precisions(), *(p for p in asked if p != "auto")]))
 
 
-def _encode_rates(rf: RadFlashModel, prec: str, gemm: dict[str, float], runtime: str) -> tuple[float | None,
-                                                                                             dict[str, float]]:
+def _encode_rates(rf: RadFlashModel, prec: str, gemm: dict[str, float],
+                  runtime: str) -> tuple[float | None, dict[str, float]]:
     """The GEMM rate an encoder row in ``prec`` is held against, and for INT8 its other yardsticks."""
     if prec != "int8":
         return gemm.get(prec), {}
