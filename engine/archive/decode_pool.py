@@ -87,9 +87,8 @@ def default_workers() -> int:
     """
     from radflash.util.sysinfo import available_memory, usable_cores
 
-    memory = available_memory()
-    by_memory = max(1, memory // 2 // WORKER_MEMORY) if memory else usable_cores()
-    return max(1, min(usable_cores(), by_memory))
+    cores, memory = usable_cores(), available_memory()
+    return max(1, min(cores, memory // 2 // WORKER_MEMORY if memory else cores))
 
 
 def worker_memory_limit(rules: SelectionRules | None) -> int:

@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -95,7 +94,7 @@ def profile(backend: OpenVINOBackend, pixels: torch.Tensor, *, flops: Mapping[st
     request.infer({0: x})
     best: dict[str, float] | None = None
     for _ in range(max(1, runs)):
-        request.infer({0: np.ascontiguousarray(x)})
+        request.infer({0: x})
         rows = [(p.node_type, p.node_name, p.real_time.total_seconds()) for p in request.profiling_info]
         times = group_times(rows, attention)
         if best is None or sum(times.values()) < sum(best.values()):
