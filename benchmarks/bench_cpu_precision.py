@@ -54,7 +54,13 @@ def main() -> None:
     from radflash.backends import make_backend
     from radflash.backends.auto import probabilities, probe_pixels, probe_prompts
     from radflash.backends.openvino import OpenVINOBackend
-    from radflash.bench.harness import encoder_attention_flops, encoder_flops, gemm_rates, int8_yardsticks
+    from radflash.bench.harness import (
+        encoder_attention_flops,
+        encoder_flops,
+        gemm_rates,
+        int8_yardsticks,
+        unquantised_precision,
+    )
     from radflash.checkpoints.factory import random_checkpoint
     from radflash.devices import native_precisions
     from radflash.errors import BackendUnavailable, InputError
@@ -71,7 +77,6 @@ def main() -> None:
     if args.quantize:
         quantized = quantize(model)
     rates = gemm_rates(["fp32", *native_precisions()], torch.device("cpu"))
-    rest = "bf16" if "bf16" in rates else "fp32"  # what OpenVINO runs an INT8 model's unquantised ops in
     lines = [f"## {datetime.now(timezone.utc).isoformat(timespec='seconds')} · {cpu_model()} · "
              f"{torch.get_num_threads()} threads · {args.model} encoder S={cfg.image_size} "
              f"({flops / 1e9:.0f} GFLOP/image, {attention / 1e9:.0f} of them in attention's activation products)", "",
@@ -147,21 +152,22 @@ def main() -> None:
             rate = rates.get(prec)
             frac = "—" if rate is None else f"{flops * b / m / rate:.0%} of {prec}"
             if prec == "int8":  # also against the mix the recipe builds, and the issue's dynamic-Linear rate
-                runtime_rest = rest if "openvino" in name else "fp32"
+                rest = unquantised_precision(name.removeprefix("auto→"))
                 frac += "".join(f"; {flops * b / m / r:.0%} of {k}" for k, r in
-                                int8_yardsticks(cfg, cfg.image_size, rates, rest=runtime_rest).items())
+                                int8_yardsticks(cfg, cfg.image_size, rates, rest=rest).items())
             lines.append(f"| {name} | {b / m:.3g} | {base / m:.2f}× | {frac} | {dprob[name]:.2g} |")
         lines.append("")
         if args.profile:
-            lines += profile_lines(candidates, pixels, rates, flops=flops, attention=attention, rest=rest)
+            lines += profile_lines(candidates, pixels, rates, flops=flops, attention=attention)
     out = args.out or RESULTS / f"cpu-{re.sub(r'[^A-Za-z0-9]+', '-', cpu_model()).strip('-').lower()}.md"
     append_block(out, f"# CPU encoder paths on {cpu_model()}", "\n".join(lines))
 
 
 def profile_lines(candidates: dict[str, Any], pixels: torch.Tensor, rates: dict[str, float], *, flops: float,
-                  attention: float, rest: str) -> list[str]:
+                  attention: float) -> list[str]:
     """Per OpenVINO row (radflash's settings and auto's), where a batch's time goes by the plugin's own counters."""
     from radflash.backends.openvino import OpenVINOBackend
+    from radflash.bench.harness import unquantised_precision
     from radflash.bench.openvino_profile import profile
 
     lines = ["| OpenVINO row | group | ms per batch | share | achieved G(FL)OP/s | fraction of |",
@@ -170,7 +176,8 @@ def profile_lines(candidates: dict[str, Any], pixels: torch.Tensor, rates: dict[
         if not isinstance(backend, OpenVINOBackend) or "standalone" in name:
             continue
         for g in profile(backend, pixels, flops={"weight GEMMs": flops - attention, "attention": attention}):
-            prec = backend.precision if g.name == "weight GEMMs" or backend.precision != "int8" else rest
+            int8_attention = g.name == "attention" and backend.precision == "int8"
+            prec = unquantised_precision("openvino") if int8_attention else backend.precision
             of = "—" if g.rate is None or prec not in rates else f"{g.rate / rates[prec]:.0%} of {prec}"
             achieved = "—" if g.rate is None else f"{g.rate / 1e9:.0f}"
             lines.append(f"| {name} | {g.name} | {1e3 * g.seconds:.1f} | {g.share:.0%} | {achieved} | {of} |")

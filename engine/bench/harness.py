@@ -85,6 +85,14 @@ def encoder_attention_flops(cfg: Any, image_size: int) -> float:
     return (v.layers + cfg.align_layers) * 4 * n * n * v.hidden
 
 
+def unquantised_precision(runtime: str) -> str:
+    """What an INT8 model's unquantised ops (attention's activation products) run in: OpenVINO's rule in
+    :func:`radflash.backends.openvino.compile_config` (bf16 where native, else fp32); fp32 elsewhere."""
+    from radflash.devices import native_precisions
+
+    return "bf16" if runtime.startswith("openvino") and "bf16" in native_precisions() else "fp32"
+
+
 def int8_yardsticks(cfg: Any, image_size: int, rates: dict[str, float], *, rest: str) -> dict[str, float]:
     """Effective FLOP/s an INT8 encoder is held against beside the int8 GEMM rate (``torch._int_mm``):
 
@@ -483,8 +491,7 @@ def _encode_rates(rf: RadFlashModel, prec: str, gemm: dict[str, float],
     """The GEMM rate an encoder row in ``prec`` is held against, and for INT8 its other yardsticks."""
     if prec != "int8":
         return gemm.get(prec), {}
-    rest = "bf16" if runtime.startswith("openvino") and "bf16" in gemm else "fp32"
-    return gemm.get(prec), int8_yardsticks(rf.config, rf.config.image_size, gemm, rest=rest)
+    return gemm.get(prec), int8_yardsticks(rf.config, rf.config.image_size, gemm, rest=unquantised_precision(runtime))
 
 
 def _limit(stage: str, st: Stats, rf: RadFlashModel, b: int, t: int, inputs: BenchInputs, peaks: Peaks,

@@ -414,3 +414,20 @@ def test_int8_yardsticks_bound_the_mix_int8_recipes_build() -> None:
     assert got == {"int8 GEMMs + bf16 attention": pytest.approx(total / seconds, rel=1e-12),
                    "int8 dynamic Linear": rd}
     assert int8_yardsticks(cfg, 518, {"int8": r8}, rest="bf16") == {}
+
+
+@pytest.mark.parametrize(("runtime", "flags", "expected"), [
+    ("openvino", {"avx512f", "avx512_bf16"}, "bf16"), ("openvino-standalone", {"amx_bf16"}, "bf16"),
+    ("openvino", {"avx2", "fma"}, "fp32"), ("onnxruntime", {"avx512_bf16"}, "fp32")])
+def test_unquantised_precision_follows_openvinos_rule(runtime: str, flags: set[str], expected: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """An INT8 model's unquantised ops: bf16 in OpenVINO where the CPU has native bf16 (compile_config's rule)."""
+    import radflash.devices as devices
+    from radflash.backends.openvino import compile_config
+    from radflash.bench.harness import unquantised_precision
+
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset(flags))
+    assert unquantised_precision(runtime) == expected
+    if runtime.startswith("openvino"):
+        hint = compile_config("int8", threads=1, hint="LATENCY", cache=None)["INFERENCE_PRECISION_HINT"]
+        assert {"bf16": "bf16", "f32": "fp32"}[hint] == expected
