@@ -146,7 +146,8 @@ def selection_key(model: RadFlashModel, *, batch_size: int, image_size: int, bac
         "openvino": package_version("openvino"), "nncf": package_version("nncf"),
         "opset": DEFAULT_OPSET, "int8_model": _int8_identity(model), "agreement": AGREEMENT,
         "method": {"iterations": ITERATIONS, "screen": SCREEN, "screen_batch": SCREEN_BATCH,
-                   "screen_tokens": SCREEN_TOKENS, "min_gain": MIN_GAIN, "budget_s": BUDGET_S},
+                   "screen_tokens": SCREEN_TOKENS, "min_gain": MIN_GAIN, "budget_s": BUDGET_S, "far": FAR,
+                   "steady_first_call": list(STEADY_FIRST_CALL)},
     }
 
 

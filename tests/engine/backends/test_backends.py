@@ -475,6 +475,7 @@ def test_auto_decision_is_cached_per_key(model: RadFlashModel, fake_auto, tmp_pa
         lambda: monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "amx_bf16"})),
         lambda: monkeypatch.setattr(torch, "get_num_threads", lambda: 7),
         lambda: monkeypatch.setattr(auto, "SCREEN", 1.5),  # the method itself
+        lambda: monkeypatch.setattr(auto, "FAR", 2.0),
     ]
     for i, change in enumerate(changes):
         change()
