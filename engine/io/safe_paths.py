@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import MutableSet
 from pathlib import Path
 
 from radflash.errors import InputError
@@ -62,10 +63,13 @@ def inside(root: str | Path, *parts: str) -> Path:
 class NameAllocator:
     """Hands out unique, safe names within one run (case-insensitively: macOS/Windows folders)."""
 
-    def __init__(self, *, fallback: str = "item", max_len: int = MAX_NAME) -> None:
+    def __init__(self, *, fallback: str = "item", max_len: int = MAX_NAME,
+                 used: MutableSet[str] | None = None) -> None:
+        """``used``: where the claimed names are kept (a set by default; ``segment`` keeps them on
+        disk, so a run over millions of images does not hold them all in memory)."""
         self.fallback = fallback
         self.max_len = max_len
-        self._used: set[str] = set()
+        self._used: MutableSet[str] = set() if used is None else used
 
     def claim(self, raw: object, *, fallback: str | None = None) -> str:
         """A unique safe name for ``raw``; ``fallback`` (sanitised too) when nothing of it is usable."""

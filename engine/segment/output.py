@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -65,15 +65,19 @@ class OutputWriter:
 
     def __init__(self, out: Path, rf: RadFlashModel, specs: tuple[PromptSpec, ...], formats: tuple[str, ...],
                  preview: bool, *, header_of: Callable[[DecodedItem], Any] | None = None,
-                 overlay: str | None = None) -> None:
+                 overlay: str | None = None,
+                 counters: Callable[[str], MutableMapping[str, int]] | None = None) -> None:
+        """``counters(kind)`` gives the per-study instance counters (a dict by default; ``segment``
+        keeps them in its ledger, so they do not grow in memory with the studies of an archive)."""
         from radflash.archive.stow import prompt_set_key
 
         self.out, self.rf, self.specs, self.formats, self.preview = out, rf, specs, formats, preview
         self.overlay = overlay  # "sc": the preview as a DICOM Secondary Capture (overlay-sc.dcm)
-        self._sc_instances: dict[str, int] = {}  # study UID → overlay SCs so far
+        counter = counters or (lambda kind: {})
+        self._sc_instances = counter("overlay-sc")  # study UID → overlay SCs so far
         self.header_of = header_of  # a source DICOM header when the source is no file (DICOMweb)
         self.prompts_key = prompt_set_key([(s.name, s.prompt, s.threshold) for s in specs])
-        self._instances: dict[str, int] = {}  # study UID → SEG instances so far (the instance number)
+        self._instances = counter("dicom-seg")  # study UID → SEG instances so far (the instance number)
 
     def path(self, name: str, filename: str) -> Path:
         return inside(self.out, name, filename)
@@ -225,9 +229,12 @@ def image_record(result: ImageResult, specs: Sequence[PromptSpec]) -> dict[str, 
 
 def build_report(run: SegmentRun, rf: RadFlashModel, *, started: datetime, complete: bool,
                  preview: bool) -> dict[str, Any]:
+    """The run's report. ``images`` and ``failures`` are views that read the run's sequences back as
+    they are iterated (:class:`Rows`), never lists of every image: :func:`write_report` streams them."""
     from radflash import __version__
 
     positives = run.positives
+    counts = run.counts
     return {
         "complete": complete,
         "started": started.isoformat(timespec="seconds"),
@@ -242,10 +249,82 @@ def build_report(run: SegmentRun, rf: RadFlashModel, *, started: datetime, compl
         "formats": list(run.formats),
         "preview": preview,
         "prompts": [{**asdict(s), "positives": positives[s.name]} for s in run.prompts],
-        "counts": {**run.counts, "inputs": len(run.images) + sum(f.status != "partial" for f in run.failures)},
-        "images": [{"source": r.source, "name": r.name, "json": r.files.get("json"),
-                    "positive": [s.name for s in run.prompts if s.name in r.groundings
-                                 and r.groundings[s.name].positive]}
-                   for r in run.images],
-        "failures": [asdict(f) for f in run.failures],
+        "counts": {**counts, "inputs": counts["segmented"] + len(run.failures) - counts["partial"]},
+        "images": Rows(run.images, lambda r: image_entry(r, run.prompts)),
+        "failures": Rows(run.failures, asdict),
     }
+
+
+def image_entry(result: ImageResult, prompts: Sequence[PromptSpec]) -> dict[str, Any]:
+    """One image's line in ``report.json``: where it came from, its JSON, its positive prompts."""
+    return {"source": result.source, "name": result.name, "json": result.files.get("json"),
+            "positive": [s.name for s in prompts if s.name in result.groundings and result.groundings[s.name].positive]}
+
+
+class Rows(Sequence[dict]):
+    """A read-only view of a sequence with each item mapped to its report entry on access."""
+
+    def __init__(self, items: Sequence[Any], entry: Callable[[Any], dict]) -> None:
+        self._items, self._entry = items, entry
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[dict]:
+        return (self._entry(x) for x in self._items)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self._entry(x) for x in self._items[index]]
+        return self._entry(self._items[index])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def report_chunks(report: dict[str, Any]) -> Iterator[str]:
+    """``json.dumps(report, indent=2, ensure_ascii=False)``, in pieces, without materialising its lists.
+
+    Top-level values that are sequences (the images and failures of a million-image run) are
+    encoded one item at a time; the text is exactly what ``json.dumps`` makes of the same dict with
+    lists, so ``report.json`` reads and diffs as before.
+    """
+    yield "{"
+    for i, (key, value) in enumerate(report.items()):
+        yield ("," if i else "") + "\n  " + json.dumps(key, ensure_ascii=False) + ": "
+        if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+            yield from _array_chunks(value, depth=1)
+        else:
+            yield _dumps(value, depth=1)
+    yield "\n}" if report else "}"
+
+
+def _array_chunks(items: Iterable[Any], *, depth: int) -> Iterator[str]:
+    pad = "\n" + "  " * (depth + 1)
+    first = True
+    for item in items:
+        yield ("[" if first else ",") + pad + _dumps(item, depth=depth + 1)
+        first = False
+    yield "[]" if first else "\n" + "  " * depth + "]"
+
+
+def _dumps(value: Any, *, depth: int) -> str:
+    """``value`` as ``json.dumps(indent=2)`` would write it nested ``depth`` levels deep."""
+    return json.dumps(value, indent=2, ensure_ascii=False).replace("\n", "\n" + "  " * depth)
+
+
+def write_report(path: Path, report: dict[str, Any]) -> Path:
+    """``report.json``, streamed into a temporary file and renamed into place (atomic)."""
+    from radflash.segment.writers import atomic_write
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for chunk in report_chunks(report):
+                fh.write(chunk)
+            fh.write("\n")
+
+    return atomic_write(path, write)

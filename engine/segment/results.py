@@ -8,9 +8,11 @@ writers and the summary can all use them without importing the verb or each othe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -56,32 +58,79 @@ class InputFailure:
     reason: str
 
 
+class Tally:
+    """Running aggregates of a run (counts, per-prompt positives and peak sums), updated as each
+    image or failure is committed, so the summary never needs the per-image results in memory."""
+
+    def __init__(self, prompts: Sequence[PromptSpec]) -> None:
+        self.segmented = 0
+        self.statuses: Counter[str] = Counter()  # failure status → files
+        self.positives = {p.name: 0 for p in prompts}
+        self.peak_sums = {p.name: 0.0 for p in prompts}
+        self.peak_counts = {p.name: 0 for p in prompts}
+
+    def add_image(self, result: ImageResult) -> None:
+        self.segmented += 1
+        for name, g in result.groundings.items():
+            if name in self.positives:
+                self.positives[name] += bool(g.positive)
+                self.peak_sums[name] += float(g.max_prob)
+                self.peak_counts[name] += 1
+
+    def add_failure(self, failure: InputFailure) -> None:
+        self.statuses[failure.status] += 1
+
+    def mean_peak(self, name: str) -> float | None:
+        n = self.peak_counts.get(name, 0)
+        return self.peak_sums[name] / n if n else None
+
+
 @dataclass
 class SegmentRun:
-    """Summary of one ``segment`` call; ``images`` in input order, ``failures`` with reasons."""
+    """Summary of one ``segment`` call; ``images`` in input order, ``failures`` with reasons.
+
+    With an output folder both are read back from the run's ledger as they are iterated
+    (:mod:`radflash.segment.ledger`: memory stays bounded whatever the archive size); without one
+    ``images`` is a list holding each image's arrays. ``tally`` has the counts and per-prompt
+    aggregates, kept as the run went.
+    """
 
     outdir: Path | None
     model_id: str
     prompts: tuple[PromptSpec, ...]
     formats: tuple[str, ...]
-    images: list[ImageResult]
-    failures: list[InputFailure]
+    images: Sequence[ImageResult]
+    failures: Sequence[InputFailure]
     elapsed_s: float
     report_path: Path | None = None
     report: dict = field(default_factory=dict, repr=False)
+    tally: Tally | None = field(default=None, repr=False)
+
+    def _tally(self) -> Tally:
+        if self.tally is not None:
+            return self.tally
+        tally = Tally(self.prompts)  # built by hand (no verb): aggregate the sequences once
+        for img in self.images:
+            tally.add_image(img)
+        for f in self.failures:
+            tally.add_failure(f)
+        return tally
 
     @property
     def positives(self) -> dict[str, int]:
         """Prompt name → number of images whose mask has at least one pixel."""
-        return {p.name: sum(img.groundings[p.name].positive for img in self.images if p.name in img.groundings)
-                for p in self.prompts}
+        return dict(self._tally().positives)
+
+    @property
+    def mean_peaks(self) -> dict[str, float | None]:
+        """Prompt name → mean peak probability over the segmented images (None: no image)."""
+        tally = self._tally()
+        return {p.name: tally.mean_peak(p.name) for p in self.prompts}
 
     @property
     def counts(self) -> dict[str, int]:
-        return {"segmented": len(self.images),
-                "skipped": sum(f.status == "skipped" for f in self.failures),
-                "failed": sum(f.status == "failed" for f in self.failures),
-                "partial": sum(f.status == "partial" for f in self.failures)}
+        tally = self._tally()
+        return {"segmented": tally.segmented, **{s: tally.statuses[s] for s in ("skipped", "failed", "partial")}}
 
 
 @dataclass
@@ -93,3 +142,28 @@ class DecodedItem:
     source: str
     pixels: np.ndarray  # H×W float32 in [0, 1], original resolution
     meta: ImageMeta | None = None  # None for in-memory arrays
+
+
+# ---- the ledger's JSON form (radflash.segment.ledger) -------------------------------------------
+def image_to_json(result: ImageResult) -> dict[str, Any]:
+    """An :class:`ImageResult` without its arrays, as JSON (the arrays were written to files)."""
+    return {"source": result.source, "name": result.name, "size": list(result.size),
+            "uid": result.sop_instance_uid, "groundings": {k: g.to_dict() for k, g in result.groundings.items()},
+            "files": result.files, "notes": result.notes}
+
+
+def image_from_json(d: dict[str, Any]) -> ImageResult:
+    groundings = {k: Grounding(point=tuple(g["point"]), max_prob=g["max_prob"],
+                               bbox=None if g["bbox"] is None else tuple(g["bbox"]),
+                               mask_pixels=g["mask_pixels"], component_pixels=g["component_pixels"])
+                  for k, g in d["groundings"].items()}
+    return ImageResult(d["source"], d["name"], tuple(d["size"]), d["uid"], groundings,  # type: ignore[arg-type]
+                       dict(d["files"]), list(d["notes"]))
+
+
+def failure_to_json(failure: InputFailure) -> dict[str, str]:
+    return asdict(failure)
+
+
+def failure_from_json(d: dict[str, str]) -> InputFailure:
+    return InputFailure(**d)

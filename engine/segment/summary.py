@@ -5,9 +5,8 @@ Presentation only: the verb returns a :class:`SegmentRun` and the command line r
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Any
-
-import numpy as np
 
 from radflash.segment.results import SegmentRun
 
@@ -26,19 +25,19 @@ def summary_table(run: SegmentRun):
     table.add_column("threshold", justify="right")
     table.add_column("positive", justify="right")
     table.add_column("mean max prob", justify="right")
-    positives = run.positives
-    n = len(run.images)
+    positives, means = run.positives, run.mean_peaks  # running aggregates: no pass over the images
+    n = counts["segmented"]
     for s in run.prompts:
-        peaks = [img.groundings[s.name].max_prob for img in run.images if s.name in img.groundings]
+        mean = means[s.name]
         table.add_row(s.name if s.name == s.prompt else f"{s.name}: {s.prompt}", f"{s.threshold:g}",
-                      f"{positives[s.name]}/{n}", f"{np.mean(peaks):.3f}" if peaks else "–")
+                      f"{positives[s.name]}/{n}", f"{mean:.3f}" if mean is not None else "–")
     parts: list[Any] = [head, table]
     if run.failures:
         fail = Table(title="skipped / failed", show_lines=False)
         fail.add_column("file")
         fail.add_column("status")
         fail.add_column("reason")
-        for f in run.failures[:20]:
+        for f in islice(run.failures, 20):
             fail.add_row(f.source, f.status, f.reason)
         if len(run.failures) > 20:
             fail.add_row(f"… {len(run.failures) - 20} more in report.json", "", "")

@@ -28,11 +28,15 @@ Why it is shaped this way:
 * A file that cannot be read, or an output that cannot be produced for one image, is recorded
   with its reason and the run goes on; files are written atomically, so whatever was written
   stays valid if the run dies later.
+* Memory is bounded by the batch, not the archive: each image's result, each failure, the output
+  names handed out and the per-study SEG/SC counters go to the run's ledger (a private, already
+  unlinked SQLite file in OUTDIR, :mod:`radflash.segment.ledger`), the summary's counts and
+  per-prompt statistics are running totals (:class:`radflash.segment.results.Tally`), and
+  ``report.json`` is streamed from the ledger, the same text as before.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -49,9 +53,21 @@ from radflash.io.decoders import missing_decoder_line
 from radflash.io.safe_paths import NameAllocator, image_output_name, inside
 from radflash.io.source import peek
 from radflash.segment.grounding import ground
-from radflash.segment.output import REPORT, OutputWriter, build_report, check_formats
+from radflash.segment.ledger import RunLedger, SpilledList
+from radflash.segment.output import REPORT, OutputWriter, build_report, check_formats, write_report
 from radflash.segment.prompts import resolve_prompts
-from radflash.segment.results import DecodedItem, ImageResult, InputFailure, PromptSpec, SegmentRun
+from radflash.segment.results import (
+    DecodedItem,
+    ImageResult,
+    InputFailure,
+    PromptSpec,
+    SegmentRun,
+    Tally,
+    failure_from_json,
+    failure_to_json,
+    image_from_json,
+    image_to_json,
+)
 from radflash.util.watchdog import Watchdog
 
 if TYPE_CHECKING:
@@ -188,7 +204,11 @@ def segment(
         out = out.resolve()
 
     arrays, paths = _split_inputs(inputs) if web is None else ([], [])
-    failures: list[InputFailure] = []
+    # everything kept per image (results, failures, names handed out, per-study counters) lives in
+    # the run's ledger, on disk next to the outputs: memory is bounded by the batch, not the archive
+    ledger = RunLedger(out)
+    tally = Tally(specs)
+    failures = ledger.sequence("failures", failure_to_json, failure_from_json, on_append=tally.add_failure)
     files: Iterator[SourceItem] = iter(())
     if web is not None or paths:
         # streamed: a DICOMweb query is listed and retrieved as the decoders ask, folders are walked
@@ -203,10 +223,10 @@ def segment(
         raise InputError("no input images found" + (f" under {where}" if where else ""))
 
     header_of = _header_reader(web) if web is not None else None
-    writer = (OutputWriter(out, rf, specs, formats, preview, header_of=header_of, overlay=overlay)
-              if out is not None else None)
-    names = NameAllocator(fallback="image")
-    images: list[ImageResult] = []
+    writer = (OutputWriter(out, rf, specs, formats, preview, header_of=header_of, overlay=overlay,
+                           counters=ledger.counter) if out is not None else None)
+    names = NameAllocator(fallback="image", used=ledger.members("names"))
+    images = _image_sequence(ledger, out)
     isolate = workers != 0  # a Ray decode task isolates its decoder unless decoding in-process was asked
     if workers is None:  # a single file has nothing to overlap its decode with: no spawn cost
         workers = ahead if ahead > 1 else 0
@@ -239,12 +259,16 @@ def segment(
             except (RadflashError, OSError) as exc:  # this image's outputs; the next may still work
                 failures.append(InputFailure(item.source, "failed", f"{exc}".splitlines()[0]))
             else:
-                images.append(result)
+                images.append(result)  # its files are written: listed even if the run dies now
+                tally.add_image(result)
                 if observer is not None:
                     observer(item, result)
                 if stower is not None and ("dicom-seg" in result.files or "overlay-sc" in result.files):
+                    noted = len(result.notes)
                     with watchdog.step("store"):
                         _store_seg(stower, out, result)  # type: ignore[arg-type]
+                    if len(result.notes) != noted:  # a refused store is part of the image's record
+                        images[-1] = result
                 failed = [n for n in result.notes if ": failed" in n]
                 if failed:  # the image's other outputs (and its JSON) were written
                     failures.append(InputFailure(item.source, "partial", "; ".join(failed)))
@@ -265,7 +289,7 @@ def segment(
             bar.close()
         elapsed = time.perf_counter() - t0
         run = SegmentRun(outdir=out, model_id=rf.model_id, prompts=specs, formats=formats, images=images,
-                         failures=failures, elapsed_s=elapsed)
+                         failures=failures, elapsed_s=elapsed, tally=tally)
         report = build_report(run, rf, started=started, complete=sys.exc_info()[0] is None, preview=preview)
         if stower is not None:
             url = getattr(stower, "url", None) or "dicomweb+" + stower.target.base  # DimseStore: dimse://
@@ -278,13 +302,16 @@ def segment(
         if missing:  # the run's last line: what to install to segment the files it had to skip
             log.warning("%s", missing)
         if out is not None:
-            from radflash.segment.writers import atomic_write
-
-            path = inside(out, REPORT)
-            text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
-            atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-            run.report_path = path
+            run.report_path = write_report(inside(out, REPORT), report)  # streamed from the ledger
     return run
+
+
+def _image_sequence(ledger: RunLedger, out: Path | None) -> list[ImageResult] | Any:
+    """Where the run keeps its images: the ledger (read back as iterated) when they were written to
+    ``out``; a list without ``out``, since each result then holds its maps and masks in memory."""
+    if out is None:
+        return []
+    return ledger.sequence("images", image_to_json, image_from_json)
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -393,7 +420,8 @@ def _split_inputs(inputs: Any) -> tuple[list[np.ndarray], list[Path]]:
 
 
 def _decoded(arrays: list[np.ndarray], files: Iterable[SourceItem], rules: SelectionRules | None,
-             failures: list[InputFailure], bar: Any, *, workers: int, timeout: float | None) -> Iterator[DecodedItem]:
+             failures: SpilledList[InputFailure], bar: Any, *, workers: int,
+             timeout: float | None) -> Iterator[DecodedItem]:
     """In-memory arrays, then the files through the shared decode stage (input order);
     unloadable files are recorded in ``failures``."""
     from radflash.archive.decode_pool import DECODE_NICE, decode_stream
@@ -441,9 +469,9 @@ def _encoded(items: Iterator[DecodedItem], rf: RadFlashModel,
 
 
 def _encoded_on_ray(arrays: list[np.ndarray], files: Iterator[SourceItem], rf: RadFlashModel, options: RayOptions,
-                    placement: Placement, model: Any, failures: list[InputFailure], bar: Any, *, dtype: str | None,
-                    backend: str, batch_size: int, rules: SelectionRules | None, timeout: float | None,
-                    isolate: bool) -> Generator[tuple[DecodedItem, Any], None, None]:
+                    placement: Placement, model: Any, failures: SpilledList[InputFailure], bar: Any, *,
+                    dtype: str | None, backend: str, batch_size: int, rules: SelectionRules | None,
+                    timeout: float | None, isolate: bool) -> Generator[tuple[DecodedItem, Any], None, None]:
     """:func:`_encoded` for a Ray run: files decoded as Ray tasks and encoded by its actor pool, in
     input order (unloadable files recorded in ``failures``); in-memory arrays are encoded here."""
     from radflash.archive.ray_executor import actor_model, encode_on_ray
