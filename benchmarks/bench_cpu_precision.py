@@ -57,6 +57,7 @@ def main() -> None:
     from radflash.bench.harness import (
         encoder_attention_flops,
         encoder_flops,
+        float_attention,
         gemm_rates,
         int8_yardsticks,
         unquantised_precision,
@@ -153,8 +154,9 @@ def main() -> None:
             frac = "—" if rate is None else f"{flops * b / m / rate:.0%} of {prec}"
             if prec == "int8":  # also against the mix the recipe builds, and the issue's dynamic-Linear rate
                 rest = unquantised_precision(name.removeprefix("auto→"))
-                frac += "".join(f"; {flops * b / m / r:.0%} of {k}" for k, r in
-                                int8_yardsticks(cfg, cfg.image_size, rates, rest=rest).items())
+                yardsticks = int8_yardsticks(cfg, cfg.image_size, rates, rest=rest,
+                                             float_share=float_attention(candidates[name]))
+                frac += "".join(f"; {flops * b / m / r:.0%} of {k}" for k, r in yardsticks.items())
             lines.append(f"| {name} | {b / m:.3g} | {base / m:.2f}× | {frac} | {dprob[name]:.2g} |")
         lines.append("")
         if args.profile:
@@ -167,7 +169,7 @@ def profile_lines(candidates: dict[str, Any], pixels: torch.Tensor, rates: dict[
                   attention: float) -> list[str]:
     """Per OpenVINO row (radflash's settings and auto's), where a batch's time goes by the plugin's own counters."""
     from radflash.backends.openvino import OpenVINOBackend
-    from radflash.bench.harness import unquantised_precision
+    from radflash.bench.harness import float_attention, unquantised_precision
     from radflash.bench.openvino_profile import profile
 
     lines = ["| OpenVINO row | group | ms per batch | share | achieved G(FL)OP/s | fraction of |",
@@ -175,10 +177,18 @@ def profile_lines(candidates: dict[str, Any], pixels: torch.Tensor, rates: dict[
     for name, backend in candidates.items():
         if not isinstance(backend, OpenVINOBackend) or "standalone" in name:
             continue
+        share = float_attention(backend) if backend.precision == "int8" else 0.0
+        rest = unquantised_precision("openvino")
         for g in profile(backend, pixels, flops={"weight GEMMs": flops - attention, "attention": attention}):
-            int8_attention = g.name == "attention" and backend.precision == "int8"
-            prec = unquantised_precision("openvino") if int8_attention else backend.precision
-            of = "—" if g.rate is None or prec not in rates else f"{g.rate / rates[prec]:.0%} of {prec}"
+            if g.name != "attention" or share == 0.0:
+                prec, rate = backend.precision, rates.get(backend.precision)
+            elif share == 1.0:
+                prec, rate = rest, rates.get(rest)
+            else:  # Q·Kᵀ in int8, P·V in the rest precision: the bound of that mix
+                prec = f"int8 Q·Kᵀ + {rest} P·V" if share == 0.5 else f"int8 + {share:.0%} {rest}"
+                rate = (None if "int8" not in rates or rest not in rates
+                        else 1 / ((1 - share) / rates["int8"] + share / rates[rest]))
+            of = "—" if g.rate is None or rate is None else f"{g.rate / rate:.0%} of {prec}"
             achieved = "—" if g.rate is None else f"{g.rate / 1e9:.0f}"
             lines.append(f"| {name} | {g.name} | {1e3 * g.seconds:.1f} | {g.share:.0%} | {achieved} | {of} |")
     return [*lines, ""]

@@ -87,6 +87,11 @@ class RadFlashModel:
         self.backend_name = getattr(self._encoder, "name", backend)
 
     @property
+    def encoder(self) -> Any:
+        """The image-tower backend in use (eager, compile, onnxruntime, openvino, ...; ``auto``'s choice)."""
+        return self._encoder
+
+    @property
     def backend_selection(self) -> dict[str, Any] | None:
         """How ``auto`` picked the encoder backend (timings, reason, cache hit); ``None`` if it was named."""
         return getattr(self._encoder, "selection", None)

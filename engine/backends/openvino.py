@@ -237,6 +237,10 @@ class OpenVINOBackend:
         log.info("openvino backend: %s (%s, %s, %d threads, %d request(s)%s)", self.ir_path.name, precision,
                  self.hint, self.threads, self.requests, ", compiled blob from cache" if self.loaded_from_cache else "")
 
+    def float_attention(self) -> float:
+        """:func:`float_attention_share` of this backend's IR (read again from disk: only the bench asks)."""
+        return float_attention_share(import_openvino().Core().read_model(str(self.ir_path)))
+
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.ndim != 4 or pixels.shape[1:] != (3, self.image_size, self.image_size):
             raise InputError(f"the openvino image tower takes (B, 3, {self.image_size}, {self.image_size}) pixels, "
@@ -263,6 +267,45 @@ class OpenVINOBackend:
             self._queue.start_async({0: chunk}, start)
         self._queue.wait_all()
         return np.concatenate([results[start] for start, _ in chunks])
+
+
+_PASS_THROUGH = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Convert"})
+
+
+def float_attention_share(model: Any) -> float:
+    """The share of attention's activation products (Q·Kᵀ and P·V) an IR leaves out of int8: 1.0 for a
+    float IR, 0.5 for NNCF's recipe (FakeQuantize on Q and K of each SDPA), 0.0 when
+    :mod:`radflash.calibration.openvino_attention` quantised P·V too. A product counts as int8 when both
+    its inputs come through FakeQuantize (the form the CPU plugin folds into an int8 kernel); an SDPA
+    node's P·V never does. What the bench holds an INT8 row against depends on it."""
+    total = quantised = 0
+    for op in model.get_ops():
+        kind = op.get_type_name()
+        if kind == "ScaledDotProductAttention":
+            total += 2
+            quantised += _quantised(op.input_value(0)) and _quantised(op.input_value(1))
+        elif kind == "MatMul" and not any(_constant(op.input_value(i)) for i in range(2)):
+            total += 1
+            quantised += _quantised(op.input_value(0)) and _quantised(op.input_value(1))
+    return 1.0 if total == 0 else (total - quantised) / total
+
+
+def _quantised(value: Any) -> bool:
+    """``value`` is a FakeQuantize output, seen through layout-only ops."""
+    node = value.get_node()
+    while node.get_type_name() in _PASS_THROUGH:
+        node = node.input_value(0).get_node()
+    return node.get_type_name() == "FakeQuantize"
+
+
+def _constant(value: Any, depth: int = 6) -> bool:
+    """``value`` is computed from constants only (a weight, possibly compressed or fake-quantised)."""
+    node = value.get_node()
+    if node.get_type_name() == "Constant":
+        return True
+    if depth == 0 or node.get_input_size() == 0:
+        return False
+    return all(_constant(node.input_value(i), depth - 1) for i in range(node.get_input_size()))
 
 
 def _property(compiled: Any, name: str, default: Any) -> Any:

@@ -93,23 +93,35 @@ def unquantised_precision(runtime: str) -> str:
     return "bf16" if runtime.startswith("openvino") and "bf16" in native_precisions() else "fp32"
 
 
-def int8_yardsticks(cfg: Any, image_size: int, rates: dict[str, float], *, rest: str) -> dict[str, float]:
+def int8_yardsticks(cfg: Any, image_size: int, rates: dict[str, float], *, rest: str,
+                    float_share: float = 1.0) -> dict[str, float]:
     """Effective FLOP/s an INT8 encoder is held against beside the int8 GEMM rate (``torch._int_mm``):
 
-    - ``int8 GEMMs + <rest> attention``: the bound of the mix an INT8 recipe builds — the weight GEMMs at
-      the int8 rate, attention's activation products (:func:`encoder_attention_flops`) at ``rest``'s
-      rate (OpenVINO: bf16 where native, else fp32; ONNX Runtime: fp32);
+    - the bound of the mix an INT8 recipe builds: the weight GEMMs and the quantised part of attention's
+      activation products (:func:`encoder_attention_flops`) at the int8 rate, the ``float_share`` of
+      those products it leaves unquantised (:func:`float_attention`) at ``rest``'s rate (OpenVINO: bf16
+      where native, else fp32; ONNX Runtime: fp32); omitted when nothing is left out (it is the int8
+      rate then);
     - ``int8 dynamic Linear``: PyTorch's dynamically quantised ``Linear`` (activation quantisation
       included), the yardstick the CPU issue's table used (568 GOP/s on the Zen 4 dev box).
     """
     out: dict[str, float] = {}
     total = encoder_flops(cfg, image_size)
-    attention = encoder_attention_flops(cfg, image_size)
-    if "int8" in rates and rest in rates:
-        out[f"int8 GEMMs + {rest} attention"] = total / ((total - attention) / rates["int8"] + attention / rates[rest])
+    unquantised = encoder_attention_flops(cfg, image_size) * float_share
+    if "int8" in rates and rest in rates and unquantised > 0:
+        what = "attention" if float_share == 1 else "P·V" if float_share == 0.5 else f"{float_share:.0%} of attention"
+        out[f"int8 GEMMs + {rest} {what}"] = total / ((total - unquantised) / rates["int8"] + unquantised / rates[rest])
     if INT8_DYNAMIC in rates:
         out["int8 dynamic Linear"] = rates[INT8_DYNAMIC]
     return out
+
+
+def float_attention(backend: Any) -> float:
+    """The share of attention's activation products an INT8 encoder leaves out of int8: what its OpenVINO IR
+    says (:func:`radflash.backends.openvino.float_attention_share`), else all of them (ONNX Runtime's dynamic
+    quantisation quantises MatMuls with a constant weight only)."""
+    share = getattr(backend, "float_attention", None)
+    return share() if callable(share) else 1.0
 
 
 def carzero_head_flops(cfg: Any, b: int, t: int) -> int:
@@ -413,7 +425,7 @@ def _bench(model: Any, device: str, names: list[str], batch_sizes: Sequence[int]
                     for stage, st in stages.items():
                         ref = ref_stages.get(b, {}).get(stage)
                         limit = _limit(stage, st, rf, b, len(prompt_list), inputs, peaks,
-                                       *_encode_rates(rf, prec, gemm, rf.backend_name))
+                                       *_encode_rates(rf, prec, gemm, rf.backend_name, rf.encoder))
                         report.rows.append(_row(label, b, stage, b, st, ref, limit, dtype=prec))
                     if files and score_ok:
                         try:
@@ -486,12 +498,13 @@ def _precisions(rf: RadFlashModel, dtypes: Sequence[str | None]) -> list[str]:
     return list(dict.fromkeys(["fp32", *native_precisions(), *(p for p in asked if p != "auto")]))
 
 
-def _encode_rates(rf: RadFlashModel, prec: str, gemm: dict[str, float],
-                  runtime: str) -> tuple[float | None, dict[str, float]]:
+def _encode_rates(rf: RadFlashModel, prec: str, gemm: dict[str, float], runtime: str,
+                  backend: Any) -> tuple[float | None, dict[str, float]]:
     """The GEMM rate an encoder row in ``prec`` is held against, and for INT8 its other yardsticks."""
     if prec != "int8":
         return gemm.get(prec), {}
-    return gemm.get(prec), int8_yardsticks(rf.config, rf.config.image_size, gemm, rest=unquantised_precision(runtime))
+    return gemm.get(prec), int8_yardsticks(rf.config, rf.config.image_size, gemm, rest=unquantised_precision(runtime),
+                                           float_share=float_attention(backend))
 
 
 def _limit(stage: str, st: Stats, rf: RadFlashModel, b: int, t: int, inputs: BenchInputs, peaks: Peaks,
@@ -638,6 +651,6 @@ def _openvino_standalone(rf: RadFlashModel, report: BenchReport, inputs: BenchIn
         pixels = rf.preprocess([image_loader()(p).pixels for p in batch] if inputs.files else batch)
         st = Stats.from_seconds(time_fn(lambda px=pixels: peer.encode(px), device=rf.device, iterations=iterations,
                                         warmup=max(warmup, 1)))
-        limit = (_limit("encode", st, rf, b, 1, inputs, report.peaks, *_encode_rates(rf, prec, gemm, "openvino"))
+        limit = (_limit("encode", st, rf, b, 1, inputs, report.peaks, *_encode_rates(rf, prec, gemm, "openvino", peer))
                  if report.peaks else None)
         report.rows.append(_row("openvino-standalone", b, "encode", b, st, None, limit, dtype=f"default={prec}"))

@@ -44,14 +44,18 @@ class Group:
 
 
 def is_attention(layer_type: str, input_shapes: list[list[int]]) -> bool:
-    """An SDPA node, or a fused Subgraph taking Q (…, n, d), Kᵀ (…, d, n) and V: the plugin's MHA kernel
-    (an element-wise Subgraph takes tensors of one shape, never a transposed pair)."""
+    """An SDPA node, or a fused Subgraph taking Q (…, h, n, d), K and V per head: the plugin's MHA kernel.
+
+    K arrives as Kᵀ (…, d, n) when the kernel multiplies in float and as (…, n, d) when the whole of
+    attention is int8 (the transpose folds into the kernel's int8 repacking). Nothing else in these
+    towers fuses three per-head (4-D) tensors: element-wise Subgraphs work on the (…, n, h·d) token rows.
+    """
     if layer_type == "ScaledDotProductAttention":
         return True
     if layer_type != "Subgraph" or len(input_shapes) < 3 or any(len(s) != 4 for s in input_shapes[:3]):
         return False
     q, k = input_shapes[0], input_shapes[1]
-    return q[-2:] == k[-2:][::-1] and q[-1] != q[-2]
+    return q[-1] != q[-2] and k[-2:] in (q[-2:], q[-2:][::-1])
 
 
 def attention_nodes(compiled: Any) -> set[str]:

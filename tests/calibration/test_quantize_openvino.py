@@ -45,6 +45,17 @@ def test_quantize_openvino_writes_beside_the_checkpoint_and_the_backend_finds_it
     report = json.loads(xml.with_suffix(".json").read_text())
     assert report["model_key"] == model_key(model) and report["method"] == "openvino-nncf"
     assert report["holdout_images"] == 3 and 0 <= report["max_abs_dprob"] <= 1
+    # attention's P·V: both IRs measured, the faster one within auto's bound kept, and the kept IR is that one
+    from radflash.backends.auto import AGREEMENT
+    from radflash.backends.openvino import float_attention_share, import_openvino
+    from radflash.calibration.openvino_attention import Variant, choose
+
+    variants = [Variant(**v) for v in report["attention"]["variants"]]
+    assert sorted(v.attention for v in variants) == ["float", "int8"] and all(v.seconds > 0 for v in variants)
+    assert report["attention"]["chosen"] == choose(variants, AGREEMENT).attention
+    kept = import_openvino().Core().read_model(str(xml))
+    assert float_attention_share(kept) == {"int8": 0.0, "float": 0.5}[report["attention"]["chosen"]]
+    assert "attention P·V:" in res.output and not list(xml.parent.glob(".*.tmp.*"))  # no temporary IR left
 
     backend = make_backend("openvino", model, precision="int8")  # found beside the checkpoint
     assert backend.ir_path == xml

@@ -414,6 +414,12 @@ def test_int8_yardsticks_bound_the_mix_int8_recipes_build() -> None:
     assert got == {"int8 GEMMs + bf16 attention": pytest.approx(total / seconds, rel=1e-12),
                    "int8 dynamic Linear": rd}
     assert int8_yardsticks(cfg, 518, {"int8": r8}, rest="bf16") == {}
+    # NNCF's recipe (Q·Kᵀ in int8, P·V not): half of attention at the rest rate; all of it in int8: no mix
+    half = int8_yardsticks(cfg, 518, {"int8": r8, "bf16": rb}, rest="bf16", float_share=0.5)
+    assert half == {"int8 GEMMs + bf16 P·V": pytest.approx(total / ((total - attention / 2) / r8 + attention / 2 / rb),
+                                                          rel=1e-12)}
+    assert int8_yardsticks(cfg, 518, {"int8": r8, "bf16": rb, INT8_DYNAMIC: rd}, rest="bf16",
+                           float_share=0.0) == {"int8 dynamic Linear": rd}
 
 
 @pytest.mark.parametrize(("runtime", "flags", "expected"), [

@@ -21,6 +21,7 @@ FAMILIES = {"radzero": ("tiny", 56), "carzero": ("carzero-tiny", 64)}
     ("ScaledDotProductAttention", [[1, 12, 1370, 64]] * 3, True),
     ("Subgraph", [[-1, 12, 1370, 64], [-1, 12, 64, 1370], [-1, 12, 1370, 64]], True),  # MHA: Q, Kᵀ, V
     ("Subgraph", [[-1, 3, 17, 64], [-1, 3, 64, 17], [-1, 3, 17, 64]], True),
+    ("Subgraph", [[-1, 12, 1370, 64]] * 3, True),  # int8 MHA: K not transposed, the kernel repacks it
     ("Subgraph", [[-1, 12, 64, 64]] * 3, False),  # element-wise on one shape (a square one: not a transposed pair)
     ("Subgraph", [[-1, 1370, 768], [-1, 1370, 768], [768]], False),  # a fused multiply-add
     ("FullyConnected", [[-1, 1370, 64], [64, 1370], [-1, 1370, 64]], False),

@@ -1,0 +1,140 @@
+"""Attention's two activation products in INT8 for OpenVINO, kept only where they pay.
+
+NNCF's transformer recipe quantises Q and K of each attention but leaves softmax·V in float, so
+the CPU plugin's fused attention kernel (a Snippets MHA ``Subgraph``) multiplies P·V in bf16 or
+f32: on a Zen 4 with VNNI that made attention 35% of the base tower's time at the bf16 rate while
+its weight GEMMs ran at the int8 rate. The plugin runs the whole kernel in int8 once P and V also
+arrive through FakeQuantize nodes it can fold (P unsigned on [0, max], V signed and symmetric),
+which NNCF never inserts for SDPA. This module inserts them, from ranges calibrated on the same
+images as NNCF's, in three steps:
+
+- :func:`decompose`: each ``ScaledDotProductAttention`` into MatMul(Q, Kᵀ)·scale → Softmax →
+  MatMul(·, V), before NNCF (which then quantises Q and K as it did the SDPA's inputs);
+- :func:`ranges`: per attention, the largest softmax probability and the largest |V| seen on the
+  calibration images, reduced inside the graph (a 518² base tower's probabilities are 90 MB per
+  layer per image);
+- :func:`quantize_products`: the FakeQuantize pair on each attention's P and V.
+
+Whether the result is used is measured, not assumed (:func:`choose`): it must agree with float32
+within the same bound ``auto`` applies, and be faster than attention with float P·V on the machine
+that quantises (a CPU without int8 kernels for the fused attention would run the new nodes as
+extra work).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+LEVELS = 256
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One INT8 IR the quantiser made: how far it is from float32 and how fast it ran."""
+
+    attention: str  # "int8": P·V quantised too; "float": NNCF's own (Q, K only)
+    max_abs_dprob: float
+    seconds: float  # median per held-out batch on this machine
+
+
+def _ops() -> Any:
+    import openvino.opset13 as ops
+
+    return ops
+
+
+def _sdpa_nodes(model: Any) -> list[Any]:
+    """The SDPA nodes :func:`decompose` can rewrite: Q, K, V only (no mask, no explicit scale), not causal."""
+    return [op for op in model.get_ops() if op.get_type_name() == "ScaledDotProductAttention"
+            and op.get_input_size() == 3 and not op.get_attributes().get("causal", False)]
+
+
+def decompose(model: Any) -> int:
+    """Rewrite each plain SDPA of ``model`` (in place) as MatMul–Softmax–MatMul; returns how many.
+
+    The scale is SDPA's default, 1/√d with d the head size (Q's last dimension), applied to the
+    scores as the CPU plugin's own decomposition does.
+    """
+    ops = _ops()
+    nodes = _sdpa_nodes(model)
+    for op in nodes:
+        q, k, v = (op.input_value(i) for i in range(3))
+        head = q.get_partial_shape()[-1].get_length()
+        scores = ops.multiply(ops.matmul(q, k, False, True), ops.constant(np.float32(1 / np.sqrt(head))))
+        out = ops.matmul(ops.softmax(scores, -1), v, False, False)
+        op.output(0).replace(out.output(0))
+    model.validate_nodes_and_infer_types()
+    return len(nodes)
+
+
+def _products(model: Any) -> list[tuple[Any, Any]]:
+    """Each attention's (softmax node, P·V MatMul node), in graph order."""
+    pairs = []
+    for op in model.get_ops():
+        if op.get_type_name() != "Softmax":
+            continue
+        users = [i.get_node() for i in op.output(0).get_target_inputs()]
+        if len(users) == 1 and users[0].get_type_name() == "MatMul":
+            pairs.append((op, users[0]))
+    return pairs
+
+
+def ranges(model: Any, batches: Sequence[np.ndarray], ov: Any) -> list[tuple[float, float]]:
+    """Per attention of the float ``model`` (decomposed): (max probability, max |V|) over ``batches``."""
+    probe = model.clone()
+    outputs = []
+    for softmax, matmul in _products(probe):
+        outputs += [_max(softmax.output(0)), _max(matmul.input_value(1), absolute=True)]
+    if not outputs:
+        return []
+    first = len(probe.outputs)
+    probe.add_outputs(outputs)
+    compiled = ov.Core().compile_model(probe, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    best = np.zeros(len(outputs))
+    for batch in batches:
+        result = compiled(batch)
+        best = np.maximum(best, [float(result[first + i]) for i in range(len(outputs))])
+    return [(float(best[i]), float(best[i + 1])) for i in range(0, len(outputs), 2)]
+
+
+def _max(x: Any, *, absolute: bool = False) -> Any:
+    """A scalar output: the largest (absolute) value of ``x`` over all its axes."""
+    ops = _ops()
+    axes = ops.constant(np.arange(len(x.get_partial_shape()), dtype=np.int64))
+    return ops.reduce_max(ops.abs(x) if absolute else x, axes, False).output(0)
+
+
+def quantize_products(model: Any, bounds: Sequence[tuple[float, float]]) -> int:
+    """Insert FakeQuantize on each attention's P (u8 on [0, max]) and V (i8, symmetric) of ``model`` (in place).
+
+    The signed range is [−a, a·127/128]: the form the plugin's low-precision pass reads as i8 with a
+    zero point of 0 (a symmetric [−a, a] would need a shift and stays float).
+    """
+    ops = _ops()
+    pairs = _products(model)
+    if len(pairs) != len(bounds):
+        raise ValueError(f"{len(pairs)} attentions in the model but {len(bounds)} calibrated ranges")
+
+    def fake_quantize(x: Any, low: float, high: float) -> Any:
+        lo, hi = ops.constant(np.float32(low)), ops.constant(np.float32(high))
+        return ops.fake_quantize(x, lo, hi, lo, hi, LEVELS)
+
+    for (softmax, matmul), (pmax, vmax) in zip(pairs, bounds):
+        vmax = max(vmax, 1e-6)
+        matmul.input(0).replace_source_output(fake_quantize(softmax.output(0), 0.0, max(pmax, 1e-6)).output(0))
+        matmul.input(1).replace_source_output(fake_quantize(matmul.input_value(1), -vmax,
+                                                            vmax * 127 / 128).output(0))
+    model.validate_nodes_and_infer_types()
+    return len(pairs)
+
+
+def choose(variants: Sequence[Variant], bound: float) -> Variant:
+    """The fastest variant within ``bound`` (max |Δprob| against float32); NNCF's own when none is."""
+    passing = [v for v in variants if v.max_abs_dprob <= bound]
+    if not passing:
+        return next(v for v in variants if v.attention == "float")
+    return min(passing, key=lambda v: v.seconds)
