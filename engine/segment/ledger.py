@@ -22,6 +22,7 @@ memory anyway.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import uuid
@@ -29,6 +30,7 @@ import weakref
 from collections.abc import Callable, Iterator, MutableMapping, MutableSet, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar, overload
+from urllib.parse import quote
 
 from radflash.errors import InputError
 
@@ -56,9 +58,11 @@ class RunLedger:
     def __init__(self, folder: Path | None) -> None:
         path = None if folder is None else Path(folder) / f".tmp-{uuid.uuid4().hex[:12]}{LEDGER_SUFFIX}"
         try:
-            db = sqlite3.connect(":memory:" if path is None else str(path), isolation_level=None,
-                                 check_same_thread=False)
+            db = _connect(path)
             db.executescript(_SCHEMA)
+            # one transaction for the ledger's whole life: scratch needs no commit points, and a
+            # statement then costs microseconds instead of a page flush (pages spill as cache fills)
+            db.execute("BEGIN")
         except sqlite3.Error as exc:
             raise InputError(f"{path}: cannot create the run's scratch ledger ({exc})") from None
         if path is not None:
@@ -91,6 +95,20 @@ class RunLedger:
     def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
+
+
+def _connect(path: Path | None) -> sqlite3.Connection:
+    """The ledger's connection. A file is private to this process (and unlinked at once), so it is
+    opened without file locks (SQLite's ``unix-none``): locks are what fail on some NFS mounts."""
+    if path is None:
+        return sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+    if os.name == "posix":
+        try:
+            return sqlite3.connect(f"file:{quote(str(path))}?vfs=unix-none", uri=True, isolation_level=None,
+                                   check_same_thread=False)
+        except sqlite3.OperationalError:  # a SQLite built without that VFS: the default one
+            path.unlink(missing_ok=True)
+    return sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
 
 
 def _close(db: sqlite3.Connection, path: Path | None) -> None:

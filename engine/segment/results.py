@@ -148,8 +148,15 @@ class DecodedItem:
 def image_to_json(result: ImageResult) -> dict[str, Any]:
     """An :class:`ImageResult` without its arrays, as JSON (the arrays were written to files)."""
     return {"source": result.source, "name": result.name, "size": list(result.size),
-            "uid": result.sop_instance_uid, "groundings": {k: g.to_dict() for k, g in result.groundings.items()},
+            "uid": result.sop_instance_uid, "groundings": {k: _grounding_json(g) for k, g in result.groundings.items()},
             "files": result.files, "notes": result.notes}
+
+
+def _grounding_json(g: Grounding) -> dict[str, Any]:
+    """The fields by hand: ``dataclasses.asdict`` (deep copies) would cost more than the ledger's write."""
+    return {"point": [int(v) for v in g.point], "max_prob": float(g.max_prob),
+            "bbox": None if g.bbox is None else [int(v) for v in g.bbox],
+            "mask_pixels": int(g.mask_pixels), "component_pixels": int(g.component_pixels)}
 
 
 def image_from_json(d: dict[str, Any]) -> ImageResult:
