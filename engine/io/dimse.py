@@ -12,16 +12,32 @@ the matching keys:
 * ``calling=AET``: radflash's AE title (default ``RADFLASH``), which is also the C-MOVE destination;
 * ``move-port=N``: where that Storage SCP listens (needed for ``retrieve=move``; the archive must
   know ``calling`` at this host and port);
+* ``find-limit=N``: the archive's cap on C-FIND results, where it does not say when it cuts a
+  reply short (Orthanc does: status 0xFE00, always heeded): a study- or series-level reply with N
+  matches or more is then taken as truncated (default: none; see below);
 * any other ``Key=value`` is a DICOM matching key (a keyword from the data dictionary), sent as is.
 
 :class:`DimseSource` lists with C-FIND at study, then series and instance level, one query per
 study and series (a failure costs that study only, which is recorded; the next query starts
-afresh), and retrieves each listed instance as the decoders ask for it. The bytes kept are the
-data set as the archive sent it, in the transfer syntax it is stored in (one presentation
-context per transfer syntax the installed decoders read, so the archive need not convert), with a
-file meta header: what an export would hold, so the decode stage, the selection rules, the size
-checks and the batches do not change and the scores equal the files'. Nothing is written to disk;
-the in-flight instances (at most one per association) are the only spool.
+afresh), and retrieves each listed instance as the decoders ask for it.
+
+Archives cap the matches one C-FIND returns (Orthanc's ``LimitFindResults``: the first N, then
+status 0xFE00 instead of Success). A truncated study-level (or ``level=SERIES``) reply is not
+taken as the answer: the query is split by StudyDate into halves, recursively, within the user's
+``StudyDate=`` range or, without one, over every date, until each part's reply is complete
+(:mod:`radflash.io.dimse_find`); studies come once each, streamed part by part in date order
+(an untruncated reply keeps UID order). Without a user range, studies with no StudyDate are asked
+for once more by Empty Value Matching (``StudyDate=""``, PS3.4 C.2.2.2.7). A single day that is
+still over the cap cannot be split: what the archive returns for it is listed and one line naming
+the target and the day is recorded as a failure, and the run goes on; so is a study or series
+whose own series- or instance-level reply was cut short (its listed part is kept).
+
+The bytes kept are the data set as the archive sent it, in the transfer syntax it is stored in
+(one presentation context per transfer syntax the installed decoders read, so the archive need
+not convert), with a file meta header: what an export would hold, so the decode stage, the
+selection rules, the size checks and the batches do not change and the scores equal the files'.
+Nothing is written to disk; the in-flight instances (at most one per association) are the only
+spool.
 
 PACS etiquette: at most ``associations`` simultaneous associations (default 2), reused across
 requests; an archive out of resources (status 0xA7xx) or refusing for now (a transient rejection)
@@ -53,6 +69,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from radflash.errors import InputError
 from radflash.io.dicomweb import shard_uid
+from radflash.io.dimse_find import DateSplitter, Reply
 from radflash.io.source import SourceItem, prefetched
 
 log = logging.getLogger("radflash.dimse")
@@ -62,7 +79,7 @@ DEFAULT_CALLING = "RADFLASH"
 DEFAULT_PORT = 104  # the well-known DICOM port (PS3.8 Annex G)
 LEVELS = ("STUDY", "SERIES")
 RETRIEVE = ("get", "move")
-OPTIONS = ("level", "retrieve", "calling", "move-port")
+OPTIONS = ("level", "retrieve", "calling", "move-port", "find-limit")
 
 # Study Root Q/R models (PS3.4 C.6.2): the one every archive implements
 FIND_MODEL = "1.2.840.10008.5.1.4.1.2.2.1"
@@ -99,6 +116,7 @@ MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1.
 
 # Statuses (PS3.4 C.4, PS3.7 C): what each one means for a retry
 SUCCESS, PENDING = 0x0000, (0xFF00, 0xFF01)
+CANCEL = 0xFE00  # Orthanc ends a C-FIND it cut at LimitFindResults with this, not Success
 MOVE_DESTINATION_UNKNOWN = 0xA801
 WATCH_PERIOD = 0.2  # s between a waiting request's looks at whether its association died (_watch)
 RELEASE_TIMEOUT = 5.0  # s an idle association's A-RELEASE waits for the reply (then it is aborted)
@@ -147,6 +165,7 @@ class Target:
     retrieve: str = "get"
     calling: str = DEFAULT_CALLING
     move_port: int | None = None
+    find_limit: int | None = None  # the archive's cap on C-FIND matches, as the user declares it
 
     @property
     def base(self) -> str:
@@ -160,6 +179,8 @@ class Target:
         options = [("level", self.level), *self.filters, ("retrieve", self.retrieve), ("calling", self.calling)]
         if self.move_port is not None:
             options.append(("move-port", str(self.move_port)))
+        if self.find_limit is not None:
+            options.append(("find-limit", str(self.find_limit)))
         return self.base + "?" + "&".join(f"{k}={v}" for k, v in options)
 
     @property
@@ -214,7 +235,13 @@ def parse_target(text: str) -> Target:
     if retrieve == "move" and move_port is None:
         raise InputError("retrieve=move needs &move-port=N: the port where the archive sends the instances")
     calling = _check_aet(options.get("calling", DEFAULT_CALLING), "calling")
-    return Target(called, parts.hostname, port, tuple(filters), level, retrieve, calling, move_port)
+    find_limit = None
+    if "find-limit" in options:
+        if not options["find-limit"].isdigit() or int(options["find-limit"]) < 1:
+            raise InputError(f"find-limit={options['find-limit']!r}: give the archive's cap on C-FIND results "
+                             f"(a number ≥ 1)")
+        find_limit = int(options["find-limit"])
+    return Target(called, parts.hostname, port, tuple(filters), level, retrieve, calling, move_port, find_limit)
 
 
 def _check_keyword(key: str) -> None:
@@ -358,9 +385,18 @@ def _no_delay(event: Any) -> None:
 
 
 def find(assoc: Any, identifier: Any, what: str) -> list[Any]:
-    """Every match of one C-FIND on ``assoc`` (raises :class:`DimseError` for a failure status,
-    :class:`Busy` for 0xA7xx, :class:`Broken` when the association dies)."""
-    rows = []
+    """Every match of one C-FIND on ``assoc`` (raises :class:`DimseError` for a failure status or a
+    reply the archive cut short, :class:`Busy` for 0xA7xx, :class:`Broken` when the association dies)."""
+    reply = find_matches(assoc, identifier, what)
+    if reply.truncated:
+        raise DimseError(f"{what}: C-FIND failed ({reply.why})")
+    return reply.rows
+
+
+def find_matches(assoc: Any, identifier: Any, what: str) -> Reply:
+    """The matches of one C-FIND on ``assoc``, ``truncated`` when the archive ended it with Cancel
+    (0xFE00: Orthanc at its ``LimitFindResults``, after the first N matches); raises as :func:`find`."""
+    rows, cut = [], None
     for status, match in assoc.send_c_find(identifier, FIND_MODEL):
         if "Status" not in status:
             raise Broken(f"{what}: association aborted or timed out during C-FIND")
@@ -368,24 +404,28 @@ def find(assoc: Any, identifier: Any, what: str) -> list[Any]:
         if code in PENDING:
             if match is not None:
                 rows.append(match)
+        elif code == CANCEL:
+            cut = status_text(status)
         elif is_busy(code):
             raise Busy(f"{what}: C-FIND {status_text(status)} (out of resources)")
         elif code != SUCCESS:
             raise DimseError(f"{what}: C-FIND failed ({status_text(status)})")
-    return rows
+    return Reply(rows, cut is not None, cut or "")
 
 
 def query_identifier(level: str, **keys: str) -> Any:
     """A query identifier; empty values are universal matching (return the key)."""
-    from pydicom import Dataset
+    from pydicom import Dataset, config
     from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.dataelem import DataElement
 
     ds = Dataset()
     ds.QueryRetrieveLevel = level
     for keyword, value in keys.items():
         tag = tag_for_keyword(keyword)
         assert tag is not None
-        ds.add_new(tag, dictionary_VR(tag), value)  # as typed: a DA range "20240101-20241231" stays text
+        # as typed, unchecked: a DA range "20240101-20241231" or Empty Value Matching's "" stays text
+        ds[tag] = DataElement(tag, dictionary_VR(tag), value, validation_mode=config.IGNORE)
     return ds
 
 
@@ -707,8 +747,9 @@ class DimseSource:
     :meth:`listing` (C-FIND only), then :meth:`retrieve` of what is still to do, with ``failures``
     for studies that could not be listed and instances that could not be had.
 
-    Order is stable: studies by Study Instance UID, series and instances by UID within them (a
-    C-FIND has no order of its own). ``num_parts``/``part_id`` keep the studies whose
+    Order is stable: studies by Study Instance UID (by StudyDate, then UID, where a capped reply
+    was split: :mod:`radflash.io.dimse_find`), series and instances by UID within them (a C-FIND
+    has no order of its own). ``num_parts``/``part_id`` keep the studies whose
     StudyInstanceUID hashes to this shard (the stable hash of :func:`radflash.io.dicomweb.shard_uid`,
     so nodes agree without coordination): a study is never split between shards, and a shard sends
     the series and instance C-FINDs of its own studies only.
@@ -750,34 +791,83 @@ class DimseSource:
         return self.pool.run(what, "find", lambda: ([build_context(FIND_MODEL)], []),
                              lambda link: find(link.assoc, identifier, what))
 
+    def _find_capped(self, what: str, identifier: Any, limit: int | None = None) -> Reply:
+        """One C-FIND's matches, ``truncated`` when the archive cut it short (status) or it reached
+        ``limit`` (the user's ``find-limit``)."""
+        from pynetdicom import build_context
+
+        reply = self.pool.run(what, "find", lambda: ([build_context(FIND_MODEL)], []),
+                              lambda link: find_matches(link.assoc, identifier, what))
+        if not reply.truncated and limit is not None and len(reply.rows) >= limit:
+            return Reply(reply.rows, True, f"find-limit={limit} reached")
+        return reply
+
+    def _record(self, key: str, line: str) -> None:
+        """A listing the archive cut short for good: one warning line, and a failure for the run's table."""
+        log.warning("%s", line)
+        self.failures.append((key, line.split(": ", 1)[-1]))
+
     # ---- listing --------------------------------------------------------------------------------
-    def _series(self) -> Iterator[tuple[str, str]]:
-        """(study, series) pairs matching the query, in UID order."""
+    def _matches(self, level: str) -> DateSplitter:
+        """The study UIDs (``STUDY``) or (study, series) pairs (``SERIES``) the query matches, each
+        once, split by StudyDate where the archive caps the reply (:mod:`radflash.io.dimse_find`)."""
         t = self.target
         filters = dict(t.filters)
+        user_date = filters.pop("StudyDate", None)
+        unique = {"StudyInstanceUID": ""} if level == "STUDY" else {"StudyInstanceUID": "", "SeriesInstanceUID": ""}
+
+        def query(study_date: str | None) -> Reply:
+            # StudyDate is always asked for (a return key at least): a split orders and checks by it
+            keys = {**unique, **filters, "StudyDate": (user_date if study_date is None else study_date) or ""}
+            what = t.display if study_date is None else f"{t.base}?StudyDate={study_date}"
+            return self._find_capped(what, query_identifier(level, **keys), t.find_limit)
+
+        def key(row: Any) -> Any:
+            study = str(row.get("StudyInstanceUID", "") or "")
+            if level == "STUDY":
+                return study or None
+            series = str(row.get("SeriesInstanceUID", "") or "")
+            return (study, series) if study and series else None
+
+        return DateSplitter(query, key, lambda row: str(row.get("StudyDate", "") or ""), t.base, self._record,
+                            user_date=user_date, noun="studies" if level == "STUDY" else "series")
+
+    def _series(self) -> Iterator[tuple[str, str]]:
+        """(study, series) pairs matching the query: in UID order, or by date where split."""
+        t = self.target
         if t.level == "SERIES":
-            query = query_identifier("SERIES", StudyInstanceUID="", SeriesInstanceUID="", **filters)
-            rows = self._find(t.display, query)
-            pairs = {(str(r.get("StudyInstanceUID", "")), str(r.get("SeriesInstanceUID", ""))) for r in rows}
-            pairs = {p for p in pairs if all(p)}
-            if not pairs:
+            listed = 0
+            for study, series in self._matches("SERIES"):
+                listed += 1
+                if self._mine(study):
+                    yield study, series
+            if not listed:
                 raise DimseError(f"{t.display}: C-FIND matched no series")
-            yield from sorted(p for p in pairs if self._mine(p[0]))
             return
-        rows = self._find(t.display, query_identifier("STUDY", StudyInstanceUID="", **filters))
-        studies = sorted({str(r.get("StudyInstanceUID", "")) for r in rows} - {""})
-        if not studies:
+        listed = 0
+        for study in self._matches("STUDY"):
+            listed += 1
+            if self._mine(study):
+                yield from self._study_series(study)
+        if not listed:
             raise DimseError(f"{t.display}: C-FIND matched no studies")
-        for study in filter(self._mine, studies):
-            where = f"{t.base}/studies/{study}"
-            try:
-                rows = self._find(where, query_identifier("SERIES", StudyInstanceUID=study, SeriesInstanceUID=""))
-            except DimseUnavailable:
-                raise
-            except DimseError as exc:  # this study fails; the next query starts afresh
-                self.failures.append((where, f"query failed: {str(exc).split(': ', 1)[-1]}"))
-                continue
-            yield from sorted({(study, str(r.get("SeriesInstanceUID", ""))) for r in rows} - {(study, "")})
+
+    def _study_series(self, study: str) -> list[tuple[str, str]]:
+        """The series of one study, in UID order (a failure is recorded; a capped reply keeps its part)."""
+        where = f"{self.target.base}/studies/{study}"
+        try:
+            reply = self._find_capped(where, query_identifier("SERIES", StudyInstanceUID=study, SeriesInstanceUID=""),
+                                      self.target.find_limit)
+        except DimseUnavailable:
+            raise
+        except DimseError as exc:  # this study fails; the next query starts afresh
+            self.failures.append((where, f"query failed: {str(exc).split(': ', 1)[-1]}"))
+            return []
+        pairs = sorted({(study, str(r.get("SeriesInstanceUID", ""))) for r in reply.rows} - {(study, "")})
+        if reply.truncated:
+            self._record(where, f"{where}: series C-FIND capped by the archive ({reply.why}; {len(pairs)} series "
+                                f"listed): any more of this study are not listed")
+        return pairs
 
     def _mine(self, study: str) -> bool:
         """Whether ``study`` belongs to this shard."""
@@ -797,15 +887,19 @@ class DimseSource:
         for study, series in self._series():
             where = f"{self.target.base}/studies/{study}/series/{series}"
             try:
-                rows = self._find(where, query_identifier("IMAGE", StudyInstanceUID=study, SeriesInstanceUID=series,
-                                                  SOPInstanceUID="", SOPClassUID=""))
+                reply = self._find_capped(where, query_identifier("IMAGE", StudyInstanceUID=study,
+                                                                  SeriesInstanceUID=series, SOPInstanceUID="",
+                                                                  SOPClassUID=""))
             except DimseUnavailable:
                 raise
             except DimseError as exc:
                 self.failures.append((where, f"query failed: {str(exc).split(': ', 1)[-1]}"))
                 continue
             refs = {InstanceRef(study, series, str(r.get("SOPInstanceUID", "")), str(r.get("SOPClassUID", "")))
-                    for r in rows}
+                    for r in reply.rows}
+            if reply.truncated:  # Orthanc's LimitFindInstances: what it listed is scored, the cut is recorded
+                self._record(where, f"{where}: instance C-FIND capped by the archive ({reply.why}; {len(refs)} "
+                                    f"instances listed): any more of this series are not listed")
             for ref in sorted(refs, key=lambda r: r.sop):
                 if ref.sop:
                     if ref.sop_class.startswith(NOT_IMAGES):  # accounted for, never retrieved
@@ -932,6 +1026,7 @@ class DimseSource:
         t = self.target
         return {"kind": "dimse", "inputs": [t.display], "base": t.base, "level": t.level,
                 "filters": dict(t.filters), "retrieve": t.retrieve, "calling": t.calling, "move_port": t.move_port,
+                "find_limit": t.find_limit,
                 "associations": self.policy.associations, "num_parts": self.num_parts, "part_id": self.part_id}
 
     # ---- headers (for --store: the result joins the source image's study) -----------------------
