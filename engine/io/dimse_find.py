@@ -22,6 +22,9 @@ once, streamed range by range:
   can hide undated studies beyond its cap; when the first reply shows there are some and the
   Empty Value Matching query finds none, that is recorded in one line.
 
+An archive that answers a range with matches outside it does not match StudyDate (at that
+level): splitting stops there, in one recorded line, rather than querying every day.
+
 The first cuts fall on 1899-12-31 and today, so the ranges before 1900 and after today (typing
 errors) cost one small query each, and the halving works on the dates archives hold.
 """
@@ -121,8 +124,10 @@ class DateSplitter:
     noun: str = "studies"
     today: date = field(default_factory=date.today)
     seen: set[Hashable] = field(default_factory=set)
+    ignored: bool = False  # the archive answered a range with matches outside it: splitting is moot
 
     def __iter__(self) -> Iterator[Hashable]:
+        """The user's query, then (when it was capped) its date ranges and the undated matches."""
         root = self.query(None)
         if not root.truncated:
             yield from self._fresh(root.rows, by_date=False)
@@ -138,18 +143,21 @@ class DateSplitter:
             return
         for half in whole.halves(self.today):
             yield from self._walk(half)
-        if self.user_date is None or not self.user_date.strip():
+        if not self.ignored and (self.user_date is None or not self.user_date.strip()):
             yield from self._undated(root)
 
     def _walk(self, span: DateRange) -> Iterator[Hashable]:
         """The keys of ``span``, lowest dates first: its reply, or its halves' when it was capped."""
+        if self.ignored:
+            return
         reply = self.query(span.text())
         if not reply.truncated:
             yield from self._fresh(reply.rows, by_date=True)
             return
         days = [parse_day(self.day(row)) for row in reply.rows]
-        if any(d is not None and d not in span for d in days):  # the archive ignored the range
-            self._capped(f"StudyDate={span.text()}", reply, "a range the archive does not match by StudyDate")
+        if any(d is not None and d not in span for d in days):  # the archive ignored the range: stop here
+            self.ignored = True
+            self._capped(f"StudyDate={span.text()}", reply, "the archive does not match StudyDate ranges")
         elif all(d is None for d in days):  # undated matches fill every reply: halving cannot help
             self._capped(f"StudyDate={span.text()}", reply, "a range whose matches have no StudyDate")
         elif span.single_day:

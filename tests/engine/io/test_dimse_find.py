@@ -5,6 +5,8 @@ studies than that over many dates (drawn from the test seed), a day with more st
 cap, studies before 1900, in the future and without a StudyDate, and a series with more instances
 than ``LimitFindInstances``. Every study must be listed exactly once (except what the archive
 cannot give: the busy day beyond the cap, recorded in one line), where one plain C-FIND sees 3.
+A real pynetdicom SCP stands in for what Orthanc cannot show: an archive that caps silently
+(``find-limit``), does Empty Value Matching, or ignores StudyDate.
 """
 
 from __future__ import annotations
@@ -244,3 +246,67 @@ def test_find_limit_option_and_date_ranges() -> None:
     assert first.text() == "-18991231" and rest.halves(today)[0].text() == f"19000101-{today:%Y%m%d}"
     lo, hi = DateRange(date(2024, 1, 1), date(2024, 1, 4)).halves(today)
     assert (lo.text(), hi.text()) == ("20240101-20240102", "20240103-20240104") and hi.halves(today)[1].single_day
+
+
+def _silent_cap_scp(dates: dict[str, str], *, ranges: bool = True):
+    """A real pynetdicom C-FIND SCP on loopback that caps at CAP matches silently (Success), and
+    does Range and Empty Value Matching on StudyDate (or ignores StudyDate): what Orthanc cannot show."""
+    from pydicom import Dataset
+    from pynetdicom import AE, evt
+
+    from tests.engine.orthanc import free_port
+
+    def matches(value: str, day: str) -> bool:
+        if value == '""':
+            return not day
+        lo, dash, hi = value.partition("-")
+        return not value or (bool(day) and (lo or "0") <= day <= ((hi or "99999999") if dash else lo))
+
+    def on_find(event):
+        wanted = str(event.identifier.get("StudyDate", "") or "") if ranges else ""
+        for uid in [u for u, day in sorted(dates.items()) if matches(wanted, day)][:CAP]:
+            match = Dataset()
+            match.QueryRetrieveLevel, match.StudyInstanceUID, match.StudyDate = "STUDY", uid, dates[uid]
+            yield 0xFF00, match
+
+    ae = AE("SILENT")
+    ae.add_supported_context(dimse.FIND_MODEL)
+    port = free_port()
+    return ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_FIND, on_find)]), port
+
+
+def test_find_limit_lists_past_a_silent_cap_with_empty_value_matching() -> None:
+    rng = random.Random(seed_for("tests/engine/io/test_dimse_find.py::silent"))
+    days = rng.sample(range(9000), 14)  # distinct: no day over the cap
+    dates = {f"1.2.3.{i}": f"{date(2000, 1, 1) + timedelta(d):%Y%m%d}" for i, d in enumerate(days)}
+    dates |= {"1.2.4.1": "", "1.2.4.2": ""}  # no StudyDate: only Empty Value Matching finds them
+    server, port = _silent_cap_scp(dates)
+    try:
+        plain = DimseSource(f"dimse://SILENT@127.0.0.1:{port}")
+        assert len(list(plain._matches("STUDY"))) == CAP and not plain.failures  # the loss a silent cap hides
+        plain.close()
+        source = DimseSource(f"dimse://SILENT@127.0.0.1:{port}?find-limit={CAP}")
+        listed = list(source._matches("STUDY"))
+        source.close()
+        assert sorted(listed) == sorted(dates) and not source.failures
+        assert listed[-2:] == ["1.2.4.1", "1.2.4.2"]  # by date, the undated last
+        assert [dates[u] for u in listed[:-2]] == sorted(dates[u] for u in listed[:-2])
+    finally:
+        server.shutdown()
+
+
+def test_an_archive_ignoring_study_date_is_one_line_not_a_query_storm() -> None:
+    dates = {f"1.2.3.{i}": f"{2000 + i}0101" for i in range(8)}
+    server, port = _silent_cap_scp(dates, ranges=False)
+    try:
+        asked: list[str] = []
+        source = DimseSource(f"dimse://SILENT@127.0.0.1:{port}?find-limit={CAP}")
+        real = source._find_capped
+        source._find_capped = lambda what, ident, limit=None: asked.append(str(ident.StudyDate)) or real(
+            what, ident, limit)
+        listed = list(source._matches("STUDY"))
+        source.close()
+        assert len(listed) == CAP and len(asked) <= 3  # the first, capped, reply; then one range gives it away
+        assert len(source.failures) == 1 and "does not match StudyDate ranges" in source.failures[0][1]
+    finally:
+        server.shutdown()
