@@ -36,7 +36,7 @@ LEVELS = 256
 class Variant:
     """One INT8 IR the quantiser made: how far it is from float32 and how fast it ran."""
 
-    attention: str  # "int8": P·V quantised too; "float": NNCF's own (Q, K only)
+    attention: str  # "float": NNCF's own (Q·Kᵀ int8, P·V float); "int8": P·V too; "int8-shared": and one QKV range
     max_abs_dprob: float
     seconds: float  # median per held-out batch on this machine
 
@@ -114,22 +114,83 @@ def quantize_products(model: Any, bounds: Sequence[tuple[float, float]]) -> int:
     The signed range is [−a, a·127/128]: the form the plugin's low-precision pass reads as i8 with a
     zero point of 0 (a symmetric [−a, a] would need a shift and stays float).
     """
-    ops = _ops()
     pairs = _products(model)
     if len(pairs) != len(bounds):
         raise ValueError(f"{len(pairs)} attentions in the model but {len(bounds)} calibrated ranges")
-
-    def fake_quantize(x: Any, low: float, high: float) -> Any:
-        lo, hi = ops.constant(np.float32(low)), ops.constant(np.float32(high))
-        return ops.fake_quantize(x, lo, hi, lo, hi, LEVELS)
-
-    for (softmax, matmul), (pmax, vmax) in zip(pairs, bounds):
+    for (softmax, matmul), (pmax, vmax) in zip(pairs, bounds, strict=True):
         vmax = max(vmax, 1e-6)
-        matmul.input(0).replace_source_output(fake_quantize(softmax.output(0), 0.0, max(pmax, 1e-6)).output(0))
-        matmul.input(1).replace_source_output(fake_quantize(matmul.input_value(1), -vmax,
-                                                            vmax * 127 / 128).output(0))
+        matmul.input(0).replace_source_output(_fake_quantize(softmax.output(0), 0.0, max(pmax, 1e-6)).output(0))
+        matmul.input(1).replace_source_output(_fake_quantize(matmul.input_value(1), -vmax, vmax * 127 / 128).output(0))
     model.validate_nodes_and_infer_types()
     return len(pairs)
+
+
+def _fake_quantize(x: Any, low: float, high: float) -> Any:
+    """An 8-bit FakeQuantize of ``x`` on [low, high], the same range in and out (what NNCF writes)."""
+    ops = _ops()
+    lo, hi = ops.constant(np.float32(low)), ops.constant(np.float32(high))
+    return ops.fake_quantize(x, lo, hi, lo, hi, LEVELS)
+
+
+def share_qkv_range(model: Any) -> int:
+    """Quantise Q, K and V once, on the fused QKV projection's output, with one range (in place); returns how
+    many attentions changed.
+
+    After :func:`quantize_products` each head's Q, K and V pass through their own FakeQuantize after the
+    projection's output is split into heads (Reshape → Transpose → Slice → Squeeze). The CPU plugin runs
+    those three in f32 with a layout reorder each, and moves the heads in float. One FakeQuantize on the
+    projection's output instead fuses into the projection GEMM (it writes int8), and the head split moves
+    int8. Its range must be one per-tensor range for the three (the covering one, in the signed symmetric
+    form): the attention kernel's dequantisation takes a single scale per operand, and a per-channel range
+    made the plugin fall back to bf16 attention. Coarser steps for the operand with the smaller range:
+    :func:`choose` decides by measured agreement.
+    """
+    groups: dict[str, tuple[Any, dict[int, Any]]] = {}
+    for op in model.get_ops():
+        if op.get_type_name() == "FakeQuantize" and (split := _head_split(op)) is not None:
+            groups.setdefault(split[0].get_friendly_name(), (split[0], {}))[1][split[1]] = op
+    changed = 0
+    for reshape, fqs in groups.values():
+        bounds = [_range(fq) for fq in fqs.values()]
+        source = reshape.input_value(0)
+        if (sorted(fqs) != [0, 1, 2] or None in bounds or len({fq.get_levels() for fq in fqs.values()}) != 1
+                or len(source.get_target_inputs()) != 1):
+            continue
+        a = max(max(-low, high * 128 / 127) for low, high in bounds)  # type: ignore[misc]
+        reshape.input(0).replace_source_output(_fake_quantize(source, -a, a * 127 / 128).output(0))
+        for fq in fqs.values():
+            fq.output(0).replace(fq.input_value(0))
+        changed += 1
+    model.validate_nodes_and_infer_types()
+    return changed
+
+
+def _head_split(fq: Any) -> tuple[Any, int] | None:
+    """(the Reshape, which of Q/K/V) when ``fq`` quantises one third of a fused QKV projection split into heads:
+    FakeQuantize ← Squeeze ← Slice (one index of the leading axis) ← Transpose ← Reshape (…, 3, heads, d)."""
+    nodes, node = [], fq
+    for kind in ("Squeeze", "Slice", "Transpose", "Reshape"):
+        node = node.input_value(0).get_node()
+        if node.get_type_name() != kind:
+            return None
+        nodes.append(node)
+    slice_, reshape = nodes[1], nodes[3]
+    shape = reshape.get_output_partial_shape(0)
+    if shape.rank.get_length() != 5 or shape[2].get_length() != 3 or slice_.get_input_size() < 3:
+        return None
+    start = slice_.input_value(1).get_node()
+    if start.get_type_name() != "Constant" or start.get_data().size != 1:
+        return None
+    return reshape, int(start.get_data().ravel()[0])
+
+
+def _range(fq: Any) -> tuple[float, float] | None:
+    """A FakeQuantize's (low, high) when it is per-tensor with equal input and output ranges, else None."""
+    values = [fq.input_value(i).get_node() for i in range(1, 5)]
+    if any(v.get_type_name() != "Constant" or v.get_data().size != 1 for v in values):
+        return None
+    low, high, out_low, out_high = (float(v.get_data().ravel()[0]) for v in values)
+    return (low, high) if (low, high) == (out_low, out_high) else None
 
 
 def choose(variants: Sequence[Variant], bound: float) -> Variant:

@@ -251,9 +251,10 @@ def quantize_openvino(
     and with ``auroc_phantoms`` the macro AUROC drop on fresh phantoms.
 
     NNCF leaves attention's softmax·V in float; :mod:`radflash.calibration.openvino_attention` makes a
-    second IR with that product in int8 too (ranges from the same calibration images), and the one
-    kept is the faster of the two that meet ``auto``'s agreement bound on the held-out images, timed
-    here (the report gives both). ``out`` defaults to
+    second IR with that product in int8 too (ranges from the same calibration images) and a third
+    that also quantises Q, K and V once on their projection's output, and the IR kept is the fastest
+    of those that meet ``auto``'s agreement bound on the held-out images, timed here (the report
+    gives each). ``out`` defaults to
     :func:`radflash.backends.openvino.int8_model_path` (beside the checkpoint; the cache for the
     embedded demo), where the openvino backend looks for it.
     """
@@ -263,7 +264,7 @@ def quantize_openvino(
     from radflash.util.optional import require
 
     ov = import_openvino()  # telemetry off before NNCF is imported (it sends usage events otherwise)
-    nncf = require("nncf", extra="openvino", purpose="INT8 quantisation for OpenVINO")
+    require("nncf", extra="openvino", purpose="INT8 quantisation for OpenVINO")  # before the slow steps
     model = as_model(model, device="cpu", dtype="float32")
     if images_dir is None and phantoms is None:
         phantoms = 16
@@ -281,19 +282,14 @@ def quantize_openvino(
     calib = [calib_px[i:i + 1].numpy() for i in range(calib_px.shape[0])]
     attentions = openvino_attention.decompose(ov_model)
     bounds = openvino_attention.ranges(ov_model, calib, ov)
-    try:
-        quantized = nncf.quantize(
-            ov_model, nncf.Dataset(calib), subset_size=len(calib), model_type=nncf.ModelType.TRANSFORMER,
-            preset=nncf.QuantizationPreset.MIXED,
-            advanced_parameters=nncf.AdvancedQuantizationParameters(
-                smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=0.95)),
-        )
-    except Exception as exc:  # NNCF raises many types: one user-facing error
-        raise BackendUnavailable(f"NNCF quantisation failed ({type(exc).__name__}: {exc})") from exc
+    quantized = nncf_quantize(ov_model, calib)
     candidates = {"float": quantized}
     if attentions:
         candidates["int8"] = quantized.clone()
         openvino_attention.quantize_products(candidates["int8"], bounds)
+        shared = candidates["int8"].clone()
+        if openvino_attention.share_qkv_range(shared):
+            candidates["int8-shared"] = shared
     with torch.inference_mode():
         ref = model.module.image_tokens(held_px).float()
     variants, paths = _try_variants(model, candidates, out, held_px, ref, ov)
@@ -316,6 +312,22 @@ def quantize_openvino(
     write_report(report, out.with_suffix(".json"), model=model, max_abs_dprob=chosen.max_abs_dprob,
                  attention={"chosen": chosen.attention, "variants": [asdict(v) for v in variants]})
     return report
+
+
+def nncf_quantize(ov_model: Any, calib: Sequence[np.ndarray]) -> Any:
+    """NNCF's post-training quantisation of an OpenVINO model with radflash's recipe (see :func:`quantize_openvino`)."""
+    from radflash.util.optional import require
+
+    nncf = require("nncf", extra="openvino", purpose="INT8 quantisation for OpenVINO")
+    try:
+        return nncf.quantize(
+            ov_model, nncf.Dataset(list(calib)), subset_size=len(calib), model_type=nncf.ModelType.TRANSFORMER,
+            preset=nncf.QuantizationPreset.MIXED,
+            advanced_parameters=nncf.AdvancedQuantizationParameters(
+                smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=0.95)),
+        )
+    except Exception as exc:  # NNCF raises many types: one user-facing error
+        raise BackendUnavailable(f"NNCF quantisation failed ({type(exc).__name__}: {exc})") from exc
 
 
 def _try_variants(model: RadFlashModel, candidates: dict[str, Any], out: Path, held_px: torch.Tensor,

@@ -269,7 +269,7 @@ class OpenVINOBackend:
         return np.concatenate([results[start] for start, _ in chunks])
 
 
-_PASS_THROUGH = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Convert"})
+_PASS_THROUGH = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Convert", "Slice", "StridedSlice"})
 
 
 def float_attention_share(model: Any) -> float:
@@ -291,7 +291,7 @@ def float_attention_share(model: Any) -> float:
 
 
 def _quantised(value: Any) -> bool:
-    """``value`` is a FakeQuantize output, seen through layout-only ops."""
+    """``value`` is a FakeQuantize output, seen through ops that only move or select elements."""
     node = value.get_node()
     while node.get_type_name() in _PASS_THROUGH:
         node = node.input_value(0).get_node()
