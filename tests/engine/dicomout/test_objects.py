@@ -316,4 +316,4 @@ def test_orthanc_accepts_every_object_over_stow(reports: list[tuple[Path, dict]]
         for ds in objects:
             assert stower.exists(ds.StudyInstanceUID, ds.SOPInstanceUID), ds.SOPClassUID.name
     finally:
-        server.stop()
+        server.stop(kill=True)  # teardown: nothing left to close cleanly

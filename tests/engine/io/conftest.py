@@ -15,7 +15,7 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory):
     server = start_or_skip(tmp_path_factory.mktemp("orthanc"))
     server.stored = server.upload(ARCHIVE_FILES)  # type: ignore[attr-defined]
     yield server
-    server.stop()
+    server.stop(kill=True)  # teardown: nothing left to close cleanly
 
 
 @pytest.fixture()
@@ -24,4 +24,4 @@ def fresh_orthanc(tmp_path: Path):
     server = start_or_skip(tmp_path / "pacs")
     server.stored = server.upload(ARCHIVE_FILES)  # type: ignore[attr-defined]
     yield server
-    server.stop()
+    server.stop(kill=True)  # teardown: nothing left to close cleanly

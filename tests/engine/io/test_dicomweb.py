@@ -97,7 +97,7 @@ def test_auth_wrong_and_right(tmp_path_factory: pytest.TempPathFactory, monkeypa
         assert not any(PASSWORD in (r or "") for r in run.status.column("reason").to_pylist())
         assert pc.sum(pc.equal(run.status["status"], "failed")).as_py() in (0, None)
     finally:
-        server.stop()
+        server.stop(kill=True)  # teardown: nothing left to close cleanly
 
 
 def _srs(server) -> list[dict]:
@@ -192,7 +192,7 @@ def test_cli_refusal_is_one_line_without_secrets(tmp_path_factory: pytest.TempPa
         assert "401" in result.output and "Traceback" not in result.output
         assert "not-the-token-xyz" not in result.output
     finally:
-        server.stop()
+        server.stop(kill=True)  # teardown: nothing left to close cleanly
 
 
 def test_instance_that_cannot_be_retrieved_is_failed_and_the_run_goes_on(orthanc, monkeypatch) -> None:

@@ -80,7 +80,7 @@ def pacs(tmp_path_factory: pytest.TempPathFactory, corpus: list[Path]):
     """Orthanc holding the corpus, with the engine's C-MOVE destination registered."""
     server = _start(tmp_path_factory.mktemp("orthanc-dimse"), corpus)
     yield server
-    server.stop()
+    server.stop(kill=True)  # teardown: nothing left to close cleanly
 
 
 @pytest.fixture()
@@ -88,7 +88,7 @@ def fresh_pacs(tmp_path: Path, corpus: list[Path]):
     """A PACS of its own: storing SRs changes what a query lists, so the shared one stays clean."""
     server = _start(tmp_path / "pacs", corpus)
     yield server
-    server.stop()
+    server.stop(kill=True)  # teardown: nothing left to close cleanly
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +292,7 @@ def test_wrong_called_ae_title_and_refused_association(tmp_path: Path, corpus, m
         assert strict.upload(corpus[-2:])  # RG1
         assert list(DimseSource(strict.dimse("calling=KNOWN")).listing())  # the registered AE title may
     finally:
-        strict.stop()
+        strict.stop(kill=True)  # teardown: nothing left to close cleanly
 
 
 def test_archive_that_stops_mid_retrieve_then_resume_completes(fresh_pacs, tmp_path: Path, monkeypatch) -> None:
@@ -430,7 +430,7 @@ def test_pacs_killed_under_an_idle_association_is_noticed_at_once(tmp_path: Path
         store.close()
         assert time.monotonic() - started < 20 and not source.pool.idle and not store.pool.idle
     finally:
-        server.stop()
+        server.stop(kill=True)  # teardown: nothing left to close cleanly
 
 
 def test_dead_association_still_marked_established_is_not_waited_on(tmp_path: Path, corpus) -> None:
@@ -466,7 +466,7 @@ def test_dead_association_still_marked_established_is_not_waited_on(tmp_path: Pa
         assert time.monotonic() - started < 20  # a hang guard: the DIMSE timeout is 60 s
     finally:
         assoc._reactor_checkpoint.set()
-        server.stop()
+        server.stop(kill=True)  # teardown: nothing left to close cleanly
 
 
 def test_out_of_resources_is_retried_with_backoff() -> None:

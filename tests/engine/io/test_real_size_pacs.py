@@ -24,7 +24,7 @@ def pacs(tmp_path_factory: pytest.TempPathFactory, real_size_archive):
     server = start_or_skip(tmp_path_factory.mktemp("pacs"))
     server.upload(list(real_size_archive.files))
     yield server
-    server.stop()
+    server.stop(kill=True)  # teardown: nothing left to close cleanly
 
 
 def sr_count(server) -> int:
