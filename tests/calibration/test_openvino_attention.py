@@ -63,15 +63,27 @@ def test_decompose_keeps_the_towers_output(family: str, cache: Path) -> None:
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_ranges_are_the_activations_maxima_and_the_fake_quantize_nodes_carry_them(family: str, cache: Path) -> None:
+def test_ranges_are_the_maxima_and_the_fake_quantize_nodes_carry_them(family: str, cache: Path) -> None:
+    """ranges: each attention's max probability and max |V|; quantize_products puts them on P and V; then, after
+    NNCF (Q, K), share_qkv_range quantises the QKV projection once with a range covering the three it replaces."""
+    pytest.importorskip("nncf")
     from radflash.backends.openvino import float_attention_share
-    from radflash.calibration.openvino_attention import _products, decompose, quantize_products, ranges
+    from radflash.calibration.openvino_attention import (
+        _head_split,
+        _products,
+        _range,
+        decompose,
+        quantize_products,
+        ranges,
+        share_qkv_range,
+    )
+    from radflash.calibration.quantize import nncf_quantize
 
     model = _model(family)
     ov, ir = _float_ir(model)
     n = decompose(ir)
     size = model.config.image_size
-    batches = [torch.randn(int(torch.randint(1, 3, ())), 3, size, size) for _ in range(2)]
+    batches = [torch.randn(1, 3, size, size) for _ in range(3)]
     bounds = ranges(ir, [b.numpy() for b in batches], ov)
     assert len(bounds) == n
 
@@ -103,48 +115,23 @@ def test_ranges_are_the_activations_maxima_and_the_fake_quantize_nodes_carry_the
     # 8-bit P and V (steps of max/255 and max/128) through a few layers: above float round-off, well below 5%
     assert 1e-5 < rel < 0.05, rel
 
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_share_qkv_range_quantises_the_projection_once_with_a_covering_range(family: str, cache: Path) -> None:
-    """After NNCF (Q, K) and quantize_products (P, V): one FakeQuantize per attention, on the QKV projection's
-    output, whose symmetric range covers the three it replaces; the tower's output stays within 8-bit error."""
-    pytest.importorskip("nncf")
-    from radflash.backends.openvino import float_attention_share
-    from radflash.calibration.openvino_attention import (
-        _head_split,
-        _range,
-        decompose,
-        quantize_products,
-        ranges,
-        share_qkv_range,
-    )
-    from radflash.calibration.quantize import nncf_quantize
-
-    model = _model(family)
-    ov, ir = _float_ir(model)
-    n = decompose(ir)
-    size = model.config.image_size
-    calib = [torch.randn(1, 3, size, size).numpy() for _ in range(3)]
-    bounds = ranges(ir, calib, ov)
-    per_head = nncf_quantize(ir, calib)
+    # NNCF quantises Q and K per head; with P and V that makes three per-head FakeQuantize nodes per attention
+    per_head = nncf_quantize(ir, [b.numpy() for b in batches])
     quantize_products(per_head, bounds)
     before = {}  # reshape name → the per-head ranges of Q, K, V
     for op in per_head.get_ops():
         if op.get_type_name() == "FakeQuantize" and (split := _head_split(op)) is not None:
             before.setdefault(split[0].get_friendly_name(), []).append(_range(op))
     assert len(before) == n and all(len(r) == 3 for r in before.values())
-
     shared = per_head.clone()
     assert share_qkv_range(shared) == n
     assert not [op for op in shared.get_ops() if op.get_type_name() == "FakeQuantize" and _head_split(op)]
     assert float_attention_share(shared) == 0.0
     for op in shared.get_ops():
         if op.get_type_name() == "Reshape" and op.get_friendly_name() in before:
-            fq = op.input_value(0).get_node()
-            low, high = _range(fq)
+            low, high = _range(op.input_value(0).get_node())
             a = max(max(-lo, hi * 128 / 127) for lo, hi in before[op.get_friendly_name()])
             assert (low, high) == pytest.approx((-a, a * 127 / 128), rel=1e-6)
-    x = torch.from_numpy(calib[0])
     ref, got = (torch.from_numpy(_run(ov, m, x)[0]).double() for m in (per_head, shared))
     # a coarser step for Q, K or V: 8-bit error (seen: 0.4–2.5% through the tiny towers), not a clipped range
     assert float((got - ref).norm() / ref.norm()) < 0.1
