@@ -135,7 +135,7 @@ class Orthanc:
                 self.request("GET", "/system")
                 return self
             except (urllib.error.URLError, ConnectionError, OSError):
-                time.sleep(0.2)
+                time.sleep(0.05)
         raise RuntimeError("Orthanc did not answer /system in time")
 
     def stop(self, *, kill: bool = False) -> None:

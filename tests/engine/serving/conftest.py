@@ -62,7 +62,7 @@ class NodeProc:
                     return self
             except OSError:
                 pass
-            time.sleep(0.2)
+            time.sleep(0.05)
         raise RuntimeError(f"node not ready in {timeout:g} s: {self.log.read_text()[-3000:]}")
 
     def request(self, method: str, path: str, data: bytes | None = None, headers: dict | None = None,
