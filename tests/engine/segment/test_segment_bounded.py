@@ -35,19 +35,11 @@ TIMING_KEYS = ("started", "finished", "elapsed_s")
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from radflash.checkpoints.factory import random_checkpoint
-    from radflash.checkpoints.format import save_checkpoint
-
-    return save_checkpoint(random_checkpoint("tiny", seed=0, model_id="random-tiny"),
-                           tmp_path_factory.mktemp("ckpt") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_ckpt: Path):
+def model(tiny_model: Path):
+    """The session's tiny checkpoint (tests/engine/conftest.py), loaded once for this module."""
     from radflash.api import load
 
-    return load(tiny_ckpt, device="cpu")
+    return load(tiny_model, device="cpu")
 
 
 def random_png(path: Path) -> Path:
@@ -150,12 +142,12 @@ class Census:
                 "InputFailure": live["InputFailure"], "holders": holders}
 
 
-def test_per_image_state_does_not_grow_with_the_archive(tiny_model, tmp_path: Path) -> None:
+def test_per_image_state_does_not_grow_with_the_archive(model, tmp_path: Path) -> None:
     found = {}
     for n in (3, 12):
         archive = dicom_archive(tmp_path / f"in{n}", n)
         census = Census(n)
-        run = segment([archive], tmp_path / f"out{n}", prompts=PROMPTS, model=tiny_model, progress=False,
+        run = segment([archive], tmp_path / f"out{n}", prompts=PROMPTS, model=model, progress=False,
                       formats=("dicom-seg",), observer=census, workers=0, batch_size=2)
         assert census.seen == n and run.counts == {"segmented": n, "skipped": 0, "failed": 2, "partial": 0}
         assert isinstance(run.images, SpilledList) and isinstance(run.failures, SpilledList)
@@ -193,10 +185,10 @@ def test_ledger_sequences_sets_and_counters(tmp_path: Path) -> None:
 
 
 # ---- (b) the report is what it was -------------------------------------------------------------
-def test_report_equals_one_built_from_the_per_image_files(tiny_model, tmp_path: Path) -> None:
+def test_report_equals_one_built_from_the_per_image_files(model, tmp_path: Path) -> None:
     archive = png_archive(tmp_path / "in", 10)
     out = tmp_path / "out"
-    run = segment([archive], out, prompts=PROMPTS, model=tiny_model, progress=False, formats=("png",),
+    run = segment([archive], out, prompts=PROMPTS, model=model, progress=False, formats=("png",),
                   workers=0, batch_size=3)
     text = (out / "report.json").read_text(encoding="utf-8")
     report = json.loads(text)
@@ -247,9 +239,9 @@ def folder_state(out: Path) -> dict[str, object]:
     return state
 
 
-def test_crashed_run_keeps_its_record_and_a_rerun_equals_an_uninterrupted_one(tiny_model, tmp_path: Path) -> None:
+def test_crashed_run_keeps_its_record_and_a_rerun_equals_an_uninterrupted_one(model, tmp_path: Path) -> None:
     archive = png_archive(tmp_path / "in", 8)
-    args = dict(prompts=PROMPTS, model=tiny_model, progress=False, formats=("png", "npz"), workers=0, batch_size=3)
+    args = dict(prompts=PROMPTS, model=model, progress=False, formats=("png", "npz"), workers=0, batch_size=3)
     segment([archive], tmp_path / "whole", **args)
     out = tmp_path / "crashed"
     with pytest.raises(Crash):
@@ -278,11 +270,11 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sigkilled_run_leaves_valid_files_and_no_scratch(tiny_ckpt: Path, tiny_model, tmp_path: Path) -> None:
+def test_sigkilled_run_leaves_valid_files_and_no_scratch(tiny_model: Path, model, tmp_path: Path) -> None:
     archive = png_archive(tmp_path / "in", 6, n_broken=0)
     out = tmp_path / "out"
     script = KILL_SCRIPT.format(prompts=PROMPTS)
-    proc = subprocess.run([sys.executable, "-c", script, str(archive), str(out), str(tiny_ckpt)],
+    proc = subprocess.run([sys.executable, "-c", script, str(archive), str(out), str(tiny_model)],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     written = sorted(out.glob("*/result.json"))
@@ -290,7 +282,7 @@ def test_sigkilled_run_leaves_valid_files_and_no_scratch(tiny_ckpt: Path, tiny_m
     assert not list(out.glob(f"*{LEDGER_SUFFIX}"))  # the ledger was unlinked when opened
     for path in written:
         json.loads(path.read_text(encoding="utf-8"))
-    args = dict(prompts=PROMPTS, model=tiny_model, progress=False, formats=("png",), workers=0, batch_size=2)
+    args = dict(prompts=PROMPTS, model=model, progress=False, formats=("png",), workers=0, batch_size=2)
     segment([archive], out, **args)
     segment([archive], tmp_path / "whole", **args)
     assert folder_state(out) == folder_state(tmp_path / "whole")
