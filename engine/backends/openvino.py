@@ -206,6 +206,7 @@ class OpenVINOBackend:
             raise BackendUnavailable("the openvino backend runs on the CPU; this model is on "
                                      f"{model.device} (use --device cpu)")
         self.precision = precision
+        self._float_attention: float | None = None
         self.out_dtype = model.dtype
         self.image_size = model.config.image_size
         if model_path is None and precision == "int8":
@@ -238,8 +239,11 @@ class OpenVINOBackend:
                  self.hint, self.threads, self.requests, ", compiled blob from cache" if self.loaded_from_cache else "")
 
     def float_attention(self) -> float:
-        """:func:`float_attention_share` of this backend's IR (read again from disk: only the bench asks)."""
-        return float_attention_share(import_openvino().Core().read_model(str(self.ir_path)))
+        """:func:`float_attention_share` of this backend's IR (read from disk once, on the first ask: only the bench
+        asks, once per row)."""
+        if self._float_attention is None:
+            self._float_attention = float_attention_share(import_openvino().Core().read_model(str(self.ir_path)))
+        return self._float_attention
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.ndim != 4 or pixels.shape[1:] != (3, self.image_size, self.image_size):

@@ -58,7 +58,7 @@ def test_quantize_openvino_writes_beside_the_checkpoint_and_the_backend_finds_it
     assert "attention P·V:" in res.output and not list(xml.parent.glob(".*.tmp.*"))  # no temporary IR left
 
     backend = make_backend("openvino", model, precision="int8")  # found beside the checkpoint
-    assert backend.ir_path == xml
+    assert backend.ir_path == xml and backend.float_attention() == float_attention_share(kept)  # what the bench reads
     from radflash.synthetic.phantoms import generate_batch
 
     # held-out images from the calibration's distribution (fresh phantoms, not the ones calibrated on)

@@ -41,6 +41,7 @@ def test_profile_finds_one_attention_per_layer_and_groups_every_node(family: str
     cfg = dataclasses.replace(preset(name), image_size=size)
     model = RadFlashModel(random_checkpoint(cfg, seed=int(torch.randint(0, 2**31, ()))), device="cpu")
     backend = OpenVINOBackend(model, precision="fp32")
+    assert backend.float_attention() == 1.0  # a float IR: every attention product in float
     ov = import_openvino()
     compiled = ov.Core().compile_model(str(backend.ir_path), "CPU", backend.config)
     assert len(attention_nodes(compiled)) == cfg.vision.layers + cfg.align_layers  # one per transformer layer
