@@ -169,7 +169,7 @@ def profile_lines(candidates: dict[str, Any], pixels: torch.Tensor, rates: dict[
                   attention: float) -> list[str]:
     """Per OpenVINO row (radflash's settings and auto's), where a batch's time goes by the plugin's own counters."""
     from radflash.backends.openvino import OpenVINOBackend
-    from radflash.bench.harness import float_attention, unquantised_precision
+    from radflash.bench.harness import float_attention, mixed_rate, unquantised_precision
     from radflash.bench.openvino_profile import profile
 
     lines = ["| OpenVINO row | group | ms per batch | share | achieved G(FL)OP/s | fraction of |",
@@ -187,7 +187,7 @@ def profile_lines(candidates: dict[str, Any], pixels: torch.Tensor, rates: dict[
             else:  # Q·Kᵀ in int8, P·V in the rest precision: the bound of that mix
                 prec = f"int8 Q·Kᵀ + {rest} P·V" if share == 0.5 else f"int8 + {share:.0%} {rest}"
                 rate = (None if "int8" not in rates or rest not in rates
-                        else 1 / ((1 - share) / rates["int8"] + share / rates[rest]))
+                        else mixed_rate(rates["int8"], rates[rest], share))
             of = "—" if g.rate is None or rate is None else f"{g.rate / rate:.0%} of {prec}"
             achieved = "—" if g.rate is None else f"{g.rate / 1e9:.0f}"
             lines.append(f"| {name} | {g.name} | {1e3 * g.seconds:.1f} | {g.share:.0%} | {achieved} | {of} |")

@@ -6,17 +6,18 @@ f32: on a Zen 4 with VNNI that made attention 35% of the base tower's time at th
 its weight GEMMs ran at the int8 rate. The plugin runs the whole kernel in int8 once P and V also
 arrive through FakeQuantize nodes it can fold (P unsigned on [0, max], V signed and symmetric),
 which NNCF never inserts for SDPA. This module inserts them, from ranges calibrated on the same
-images as NNCF's, in three steps:
+images as NNCF's:
 
 - :func:`decompose`: each ``ScaledDotProductAttention`` into MatMul(Q, Kᵀ)·scale → Softmax →
   MatMul(·, V), before NNCF (which then quantises Q and K as it did the SDPA's inputs);
 - :func:`ranges`: per attention, the largest softmax probability and the largest |V| seen on the
   calibration images, reduced inside the graph (a 518² base tower's probabilities are 90 MB per
   layer per image);
-- :func:`quantize_products`: the FakeQuantize pair on each attention's P and V.
+- :func:`quantize_products`: the FakeQuantize pair on each attention's P and V;
+- :func:`share_qkv_range`: then Q, K and V quantised once, on the QKV projection's output.
 
 Whether the result is used is measured, not assumed (:func:`choose`): it must agree with float32
-within the same bound ``auto`` applies, and be faster than attention with float P·V on the machine
+within the same bound ``auto`` applies, and be faster than NNCF's own IR on the machine
 that quantises (a CPU without int8 kernels for the fused attention would run the new nodes as
 extra work).
 """
@@ -38,7 +39,7 @@ class Variant:
 
     attention: str  # "float": NNCF's own (Q·Kᵀ int8, P·V float); "int8": P·V too; "int8-shared": and one QKV range
     max_abs_dprob: float
-    seconds: float  # median per held-out batch on this machine
+    seconds: float  # median per held-out image on this machine
 
 
 def _ops() -> Any:

@@ -292,22 +292,20 @@ def quantize_openvino(
             candidates["int8-shared"] = shared
     with torch.inference_mode():
         ref = model.module.image_tokens(held_px).float()
-    variants, paths = _try_variants(model, candidates, out, held_px, ref, ov)
+    variants, paths, tokens = _try_variants(model, candidates, out, held_px, ref, ov)
     chosen = openvino_attention.choose(variants, AGREEMENT)
     keep = paths.pop(chosen.attention)
     keep.with_suffix(".bin").replace(out.with_suffix(".bin"))  # the .bin first: a reader never sees a new
     keep.replace(out)  # .xml beside an old .bin
     _remove_ir(*paths.values())
     seconds = time.perf_counter() - start
-    int8 = OpenVINOBackend(model, precision="int8", model_path=out)
-    with torch.inference_mode():
-        got = int8.encode(held_px).float()
-    err = (got - ref).abs()
+    err = (tokens[chosen.attention] - ref).abs()
     report = QuantReport(out, "openvino-nncf", calib_px.shape[0], held_px.shape[0], float(err.max()),
                          float(err.mean()), float(ref.abs().max()), seconds)
     report.notes.append(f"max |Δprob| vs float32 on the held-out images: {chosen.max_abs_dprob:.4f}")
     report.notes.append(_attention_line(variants, chosen))
     if auroc_phantoms:
+        int8 = OpenVINOBackend(model, precision="int8", model_path=out)
         _measure_auroc(report, model, int8, auroc_phantoms, seed=auroc_seed)
     write_report(report, out.with_suffix(".json"), model=model, max_abs_dprob=chosen.max_abs_dprob,
                  attention={"chosen": chosen.attention, "variants": [asdict(v) for v in variants]})
@@ -331,10 +329,11 @@ def nncf_quantize(ov_model: Any, calib: Sequence[np.ndarray]) -> Any:
 
 
 def _try_variants(model: RadFlashModel, candidates: dict[str, Any], out: Path, held_px: torch.Tensor,
-                  ref: torch.Tensor, ov: Any) -> tuple[list[Variant], dict[str, Path]]:
+                  ref: torch.Tensor, ov: Any) -> tuple[list[Variant], dict[str, Path], dict[str, torch.Tensor]]:
     """Save each candidate IR beside ``out`` (temporary names) and measure it: max |Δprob| against float32
     on the held-out images, then the median of :data:`TIMED_ROUNDS` interleaved calls on one of them (the
-    agreement batch is each one's warm-up). The caller keeps one file and removes the others."""
+    agreement batch is each one's warm-up). Also returns each one's held-out tokens. The caller keeps one
+    file and removes the others."""
     import os
 
     from radflash.backends.openvino import OpenVINOBackend
@@ -343,14 +342,14 @@ def _try_variants(model: RadFlashModel, candidates: dict[str, Any], out: Path, h
     with torch.inference_mode():
         ref_probs = model.score(tokens=ref, prompts=prompts).probs
     paths = {name: out.with_name(f".{out.stem}.{name}.{os.getpid()}.tmp.xml") for name in candidates}
-    backends, dprob = {}, {}
+    backends, dprob, tokens = {}, {}, {}
     try:
         for name, candidate in candidates.items():
             ov.save_model(candidate, str(paths[name]), compress_to_fp16=False)
             backends[name] = OpenVINOBackend(model, precision="int8", model_path=paths[name], cache=False)
             with torch.inference_mode():
-                got = backends[name].encode(held_px).float()
-                dprob[name] = float((model.score(tokens=got, prompts=prompts).probs - ref_probs).abs().max())
+                tokens[name] = backends[name].encode(held_px).float()
+                dprob[name] = float((model.score(tokens=tokens[name], prompts=prompts).probs - ref_probs).abs().max())
         times: dict[str, list[float]] = {name: [] for name in candidates}
         for _ in range(TIMED_ROUNDS):
             for name, backend in backends.items():
@@ -360,7 +359,7 @@ def _try_variants(model: RadFlashModel, candidates: dict[str, Any], out: Path, h
     except BaseException:
         _remove_ir(*paths.values())
         raise
-    return [Variant(name, dprob[name], float(np.median(times[name]))) for name in candidates], paths
+    return [Variant(name, dprob[name], float(np.median(times[name]))) for name in candidates], paths, tokens
 
 
 def _remove_ir(*paths: Path) -> None:

@@ -110,10 +110,15 @@ def int8_yardsticks(cfg: Any, image_size: int, rates: dict[str, float], *, rest:
     unquantised = encoder_attention_flops(cfg, image_size) * float_share
     if "int8" in rates and rest in rates and unquantised > 0:
         what = "attention" if float_share == 1 else "P·V" if float_share == 0.5 else f"{float_share:.0%} of attention"
-        out[f"int8 GEMMs + {rest} {what}"] = total / ((total - unquantised) / rates["int8"] + unquantised / rates[rest])
+        out[f"int8 GEMMs + {rest} {what}"] = mixed_rate(rates["int8"], rates[rest], unquantised / total)
     if INT8_DYNAMIC in rates:
         out["int8 dynamic Linear"] = rates[INT8_DYNAMIC]
     return out
+
+
+def mixed_rate(int8: float, rest: float, float_share: float) -> float:
+    """The rate of work whose ``float_share`` runs at ``rest`` and the remainder at ``int8`` (time adds up)."""
+    return 1 / ((1 - float_share) / int8 + float_share / rest)
 
 
 def float_attention(backend: Any) -> float:
