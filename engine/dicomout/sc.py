@@ -19,15 +19,16 @@ from radflash.dicomout import ObjectError
 from radflash.dicomout.equipment import Equipment
 from radflash.dicomout.header import with_type2
 from radflash.dicomout.text import lo
-from radflash.dicomout.uids import SC_SERIES_NUMBER
+from radflash.dicomout.uids import SC_SERIES_NUMBER, instance_number_for
 
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSIS"
 
 
 def build_overlay_sc(header: Any, rgb: np.ndarray, *, equipment: Equipment, series_uid: str, sop_uid: str,
-                     instance_number: int = 1, series_number: int = SC_SERIES_NUMBER,
+                     instance_number: int | None = None, series_number: int = SC_SERIES_NUMBER,
                      description: str = "radflash overlay") -> Any:
-    """The Secondary Capture of ``rgb`` (H×W×3 uint8, the source's size) for the image ``header``."""
+    """The Secondary Capture of ``rgb`` (H×W×3 uint8, the source's size) for the image ``header``;
+    ``instance_number`` None derives it from that image (:func:`radflash.dicomout.uids.instance_number_for`)."""
     import highdicom as hd
     from pydicom.dataset import Dataset
     from pydicom.sr.codedict import codes
@@ -39,6 +40,8 @@ def build_overlay_sc(header: Any, rgb: np.ndarray, *, equipment: Equipment, seri
         raise ObjectError(f"overlay: source is {header.Rows}×{header.Columns}, "
                           f"overlay is {rgb.shape[0]}×{rgb.shape[1]}")
     src = with_type2(header)
+    if instance_number is None:
+        instance_number = instance_number_for(str(src.get("SOPInstanceUID", "") or sop_uid))
     orientation = src.get("PatientOrientation")
     known = orientation is not None and len(orientation) == 2 and all(orientation)
     try:

@@ -19,7 +19,7 @@ from radflash.dicomout.codes import finding_code
 from radflash.dicomout.equipment import Equipment
 from radflash.dicomout.header import fill_type2
 from radflash.dicomout.text import ascii_text, lo
-from radflash.dicomout.uids import SEG_SERIES_NUMBER
+from radflash.dicomout.uids import SEG_SERIES_NUMBER, instance_number_for
 
 
 @dataclass(frozen=True)
@@ -33,11 +33,12 @@ class SegmentInfo:
 
 @dataclass(frozen=True)
 class SegSeries:
-    """Series the SEG instance belongs to (one per source study and run) and its number in it."""
+    """Series the SEG instance belongs to (one per source study, model and prompt set) and its number
+    in it (None: derived from the source image, :func:`radflash.dicomout.uids.instance_number_for`)."""
 
     series_instance_uid: str
     series_number: int = SEG_SERIES_NUMBER
-    instance_number: int = 1
+    instance_number: int | None = None
     sop_instance_uid: str | None = None  # None: a fresh UID (segment derives it: radflash.dicomout.uids.seg_uids)
 
 
@@ -86,6 +87,9 @@ def build_seg(header: Any, masks: np.ndarray, segments: Sequence[SegmentInfo], *
             algorithm_identification=algorithm,
         ))
     series = series or SegSeries(hd.UID())
+    number = series.instance_number
+    if number is None:
+        number = instance_number_for(str(header.SOPInstanceUID))
     extra = {}
     if "FrameOfReferenceUID" not in header:
         # Projection radiographs (CR/DX) have no frame of reference; highdicom then writes a
@@ -102,7 +106,7 @@ def build_seg(header: Any, masks: np.ndarray, segments: Sequence[SegmentInfo], *
             series_instance_uid=series.series_instance_uid,
             series_number=series.series_number,
             sop_instance_uid=series.sop_instance_uid or hd.UID(),
-            instance_number=series.instance_number,
+            instance_number=number,
             manufacturer=equipment.manufacturer,
             manufacturer_model_name=equipment.model_name,
             software_versions=equipment.version,

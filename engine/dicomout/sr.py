@@ -30,7 +30,7 @@ from radflash.dicomout.codes import finding_code
 from radflash.dicomout.equipment import Equipment
 from radflash.dicomout.header import with_type2
 from radflash.dicomout.text import ascii_text, lo
-from radflash.dicomout.uids import SR_SERIES_NUMBER, tracking_uid
+from radflash.dicomout.uids import SR_SERIES_NUMBER, instance_number_for, tracking_uid
 
 PROBABILITY_UNIT = ("{probability}", "UCUM", "probability")  # UCUM "1" with an annotation: a ratio in [0, 1]
 PROJECTION_MODALITIES = ("CR", "DX", "MG", "RG", "PX", "IO", "XA", "RF")
@@ -54,7 +54,7 @@ class FindingResult:
 
 
 def build_report(source: Any, findings: Sequence[FindingResult], *, equipment: Equipment, series_uid: str,
-                 sop_uid: str, series_number: int = SR_SERIES_NUMBER, instance_number: int = 1,
+                 sop_uid: str, series_number: int = SR_SERIES_NUMBER, instance_number: int | None = None,
                  segmentation: Any = None, aggregate: str | None = None,
                  series_description: str = "radflash findings") -> Any:
     """A Comprehensive SR holding a TID 1500 report of ``findings`` for the image ``source`` (its
@@ -64,6 +64,8 @@ def build_report(source: Any, findings: Sequence[FindingResult], *, equipment: E
     ``segment_number`` then become TID 1410 groups that reference its segment, and the SEG joins
     the report's evidence. ``aggregate`` names how the probability was derived from a map
     (``"max"``: the peak of segment's probability map), else it is the image-level score.
+    ``instance_number`` None derives it from the source image (:func:`radflash.dicomout.uids.instance_number_for`):
+    the reports of one study's images then differ in it, whichever run or batch wrote them.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -106,9 +108,10 @@ def build_report(source: Any, findings: Sequence[FindingResult], *, equipment: E
     if not complete:
         _insert_image_library(report, header)
     evidence = [header] + ([segmentation] if segmentation is not None else [])
+    number = instance_number_for(str(header.SOPInstanceUID)) if instance_number is None else instance_number
     sr = hd.sr.ComprehensiveSR(
         evidence=evidence, content=report[0], series_instance_uid=series_uid, series_number=series_number,
-        sop_instance_uid=sop_uid, instance_number=instance_number, manufacturer=equipment.manufacturer,
+        sop_instance_uid=sop_uid, instance_number=number, manufacturer=equipment.manufacturer,
         is_complete=True, series_description=lo(series_description))
     if segmentation is not None:
         single = {str(header.SOPInstanceUID)} if int(header.get("NumberOfFrames", 1) or 1) == 1 else set()

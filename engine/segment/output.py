@@ -67,17 +67,16 @@ class OutputWriter:
                  preview: bool, *, header_of: Callable[[DecodedItem], Any] | None = None,
                  overlay: str | None = None,
                  counters: Callable[[str], MutableMapping[str, int]] | None = None) -> None:
-        """``counters(kind)`` gives the per-study instance counters (a dict by default; ``segment``
-        keeps them in its ledger, so they do not grow in memory with the studies of an archive)."""
+        """``counters`` is ignored (callers that kept per-study instance counters may still pass it):
+        an object's InstanceNumber derives from its source image
+        (:func:`radflash.dicomout.uids.instance_number_for`), so separate writers (``serve``'s batches, a
+        ``--resume``) give one study's objects distinct numbers, the same on every rerun."""
         from radflash.archive.stow import prompt_set_key
 
         self.out, self.rf, self.specs, self.formats, self.preview = out, rf, specs, formats, preview
         self.overlay = overlay  # "sc": the preview as a DICOM Secondary Capture (overlay-sc.dcm)
-        counter = counters or (lambda kind: {})
-        self._sc_instances = counter("overlay-sc")  # study UID → overlay SCs so far
         self.header_of = header_of  # a source DICOM header when the source is no file (DICOMweb)
         self.prompts_key = prompt_set_key([(s.name, s.prompt, s.threshold) for s in specs])
-        self._instances = counter("dicom-seg")  # study UID → SEG instances so far (the instance number)
 
     def path(self, name: str, filename: str) -> Path:
         return inside(self.out, name, filename)
@@ -146,17 +145,16 @@ class OutputWriter:
 
         study, sop = item.meta.study_instance_uid, item.meta.sop_instance_uid
         require("highdicom", extra="seg", purpose="DICOM SEG output")
-        n = self._instances.get(study or "", 0) + 1
-        self._instances[study or ""] = n
         # UIDs from the source image, the model and the prompt set: a re-run makes the same SEG
-        # (same UIDs), which is what lets `--store` skip what a PACS already holds
+        # (same UIDs), which is what lets `--store` skip what a PACS already holds; its instance
+        # number is derived from the source image too (build_seg: instance_number_for)
         series_uid, sop_uid = seg_uids(sop or "", study or "", self.rf.sha256 or "", self.prompts_key)
         header = self.header_of(item) if self.header_of is not None else None
         path = write_dicom_seg(
             self.path(name, "seg.dcm"), item.meta, masks,
             [SegmentInfo(s.name, s.prompt, s.threshold) for s in self.specs],
             model_id=self.rf.model_id, model_sha256=self.rf.sha256 or "",
-            series=SegSeries(series_uid, instance_number=n, sop_instance_uid=sop_uid if sop else None),
+            series=SegSeries(series_uid, sop_instance_uid=sop_uid if sop else None),
             header=header, family=getattr(self.rf, "family", ""),
         )
         return path
@@ -187,26 +185,25 @@ class OutputWriter:
 
     def _sc(self, item: DecodedItem, name: str, result: ImageResult, masks: np.ndarray) -> Path:
         """The overlay Secondary Capture: same picture as the preview, in the source's study."""
-        from radflash.dicomout.uids import sc_uids
+        from radflash.dicomout.uids import instance_number_for, sc_uids
         from radflash.segment import writers as sw
 
         meta = item.meta
         assert meta is not None
         study, sop = meta.study_instance_uid or "", meta.sop_instance_uid or ""
-        n = self._sc_instances.get(study, 0) + 1
-        self._sc_instances[study] = n
         series_uid, sop_uid = sc_uids(sop, study, self.rf.sha256 or "", self.prompts_key)
         if not sop:  # no source UID to derive from: a fresh one, never a UID shared by two images
             from pydicom.uid import generate_uid
 
             sop_uid = str(generate_uid())
+        number = instance_number_for(sop or sop_uid)  # as the SEG's and SR's: from the source image
         header = self.header_of(item) if self.header_of is not None else meta.source_dataset()
         overlays = [sw.Overlay(s.name, masks[t], g.point, g.bbox, g.max_prob)
                     for t, s in enumerate(self.specs) for g in [result.groundings[s.name]]]
         return sw.write_overlay_sc(self.path(name, "overlay-sc.dcm"), header, item.pixels, overlays,
                                    model_id=self.rf.model_id, model_sha256=self.rf.sha256 or "",
                                    family=getattr(self.rf, "family", ""), series_uid=series_uid,
-                                   sop_uid=sop_uid, instance_number=n)
+                                   sop_uid=sop_uid, instance_number=number)
 
 
 # ---- records and report ------------------------------------------------------------------------

@@ -405,7 +405,7 @@ class Node:
         def header_of(item: DecodedItem) -> Any:  # the spooled instance's own header
             return pydicom.dcmread(item.source, stop_before_pixels=True, force=True)
 
-        # one writer per batch: its per-study instance counters then never grow with the node's uptime
+        # one writer per batch; it keeps no per-study state (instance numbers derive from each source image)
         writer = OutputWriter(self.journal.results_root, model, self.seg_specs, ("dicom-seg",), False,
                               header_of=header_of, overlay=self.options.overlay)
         for j, d in enumerate(items):

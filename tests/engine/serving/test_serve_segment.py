@@ -111,6 +111,47 @@ def test_segment_and_overlay_reach_every_target_once_and_validate(tmp_path: Path
         archive.stop(kill=True)
 
 
+@pytest.mark.slow  # ~25 s: an Orthanc, a node started twice
+def test_one_study_over_batches_and_a_restart_gets_distinct_instance_numbers(tmp_path: Path, nodes) -> None:
+    """Three films of one study, each in its own batch (``--max-batch 1``), the last after a restart:
+    each batch has its own writer, yet the SR, SEG and SC series each number them apart, with the
+    numbers derived from the source films (the same on any rerun)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from radflash.archive.verb import DEMO_ARCHIVE
+    from radflash.dicomout.uids import instance_number_for
+
+    study = generate_uid(entropy_srcs=["serve-instance-number-study"])
+    films = []
+    for i in range(3):  # one CR film three times in one study (Series and Instance Number 1 in each)
+        ds = pydicom.dcmread(DEMO_ARCHIVE / "patient02" / "study0" / "img002.dcm")
+        ds.StudyInstanceUID = study
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["serve-film", str(i)])
+        films.append(tmp_path / f"film{i}.dcm")
+        ds.save_as(films[-1])
+    pacs = orthanc_or_skip(tmp_path / "pacs")
+    try:
+        flags = ("--segment", PROMPTS[0], "--segment", PROMPTS[1], "--overlay", "sc", "--forward", pacs.dicomweb,
+                 "--max-batch", "1")
+        node = nodes("node", *flags).start()
+        assert stored_by(storescu(node.dicom_port, films[:2])) == 2
+        node.wait_for(lambda: node.counts()["forwarded"] == 2, 90, "the first two films' results")
+        assert node.terminate() == 0
+        node = nodes("node", *flags).start()  # the same state: the node restarted
+        assert stored_by(storescu(node.dicom_port, films[2:])) == 1
+        node.wait_for(lambda: node.counts()["forwarded"] == 3, 90, "the third film's results")
+        want = sorted(instance_number_for(uids(f)[0]) for f in films)
+        assert len(set(want)) == 3
+        for modality in ("SR", "SEG", "OT"):
+            objects = _instances(pacs, modality)
+            assert len({str(o.SeriesInstanceUID) for o in objects}) == 1, modality  # one series in the study
+            assert sorted(int(o.InstanceNumber) for o in objects) == want, modality
+        assert node.terminate() == 0
+    finally:
+        pacs.stop(kill=True)
+
+
 def test_overlay_without_segment_and_a_blank_prompt_are_usage_errors(tmp_path: Path) -> None:
     from radflash.errors import InputError
     from radflash.serving.options import ServeOptions
