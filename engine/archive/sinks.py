@@ -31,7 +31,7 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -220,18 +220,27 @@ class PartStore:
         if resume and used and not (out / MANIFEST).is_file():
             raise InputError(f"{out}: not a radflash score output (no {MANIFEST}); refusing to resume into it")
 
-    def open(self) -> pa.Table:
-        """Create the folders, delete uncommitted ``.tmp`` files and return the committed rows."""
+    def open(self) -> None:
+        """Create the folders, delete uncommitted ``.tmp`` files and check the committed parts' columns.
+
+        Only the parts' footers are read: a resume reads its committed rows part by part
+        (:meth:`committed`), so opening a folder of any size costs no more memory than one part.
+        """
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         for tmp in self.parts_dir.glob(".*.tmp"):
             tmp.unlink()
-        committed = self.read_parts()
+        for p in self.part_files():
+            self._check_columns(p, pq.read_schema(p).names)
         self._next = max((int(m.group(1)) + 1 for p in self.part_files() if (m := _PART_RE.match(p.name))),
                          default=0)
-        return committed
 
     def part_files(self) -> list[Path]:
         return sorted(p for p in self.parts_dir.glob("part-*.parquet") if _PART_RE.match(p.name))
+
+    def committed(self, columns: Sequence[str]) -> Iterator[pa.Table]:
+        """The committed rows' ``columns`` (``path``, ``status``...), one part at a time."""
+        for p in self.part_files():
+            yield pq.read_table(p, columns=list(columns))
 
     def read_parts(self) -> pa.Table:
         schema = self.spec.schema()
@@ -241,11 +250,20 @@ class PartStore:
             for c in DEBUG_COLUMNS:  # a part written before the debug column existed: unknown there
                 if c not in t.schema.names and c in schema.names:
                     t = t.add_column(schema.get_field_index(c), c, pa.nulls(t.num_rows, pa.string()))
-            if t.schema.names != schema.names:
-                raise InputError(f"{p}: columns differ from this run's (other findings or --include-phi?); "
-                                 f"resume with the original options or use a new output folder")
+            self._check_columns(p, t.schema.names)
             tables.append(t.cast(schema))
         return pa.concat_tables(tables) if tables else schema.empty_table()
+
+    def _check_columns(self, part: Path, names: Sequence[str]) -> None:
+        """A part's columns must be this run's (a missing debug column is allowed: read as unknown)."""
+        expected = self.spec.schema().names
+        names = list(names)
+        for c in DEBUG_COLUMNS:
+            if c not in names and c in expected:
+                names.insert(expected.index(c), c)
+        if names != expected:
+            raise InputError(f"{part}: columns differ from this run's (other findings or --include-phi?); "
+                             f"resume with the original options or use a new output folder")
 
     # ---- writing ----------------------------------------------------------------------------
     def commit(self, records: Sequence[FileRecord]) -> Path | None:

@@ -17,7 +17,7 @@ import platform
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from radflash.archive.committed import CommittedKeys, read_committed
 from radflash.archive.decode_check import agreement, decode_settings
 from radflash.archive.options import OutputOptions, ScoreOptions
 from radflash.archive.pipeline import PipelineConfig, PipelineStats, PromptSet, run_pipeline
@@ -204,14 +205,17 @@ def run_score(options: ScoreOptions) -> ScoreRun:
         manifest = _manifest(o, rf_model, prompt_set, source, demo, started, calibrated=calibrated)
 
         # ---- output / resume → sink ----------------------------------------------------------
-        table, done, committed_before = _open_output(o.output, spec, manifest)
-        initial_counts = _done_counts(table, o.output.output)
+        table, done, initial_counts = _open_output(o.output, spec, manifest)
+        committed_before = sum(initial_counts.values())
         store = table if o.store is None else open_store(o.store, table, source, prompt_set, rf_model, o.source.auth)
         sink = _SerialSink(store)  # unread entries are committed by the walk (the decode feed), rows by the pipeline
         todo = retrieved_items(source, intake.todo(done, sink, group=o.output.commit_every))
 
         # ---- execute ---------------------------------------------------------------------------
-        stats = _execute(o, todo, rf_model, prompt_set, spec, sink, manifest, initial_counts)
+        try:
+            stats = _execute(o, todo, rf_model, prompt_set, spec, sink, manifest, initial_counts)
+        finally:
+            done.close()  # the source has been walked: the committed keys' index is no longer read
         sink.commit([FileRecord(path=key, status="failed", reason=why)
                      for key, why in retrieval_failures(source)])  # instances the server would not give
         if intake.already:
@@ -294,26 +298,26 @@ def _manifest(o: ScoreOptions, rf_model: RadFlashModel, prompt_set: PromptSet, s
 
 
 def _open_output(out: OutputOptions, spec: TableSpec, manifest: dict[str, Any]
-                 ) -> tuple[PartStore | MemoryStore, set[str], int]:
-    """The table sink, the keys an earlier run committed, and how many rows that was.
+                 ) -> tuple[PartStore | MemoryStore, CommittedKeys, dict[str, int]]:
+    """The table sink, the keys an earlier run committed (on disk: :mod:`radflash.archive.committed`)
+    and its committed rows per status (empty without a folder).
 
     A folder run checks a resumed run's settings against the earlier manifest, opens the
     committed parts and writes this run's manifest before anything new is committed.
     """
     if out.output is None:
-        return MemoryStore(spec), set(), 0
+        return MemoryStore(spec), CommittedKeys(None), {}
     previous = read_manifest(out.output) if out.resume else None
     if previous is not None:
         _check_resumable(previous, manifest, out.output)
         manifest["resumed_from"] = previous.get("started")
         manifest["runs"] = int(previous.get("runs", 1)) + 1
     store = PartStore(out.output, spec)
-    committed = store.open()
-    keys = committed.column("path").to_pylist()
+    store.open()
     # files by resolved path (see _done_key); items without a path by their key
-    done = {resume_key(path_from_text(k)) for k in keys} | set(keys)
+    done, counts = read_committed(store, lambda key: resume_key(path_from_text(key)))
     write_manifest(out.output, manifest)
-    return store, done, committed.num_rows
+    return store, done, counts
 
 
 def _execute(o: ScoreOptions, todo: Iterable[SourceItem], rf_model: RadFlashModel, prompt_set: PromptSet,
@@ -389,7 +393,7 @@ class _Intake:
         self.already = 0  # items an earlier run committed
         self.walk_s = 0.0  # time spent waiting on the source (discovery, listing)
 
-    def todo(self, done: set[str], sink: Any, *, group: int) -> Iterator[SourceItem]:
+    def todo(self, done: Container[str], sink: Any, *, group: int) -> Iterator[SourceItem]:
         """The items still to decode; unread entries go to ``sink`` ``group`` at a time."""
         unread: list[FileRecord] = []
         while True:
@@ -501,12 +505,6 @@ def _check_resumable(previous: dict, current: dict, out_dir: Path) -> None:
     if previous.get("args", {}).get("inputs") != current["args"]["inputs"]:
         log.warning("resuming with other inputs than the earlier run (%s); committed files are kept",
                     previous.get("args", {}).get("inputs"))
-
-
-def _done_counts(store: Any, out_dir: Path | None) -> dict[str, int]:
-    if out_dir is None or not isinstance(store, PartStore):
-        return {}
-    return status_counts(store.read_parts().column("status").to_pylist())
 
 
 def _timings(stats: PipelineStats) -> dict[str, Any]:

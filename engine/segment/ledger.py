@@ -7,8 +7,8 @@ check) and a counter per study (SEG and SC instance numbers): memory grew with t
 folder (so it lives on the disk the outputs fill, never on a RAM-backed ``/tmp``):
 
 * it is unlinked as soon as it is open (POSIX), so nothing is left behind even after ``kill -9``
-  and two runs into one folder never share it (each has its own); where an open file cannot be
-  unlinked (Windows) it is removed on close;
+  and two runs into one folder never share it (each has its own): :class:`radflash.util.scratch.ScratchDB`,
+  shared with ``score``'s resume;
 * it is scratch, not a result: the durable per-image record stays ``OUT/<name>/result.json``
   (written atomically as each image is committed) and ``report.json`` is written from the ledger
   at the end, byte for byte as before. Hence no journal and no fsync here;
@@ -22,17 +22,12 @@ memory anyway.
 from __future__ import annotations
 
 import json
-import os
-import sqlite3
 import threading
-import uuid
-import weakref
 from collections.abc import Callable, Iterator, MutableMapping, MutableSet, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar, overload
-from urllib.parse import quote
 
-from radflash.errors import InputError
+from radflash.util.scratch import ScratchDB
 
 T = TypeVar("T")
 
@@ -40,8 +35,6 @@ LEDGER_SUFFIX = "-segment-ledger.sqlite"
 _CHUNK = 256  # rows read back per query: a bounded window, and no cursor held across appends
 
 _SCHEMA = """
-PRAGMA journal_mode=OFF;
-PRAGMA synchronous=OFF;
 CREATE TABLE rows (list TEXT, seq INTEGER, body TEXT, PRIMARY KEY (list, seq)) WITHOUT ROWID;
 CREATE TABLE members (kind TEXT, key TEXT, PRIMARY KEY (kind, key)) WITHOUT ROWID;
 CREATE TABLE counters (kind TEXT, key TEXT, n INTEGER, PRIMARY KEY (kind, key)) WITHOUT ROWID;
@@ -56,28 +49,11 @@ class RunLedger:
     """
 
     def __init__(self, folder: Path | None) -> None:
-        path = None if folder is None else Path(folder) / f".tmp-{uuid.uuid4().hex[:12]}{LEDGER_SUFFIX}"
-        try:
-            db = _connect(path)
-            db.executescript(_SCHEMA)
-            # one transaction for the ledger's whole life: scratch needs no commit points, and a
-            # statement then costs microseconds instead of a page flush (pages spill as cache fills)
-            db.execute("BEGIN")
-        except sqlite3.Error as exc:
-            raise InputError(f"{path}: cannot create the run's scratch ledger ({exc})") from None
-        if path is not None:
-            try:
-                path.unlink()  # the open handle keeps the data; no file is left, whatever ends the run
-                path = None
-            except OSError:
-                pass  # an open file cannot be unlinked here (Windows): removed on close
-        self._db = db
-        self._lock = threading.Lock()
-        self._close = weakref.finalize(self, _close, db, path)
+        self._db = ScratchDB(folder, LEDGER_SUFFIX, _SCHEMA, what="the run's scratch ledger")
 
     def close(self) -> None:
         """Free the scratch file now (also done when the ledger is garbage-collected)."""
-        self._close()
+        self._db.close()
 
     def sequence(self, name: str, encode: Callable[[T], Any], decode: Callable[[Any], T], *,
                  on_append: Callable[[T], None] | None = None) -> SpilledList[T]:
@@ -93,28 +69,7 @@ class RunLedger:
         return LedgerCounter(self, kind)
 
     def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
-
-
-def _connect(path: Path | None) -> sqlite3.Connection:
-    """The ledger's connection. A file is private to this process (and unlinked at once), so it is
-    opened without file locks (SQLite's ``unix-none``): locks are what fail on some NFS mounts."""
-    if path is None:
-        return sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-    if os.name == "posix":
-        try:
-            return sqlite3.connect(f"file:{quote(str(path))}?vfs=unix-none", uri=True, isolation_level=None,
-                                   check_same_thread=False)
-        except sqlite3.OperationalError:  # a SQLite built without that VFS: the default one
-            path.unlink(missing_ok=True)
-    return sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-
-
-def _close(db: sqlite3.Connection, path: Path | None) -> None:
-    db.close()
-    if path is not None:
-        path.unlink(missing_ok=True)
+        return self._db.run(sql, args)
 
 
 class SpilledList(Sequence[T], Generic[T]):

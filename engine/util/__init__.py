@@ -1,3 +1,3 @@
-"""Leaf helpers any layer may use (optional imports, validated schemas, progress bars, plots). Imports
+"""Leaf helpers any layer may use (optional imports, validated schemas, progress bars, plots, scratch SQLite). Imports
 only radflash.errors.
 """

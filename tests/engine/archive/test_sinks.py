@@ -58,7 +58,8 @@ def test_to_table_drops_phi_unless_asked() -> None:
 def test_part_store_commit_resume_and_consolidate(tmp_path: Path) -> None:
     spec = TableSpec(NAMES)
     store = PartStore(tmp_path, spec)
-    assert store.open().num_rows == 0
+    store.open()
+    assert store.read_parts().num_rows == 0
     store.commit(_records("b", 5))
     store.commit([])  # nothing to commit → no empty part
     store.commit(_records("a", 4))
@@ -66,8 +67,9 @@ def test_part_store_commit_resume_and_consolidate(tmp_path: Path) -> None:
     # a crash mid-write leaves a tmp file: resume deletes it and continues numbering
     (store.parts_dir / ".part-00002.parquet.tmp").write_bytes(b"half a parquet")
     again = PartStore(tmp_path, spec)
-    committed = again.open()
-    assert committed.num_rows == 9
+    again.open()
+    assert again.read_parts().num_rows == 9
+    assert [t.column_names for t in again.committed(("path", "status"))] == [["path", "status"]] * 2
     assert not list(again.parts_dir.glob(".*.tmp"))
     again.commit(_records("c", 2))
     assert again.part_files()[-1].name == "part-00002.parquet"
