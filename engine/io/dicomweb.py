@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from radflash.errors import InputError
-from radflash.io.source import SourceItem, prefetched
+from radflash.io.source import FailureLog, SourceItem, prefetched
 
 log = logging.getLogger("radflash.dicomweb")
 
@@ -227,7 +227,9 @@ class DicomWebSource:
         self.policy = policy or Policy()
         self.num_parts, self.part_id, self.page_size = num_parts, part_id, page_size
         self._client: Any = None
-        self.failures: list[tuple[str, str]] = []  # (key, reason) of instances that could not be retrieved
+        # (key, reason) of instances that could not be retrieved: spilled to a temporary file as they
+        # come, so a PACS that lost half its instances costs no memory per instance
+        self.failures = FailureLog()
 
     @property
     def client(self) -> Any:
@@ -299,7 +301,8 @@ class Retrieval:
     ``prefetch`` instances in memory.
 
     An instance that fails on its own (a 404 after listing, a part that is not DICOM) is recorded
-    in ``source.failures`` and left out, so the run carries on; a server that is gone
+    in ``source.failures`` (a :class:`~radflash.io.source.FailureLog`: on disk, not in memory) and
+    left out, so the run carries on; a server that is gone
     (:class:`ServerUnavailable`) ends the run, whose committed parts a ``--resume`` then completes.
     """
 

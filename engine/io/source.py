@@ -14,13 +14,16 @@ another source uses its own stable key (a SOPInstanceUID, a URL without credenti
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import IO, Any, Protocol, runtime_checkable
 
 from radflash.io.discovery import Entry, check_shard, shard_text_key, walk
 
@@ -89,7 +92,8 @@ class Source(Protocol):
       order; an item that cannot be fetched is left out and recorded in ``failures``; default:
       the items unchanged.
     * ``failures``: ``(key, reason)`` of listed items that could not be retrieved, complete once
-      the retrieved items have been consumed; default: none.
+      the retrieved items have been consumed (an iterable, e.g. a :class:`FailureLog`, which keeps
+      them on disk rather than in memory); default: none.
     """
 
     def __iter__(self) -> Iterator[SourceItem]:
@@ -113,13 +117,62 @@ def retrieved_items(source: Source, items: Iterable[SourceItem]) -> Iterable[Sou
     return method(items) if method is not None else items
 
 
-def retrieval_failures(source: Source) -> Sequence[tuple[str, str]]:
+def retrieval_failures(source: Source) -> Iterable[tuple[str, str]]:
     """``(key, reason)`` of listed items the source could not retrieve (none for most sources)."""
     return getattr(source, "failures", ())
 
 
+class FailureLog:
+    """``(key, reason)`` of listed items a network source could not retrieve, spilled to a private
+    temporary file as each becomes known: a list of them grew with the archive (a PACS that lost
+    10⁶ instances), this costs one line of a file each and a counter in memory.
+
+    Append-only; iterating reads the pairs back in order, a bounded chunk at a time, so the verbs
+    commit them as *failed* rows exactly as they did from a list. The file is anonymous (unlinked
+    at creation where the OS allows), so nothing is left whatever ends the run; it lives in the
+    temporary folder (``TMPDIR``) and is opened only at the first failure. Thread-safe: the
+    retrieval appends on the thread that iterates it, a verb may read on another.
+    """
+
+    _CHUNK = 1 << 16  # bytes of lines read back per step
+
+    def __init__(self) -> None:
+        self._file: IO[bytes] | None = None
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def append(self, failure: tuple[str, str]) -> None:
+        key, reason = failure
+        line = json.dumps([key, reason]).encode() + b"\n"  # one ASCII line: newlines and surrogates escaped
+        with self._lock:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(prefix="radflash-failures-")  # noqa: SIM115 (held for the log's life)
+            self._file.seek(0, os.SEEK_END)
+            self._file.write(line)
+            self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        offset = 0
+        while True:
+            with self._lock:  # no file position is held across appends: each step seeks to its own
+                if self._file is None:
+                    return
+                self._file.seek(offset)
+                lines = self._file.readlines(self._CHUNK)
+                offset = self._file.tell()
+            if not lines:
+                return
+            for line in lines:
+                key, reason = json.loads(line)
+                yield key, reason
+
+
 def prefetched(items: Iterable[SourceItem], fetch: Callable[[SourceItem], bytes], *,
-               wanted: Callable[[SourceItem], bool], ahead: int, failures: list[tuple[str, str]],
+               wanted: Callable[[SourceItem], bool], ahead: int,
+               failures: list[tuple[str, str]] | FailureLog,
                fatal: type[BaseException] | tuple[type[BaseException], ...], name: str) -> Iterator[SourceItem]:
     """``items`` in order, each ``wanted`` one with its bytes fetched up to ``ahead`` items early on
     a thread pool (network sources: retrieval overlaps decoding, and at most ``ahead`` instances

@@ -8,7 +8,10 @@ is a pure function of the folder's files and the two options (mode, PHI).
 * score folders: ``manifest.json``, ``results.<fmt>`` and ``status.<fmt>`` (or, for a run that
   never finished, the committed ``parts/``), and ``gallery.json`` when ``--report-maps`` was given;
 * segment folders: ``report.json``, each image's ``result.json`` and ``mask-*.png``, and
-  ``gallery.json`` for the radiograph thumbnails.
+  ``gallery.json`` for the radiograph thumbnails. These are streamed (:mod:`.stream`), never read
+  into lists, so the step costs the same memory for a million images as for ten: per prompt a
+  histogram and running counts, the :data:`TABLE_ROWS` table rows of highest peak probability and
+  the gallery's top-K. A run within those bounds gets the page a report of full lists would draw.
 
 PHI follows the project's rule: patient name and ID appear only when the run recorded them
 (``score --include-phi``) *and* the report is asked for them (``include_phi``); file names and
@@ -33,11 +36,19 @@ from radflash.archive.sinks import MANIFEST, PARTS_DIR, PHI_COLUMNS, read_manife
 from radflash.errors import InputError
 from radflash.io.safe_paths import inside
 from radflash.report.gallery import load_gallery, tiles_of
+from radflash.report.stream import Best, Sample, scan_object
+from radflash.report.svg import Histogram
 from radflash.report.thumbnails import data_uri, decode_data_uri, mask_overlay, thumbnail_size
 
 SEGMENT_REPORT = "report.json"  # radflash.segment.output.REPORT (that module imports torch-side code)
 Mode = Literal["summary", "full"]
 PROB_DECIMALS = 4  # table values: enough to sort and read, and keeps 100,000 rows × 14 findings small
+# A segment report is made in passes over the run's records, holding only what it shows (the same
+# page as from full lists while a run fits these bounds; bounded memory and HTML past them):
+TABLE_ROWS = 100_000  # image rows in a segment report's table; past it, those with the highest peak
+MAX_REASONS = 1_000  # reason groups listed; a reason first seen after that is counted as "other"
+SAMPLE = 10_000  # values kept per statistic: medians exact up to this many, estimated (≈) past it
+OTHER_REASONS = "(other reasons)"
 
 
 @dataclass
@@ -65,7 +76,7 @@ class FindingSummary:
 
     name: str
     prompt: str
-    values: np.ndarray  # probabilities (score) or peak map probabilities (segment)
+    values: np.ndarray | Histogram  # probabilities (score) or peak map probabilities (segment: binned)
     value_label: str
     threshold: float | None
     threshold_note: str
@@ -105,6 +116,7 @@ class ReportData:
     gallery: list[tuple[str, list[GalleryTile]]] | None = None
     gallery_note: str | None = None
     include_phi: bool = False
+    table_note: str | None = None  # why the table lists fewer images than the run has
 
 
 def kind_of(out_dir: str | Path) -> Literal["score", "segment"]:
@@ -258,22 +270,20 @@ def _score_finding(name: str, spec: dict, probs: np.ndarray, results: pa.Table, 
     return summary
 
 
-def _saved_gallery(data: ReportData, out: Path, mode: Mode, kind: str) -> dict[str, Any] | None:
-    """The run's saved gallery of ``kind`` for a full report; otherwise None, with the note saying why."""
+def _saved_gallery(out: Path, mode: Mode, kind: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The run's saved gallery of ``kind`` for a full report, else None with the note saying why."""
     if mode != "full":
-        data.gallery_note = "Gallery left out (--report summary): no images of patients in this file."
-        return None
+        return None, "Gallery left out (--report summary): no images of patients in this file."
     saved = load_gallery(out)
     if saved is None or saved.get("kind") != kind:
         verb = "scored" if kind == "score" else "made"
-        data.gallery_note = f"No gallery: the run was {verb} without --report-maps K."
-        return None
-    return saved
+        return None, f"No gallery: the run was {verb} without --report-maps K."
+    return saved, None
 
 
 def _score_gallery(data: ReportData, out: Path, mode: Mode, names: list[str], labels: dict[str, str],
                    scored: int) -> None:
-    saved = _saved_gallery(data, out, mode, "score")
+    saved, data.gallery_note = _saved_gallery(out, mode, "score")
     if saved is None:
         return
     tiles = tiles_of(saved)
@@ -301,69 +311,59 @@ def _score_gallery(data: ReportData, out: Path, mode: Mode, names: list[str], la
 
 # ---- segment -------------------------------------------------------------------------------------
 def collect_segment(out: Path, *, mode: Mode = "full") -> ReportData:
+    """Two streamed passes over ``report.json`` (its header and the images' common folder, then each
+    image's ``result.json`` and each failure), keeping running aggregates and bounded samples only."""
     path = out / SEGMENT_REPORT
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable segment report ({exc})") from None
-    if not isinstance(report, dict) or not isinstance(report.get("prompts"), list):
+    roots = _CommonRoot()
+
+    def image_root(entry: Any) -> None:
+        source = _entry_source(entry)
+        if source is not None and source.startswith("/"):
+            roots.add(source)
+
+    report = _scan_segment_report(path, {"images": image_root, "failures": lambda _: None})
+    if not isinstance(report.get("prompts"), list):
         raise InputError(f"{path}: not a radflash segment report (no prompts)")
     prompts = [p for p in report["prompts"] if isinstance(p, dict) and "name" in p]
     names = [str(p["name"]) for p in prompts]
-    images = []  # (entry in report.json, its result.json)
-    for entry in report.get("images") or []:
-        rel = entry.get("json")
-        if not rel:
-            continue
-        try:
-            record = json.loads(inside(out, *str(rel).split("/")).read_text(encoding="utf-8"))
-        except (OSError, ValueError, InputError) as exc:
-            raise InputError(f"{out / str(rel)}: unreadable image result ({exc})") from None
-        images.append((entry, record))
-    sources = [str(e.get("source", e.get("name", ""))) for e, _ in images]
-    root = _common_root([s for s in sources if s.startswith("/")]) if sources else None
-    labels = [_relative(s, root) if root and s.startswith("/") else s for s in sources]
+    root = roots.root()
+    saved, gallery_note = _saved_gallery(out, mode, "segment")
+    images = _SegmentImages(out, names, root, gallery_k=int(saved.get("k", 0)) if saved is not None else None)
+    reasons = _Reasons()
 
+    def failure(f: Any) -> None:
+        source = str(f.get("source"))
+        reasons.add(str(f.get("status")), str(f.get("reason") or ""), _relative(source, root) if root else source)
+
+    _scan_segment_report(path, {"images": images.add, "failures": failure})
+
+    rows = sorted(images.rows.result(), key=lambda r: r[1])  # the kept rows, in input order
     columns = [Column("image", "text")]
-    table: list[list[Any]] = [labels]
+    table: list[list[Any]] = [[label for _, _, label, _ in rows]]
     findings = []
-    for p in prompts:
+    for t, p in enumerate(prompts):
         name = str(p["name"])
-        peaks, areas = [], []
-        for _, rec in images:
-            g = next((q for q in rec.get("prompts", []) if q.get("name") == name), None)
-            size = rec.get("size") or {}
-            pixels = max(1, int(size.get("height", 1)) * int(size.get("width", 1)))
-            peaks.append(np.nan if g is None else float(g.get("max_prob", np.nan)))
-            areas.append(np.nan if g is None else 100.0 * float(g.get("mask_pixels", 0)) / pixels)
-        peak_arr, area_arr = np.asarray(peaks, dtype=np.float64), np.asarray(areas, dtype=np.float64)
         columns += [Column(f"{name} peak", "num", finding=name), Column(f"{name} area %", "num", finding=name)]
-        table += [_rounded(peak_arr), _rounded(area_arr, 3)]
+        table += [_rounded(np.asarray([v[2 * t] for *_, v in rows], dtype=np.float64)),
+                  _rounded(np.asarray([v[2 * t + 1] for *_, v in rows], dtype=np.float64), 3)]
         thr = p.get("threshold")
-        positive = int(np.nansum(area_arr > 0))
-        decided = int(np.isfinite(area_arr).sum())
-        pos_area = area_arr[np.isfinite(area_arr) & (area_arr > 0)]
-        finite_peaks = peak_arr[np.isfinite(peak_arr)]
+        st = images.stats[name]
+        area, peak = st.area, st.peak
         stats = [("mask area, positives (mean / median % of image)",
-                  f"{pos_area.mean():.2f} / {np.median(pos_area):.2f}" if pos_area.size else "–"),
-                 ("peak probability (mean / max)",
-                  f"{finite_peaks.mean():.3f} / {finite_peaks.max():.3f}" if finite_peaks.size else "–")]
+                  f"{area.mean():.2f} / {'' if area.exact else '≈'}{area.median():.2f}" if area.count else "–"),
+                 ("peak probability (mean / max)", f"{peak.mean():.3f} / {peak.max:.3f}" if peak.count else "–")]
         findings.append(FindingSummary(
-            name, str(p.get("prompt", name)), peak_arr, "peak map probability",
+            name, str(p.get("prompt", name)), st.peaks, "peak map probability",
             None if thr is None else float(thr),
             f"mask threshold {float(thr):g} ({p.get('threshold_source', '?')}); positive = non-empty mask"
-            if thr is not None else "no threshold", positive=positive, negative=decided - positive, stats=stats))
+            if thr is not None else "no threshold", positive=st.positive, negative=st.decided - st.positive,
+            stats=stats))
 
     c = report.get("counts") or {}
     counts = [(k, int(c.get(k, 0))) for k in ("inputs", "segmented", "skipped", "failed", "partial") if k in c]
-    failures = report.get("failures") or []
-    fail_labels = {str(f.get("source")): _relative(str(f.get("source")), root) if root else str(f.get("source"))
-                   for f in failures}
-    reasons = _group([(str(f.get("status")), str(f.get("reason") or ""), fail_labels[str(f.get("source"))])
-                      for f in failures])
     model = report.get("model") or {}
     elapsed = report.get("elapsed_s")
-    n = len(images)
+    n = images.count
     facts = [
         ("model", str(model.get("id", "?"))),
         ("model sha256", str(model.get("sha256") or "?")),
@@ -379,39 +379,114 @@ def collect_segment(out: Path, *, mode: Mode = "full") -> ReportData:
         facts.append(("versions", f"radflash {report['radflash_version']}"))
     warnings = ([] if report.get("complete", True)
                 else ["the run did not finish: only the images it completed are shown"])
-    data = ReportData(kind="segment", title="radflash segment report", facts=facts, counts=counts, reasons=reasons,
-                      findings=findings, columns=columns, table=table, rows=n, warnings=warnings,
-                      notice=model.get("notice"), root=root)
-    _segment_gallery(data, out, mode, images, labels, names)
+    data = ReportData(kind="segment", title="radflash segment report", facts=facts, counts=counts,
+                      reasons=reasons.result(), findings=findings, columns=columns, table=table, rows=len(rows),
+                      warnings=warnings, notice=model.get("notice"), root=root, gallery_note=gallery_note)
+    if n > len(rows):
+        data.table_note = (f"The table lists the {len(rows):,} images with the highest peak probability (any "
+                           f"prompt) of the {n:,} segmented; every image is in report.json.")
+    if saved is not None:
+        _segment_gallery(data, out, saved, images, names)
     return data
 
 
-def _segment_gallery(data: ReportData, out: Path, mode: Mode, images: list[tuple[dict, dict]], labels: list[str],
+def _scan_segment_report(path: Path, arrays: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return scan_object(path, arrays)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable segment report ({exc})") from None
+
+
+def _entry_source(entry: Any) -> str | None:
+    """An image entry's source, or None for an entry with no result JSON (not shown)."""
+    if not isinstance(entry, dict) or not entry.get("json"):
+        return None
+    return str(entry.get("source", entry.get("name", "")))
+
+
+@dataclass
+class _PromptStats:
+    """One prompt's running aggregates over the images (its card in the report)."""
+
+    peaks: Histogram = field(default_factory=Histogram)
+    peak: Sample = field(default_factory=lambda: Sample(SAMPLE))  # finite peak probabilities
+    area: Sample = field(default_factory=lambda: Sample(SAMPLE))  # positives' mask area, % of the image
+    positive: int = 0
+    decided: int = 0
+
+    def add(self, peak: float, area: float) -> None:
+        self.peaks.add(peak)
+        if np.isfinite(peak):
+            self.peak.add(peak)
+        if area > 0:
+            self.positive += 1
+        if np.isfinite(area):
+            self.decided += 1
+            if area > 0:
+                self.area.add(area)
+
+
+class _SegmentImages:
+    """A segment run's images, each read once (its entry in ``report.json``, then its ``result.json``):
+    per-prompt aggregates, the table's :data:`TABLE_ROWS` rows of highest peak probability, and per
+    prompt the ``gallery_k`` gallery candidates (None: no gallery), ranked as the gallery ranks them."""
+
+    def __init__(self, out: Path, names: list[str], root: str | None, gallery_k: int | None) -> None:
+        self.out, self.names, self.root = out, names, root
+        self.count = 0
+        self.stats = {name: _PromptStats() for name in names}
+        # rows: (-highest peak, input index, label, [peak, area] per prompt)
+        self.rows: Best[tuple[float, int, str, list[float]]] = Best(TABLE_ROWS, key=lambda r: r[:2])
+        # tiles: (-peak, image name, label, size, mask file, grounding)
+        self.tiles = (None if gallery_k is None else
+                      {name: Best(gallery_k, key=lambda c: c[:2]) for name in names})
+
+    def add(self, entry: Any) -> None:
+        source = _entry_source(entry)
+        if source is None:
+            return
+        rel = str(entry["json"])
+        try:
+            record = json.loads(inside(self.out, *rel.split("/")).read_text(encoding="utf-8"))
+        except (OSError, ValueError, InputError) as exc:
+            raise InputError(f"{self.out / rel}: unreadable image result ({exc})") from None
+        root = self.root
+        label = _relative(source, root) if root and source.startswith("/") else source
+        size = record.get("size") or {}
+        pixels = max(1, int(size.get("height", 1)) * int(size.get("width", 1)))
+        grounding = {q.get("name"): q for q in reversed(record.get("prompts", []))}  # the first one per name
+        values: list[float] = []
+        for name in self.names:
+            g = grounding.get(name)
+            peak = np.nan if g is None else float(g.get("max_prob", np.nan))
+            area = np.nan if g is None else 100.0 * float(g.get("mask_pixels", 0)) / pixels
+            self.stats[name].add(peak, area)
+            values += [peak, area]
+            if g is not None and self.tiles is not None:
+                mask = (record.get("files") or {}).get(f"mask:{name}")
+                self.tiles[name].add((-float(g.get("max_prob", 0.0)), str(entry.get("name", "")), label, size,
+                                      mask, g))
+        top = max((v for v in values[0::2] if np.isfinite(v)), default=-np.inf)
+        self.rows.add((-top, self.count, label, values))
+        self.count += 1
+
+
+def _segment_gallery(data: ReportData, out: Path, saved: dict[str, Any], images: _SegmentImages,
                      names: list[str]) -> None:
     """Per prompt, the top-K images by peak probability with that prompt's mask (from its PNG) overlaid."""
     from radflash.segment.writers import PALETTE
 
-    saved = _saved_gallery(data, out, mode, "segment")
-    if saved is None:
-        return
+    assert images.tiles is not None
     k = int(saved.get("k", 0))
     thumbs: dict[str, str] = saved.get("thumbnails") or {}
     data.gallery = []
     missing = 0
     for t, name in enumerate(names):
-        ranked = []
-        for (entry, rec), label in zip(images, labels):
-            g = next((q for q in rec.get("prompts", []) if q.get("name") == name), None)
-            if g is not None:
-                ranked.append((-float(g.get("max_prob", 0.0)), str(entry.get("name", "")), label, rec, g))
-        ranked.sort(key=lambda r: (r[0], r[1]))
         tiles = []
-        for neg, image_name, label, rec, g in ranked[:k]:
-            size = rec.get("size") or {}
+        for neg, image_name, label, size, mask_rel, g in images.tiles[name].result():
             h0, w0 = int(size.get("height", 1)), int(size.get("width", 1))
             gray = decode_data_uri(thumbs[image_name]) if image_name in thumbs else None
             th, tw = gray.shape if gray is not None else thumbnail_size(h0, w0)
-            mask_rel = (rec.get("files") or {}).get(f"mask:{name}")
             mask = _read_mask(out, mask_rel) if mask_rel else None
             if mask is None:
                 missing += 1
@@ -450,13 +525,33 @@ def _reason_groups(status: pa.Table, labels: dict[str, str]) -> list[ReasonGroup
 
 
 def _group(items: list[tuple[str, str, str]]) -> list[ReasonGroup]:
-    """Group (status, reason, file) by status and reason with its numbers folded to ``#``;
-    most frequent first, then alphabetical, so the order is stable."""
-    groups: dict[tuple[str, str], list[str]] = {}
+    """Group (status, reason, file) by status and reason with its numbers folded to ``#``."""
+    reasons = _Reasons()
     for status, reason, label in items:
-        groups.setdefault((status, _NUMBER.sub("#", reason).strip() or "(no reason)"), []).append(label)
-    out = [ReasonGroup(s, r, len(files), min(files)) for (s, r), files in groups.items()]
-    return sorted(out, key=lambda g: (g.status, -g.count, g.reason))
+        reasons.add(status, reason, label)
+    return reasons.result()
+
+
+class _Reasons:
+    """Skipped/failed files grouped by status and reason (numbers folded to ``#``, so sizes group),
+    counted as they stream by: per group a count and its smallest file name. At most
+    :data:`MAX_REASONS` groups (a reason naming its file would make one per file); a reason first
+    seen after that is counted in its status's :data:`OTHER_REASONS` group."""
+
+    def __init__(self) -> None:
+        self.groups: dict[tuple[str, str], tuple[int, str]] = {}  # (status, reason) → (files, example)
+
+    def add(self, status: str, reason: str, label: str) -> None:
+        key = (status, _NUMBER.sub("#", reason).strip() or "(no reason)")
+        if key not in self.groups and len(self.groups) >= MAX_REASONS:
+            key = (status, OTHER_REASONS)
+        count, example = self.groups.get(key, (0, label))
+        self.groups[key] = (count + 1, min(example, label))
+
+    def result(self) -> list[ReasonGroup]:
+        """Most frequent first, then alphabetical, so the order is stable."""
+        out = [ReasonGroup(s, r, n, example) for (s, r), (n, example) in self.groups.items()]
+        return sorted(out, key=lambda g: (g.status, -g.count, g.reason))
 
 
 def _floats(table: pa.Table, column: str) -> np.ndarray:
@@ -472,14 +567,40 @@ def _rounded(values: np.ndarray, decimals: int = PROB_DECIMALS) -> list[float | 
 
 def _common_root(paths: list[str]) -> str | None:
     """The deepest folder holding every path (stored paths are absolute, '/'-separated text)."""
-    dirs = sorted({posixpath.dirname(p) for p in paths if p})
-    if not dirs:
-        return None
-    try:
-        root = os.path.commonpath(dirs) if len(dirs) > 1 else dirs[0]
-    except ValueError:  # mixed absolute and relative paths
-        return None
-    return root if root not in ("", "/") else None
+    roots = _CommonRoot()
+    for p in paths:
+        roots.add(p)
+    return roots.root()
+
+
+class _CommonRoot:
+    """:func:`_common_root` of paths added one at a time: one running folder, not a set of folders
+    (``commonpath`` of the folders so far with the next gives the same folder as of all at once)."""
+
+    def __init__(self) -> None:
+        self.first: str | None = None
+        self.common: str | None = None
+        self.many = False  # more than one distinct folder seen
+        self.mixed = False  # absolute and relative paths: no common folder
+
+    def add(self, path: str) -> None:
+        if not path or self.mixed:
+            return
+        folder = posixpath.dirname(path)
+        if self.first is None:
+            self.first = self.common = folder
+        elif folder != self.first:
+            self.many = True
+            try:
+                self.common = os.path.commonpath([self.common, folder])  # type: ignore[list-item]
+            except ValueError:
+                self.mixed = True
+
+    def root(self) -> str | None:
+        if self.first is None or self.mixed:
+            return None
+        root = self.common if self.many else self.first
+        return root if root not in ("", "/") else None
 
 
 def _relative(path: str, root: str | None) -> str:

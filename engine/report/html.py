@@ -129,8 +129,9 @@ def _images(d: ReportData) -> str:
                     for n in PAGE_SIZES)
     heads = "".join(f'<th data-col="{i}" class="{c.kind}" tabindex="0" role="button" aria-sort="none" '
                     f'title="sort by {escape(c.label)}">{escape(c.label)}</th>' for i, c in enumerate(d.columns))
+    note = f'<p class="muted" id="table-note">{escape(d.table_note)}</p>' if d.table_note else ""
     return (
-        '<section id="images"><h2>Images</h2>'
+        '<section id="images"><h2>Images</h2>' + note +
         '<div class="controls">'
         '<label>name contains <input type="search" id="filter-text" placeholder="text"></label>'
         f'<label>and <select id="filter-col"><option value="">(no value filter)</option>{options}</select></label>'

@@ -18,19 +18,56 @@ PAD_L, PAD_B, PAD_T = 34, 18, 6
 BINS = 20
 
 
-def histogram_svg(values: Sequence[float] | np.ndarray, *, bins: int = BINS, threshold: float | None = None,
-                  label: str = "probability", color: str = "#3b6fb6") -> str:
-    """Counts of ``values`` in ``bins`` equal bins over [0, 1]; an optional threshold as a red line.
+class Histogram:
+    """Counts of values in ``bins`` equal bins over [0, 1] (clipped; non-finite values left out),
+    added one at a time: a report over a stream of any length keeps ``bins`` counts, not the values.
+    The counts are those ``np.histogram`` gives for all the values at once."""
+
+    _FLUSH = 4096  # values binned per np.histogram call
+
+    def __init__(self, bins: int = BINS) -> None:
+        self.bins = bins
+        self._counts = np.zeros(bins, dtype=np.int64)
+        self._pending: list[float] = []
+
+    @classmethod
+    def of(cls, values: Sequence[float] | np.ndarray, bins: int = BINS) -> Histogram:
+        hist = cls(bins)
+        hist._bin(np.asarray(values, dtype=np.float64))
+        return hist
+
+    def add(self, value: float) -> None:
+        self._pending.append(value)
+        if len(self._pending) >= self._FLUSH:
+            self._bin(np.asarray(self._pending, dtype=np.float64))
+            self._pending.clear()
+
+    def _bin(self, v: np.ndarray) -> None:
+        v = v[np.isfinite(v)]
+        self._counts += np.histogram(np.clip(v, 0.0, 1.0), bins=self.bins, range=(0.0, 1.0))[0]
+
+    def counts(self) -> np.ndarray:
+        if self._pending:
+            self._bin(np.asarray(self._pending, dtype=np.float64))
+            self._pending.clear()
+        return self._counts.copy()
+
+
+def histogram_svg(values: Sequence[float] | np.ndarray | Histogram, *, bins: int = BINS,
+                  threshold: float | None = None, label: str = "probability", color: str = "#3b6fb6") -> str:
+    """Counts of ``values`` (or a :class:`Histogram` of them) in ``bins`` equal bins over [0, 1]; an
+    optional threshold as a red line.
 
     Bar heights are scaled to the fullest bin; a non-empty bin is at least one unit high so a
     single image in a bin stays visible next to a bin of thousands.
     """
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    counts, edges = np.histogram(np.clip(v, 0.0, 1.0), bins=bins, range=(0.0, 1.0))
+    hist = values if isinstance(values, Histogram) else Histogram.of(values, bins)
+    counts = hist.counts()
+    bins = hist.bins
+    edges = np.linspace(0.0, 1.0, bins + 1)  # np.histogram's edges for range (0, 1)
     top = int(counts.max()) if counts.size and counts.max() > 0 else 1
     bar_w = WIDTH / bins
-    parts = [_open(f"histogram of {label}: {v.size} values")]
+    parts = [_open(f"histogram of {label}: {int(counts.sum())} values")]
     parts.append(_axes(top))
     for i, c in enumerate(counts.tolist()):
         h = 0.0 if c == 0 else max(1.0, HEIGHT * c / top)

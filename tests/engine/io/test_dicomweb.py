@@ -214,6 +214,91 @@ def test_instance_that_cannot_be_retrieved_is_failed_and_the_run_goes_on(orthanc
     assert run.scored == 16
 
 
+GHOST_REASON = "retrieve failed: 404 Not Found (is this the DICOMweb root?)"  # what a failed row has always said
+
+
+def _with_ghosts(monkeypatch: pytest.MonkeyPatch, ghosts: int, *, keep: int | None = None) -> list[DicomWebSource]:
+    """List ``ghosts`` instances that are gone by retrieval time (404) among the first ``keep`` real ones;
+    returns the sources the run made, so a test can look at them afterwards."""
+    from radflash.io.dicomweb import DicomWebItem, InstanceRef
+
+    listing, made = DicomWebSource.listing, []
+
+    def with_ghosts(self):
+        made.append(self)
+        items = list(listing(self))[:keep]
+        for g, item in enumerate(items[:ghosts]):
+            ref = InstanceRef(item.ref.study, item.ref.series, f"1.2.3.4.5.6.7.8.{g + 1}")  # listed, then deleted
+            yield DicomWebItem(self.url_of(ref), data=b"", ref=ref)
+            yield item
+        yield from items[ghosts:]
+
+    monkeypatch.setattr(DicomWebSource, "listing", with_ghosts)
+    return made
+
+
+def test_failed_retrievals_are_failed_rows_from_a_log_on_disk(orthanc, monkeypatch) -> None:
+    from radflash.io.source import FailureLog
+
+    made = _with_ghosts(monkeypatch, 3)
+    run = score(orthanc.dicomweb, None, workers=1, progress=False)
+    failed = sorted((r["path"], r["reason"]) for r in run.status.to_pylist() if r["status"] == "failed")
+    ghosts = sorted(i.key for i in made[0].listing() if i.ref.sop.startswith("1.2.3.4.5.6.7.8."))
+    assert failed == [(key, GHOST_REASON) for key in ghosts] and run.failed == 3 and run.scored == 16
+    log = made[0].failures  # what the source kept: a log read back from its file, in retrieval order
+    assert isinstance(log, FailureLog) and len(log) == 3 and sorted(log) == failed
+
+
+def test_segment_reports_failed_retrievals_as_before(orthanc, monkeypatch, tiny_model: Path, tmp_path: Path) -> None:
+    import json
+
+    from radflash.report import write_report
+    from radflash.segment.verb import segment
+
+    made = _with_ghosts(monkeypatch, 1, keep=1)
+    run = segment(orthanc.dicomweb, tmp_path / "out", prompts=["left lung"], model=str(tiny_model), workers=1,
+                  batch_size=1, progress=False)
+    ghost = next(iter(made[0].listing())).key
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    write_report(tmp_path / "out")
+    failed = [f for f in report["failures"] if f["status"] == "failed"]  # (the real instance may be skipped)
+    assert failed == [{"source": ghost, "status": "failed", "reason": GHOST_REASON}] and report["counts"]["failed"] == 1
+    assert [f.source for f in run.failures if f.status == "failed"] == [ghost]
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "retrieve failed: # Not Found (is this the DICOMweb root?)" in html  # its reason group
+
+
+def test_failure_log_reads_back_in_order_and_holds_nothing_per_failure() -> None:
+    import tracemalloc
+
+    from radflash.io.source import FailureLog
+
+    source = DicomWebSource("dicomweb+http://127.0.0.1:1/dicom-web")  # no request is made
+    assert isinstance(source.failures, FailureLog) and not source.failures and list(source.failures) == []
+    awkward = [("a/b?c=1", "retrieve failed: 404"), ("k\udcff", "two\nlines “quoted”")]
+    for failure in awkward:
+        source.failures.append(failure)
+    reader = iter(source.failures)
+    assert next(reader) == awkward[0]
+    source.failures.append(("late", "appended while being read"))  # the reader sees it too
+    assert [awkward[0], *reader] == [*awkward, ("late", "appended while being read")]
+
+    def peak(n: int) -> int:
+        log = FailureLog()
+        tracemalloc.start()
+        for i in range(n):
+            log.append((f"http://pacs/dicom-web/studies/1/series/2/instances/{i}", f"retrieve failed: HTTP {i}"))
+        assert sum(1 for _ in log) == len(log) == n
+        held = [v for v in vars(log).values() if isinstance(v, (list, dict, set, tuple))]
+        used = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert held == []  # no container per failure: the pairs are in the file
+        return used
+
+    small, large = peak(5_000), peak(20_000)
+    assert large < small + 256 * 1024, (small, large)  # 4× the failures, not 4× the memory
+
+
 def test_bearer_token_is_sent_and_not_shown(monkeypatch: pytest.MonkeyPatch) -> None:
     import requests
 
