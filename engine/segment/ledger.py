@@ -2,7 +2,7 @@
 
 A run over a million images used to hold every :class:`ImageResult` (for the report and the
 returned :class:`SegmentRun`), every failure, every output name it had handed out (collision
-check) and a counter per study (SEG and SC instance numbers): memory grew with the archive.
+check): memory grew with the archive.
 :class:`RunLedger` keeps all of that in one private SQLite scratch file instead, in the output
 folder (so it lives on the disk the outputs fill, never on a RAM-backed ``/tmp``):
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator, MutableMapping, MutableSet, Sequence
+from collections.abc import Callable, Iterator, MutableSet, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar, overload
 
@@ -37,12 +37,11 @@ _CHUNK = 256  # rows read back per query: a bounded window, and no cursor held a
 _SCHEMA = """
 CREATE TABLE rows (list TEXT, seq INTEGER, body TEXT, PRIMARY KEY (list, seq)) WITHOUT ROWID;
 CREATE TABLE members (kind TEXT, key TEXT, PRIMARY KEY (kind, key)) WITHOUT ROWID;
-CREATE TABLE counters (kind TEXT, key TEXT, n INTEGER, PRIMARY KEY (kind, key)) WITHOUT ROWID;
 """
 
 
 class RunLedger:
-    """One run's ordered record lists, claimed names and counters in a private SQLite file.
+    """One run's ordered record lists and claimed names in a private SQLite file.
 
     ``folder`` is the output folder (the file is created there and unlinked at once), or None for
     an in-memory database. Safe to use from the decode thread and the main loop at once.
@@ -63,10 +62,6 @@ class RunLedger:
     def members(self, kind: str) -> LedgerSet:
         """A set of strings (e.g. the output names handed out so far)."""
         return LedgerSet(self, kind)
-
-    def counter(self, kind: str) -> LedgerCounter:
-        """A mapping key → int (e.g. SEG instances so far per study)."""
-        return LedgerCounter(self, kind)
 
     def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
         return self._db.run(sql, args)
@@ -164,30 +159,3 @@ class LedgerSet(MutableSet[str]):
         return (key for (key,) in self._ledger._run("SELECT key FROM members WHERE kind = ? ORDER BY key",
                                                      (self._kind,)))
 
-
-class LedgerCounter(MutableMapping[str, int]):
-    """A mapping key → int in the ledger (per-study instance numbers)."""
-
-    def __init__(self, ledger: RunLedger, kind: str) -> None:
-        self._ledger, self._kind = ledger, kind
-
-    def __getitem__(self, key: str) -> int:
-        rows = self._ledger._run("SELECT n FROM counters WHERE kind = ? AND key = ?", (self._kind, key))
-        if not rows:
-            raise KeyError(key)
-        return rows[0][0]
-
-    def __setitem__(self, key: str, n: int) -> None:
-        self._ledger._run("INSERT OR REPLACE INTO counters VALUES (?, ?, ?)", (self._kind, key, int(n)))
-
-    def __delitem__(self, key: str) -> None:
-        if key not in self:
-            raise KeyError(key)
-        self._ledger._run("DELETE FROM counters WHERE kind = ? AND key = ?", (self._kind, key))
-
-    def __len__(self) -> int:
-        return self._ledger._run("SELECT count(*) FROM counters WHERE kind = ?", (self._kind,))[0][0]
-
-    def __iter__(self) -> Iterator[str]:
-        return (key for (key,) in self._ledger._run("SELECT key FROM counters WHERE kind = ? ORDER BY key",
-                                                     (self._kind,)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -65,10 +65,8 @@ class OutputWriter:
 
     def __init__(self, out: Path, rf: RadFlashModel, specs: tuple[PromptSpec, ...], formats: tuple[str, ...],
                  preview: bool, *, header_of: Callable[[DecodedItem], Any] | None = None,
-                 overlay: str | None = None,
-                 counters: Callable[[str], MutableMapping[str, int]] | None = None) -> None:
-        """``counters`` is ignored (callers that kept per-study instance counters may still pass it):
-        an object's InstanceNumber derives from its source image
+                 overlay: str | None = None) -> None:
+        """Keeps no per-study state: an object's InstanceNumber derives from its source image
         (:func:`radflash.dicomout.uids.instance_number_for`), so separate writers (``serve``'s batches, a
         ``--resume``) give one study's objects distinct numbers, the same on every rerun."""
         from radflash.archive.stow import prompt_set_key

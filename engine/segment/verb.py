@@ -28,8 +28,8 @@ Why it is shaped this way:
 * A file that cannot be read, or an output that cannot be produced for one image, is recorded
   with its reason and the run goes on; files are written atomically, so whatever was written
   stays valid if the run dies later.
-* Memory is bounded by the batch, not the archive: each image's result, each failure, the output
-  names handed out and the per-study SEG/SC counters go to the run's ledger (a private, already
+* Memory is bounded by the batch, not the archive: each image's result, each failure and the output
+  names handed out go to the run's ledger (a private, already
   unlinked SQLite file in OUTDIR, :mod:`radflash.segment.ledger`), the summary's counts and
   per-prompt statistics are running totals (:class:`radflash.segment.results.Tally`), and
   ``report.json`` is streamed from the ledger, the same text as before.
@@ -204,7 +204,7 @@ def segment(
         out = out.resolve()
 
     arrays, paths = _split_inputs(inputs) if web is None else ([], [])
-    # everything kept per image (results, failures, names handed out, per-study counters) lives in
+    # everything kept per image (results, failures, names handed out) lives in
     # the run's ledger, on disk next to the outputs: memory is bounded by the batch, not the archive
     ledger = RunLedger(out)
     tally = Tally(specs)
@@ -223,8 +223,8 @@ def segment(
         raise InputError("no input images found" + (f" under {where}" if where else ""))
 
     header_of = _header_reader(web) if web is not None else None
-    writer = (OutputWriter(out, rf, specs, formats, preview, header_of=header_of, overlay=overlay,
-                           counters=ledger.counter) if out is not None else None)
+    writer = (OutputWriter(out, rf, specs, formats, preview, header_of=header_of, overlay=overlay)
+              if out is not None else None)
     names = NameAllocator(fallback="image", used=ledger.members("names"))
     images = _image_sequence(ledger, out)
     isolate = workers != 0  # a Ray decode task isolates its decoder unless decoding in-process was asked

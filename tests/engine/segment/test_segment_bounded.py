@@ -1,7 +1,7 @@
 """``segment`` keeps memory bounded by the batch, not the archive (radflash.segment.ledger).
 
-Three claims: (a) no per-image object (result, grounding, failure, claimed output name, per-study
-counter) stays in memory as a run goes on, at N images as at 4N; (b) ``report.json`` is what the
+Three claims: (a) no per-image object (result, grounding, failure, claimed output name)
+stays in memory as a run goes on, at N images as at 4N; (b) ``report.json`` is what the
 in-memory implementation wrote: rebuilt here from the per-image files alone and compared, text
 included; (c) a run killed mid-way has written a valid record of what it committed, and running
 it again gives exactly the outputs of an uninterrupted run. All on the random tiny model and
@@ -68,7 +68,7 @@ def png_archive(root: Path, n: int, n_broken: int = 2) -> Path:
 
 
 def dicom_archive(root: Path, n: int, n_broken: int = 2) -> Path:
-    """Broken files first, then ``n`` DICOMs (each its own study: one SEG instance counter each)."""
+    """Broken files first, then ``n`` DICOMs (each its own study)."""
     for i in range(n_broken):
         broken(root / f"a-broken-{i}.dcm")
     for i in range(n):
@@ -161,7 +161,7 @@ def test_per_image_state_does_not_grow_with_the_archive(model, tmp_path: Path) -
     assert not list((tmp_path / "out12").glob(f"*{LEDGER_SUFFIX}"))
 
 
-def test_ledger_sequences_sets_and_counters(tmp_path: Path) -> None:
+def test_ledger_sequences_and_sets(tmp_path: Path) -> None:
     ledger = RunLedger(tmp_path)
     assert not list(tmp_path.iterdir())  # unlinked as soon as open
     seen = []
@@ -175,12 +175,9 @@ def test_ledger_sequences_sets_and_counters(tmp_path: Path) -> None:
         items[600]
     items[-1] = 1000  # rewritten in place, length unchanged
     assert items[599] == 1000 and len(items) == 600 and list(items)[-2:] == [598, 1000]
-    names, counts = ledger.members("names"), ledger.counter("seg")
+    names = ledger.members("names")
     names.add("im1")
     assert "im1" in names and "im2" not in names and len(names) == 1
-    counts["study"] = counts.get("study", 0) + 1
-    counts["study"] = counts.get("study", 0) + 1
-    assert counts["study"] == 2 and dict(counts) == {"study": 2}
     ledger.close()
 
 
