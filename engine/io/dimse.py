@@ -22,15 +22,18 @@ study and series (a failure costs that study only, which is recorded; the next q
 afresh), and retrieves each listed instance as the decoders ask for it.
 
 Archives cap the matches one C-FIND returns (Orthanc's ``LimitFindResults``: the first N, then
-status 0xFE00 instead of Success). A truncated study-level (or ``level=SERIES``) reply is not
-taken as the answer: the query is split by StudyDate into halves, recursively, within the user's
-``StudyDate=`` range or, without one, over every date, until each part's reply is complete
-(:mod:`radflash.io.dimse_find`); studies come once each, streamed part by part in date order
-(an untruncated reply keeps UID order). Without a user range, studies with no StudyDate are asked
-for once more by Empty Value Matching (``StudyDate=""``, PS3.4 C.2.2.2.7). A single day that is
-still over the cap cannot be split: what the archive returns for it is listed and one line naming
-the target and the day is recorded as a failure, and the run goes on; so is a study or series
-whose own series- or instance-level reply was cut short (its listed part is kept).
+status 0xFE00 instead of Success; dcm4chee-arc's ``QueryMaxNumberOfResults``: status 0xC000
+"Request entity too large" and no matches). A truncated or refused study-level (or
+``level=SERIES``) reply is not taken as the answer: the query is split by StudyDate into halves,
+recursively, within the user's ``StudyDate=`` range or, without one, over every date, and a day
+still over the cap by StudyTime down to one second, until each part's reply is complete
+(:mod:`radflash.io.dimse_find`); studies come once each, streamed part by part in date then time
+order (an untruncated reply keeps UID order). Studies with no StudyDate (without a user range) and,
+on a day split by time, with no StudyTime are asked for once more by Empty Value Matching
+(``StudyDate=""``, ``StudyTime=""``, PS3.4 C.2.2.2.7). A second that is still over the cap cannot
+be split: what the archive returns for it is listed and one line naming the target, the day and
+the window is recorded as a failure, and the run goes on; so is a study or series whose own
+series- or instance-level reply was cut short (its listed part is kept).
 
 The bytes kept are the data set as the archive sent it, in the transfer syntax it is stored in
 (one presentation context per transfer syntax the installed decoders read, so the archive need
@@ -69,7 +72,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from radflash.errors import InputError
 from radflash.io.dicomweb import shard_uid
-from radflash.io.dimse_find import DateSplitter, Reply
+from radflash.io.dimse_find import DateSplitter, Reply, refused_over_cap
 from radflash.io.source import SourceItem, prefetched
 
 log = logging.getLogger("radflash.dimse")
@@ -395,7 +398,8 @@ def find(assoc: Any, identifier: Any, what: str) -> list[Any]:
 
 def find_matches(assoc: Any, identifier: Any, what: str) -> Reply:
     """The matches of one C-FIND on ``assoc``, ``truncated`` when the archive ended it with Cancel
-    (0xFE00: Orthanc at its ``LimitFindResults``, after the first N matches); raises as :func:`find`."""
+    (0xFE00: Orthanc at its ``LimitFindResults``, after the first N matches) or refused it as over
+    its cap (dcm4chee-arc: :func:`~radflash.io.dimse_find.refused_over_cap`); raises as :func:`find`."""
     rows, cut = [], None
     for status, match in assoc.send_c_find(identifier, FIND_MODEL):
         if "Status" not in status:
@@ -404,7 +408,7 @@ def find_matches(assoc: Any, identifier: Any, what: str) -> Reply:
         if code in PENDING:
             if match is not None:
                 rows.append(match)
-        elif code == CANCEL:
+        elif code == CANCEL or refused_over_cap(code, str(status.get("ErrorComment", "") or "")):
             cut = status_text(status)
         elif is_busy(code):
             raise Busy(f"{what}: C-FIND {status_text(status)} (out of resources)")
@@ -810,16 +814,19 @@ class DimseSource:
     # ---- listing --------------------------------------------------------------------------------
     def _matches(self, level: str) -> DateSplitter:
         """The study UIDs (``STUDY``) or (study, series) pairs (``SERIES``) the query matches, each
-        once, split by StudyDate where the archive caps the reply (:mod:`radflash.io.dimse_find`)."""
+        once, split by StudyDate and StudyTime where the archive caps the reply
+        (:mod:`radflash.io.dimse_find`)."""
         t = self.target
         filters = dict(t.filters)
-        user_date = filters.pop("StudyDate", None)
+        user_date, user_time = filters.pop("StudyDate", None), filters.pop("StudyTime", None)
         unique = {"StudyInstanceUID": ""} if level == "STUDY" else {"StudyInstanceUID": "", "SeriesInstanceUID": ""}
 
-        def query(study_date: str | None) -> Reply:
-            # StudyDate is always asked for (a return key at least): a split orders and checks by it
-            keys = {**unique, **filters, "StudyDate": (user_date if study_date is None else study_date) or ""}
+        def query(study_date: str | None, study_time: str | None) -> Reply:
+            # StudyDate and StudyTime are always asked for (return keys at least): a split orders and checks by them
+            keys = {**unique, **filters, "StudyDate": (user_date if study_date is None else study_date) or "",
+                    "StudyTime": (user_time if study_time is None else study_time) or ""}
             what = t.display if study_date is None else f"{t.base}?StudyDate={study_date}"
+            what += "" if study_time is None else f"&StudyTime={study_time}"
             return self._find_capped(what, query_identifier(level, **keys), t.find_limit)
 
         def key(row: Any) -> Any:
@@ -830,7 +837,8 @@ class DimseSource:
             return (study, series) if study and series else None
 
         return DateSplitter(query, key, lambda row: str(row.get("StudyDate", "") or ""), t.base, self._record,
-                            user_date=user_date, noun="studies" if level == "STUDY" else "series")
+                            user_date=user_date, user_time=user_time, noun="studies" if level == "STUDY" else "series",
+                            time=lambda row: str(row.get("StudyTime", "") or ""))
 
     def _series(self) -> Iterator[tuple[str, str]]:
         """(study, series) pairs matching the query: in UID order, or by date where split."""
@@ -841,7 +849,7 @@ class DimseSource:
                 listed += 1
                 if self._mine(study):
                     yield study, series
-            if not listed:
+            if not listed and not self.failures:  # a capped query that listed none recorded why
                 raise DimseError(f"{t.display}: C-FIND matched no series")
             return
         listed = 0
@@ -849,7 +857,7 @@ class DimseSource:
             listed += 1
             if self._mine(study):
                 yield from self._study_series(study)
-        if not listed:
+        if not listed and not self.failures:  # a capped query that listed none recorded why
             raise DimseError(f"{t.display}: C-FIND matched no studies")
 
     def _study_series(self, study: str) -> list[tuple[str, str]]:
