@@ -29,7 +29,8 @@ once, streamed window by window:
   Empty Value Matching (PS3.4 C.2.2.2.7, ``StudyDate=""``), and the undated matches of the first,
   truncated reply are kept too. An archive without Empty Value Matching (Orthanc answers nothing)
   can hide undated (or, on a busy day, untimed) studies beyond its cap; when a capped reply shows
-  there are some and the Empty Value Matching query finds none, that is recorded in one line.
+  there are some and the Empty Value Matching query finds none, or the archive refuses ``""`` (or
+  answers it with matches that have a value), that is recorded in one line.
 
 Each window's matches come in (StudyDate, StudyTime, UID) order, those without a time last in
 their day, so the whole listing is in date then time order whatever the cap.
@@ -40,7 +41,8 @@ second). A refusal carries no matches, so it cannot show that; dcm4chee-arc, who
 matches both attributes as ranges (dcm4chee-arc-light,
 dcm4chee-arc-query-util/src/main/java/org/dcm4chee/arc/query/util/QueryBuilder.java,
 ``dateRange``), never an empty value against one, and has no Empty Value Matching: a busy day's
-untimed studies cannot be listed there, which the recorded line for that day says.
+untimed studies cannot be listed there. The recorded line says so where it refuses
+``StudyTime=""`` (what it answers instead was not checked against a running dcm4chee-arc).
 
 The first cuts fall on 1899-12-31 and today, so the ranges before 1900 and after today (typing
 errors) cost one small query each, and the halving works on the dates archives hold.
