@@ -73,7 +73,7 @@ from urllib.parse import parse_qsl, urlsplit
 from radflash.errors import InputError
 from radflash.io.dicomweb import shard_uid
 from radflash.io.dimse_find import DateSplitter, Reply, refused_over_cap
-from radflash.io.source import SourceItem, prefetched
+from radflash.io.source import FailureLog, SourceItem, prefetched
 
 log = logging.getLogger("radflash.dimse")
 
@@ -751,7 +751,7 @@ class DimseSource:
     :meth:`listing` (C-FIND only), then :meth:`retrieve` of what is still to do, with ``failures``
     for studies that could not be listed and instances that could not be had.
 
-    Order is stable: studies by Study Instance UID (by StudyDate, then UID, where a capped reply
+    Order is stable: studies by Study Instance UID (by StudyDate, StudyTime, then UID, where a capped reply
     was split: :mod:`radflash.io.dimse_find`), series and instances by UID within them (a C-FIND
     has no order of its own). ``num_parts``/``part_id`` keep the studies whose
     StudyInstanceUID hashes to this shard (the stable hash of :func:`radflash.io.dicomweb.shard_uid`,
@@ -767,7 +767,7 @@ class DimseSource:
             raise InputError(f"associations must be ≥ 1, got {self.policy.associations}")
         self.num_parts, self.part_id = num_parts, part_id
         self._syntaxes = tuple(transfer_syntaxes) if transfer_syntaxes is not None else None
-        self.failures: list[tuple[str, str]] = []  # (key, reason): studies not listed, instances not had
+        self.failures = FailureLog()  # (key, reason): studies not listed, instances not had; on disk, not in memory
         self._pool: Pool | None = None
         self._receiver: MoveReceiver | None = None
         self.headers: OrderedDict[str, Any] = OrderedDict()  # SOP UID → header of a retrieved instance

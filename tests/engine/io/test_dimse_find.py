@@ -386,7 +386,7 @@ def test_an_archive_ignoring_study_date_is_one_line_not_a_query_storm() -> None:
         listed = list(source._matches("STUDY"))
         source.close()
         assert len(listed) == CAP and len(asked) <= 3  # the first, capped, reply; then one range gives it away
-        assert len(source.failures) == 1 and "does not match StudyDate ranges" in source.failures[0][1]
+        assert len(source.failures) == 1 and "does not match StudyDate ranges" in next(iter(source.failures))[1]
     finally:
         server.shutdown()
 
@@ -451,7 +451,7 @@ def test_a_refused_second_is_one_failed_row_naming_the_day_and_window() -> None:
         server.shutdown()
     assert listed == ["1.2.9.1", "1.2.8.2", "1.2.8.0", "1.2.8.1", "1.2.9.2"]  # the pile's second: none
     assert len(source.failures) == 1
-    key, why = source.failures[0]
+    key, why = next(iter(source.failures))
     assert key == f"dimse://CAPPING@127.0.0.1:{port}?StudyDate=20240105&StudyTime={PILE_WINDOW}"
     assert "(status 0xC000 (Request entity too large); 0 studies listed): a single second" in why
 
@@ -480,8 +480,8 @@ def test_an_archive_ignoring_study_time_is_one_line_per_day() -> None:
     finally:
         server.shutdown()
     assert len(listed) == CAP + 1  # what the first window gave, and the other day
-    assert len(source.failures) == 1 and "does not match StudyTime ranges" in source.failures[0][1]
-    assert "&StudyTime=000000-115959.999999" in source.failures[0][0]
+    assert len(source.failures) == 1 and "does not match StudyTime ranges" in next(iter(source.failures))[1]
+    assert "&StudyTime=000000-115959.999999" in next(iter(source.failures))[0]
 
 
 def test_time_windows_and_the_refusal_signature() -> None:
@@ -532,4 +532,4 @@ def test_a_users_study_time_is_kept_and_not_split() -> None:
     finally:
         server.shutdown()
     assert len(listed) == CAP and len(source.failures) == 1
-    assert "a single day, within the query's own StudyTime" in source.failures[0][1]
+    assert "a single day, within the query's own StudyTime" in next(iter(source.failures))[1]
