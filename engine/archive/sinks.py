@@ -13,6 +13,10 @@ single ``rename`` commits both at once: a run killed with ``kill -9`` leaves eit
 part or a ``.tmp`` file that resume deletes, never a half-written table or a status without its
 scores. Parts are always Parquet (typed, compact); ``fmt`` only chooses the consolidated files.
 
+The consolidated files are streamed from the parts (:meth:`PartStore.finalize`, sorted on disk by
+:class:`_PathOrder`), so finishing a run holds one part or one chunk of rows, never the archive;
+:class:`Finalized` reads them back on demand.
+
 PHI: patient name and ID are copied from the DICOM header only with ``include_phi``; nothing else
 from the header beyond UIDs, modality and view is ever written.
 
@@ -26,16 +30,18 @@ folder stops with an error naming the holder (pid, host, start time) instead of 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import socket
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -45,17 +51,20 @@ import pyarrow.parquet as pq
 from radflash.errors import InputError
 from radflash.io.source import path_from_text as path_from_text  # re-exported: rows store path text
 from radflash.io.source import path_text as path_text
+from radflash.util.scratch import ScratchDB
 
 log = logging.getLogger("radflash.writers")
 
 Status = Literal["scored", "skipped", "failed"]
 Format = Literal["parquet", "csv"]
+TableName = Literal["results", "status"]
 FORMATS = ("parquet", "csv")
 
 PARTS_DIR = "parts"
 MANIFEST = "manifest.json"
 LOCK_FILE = ".radflash.lock"
 _PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+CHUNK_ROWS = 4096  # rows per consolidated chunk (a Parquet row group): what finalize holds besides one part
 
 ID_COLUMNS = ("path", "sop_instance_uid", "study_instance_uid", "series_instance_uid")
 PHI_COLUMNS = ("patient_id", "patient_name")
@@ -149,8 +158,56 @@ def split_tables(parts: pa.Table, spec: TableSpec) -> tuple[pa.Table, pa.Table]:
     return scored.select(spec.result_columns()), parts.select(list(STATUS_COLUMNS))
 
 
-# (results path, status path, results, status); the paths are None for a sink that writes no tables
-Finalized = tuple[Path | None, Path | None, pa.Table, pa.Table]
+class Finalized:
+    """A finished run's ``results`` and ``status`` tables: in memory, or in the files a folder run wrote.
+
+    A folder run's tables are read from its files only when asked for (:meth:`table`, then kept),
+    so consolidating an archive of any size never holds it; :meth:`chunks` reads them a chunk at a
+    time, which is how the verb takes its counts and checks from them. A CSV file is read back
+    with the run's column types, so both formats give the tables :func:`split_tables` would.
+    """
+
+    def __init__(self, spec: TableSpec, results_path: Path | None = None, status_path: Path | None = None, *,
+                 results: pa.Table | None = None, status: pa.Table | None = None) -> None:
+        self.spec = spec
+        self.results_path, self.status_path = results_path, status_path
+        self._tables: dict[str, pa.Table | None] = {"results": results, "status": status}
+
+    def schema(self, name: TableName) -> pa.Schema:
+        full = self.spec.schema()
+        return pa.schema([full.field(c) for c in self.columns(name)])
+
+    def table(self, name: TableName) -> pa.Table:
+        """The whole table: held already, else read from its file now and kept."""
+        table = self._tables[name]
+        if table is None:
+            table = self._tables[name] = read_table(self._path(name), self.schema(name))
+        return table
+
+    def chunks(self, name: TableName, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+        """The table's ``columns`` (all by default) in row order, a chunk at a time (:data:`CHUNK_ROWS`
+        rows, or a CSV reader's block)."""
+        columns = list(self.columns(name) if columns is None else columns)
+        held = self._tables[name]
+        if held is not None:
+            yield from (pa.Table.from_batches([b]) for b in held.select(columns).to_batches(CHUNK_ROWS))
+            return
+        path = self._path(name)
+        if path.suffix == ".csv":
+            reader: Any = pacsv.open_csv(path, parse_options=_CSV_PARSE,
+                                         convert_options=_csv_types(self.schema(name), columns))
+        else:
+            reader = pq.ParquetFile(path).iter_batches(CHUNK_ROWS, columns=columns)
+        for batch in reader:
+            yield pa.Table.from_batches([batch])
+
+    def columns(self, name: TableName) -> list[str]:
+        return self.spec.result_columns() if name == "results" else list(STATUS_COLUMNS)
+
+    def _path(self, name: TableName) -> Path:
+        path = self.results_path if name == "results" else self.status_path
+        assert path is not None, "a table held in memory is never read from a file"
+        return path
 
 
 class Sink(Protocol):
@@ -167,7 +224,7 @@ class Sink(Protocol):
         ...
 
     def finalize(self, fmt: Format) -> Finalized:
-        """After the last commit: the consolidated results and status tables (and where they went)."""
+        """After the last commit: the consolidated results and status tables, held or written."""
         ...
 
 
@@ -190,7 +247,7 @@ class MemoryStore:
     def finalize(self, fmt: Format) -> Finalized:
         """The tables :meth:`PartStore.finalize` would write; nothing is written (``fmt`` unused)."""
         results, status = split_tables(self.table(), self.spec)
-        return None, None, results, status
+        return Finalized(self.spec, results=results, status=status)
 
 
 class PartStore:
@@ -242,17 +299,15 @@ class PartStore:
         for p in self.part_files():
             yield pq.read_table(p, columns=list(columns))
 
-    def read_parts(self) -> pa.Table:
+    def _read_part(self, part: Path) -> pa.Table:
+        """One committed part in this run's schema (checked)."""
         schema = self.spec.schema()
-        tables = []
-        for p in self.part_files():
-            t = pq.read_table(p)
-            for c in DEBUG_COLUMNS:  # a part written before the debug column existed: unknown there
-                if c not in t.schema.names and c in schema.names:
-                    t = t.add_column(schema.get_field_index(c), c, pa.nulls(t.num_rows, pa.string()))
-            self._check_columns(p, t.schema.names)
-            tables.append(t.cast(schema))
-        return pa.concat_tables(tables) if tables else schema.empty_table()
+        t = pq.read_table(part)
+        for c in DEBUG_COLUMNS:  # a part written before the debug column existed: unknown there
+            if c not in t.schema.names and c in schema.names:
+                t = t.add_column(schema.get_field_index(c), c, pa.nulls(t.num_rows, pa.string()))
+        self._check_columns(part, t.schema.names)
+        return t.cast(schema)
 
     def _check_columns(self, part: Path, names: Sequence[str]) -> None:
         """A part's columns must be this run's (a missing debug column is allowed: read as unknown)."""
@@ -282,13 +337,88 @@ class PartStore:
         return final
 
     def finalize(self, fmt: Format) -> Finalized:
-        """Consolidate all parts into ``results.<fmt>`` and ``status.<fmt>``."""
-        results, status = split_tables(self.read_parts(), self.spec)
-        ext = "parquet" if fmt == "parquet" else "csv"
-        res_path, status_path = self.out_dir / f"results.{ext}", self.out_dir / f"status.{ext}"
-        write_table(results, res_path, fmt)
-        write_table(status, status_path, fmt)
-        return res_path, status_path, results, status
+        """Stream all parts into ``results.<fmt>`` and ``status.<fmt>``: the files :func:`split_tables`
+        of every part's rows would give (sorted by path, the first row of a path kept), chunk by chunk.
+
+        Memory holds one part or one chunk, never the archive (:class:`_PathOrder`); the tables
+        come back unread (:class:`Finalized` reads them on demand).
+        """
+        check_format(fmt)
+        res_path, status_path = self.out_dir / f"results.{fmt}", self.out_dir / f"status.{fmt}"
+        done = Finalized(self.spec, res_path, status_path)
+        with _PathOrder(self) as rows, TableWriter(res_path, fmt, done.schema("results")) as results, \
+                TableWriter(status_path, fmt, done.schema("status")) as status:
+            for chunk in rows:
+                results.write(chunk.filter(pc.equal(chunk.column("status"), "scored")).select(done.columns("results")))
+                status.write(chunk.select(list(STATUS_COLUMNS)))
+        return done
+
+
+class _PathOrder:
+    """A store's committed rows in path order, each path once, :data:`CHUNK_ROWS` rows at a time.
+
+    Parts are committed in decode order, so the consolidated tables need a sort of the whole
+    archive; it is an external one. Entering copies each part (one in memory at a time) into an
+    uncompressed Arrow file beside the parts and puts its paths, with where each row lies, into a
+    private SQLite index (:class:`radflash.util.scratch.ScratchDB`) whose primary key is the path:
+    ``INSERT OR IGNORE`` keeps the first row of a path, as :func:`split_tables` does, and SQLite
+    keeps them sorted on disk. Iterating walks the index a page at a time and gathers each page's
+    rows from the memory-mapped copy (zero-copy until the gather). Both files are gone when the
+    iteration ends (the copy's name is unlinked once mapped; a kill before that leaves a
+    ``parts/.*.tmp`` that the next :meth:`PartStore.open` deletes). Disk: about the run's tables
+    uncompressed, for the time of the consolidation.
+    """
+
+    def __init__(self, store: PartStore) -> None:
+        self.store = store
+        self._copy = store.parts_dir / f".consolidate-{uuid.uuid4().hex[:12]}.arrow.tmp"
+        self._index: ScratchDB | None = None
+        self._mapped: pa.MemoryMappedFile | None = None
+
+    def __enter__(self) -> _PathOrder:
+        schema = self.store.spec.schema()
+        self._index = ScratchDB(self.store.out_dir, "-score-order.sqlite",
+                                "CREATE TABLE rows (path TEXT PRIMARY KEY, batch INTEGER, row INTEGER) WITHOUT ROWID;",
+                                what="the index that sorts the run's rows")
+        rows, batches = 0, 0
+        with pa.OSFile(str(self._copy), "wb") as sink, pa.ipc.new_file(sink, schema) as copy:
+            for part in self.store.part_files():
+                for batch in self.store._read_part(part).to_batches():
+                    if not batch.num_rows:
+                        continue
+                    copy.write_batch(batch)
+                    paths = batch.column("path").to_pylist()
+                    self._index.run_many("INSERT OR IGNORE INTO rows VALUES (?, ?, ?)",
+                                         ((p, batches, i) for i, p in enumerate(paths)))
+                    rows, batches = rows + len(paths), batches + 1
+        kept = self._index.run("SELECT COUNT(*) FROM rows")[0][0]
+        if kept != rows:  # cannot happen with correct resume logic; keep the output usable if it ever does
+            log.warning("duplicate paths across parts; keeping the first row of each")
+        self._mapped = pa.memory_map(str(self._copy))
+        with contextlib.suppress(OSError):  # the mapping keeps the data (POSIX); elsewhere removed on exit
+            self._copy.unlink()
+        return self
+
+    def __iter__(self) -> Iterator[pa.Table]:
+        assert self._index is not None and self._mapped is not None
+        copy = pa.ipc.open_file(self._mapped)
+        page = self._index.run("SELECT path, batch, row FROM rows ORDER BY path LIMIT ?", (CHUNK_ROWS,))
+        while page:
+            groups: dict[int, list[tuple[int, int]]] = {}  # batch → (position in the page, row)
+            for position, (_, batch, row) in enumerate(page):
+                groups.setdefault(batch, []).append((position, row))
+            pieces = [copy.get_batch(b).take(pa.array([row for _, row in g], pa.int64())) for b, g in groups.items()]
+            where = [position for g in groups.values() for position, _ in g]
+            yield pa.Table.from_batches(pieces).take(pa.array(sorted(range(len(where)), key=where.__getitem__)))
+            page = self._index.run("SELECT path, batch, row FROM rows WHERE path > ? ORDER BY path LIMIT ?",
+                                   (page[-1][0], CHUNK_ROWS))
+
+    def __exit__(self, *exc: object) -> None:
+        if self._mapped is not None:
+            self._mapped.close()
+        if self._index is not None:
+            self._index.close()
+        self._copy.unlink(missing_ok=True)
 
 
 def check_creatable(out_dir: str | Path) -> None:
@@ -367,29 +497,76 @@ def _describe_holder(fd: int) -> str:
         return "holder still starting"
 
 
-def write_table(table: pa.Table, path: str | Path, fmt: Format) -> Path:
-    """Atomically write ``table`` as Parquet or CSV (header always present, even with 0 rows)."""
+def check_format(fmt: str) -> None:
+    """A one-line :class:`InputError` for a format other than :data:`FORMATS`, before anything is written."""
     if fmt not in FORMATS:
         raise InputError(f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        if fmt == "parquet":
-            pq.write_table(table, fh)
-        else:
-            pacsv.write_csv(table, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
 
 
-def read_table(path: str | Path) -> pa.Table:
-    """Read a results/status file written by :func:`write_table` (format from the suffix)."""
+class TableWriter:
+    """A Parquet or CSV table written a chunk at a time (a row group, or rows under one header) into
+    ``.<name>.tmp``, which replaces ``path`` only once complete and fsynced: readers see the old file
+    or the new one, never a half-written one. The bytes are those of one :func:`write_table` call."""
+
+    def __init__(self, path: str | Path, fmt: Format, schema: pa.Schema) -> None:
+        check_format(fmt)
+        self.path = Path(path)
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self._fh = open(self._tmp, "wb")  # noqa: SIM115  # closed by __exit__ (the writer outlives this call)
+        try:
+            self._writer = pq.ParquetWriter(self._fh, schema) if fmt == "parquet" else pacsv.CSVWriter(self._fh, schema)
+        except BaseException:
+            self._abort()
+            raise
+
+    def write(self, table: pa.Table) -> None:
+        self._writer.write_table(table)
+
+    def __enter__(self) -> TableWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None:
+            self._abort()
+            return
+        self._writer.close()
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        os.replace(self._tmp, self.path)
+        _fsync_dir(self.path.parent)
+
+    def _abort(self) -> None:
+        self._fh.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+def write_table(table: pa.Table, path: str | Path, fmt: Format) -> Path:
+    """Atomically write ``table`` as Parquet or CSV (header always present, even with 0 rows)."""
+    with TableWriter(path, fmt, table.schema) as writer:
+        writer.write(table)
+    return Path(path)
+
+
+_CSV_PARSE = pacsv.ParseOptions(newlines_in_values=True)  # a reason may span lines
+
+
+def _csv_types(schema: pa.Schema, columns: Sequence[str] | None = None) -> pacsv.ConvertOptions:
+    """Read a CSV that :func:`write_table` wrote back to ``schema``'s values: its writer quotes every
+    string and leaves a null empty, so only an unquoted empty field is null (``"NA"`` stays text)."""
+    return pacsv.ConvertOptions(column_types={f.name: f.type for f in schema}, include_columns=columns,
+                                strings_can_be_null=True, quoted_strings_can_be_null=False)
+
+
+def read_table(path: str | Path, schema: pa.Schema | None = None) -> pa.Table:
+    """Read a results/status file written by :func:`write_table` (format from the suffix); a CSV
+    file is typed by inference, or exactly as written when its ``schema`` is given."""
     path = Path(path)
-    if path.suffix == ".csv":
+    if path.suffix != ".csv":
+        return pq.read_table(path)
+    if schema is None:
         return pacsv.read_csv(path)
-    return pq.read_table(path)
+    return pacsv.read_csv(path, parse_options=_CSV_PARSE, convert_options=_csv_types(schema)).cast(schema)
 
 
 def write_manifest(out_dir: str | Path, manifest: dict) -> Path:

@@ -25,13 +25,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from radflash.archive.committed import CommittedKeys, read_committed
-from radflash.archive.decode_check import agreement, decode_settings
+from radflash.archive.decode_check import PROBES, REDUCED_MARKERS, agreement, decode_settings
 from radflash.archive.options import OutputOptions, ScoreOptions
 from radflash.archive.pipeline import PipelineConfig, PipelineStats, PromptSet, run_pipeline
 from radflash.archive.sinks import (
     FileRecord,
+    Finalized,
     MemoryStore,
     OutputLock,
     PartStore,
@@ -70,7 +72,13 @@ MANIFEST_VERSION = 1
 
 @dataclass
 class ScoreRun:
-    """Summary of a score run; ``results``/``status`` hold the full tables (also when saved)."""
+    """Summary of a score run; ``results``/``status`` give the full tables.
+
+    Without an output folder they are the tables the run held. With one, the run wrote them to
+    ``results_path``/``status_path`` chunk by chunk and never held them: they are read from those
+    files on first access (then kept; the same tables and types, CSV included), so a run of any
+    size, and the CLI, which never asks, stay in bounded memory.
+    """
 
     output: Path | None
     discovered: int  # files in this shard
@@ -80,13 +88,22 @@ class ScoreRun:
     resumed: int  # files already committed by an earlier, interrupted run
     elapsed_s: float
     images_per_s: float | None  # files processed by *this* invocation / its wall time
-    results: pa.Table
-    status: pa.Table
     manifest: dict = field(repr=False)
+    tables: Finalized = field(repr=False)
     results_path: Path | None = None
     status_path: Path | None = None
     manifest_path: Path | None = None
     demo: bool = False  # True when no inputs were given and the embedded demo archive was scored
+
+    @property
+    def results(self) -> pa.Table:
+        """One row per scored file (read from ``results_path`` on first access when saved)."""
+        return self.tables.table("results")
+
+    @property
+    def status(self) -> pa.Table:
+        """One row per discovered file (read from ``status_path`` on first access when saved)."""
+        return self.tables.table("status")
 
     @property
     def counts(self) -> dict[str, int]:
@@ -127,8 +144,9 @@ def score(
     Args:
         inputs: files or folders; or a :class:`radflash.io.source.Source` (items with a path or
             bytes, e.g. from a network); ``None`` scores the small embedded demo archive.
-        output: a folder for results/status/manifest (see :mod:`radflash.archive.sinks`); ``None`` keeps
-            everything in memory (``ScoreRun.results`` / ``.status``).
+        output: a folder for results/status/manifest (see :mod:`radflash.archive.sinks`), streamed
+            from the parts in bounded memory (``ScoreRun.results`` / ``.status`` read them back on first
+            access); ``None`` keeps everything in memory.
         model: checkpoint path or a loaded :class:`RadFlashModel`; ``None`` = embedded demo model.
         findings: ``None`` = the 14 CheXpert findings ("There is {finding}"); a YAML/JSON/TXT prompt
             file; a mapping name → prompt (or → {prompt, threshold}); or a list of prompts.
@@ -180,7 +198,8 @@ def run_score(options: ScoreOptions) -> ScoreRun:
 
     source (:func:`radflash.archive.sources.open_source`) → model (:meth:`ModelSpec.load`) → the
     output folder and what an earlier run committed → sink (+ :func:`~radflash.archive.sources.open_store`)
-    → the executor (:func:`radflash.archive.pipeline.run_pipeline` here, or Ray) → consolidated tables.
+    → the executor (:func:`radflash.archive.pipeline.run_pipeline` here, or Ray) → consolidated tables
+    (streamed into the output folder; counts and checks read back from them a chunk at a time).
     """
     o = options
     with _output_lock(o.output.output, resume=o.output.resume):
@@ -222,12 +241,13 @@ def run_score(options: ScoreOptions) -> ScoreRun:
             log.info("resumed: %d of %d entries were committed by an earlier run", intake.already, intake.discovered)
 
         # ---- consolidate ---------------------------------------------------------------------
-        results_path, status_path, results, status = sink.finalize(o.output.fmt)
-        counts = status_counts(status.column("status").to_pylist())
+        # the tables are read back a chunk at a time: a folder run never holds them (ScoreRun reads them on demand)
+        tables: Finalized = sink.finalize(o.output.fmt)
+        counts = status_counts(_status_values(tables, "status"))
         if o.decode.fast_decode:  # the probe batch: the run's probabilities against a full decode of its files
-            manifest["decode"]["agreement"] = agreement(rf_model, prompt_set, results, status,
+            manifest["decode"]["agreement"] = agreement(rf_model, prompt_set, *_probe_rows(tables),
                                                         rules=o.decode.selection())
-        missing = missing_decoder_line(status.column("reason").to_pylist())
+        missing = missing_decoder_line(_status_values(tables, "reason"))
         if missing:  # the run's last line: what to install to score the files it had to skip
             log.warning("%s", missing)
         elapsed = time.perf_counter() - t0
@@ -245,9 +265,41 @@ def run_score(options: ScoreOptions) -> ScoreRun:
         return ScoreRun(
             output=out_dir, discovered=intake.discovered, resumed=committed_before, elapsed_s=elapsed,
             images_per_s=round(stats.total / stats.wall_s, 2) if stats.wall_s > 0 and stats.total else None,
-            results=results, status=status, manifest=manifest, results_path=results_path,
-            status_path=status_path, manifest_path=manifest_path, demo=demo, **counts,
+            manifest=manifest, tables=tables, results_path=tables.results_path, status_path=tables.status_path,
+            manifest_path=manifest_path, demo=demo, **counts,
         )
+
+
+def _status_values(tables: Finalized, column: str) -> Iterator[Any]:
+    """One column of the status table, value by value, read a chunk at a time."""
+    for chunk in tables.chunks("status", [column]):
+        yield from chunk.column(column).to_pylist()
+
+
+def _probe_rows(tables: Finalized, probes: int = PROBES) -> tuple[pa.Table, pa.Table]:
+    """The rows :func:`radflash.archive.decode_check.agreement` may probe, read a chunk at a time: the
+    first ``probes`` scored files (in path order) still readable that were decoded reduced, and the
+    first ``probes`` that were not. ``agreement`` takes reduced files first, so it picks the same files
+    from these as from the whole tables, without a set of every reduced path."""
+    found = {True: 0, False: 0}  # reduced or not → files picked
+    decoders: dict[str, str | None] = {}
+    for chunk in tables.chunks("status", ["path", "status", "decoder"]):
+        for path, status, decoder in zip(*(chunk.column(c).to_pylist() for c in ("path", "status", "decoder"))):
+            reduced = bool(decoder) and any(m in decoder for m in REDUCED_MARKERS)
+            if status == "scored" and found[reduced] < probes and path and os.path.isfile(path):
+                found[reduced] += 1
+                decoders[path] = decoder
+        if min(found.values()) >= probes:
+            break
+    paths = sorted(decoders)
+    rows = []
+    for chunk in tables.chunks("results") if paths else ():
+        rows.append(chunk.filter(pc.is_in(chunk.column("path"), pa.array(paths, pa.string()))))
+        if sum(t.num_rows for t in rows) == len(paths):
+            break
+    results = pa.concat_tables(rows) if rows else tables.schema("results").empty_table()
+    return results, pa.table({"path": pa.array(paths, pa.string()),
+                              "decoder": pa.array([decoders[p] for p in paths], pa.string())})
 
 
 def _core_split(config: PipelineConfig) -> dict[str, Any]:

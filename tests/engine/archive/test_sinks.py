@@ -59,7 +59,7 @@ def test_part_store_commit_resume_and_consolidate(tmp_path: Path) -> None:
     spec = TableSpec(NAMES)
     store = PartStore(tmp_path, spec)
     store.open()
-    assert store.read_parts().num_rows == 0
+    assert list(store.committed(("path",))) == []
     store.commit(_records("b", 5))
     store.commit([])  # nothing to commit → no empty part
     store.commit(_records("a", 4))
@@ -68,18 +68,19 @@ def test_part_store_commit_resume_and_consolidate(tmp_path: Path) -> None:
     (store.parts_dir / ".part-00002.parquet.tmp").write_bytes(b"half a parquet")
     again = PartStore(tmp_path, spec)
     again.open()
-    assert again.read_parts().num_rows == 9
+    assert sum(t.num_rows for t in again.committed(("path",))) == 9
     assert [t.column_names for t in again.committed(("path", "status"))] == [["path", "status"]] * 2
     assert not list(again.parts_dir.glob(".*.tmp"))
     again.commit(_records("c", 2))
     assert again.part_files()[-1].name == "part-00002.parquet"
-    res_path, status_path, results, status = again.finalize("parquet")
+    done = again.finalize("parquet")
+    results, status = done.table("results"), done.table("status")
     assert status.num_rows == 11 and status.column_names == list(STATUS_COLUMNS)
     assert status.column("path").to_pylist() == sorted(status.column("path").to_pylist())
     assert set(results.column("path").to_pylist()) == {
         r.path for r in _records("a", 4) + _records("b", 5) + _records("c", 2) if r.status == "scored"}
-    assert read_table(res_path).equals(results)
-    assert read_table(status_path).num_rows == 11
+    assert read_table(done.results_path).equals(results)
+    assert read_table(done.status_path).num_rows == 11
 
 
 def test_part_store_rejects_other_columns_on_resume(tmp_path: Path) -> None:

@@ -54,8 +54,10 @@ def test_stores_are_sinks(tmp_path: Path) -> None:
     sinks: list[Sink] = [memory, parts]  # structural: a type checker holds both to the protocol
     for sink in sinks:
         sink.commit(records)
-    mem_res, mem_status = memory.finalize("parquet")[2:]
-    res_path, status_path, results, status = parts.finalize("csv")
-    assert memory.finalize("csv")[:2] == (None, None) and res_path.suffix == status_path.suffix == ".csv"
+    in_memory, on_disk = memory.finalize("parquet"), parts.finalize("csv")
+    mem_res, mem_status = in_memory.table("results"), in_memory.table("status")
+    results, status = on_disk.table("results"), on_disk.table("status")  # read back from the CSV files
+    assert (in_memory.results_path, in_memory.status_path) == (None, None)
+    assert on_disk.results_path.suffix == on_disk.status_path.suffix == ".csv"
     assert results.equals(mem_res) and status.equals(mem_status)
     assert (mem_res, mem_status) == split_tables(memory.table(), spec)
