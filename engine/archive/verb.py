@@ -21,6 +21,7 @@ from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -235,8 +236,10 @@ def run_score(options: ScoreOptions) -> ScoreRun:
             stats = _execute(o, todo, rf_model, prompt_set, spec, sink, manifest, initial_counts)
         finally:
             done.close()  # the source has been walked: the committed keys' index is no longer read
-        sink.commit([FileRecord(path=key, status="failed", reason=why)
-                     for key, why in retrieval_failures(source)])  # instances the server would not give
+        # instances the server would not give, committed a part at a time (a source keeps them on disk)
+        failed = (FileRecord(path=key, status="failed", reason=why) for key, why in retrieval_failures(source))
+        while group := list(islice(failed, o.output.commit_every)):
+            sink.commit(group)
         if intake.already:
             log.info("resumed: %d of %d entries were committed by an earlier run", intake.already, intake.discovered)
 

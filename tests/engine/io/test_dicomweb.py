@@ -237,11 +237,17 @@ def _with_ghosts(monkeypatch: pytest.MonkeyPatch, ghosts: int, *, keep: int | No
     return made
 
 
-def test_failed_retrievals_are_failed_rows_from_a_log_on_disk(orthanc, monkeypatch) -> None:
+def test_failed_retrievals_are_failed_rows_from_a_log_on_disk(orthanc, monkeypatch, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
     from radflash.io.source import FailureLog
 
     made = _with_ghosts(monkeypatch, 3)
-    run = score(orthanc.dicomweb, None, workers=1, progress=False)
+    out = tmp_path / "out"
+    run = score(orthanc.dicomweb, out, workers=1, progress=False, commit_every=2)
+    # committed a part at a time like every other row, never as one list of the whole log
+    parts = [pq.read_table(p).column("status").to_pylist() for p in sorted((out / "parts").glob("part-*.parquet"))]
+    assert parts[-2:] == [["failed"] * 2, ["failed"]] and sum(part.count("failed") for part in parts) == 3
     failed = sorted((r["path"], r["reason"]) for r in run.status.to_pylist() if r["status"] == "failed")
     ghosts = sorted(i.key for i in made[0].listing() if i.ref.sop.startswith("1.2.3.4.5.6.7.8."))
     assert failed == [(key, GHOST_REASON) for key in ghosts] and run.failed == 3 and run.scored == 16
