@@ -22,3 +22,20 @@ def kill9_after_second_part(cmd: list[str], out: Path, *, within: float = 120.0)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not read_manifest(out)["complete"], "the run finished before it could be killed"
+
+
+class Crash(RuntimeError):
+    """What :func:`crash_on_batch`'s observer raises to stop an in-process run mid-way."""
+
+
+def crash_on_batch(n: int = 3):
+    """A ``score(observer=...)`` that raises :class:`Crash` at the ``n``-th batch, after some parts
+    are committed: an in-process stand-in for a crash where ``kill -9`` would cost a subprocess."""
+    batches: list[int] = []
+
+    def observer(*args: object) -> None:
+        batches.append(1)
+        if len(batches) == n:
+            raise Crash("killed mid-run")
+
+    return observer

@@ -17,6 +17,7 @@ import pytest
 import radflash.archive.sinks as sinks
 from radflash.archive.sinks import STATUS_COLUMNS, FileRecord, Finalized, PartStore, TableSpec, TableWriter
 from radflash.archive.verb import score
+from tests.engine.crash import Crash, crash_on_batch
 
 NAMES = ("edema", "pleural effusion")
 RUN = {"workers": 0, "batch_size": 2, "commit_every": 4, "progress": False}
@@ -186,10 +187,6 @@ def test_finalize_memory_does_not_grow_with_the_parts(tmp_path: Path, monkeypatc
 
 
 # ---- through score() ------------------------------------------------------------------------------
-class Crash(RuntimeError):
-    """What the observer raises to stop a run mid-way, after some parts are committed."""
-
-
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Films plus write_archive's clutter (other modalities, broken files): skipped and failed rows too."""
@@ -246,16 +243,9 @@ def test_score_run_writes_the_consolidated_files_and_reads_them_lazily(
 
 def test_resumed_run_writes_the_consolidated_files(archive: Path, tiny_model: Path, in_memory,
                                                    tmp_path: Path) -> None:
-    batches = []
-
-    def crash_on_third_batch(*args: object) -> None:
-        batches.append(1)
-        if len(batches) == 3:
-            raise Crash("killed mid-run")
-
     out = tmp_path / "out"
     with pytest.raises(Crash):
-        score(archive, out, model=tiny_model, observer=crash_on_third_batch, **RUN)
+        score(archive, out, model=tiny_model, observer=crash_on_batch(3), **RUN)
     run = score(archive, out, model=tiny_model, resume=True, fmt="csv", **RUN)
 
     assert 0 < run.resumed < run.discovered

@@ -15,13 +15,10 @@ import pytest
 from radflash.archive.committed import INDEX_SUFFIX, CommittedKeys, read_committed
 from radflash.archive.sinks import FileRecord, PartStore, TableSpec, read_manifest
 from radflash.archive.verb import score
+from tests.engine.crash import Crash, crash_on_batch
 
 FILMS = 8  # write_archive adds its clutter (other modalities, broken files): skipped and failed rows too
 RUN = {"workers": 0, "batch_size": 2, "commit_every": 4, "progress": False}
-
-
-class Crash(RuntimeError):
-    """What the observer raises to stop a run mid-way, after some parts are committed."""
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +69,9 @@ def _same_rows(a: pa.Table, b: pa.Table) -> None:
 def test_crashed_run_resumes_skipping_exactly_its_committed_keys(archive: Path, tiny_model: Path, reference,
                                                                 tmp_path: Path) -> None:
     common = {"model": tiny_model, **RUN}
-    batches = []
-
-    def crash_on_third_batch(*args: object) -> None:
-        batches.append(1)
-        if len(batches) == 3:
-            raise Crash("killed mid-run")
-
     out = tmp_path / "out"
     with pytest.raises(Crash):
-        score(archive, out, observer=crash_on_third_batch, **common)
+        score(archive, out, observer=crash_on_batch(3), **common)
     assert not read_manifest(out)["complete"]
     before = sorted((out / "parts").glob("part-*.parquet"))
     committed = _keys(before)

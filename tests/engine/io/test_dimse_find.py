@@ -17,6 +17,7 @@ import json
 import random
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -354,6 +355,20 @@ def _capping_scp(dates: dict[str, str], times: dict[str, str] | None = None, *, 
     return ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers), port
 
 
+def _list_capped(dates: dict[str, str], times: dict[str, str], query: str = "", **scp: Any
+                 ) -> tuple[list[str], DimseSource, int]:
+    """The study-level listing of a :func:`_capping_scp` archive (``scp`` its options) through
+    ``dimse://CAPPING@127.0.0.1:PORT`` + ``query``: the UIDs listed, the closed source and the port."""
+    server, port = _capping_scp(dates, times, **scp)
+    try:
+        source = DimseSource(f"dimse://CAPPING@127.0.0.1:{port}{query}")
+        listed = list(source._matches("STUDY"))
+        source.close()
+    finally:
+        server.shutdown()
+    return listed, source, port
+
+
 def test_find_limit_lists_past_a_silent_cap_with_empty_value_matching() -> None:
     rng = random.Random(seed_for("tests/engine/io/test_dimse_find.py::silent"))
     days = rng.sample(range(9000), 14)  # distinct: no day over the cap
@@ -442,13 +457,7 @@ def test_a_refused_second_is_one_failed_row_naming_the_day_and_window() -> None:
     one failed row naming the day and the second; the rest of the day is listed."""
     dates = {f"1.2.8.{i}": "20240105" for i in range(CAP + 4)} | {"1.2.9.1": "20240104", "1.2.9.2": "20240106"}
     times = {uid: PILE_TIME for uid in dates} | {"1.2.8.0": "235959.9", "1.2.8.1": "", "1.2.8.2": "000000"}
-    server, port = _capping_scp(dates, times, refuse=True)
-    try:
-        source = DimseSource(f"dimse://CAPPING@127.0.0.1:{port}")
-        listed = list(source._matches("STUDY"))
-        source.close()
-    finally:
-        server.shutdown()
+    listed, source, port = _list_capped(dates, times, refuse=True)
     assert listed == ["1.2.9.1", "1.2.8.2", "1.2.8.0", "1.2.8.1", "1.2.9.2"]  # the pile's second: none
     assert len(source.failures) == 1
     key, why = next(iter(source.failures))
@@ -472,13 +481,7 @@ def test_a_genuine_failure_still_fails(fail: tuple[int, str]) -> None:
 def test_an_archive_ignoring_study_time_is_one_line_per_day() -> None:
     dates = {f"1.2.3.{i}": "20240105" for i in range(8)} | {"1.2.4.1": "20240106"}
     times = {uid: f"{23 - i:02d}0000" for i, uid in enumerate(dates)}  # the first matches: all after noon
-    server, port = _capping_scp(dates, times, match_time=False)
-    try:
-        source = DimseSource(f"dimse://CAPPING@127.0.0.1:{port}?find-limit={CAP}")
-        listed = list(source._matches("STUDY"))
-        source.close()
-    finally:
-        server.shutdown()
+    listed, source, _ = _list_capped(dates, times, f"?find-limit={CAP}", match_time=False)
     assert len(listed) == CAP + 1  # what the first window gave, and the other day
     assert len(source.failures) == 1 and "does not match StudyTime ranges" in next(iter(source.failures))[1]
     assert "&StudyTime=000000-115959.999999" in next(iter(source.failures))[0]
@@ -504,13 +507,7 @@ def test_a_refusing_archive_without_empty_value_matching_says_what_it_cannot_lis
     any C-FIND without a unique key, so a failed row says that any such are not listed."""
     dates = {f"1.2.8.{i}": "20240105" for i in range(CAP + 2)} | {"1.2.9.1": "20240106"}
     times = {uid: f"{10 + i:02d}0000" for i, uid in enumerate(dates)} | {"1.2.8.0": ""}
-    server, port = _capping_scp(dates, times, refuse=True, evm=False)
-    try:
-        source = DimseSource(f"dimse://CAPPING@127.0.0.1:{port}")
-        listed = list(source._matches("STUDY"))
-        source.close()
-    finally:
-        server.shutdown()
+    listed, source, port = _list_capped(dates, times, refuse=True, evm=False)
     assert listed == [uid for uid in _in_order(dates, times) if uid != "1.2.8.0"]
     failures = dict(source.failures)
     base = f"dimse://CAPPING@127.0.0.1:{port}"
@@ -523,13 +520,6 @@ def test_a_refusing_archive_without_empty_value_matching_says_what_it_cannot_lis
 def test_a_users_study_time_is_kept_and_not_split() -> None:
     dates = {f"1.2.8.{i}": "20240105" for i in range(CAP + 2)}
     times = {uid: f"{10 + i:02d}0000" for i, uid in enumerate(dates)}
-    server, port = _capping_scp(dates, times)
-    try:
-        source = DimseSource(f"dimse://CAPPING@127.0.0.1:{port}?StudyDate=20240105&StudyTime=000000-235959"
-                             f"&find-limit={CAP}")
-        listed = list(source._matches("STUDY"))
-        source.close()
-    finally:
-        server.shutdown()
+    listed, source, _ = _list_capped(dates, times, f"?StudyDate=20240105&StudyTime=000000-235959&find-limit={CAP}")
     assert len(listed) == CAP and len(source.failures) == 1
     assert "a single day, within the query's own StudyTime" in next(iter(source.failures))[1]
