@@ -160,13 +160,18 @@ def orthanc_or_skip(root: Path, **options):
     return Orthanc(root, **options).start()
 
 
-def storescu(port: int, files: list[Path], *, aet: str = "STORESCU", called: str = NODE_AET,
-             extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def storescu_command(port: int, files: list[Path], *, aet: str = "STORESCU", called: str = NODE_AET,
+                     extra: tuple[str, ...] = ()) -> list[str]:
     if shutil.which("storescu") is None:
         unavailable("DCMTK's storescu is not installed (apt-get install dcmtk)")
     # -cx: propose each file's own transfer syntax (JPEG 2000 films go as they are)
-    return subprocess.run(["storescu", "-v", "-cx", "-aet", aet, "-aec", called, *extra, "127.0.0.1", str(port),
-                           *map(str, files)], capture_output=True, text=True, timeout=120)
+    return ["storescu", "-v", "-cx", "-aet", aet, "-aec", called, *extra, "127.0.0.1", str(port), *map(str, files)]
+
+
+def storescu(port: int, files: list[Path], *, aet: str = "STORESCU", called: str = NODE_AET,
+             extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run(storescu_command(port, files, aet=aet, called=called, extra=extra),
+                          capture_output=True, text=True, timeout=120)
 
 
 def stored_by(out: subprocess.CompletedProcess) -> int:

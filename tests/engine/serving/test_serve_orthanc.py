@@ -6,7 +6,7 @@ duplicates nothing.
 from __future__ import annotations
 
 import json
-import threading
+import subprocess
 import time
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from tests.engine.serving.conftest import (
     srs_in,
     stored_by,
     storescu,
+    storescu_command,
     uids,
 )
 
@@ -95,11 +96,17 @@ def test_kill9_in_intake_in_a_batch_and_in_forward_loses_nothing_and_duplicates_
     ports = {"dicom_port": node.dicom_port, "http_port": node.http_port}
     try:
         # 1. in intake: killed while storescu is still sending (some acknowledged, some not)
-        sender = threading.Thread(target=storescu, args=(node.dicom_port, files))
-        sender.start()
-        node.wait_for(lambda: node.metric("radflash_serve_requests_total", status="stored") >= 6, 60, "intake")
-        node.kill9()
-        sender.join(timeout=120)
+        sender = subprocess.Popen(storescu_command(node.dicom_port, files), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            node.wait_for(lambda: node.metric("radflash_serve_requests_total", status="stored") >= 6, 60, "intake")
+            node.kill9()
+        finally:
+            # What the sender does once the node is dead does not matter (it resends everything in 2.),
+            # but left alone it can sit out its 30 s ACSE/DIMSE timeout on the dead association, and it
+            # must not reach the restarted node: it is stopped here instead of waited for.
+            sender.kill()
+            sender.wait(timeout=30)
 
         # 2. in a batch and in forward (one restart checks both): restarted with the PACS down (the
         # acknowledged ones are re-queued), so scored results wait for delivery while later batches
