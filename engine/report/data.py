@@ -8,10 +8,13 @@ is a pure function of the folder's files and the two options (mode, PHI).
 * score folders: ``manifest.json``, ``results.<fmt>`` and ``status.<fmt>`` (or, for a run that
   never finished, the committed ``parts/``), and ``gallery.json`` when ``--report-maps`` was given;
 * segment folders: ``report.json``, each image's ``result.json`` and ``mask-*.png``, and
-  ``gallery.json`` for the radiograph thumbnails. These are streamed (:mod:`.stream`), never read
-  into lists, so the step costs the same memory for a million images as for ten: per prompt a
-  histogram and running counts, the :data:`TABLE_ROWS` table rows of highest peak probability and
-  the gallery's top-K. A run within those bounds gets the page a report of full lists would draw.
+  ``gallery.json`` for the radiograph thumbnails.
+
+Both are streamed (score: the tables in Arrow record batches; segment: :mod:`.stream`), never read
+whole or into lists, so the step costs the same memory for a million images as for ten: per
+finding or prompt a histogram and running counts, the :data:`TABLE_ROWS` table rows of highest
+(peak) probability and the gallery's top-K. A run within those bounds gets the page a report of
+full tables and lists would draw, byte for byte.
 
 PHI follows the project's rule: patient name and ID appear only when the run recorded them
 (``score --include-phi``) *and* the report is asked for them (``include_phi``); file names and
@@ -20,22 +23,27 @@ UIDs are not PHI here, as in the results tables themselves.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import posixpath
 import re
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
-from radflash.archive.sinks import MANIFEST, PARTS_DIR, PHI_COLUMNS, read_manifest, read_table
+from radflash.archive.sinks import MANIFEST, PARTS_DIR, PHI_COLUMNS, TableSpec, read_manifest
 from radflash.errors import InputError
 from radflash.io.safe_paths import inside
-from radflash.report.gallery import load_gallery, tiles_of
+from radflash.report.gallery import Tile, load_gallery, tiles_of
 from radflash.report.stream import Best, Sample, scan_object
 from radflash.report.svg import Histogram
 from radflash.report.thumbnails import data_uri, decode_data_uri, mask_overlay, thumbnail_size
@@ -43,9 +51,9 @@ from radflash.report.thumbnails import data_uri, decode_data_uri, mask_overlay, 
 SEGMENT_REPORT = "report.json"  # radflash.segment.output.REPORT (that module imports torch-side code)
 Mode = Literal["summary", "full"]
 PROB_DECIMALS = 4  # table values: enough to sort and read, and keeps 100,000 rows × 14 findings small
-# A segment report is made in passes over the run's records, holding only what it shows (the same
-# page as from full lists while a run fits these bounds; bounded memory and HTML past them):
-TABLE_ROWS = 100_000  # image rows in a segment report's table; past it, those with the highest peak
+# A report is made in passes over the run's records, holding only what it shows (the same page as
+# from full lists while a run fits these bounds; bounded memory and HTML past them):
+TABLE_ROWS = 100_000  # image rows in the table; past it, those with the highest (peak) probability
 MAX_REASONS = 1_000  # reason groups listed; a reason first seen after that is counted as "other"
 SAMPLE = 10_000  # values kept per statistic: medians exact up to this many, estimated (≈) past it
 OTHER_REASONS = "(other reasons)"
@@ -139,53 +147,70 @@ def collect(out_dir: str | Path, *, mode: Mode = "full", include_phi: bool = Fal
 
 
 # ---- score ---------------------------------------------------------------------------------------
+BATCH_ROWS = 16_384  # rows read at a time from a results/status table: the step's memory, not the run's
+# bytes of a CSV table parsed at a time (a record batch); Arrow's streaming reader reads up to 32
+# blocks ahead in the background, so this also caps that (8 MiB), whatever the file's size
+CSV_BLOCK = 1 << 18
+
+
 def collect_score(out: Path, *, mode: Mode = "full", include_phi: bool = False) -> ReportData:
+    """Two streamed passes over the results and status tables (the images' common folder, then what
+    the page shows), keeping per finding a histogram and counts, the :data:`TABLE_ROWS` table rows of
+    highest probability and the gallery images' labels: never a whole table."""
     manifest = read_manifest(out) or {}
     if not isinstance(manifest.get("findings"), dict):
         raise InputError(f"{out / MANIFEST}: not a radflash score manifest (no findings)")
     warnings: list[str] = []
-    results, status = _score_tables(out, manifest, warnings)
     names = list(manifest["findings"])
-    source_kind = (manifest.get("source") or {}).get("kind", "files")
-    paths = [str(p) for p in results.column("path").to_pylist()] if "path" in results.column_names else []
-    status_paths = [str(p) for p in status.column("path").to_pylist()]
-    if source_kind == "dicomweb":
-        uids = results.column("sop_instance_uid").to_pylist()
-        labels = dict(zip(paths, [u or p for u, p in zip(uids, paths)]))
-        root = None
-        status_uids = status.column("sop_instance_uid").to_pylist()
-        status_labels = {p: u or p for p, u in zip(status_paths, status_uids)}
-    else:
-        root = _common_root(paths or status_paths)
-        labels = {p: _relative(p, root) for p in paths}
-        status_labels = {p: _relative(p, root) for p in status_paths}
-
-    columns = [Column("image", "text")]
-    table: list[list[Any]] = [[labels[p] for p in paths]]
-    phi = include_phi and all(c in results.column_names for c in PHI_COLUMNS)
+    tables = _score_tables(out, manifest, names, warnings)
+    dicomweb = (manifest.get("source") or {}).get("kind", "files") == "dicomweb"
+    root = None if dicomweb else _score_root(tables)
+    label: Callable[[str, str | None], str] = ((lambda path, uid: uid or path) if dicomweb
+                                               else (lambda path, uid: _relative(path, root)))
+    result_columns = tables.columns("results")
+    phi = include_phi and all(c in result_columns for c in PHI_COLUMNS)
     if include_phi and not phi:
         warnings.append("--include-phi: this run recorded no patient names or IDs (score without --include-phi)")
-    if phi:
-        for c, label in zip(PHI_COLUMNS, ("patient ID", "patient name")):
-            columns.append(Column(label, "text"))
-            table.append([v if v is not None else "" for v in results.column(c).to_pylist()])
+    saved, gallery_note = _saved_gallery(out, mode, "score")
+    tiles = tiles_of(saved) if saved is not None else {}
+    images = _ScoreImages(manifest["findings"], label, uids=dicomweb, phi=phi,
+                          gallery_keys={t.key for lst in tiles.values() for t in lst})
+    for batch in tables.batches("results", [c for c in images.columns() if c in result_columns]):
+        images.add(batch)
 
+    statuses: Counter[str] = Counter()
+    reasons = _Reasons()
+    discovered = 0
+    status_columns = tables.columns("status")
+    wanted = ["path", "status", "reason"] + (["sop_instance_uid"] if dicomweb else [])
+    for batch in tables.batches("status", [c for c in wanted if c in status_columns]):
+        discovered += batch.num_rows
+        status = _strings(batch, "status")
+        statuses.update({vc["values"]: vc["counts"] for vc in pc.value_counts(status).to_pylist()})
+        failed = batch.filter(pc.fill_null(pc.not_equal(status, "scored"), False))
+        rows = [_strings(failed, c).to_pylist() for c in ("path", "status", "reason", "sop_instance_uid")]
+        for p, s, r, u in zip(*rows):
+            reasons.add(s, r or "", label(str(p), u))
+
+    kept = images.rows.result(["_order"] if tables.files else ["path", "_order"])  # parts: in path order
+    columns = [Column("image", "text")]
+    table: list[list[Any]] = [images.labels_of(kept)]
+    if phi:
+        for c, heading in zip(PHI_COLUMNS, ("patient ID", "patient name")):
+            columns.append(Column(heading, "text"))
+            table.append([v if v is not None else "" for v in kept.column(c).to_pylist()])
+    calibrated = bool((manifest.get("model") or {}).get("calibrated"))
     findings = []
     for name in names:
-        spec = manifest["findings"][name] or {}
-        probs = _floats(results, f"{name}.prob")
         columns.append(Column(name, "num", finding=name))
-        table.append(_rounded(probs))
-        calibrated = bool((manifest.get("model") or {}).get("calibrated"))
-        findings.append(_score_finding(name, spec, probs, results, calibrated))
+        table.append(_rounded(kept.column(f"{name}.prob").to_numpy()))
+        findings.append(images.findings[name].summary(name, manifest["findings"][name] or {}, calibrated))
 
     counts_src = manifest.get("counts") or {}
-    st = Counter(status.column("status").to_pylist())
-    counts = [("discovered", len(status_paths)), ("scored", st.get("scored", 0)), ("skipped", st.get("skipped", 0)),
-              ("failed", st.get("failed", 0))]
-    if counts_src.get("discovered_all_shards") not in (None, len(status_paths)):
+    counts = [("discovered", discovered), ("scored", statuses.get("scored", 0)),
+              ("skipped", statuses.get("skipped", 0)), ("failed", statuses.get("failed", 0))]
+    if counts_src.get("discovered_all_shards") not in (None, discovered):
         counts.append(("discovered in all shards", int(counts_src["discovered_all_shards"])))
-    reasons = _reason_groups(status, status_labels)
     model = manifest.get("model") or {}
     timings = manifest.get("timings") or {}
     facts = [
@@ -210,64 +235,219 @@ def collect_score(out: Path, *, mode: Mode = "full", include_phi: bool = False) 
         warnings.append("the run did not finish: counts and tables are from its committed parts; "
                         "continue it with radflash score … --resume")
 
-    data = ReportData(kind="score", title="radflash score report", facts=facts, counts=counts, reasons=reasons,
-                      findings=findings, columns=columns, table=table, rows=len(paths), warnings=warnings,
-                      notice=_demo_notice(manifest), root=root, include_phi=phi)
-    _score_gallery(data, out, mode, names, labels, scored=st.get("scored", 0))
+    data = ReportData(kind="score", title="radflash score report", facts=facts, counts=counts,
+                      reasons=reasons.result(), findings=findings, columns=columns, table=table, rows=kept.num_rows,
+                      warnings=warnings, notice=_demo_notice(manifest), root=root, include_phi=phi,
+                      gallery_note=gallery_note)
+    if images.count > kept.num_rows:
+        data.table_note = (f"The table lists the {kept.num_rows:,} images with the highest probability (any "
+                           f"finding) of the {images.count:,} scored; every image is in {tables.where}.")
+    if saved is not None:
+        _score_gallery(data, saved, tiles, names, images.labels, scored=statuses.get("scored", 0))
     return data
 
 
-def _score_tables(out: Path, manifest: dict, warnings: list[str]) -> tuple[pa.Table, pa.Table]:
-    """(results, status): the consolidated files, else the union of committed parts (unfinished run)."""
+@dataclass
+class _ScoreTables:
+    """A score folder's results and status tables, read in record batches of :data:`BATCH_ROWS` rows:
+    the consolidated files, or for a run that never finished the committed parts (whose scored rows
+    are its results). A CSV file is read back with the run's column types (``schema``) as ``score``
+    writes it (every string quoted, a null left empty), so it gives what the Parquet file would."""
+
+    files: dict[str, Path]  # "results"/"status" → its file; empty: read the parts
+    parts: list[Path]
+    schema: pa.Schema
+    where: str  # where every image's row is, for the table's note
+
+    def columns(self, name: str) -> list[str]:
+        """The table's columns (the parts': those of any part)."""
+        try:
+            paths = [self.files[name]] if self.files else self.parts
+            return list(dict.fromkeys(c for p in paths for c in _column_names(p)))
+        except (OSError, pa.ArrowException, csv.Error) as exc:
+            raise self._unreadable(name, exc) from None
+
+    def batches(self, name: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        """The table's ``columns`` in row order (a batch from a part without one of them lacks it)."""
+        try:
+            if not self.files:
+                for part in self.parts:
+                    yield from _part_batches(part, columns, scored=name == "results")
+            elif self.files[name].suffix == ".csv":
+                types = {c: self.schema.field(c).type for c in columns if c in self.schema.names}
+                yield from pacsv.open_csv(self.files[name], read_options=pacsv.ReadOptions(block_size=CSV_BLOCK),
+                                          parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                                          convert_options=pacsv.ConvertOptions(
+                                              column_types=types, include_columns=columns, strings_can_be_null=True,
+                                              quoted_strings_can_be_null=False))
+            else:
+                yield from pq.ParquetFile(self.files[name]).iter_batches(BATCH_ROWS, columns=columns)
+        except (OSError, pa.ArrowException) as exc:
+            raise self._unreadable(name, exc) from None
+
+    def _unreadable(self, name: str, exc: Exception) -> InputError:
+        why = (str(exc).splitlines() or [type(exc).__name__])[0]
+        if self.files:
+            return InputError(f"{self.files[name]}: unreadable table ({why})")
+        return InputError(f"{self.parts[0].parent}: unreadable parts ({why})")
+
+
+def _score_tables(out: Path, manifest: dict, names: list[str], warnings: list[str]) -> _ScoreTables:
+    """The consolidated files (the run's format first), else the committed parts (unfinished run)."""
+    schema = TableSpec(tuple(names), include_phi=True, with_positive=True).schema()  # every column's type
     fmt = (manifest.get("args") or {}).get("format") or "parquet"
-    order = [fmt] + [f for f in ("parquet", "csv") if f != fmt]
-    for ext in order:
+    for ext in [fmt] + [f for f in ("parquet", "csv") if f != fmt]:
         res, st = out / f"results.{ext}", out / f"status.{ext}"
         if res.is_file() and st.is_file():
-            try:
-                return read_table(res), read_table(st)
-            except (OSError, pa.ArrowException) as exc:
-                raise InputError(f"{res}: unreadable table ({str(exc).splitlines()[0]})") from None
+            return _ScoreTables({"results": res, "status": st}, [], schema, res.name)
     parts = sorted((out / PARTS_DIR).glob("part-*.parquet")) if (out / PARTS_DIR).is_dir() else []
     if manifest.get("complete"):
         warnings.append("results/status tables are missing; shown from the committed parts")
-    if not parts:
-        empty = pa.table({"path": pa.array([], pa.string()), "status": pa.array([], pa.string()),
-                          "reason": pa.array([], pa.string())})
-        return empty, empty
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    try:
-        table = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
-    except (OSError, pa.ArrowException) as exc:
-        raise InputError(f"{out / PARTS_DIR}: unreadable parts ({str(exc).splitlines()[0]})") from None
-    table = table.sort_by("path")
-    return table.filter(pc.equal(table.column("status"), "scored")), table
+    return _ScoreTables({}, parts, schema, "the committed parts")
 
 
-def _score_finding(name: str, spec: dict, probs: np.ndarray, results: pa.Table, calibrated: bool) -> FindingSummary:
-    threshold = spec.get("threshold")
-    col = f"{name}.positive"
-    summary = FindingSummary(name, str(spec.get("prompt", name)), probs, "probability",
-                             None if threshold is None else float(threshold), "")
-    pos = results.column(col).to_pylist() if col in results.column_names else []
-    if any(v is not None for v in pos):  # decisions made in the run (a findings-file or calibrated threshold)
-        summary.positive = sum(v is True for v in pos)
-        summary.negative = sum(v is False for v in pos)
-        summary.undecided = sum(v is None for v in pos)
-        summary.threshold_note = (f"threshold {float(threshold):g} (findings file)" if threshold is not None
-                                  else "threshold from the checkpoint's calibration")
-    elif threshold is not None:  # a table without decisions (older run): decide from the probability
+def _column_names(path: Path) -> list[str]:
+    if path.suffix != ".csv":
+        return pq.read_schema(path).names
+    with open(path, encoding="utf-8", newline="") as fh:
+        return next(csv.reader(fh), [])
+
+
+def _part_batches(part: Path, columns: list[str], *, scored: bool) -> Iterator[pa.RecordBatch]:
+    """One committed part's ``columns`` (those it has); ``scored``: its scored rows only (results)."""
+    parquet = pq.ParquetFile(part)
+    have = set(parquet.schema_arrow.names)
+    for batch in parquet.iter_batches(BATCH_ROWS, columns=[c for c in dict.fromkeys([*columns, "status"])
+                                                           if c in have]):
+        yield batch.filter(pc.equal(batch.column("status"), "scored")) if scored else batch
+
+
+def _score_root(tables: _ScoreTables) -> str | None:
+    """The deepest folder holding every scored image (every discovered file when none was scored)."""
+    for name in ("results", "status"):
+        roots, rows = _CommonRoot(), 0
+        for batch in tables.batches(name, ["path"]):
+            rows += batch.num_rows
+            for path in batch.column("path").to_pylist():
+                roots.add(str(path))
+        if rows:
+            return roots.root()
+    return None
+
+
+class _FindingCounts:
+    """One finding's running counts over the scored images (its card in the report)."""
+
+    def __init__(self, threshold: float | None) -> None:
+        self.threshold = threshold
+        self.values = Histogram()
+        self.rows = self.true = self.false = 0  # the run's decisions (``<finding>.positive``)
+        self.finite = self.above = self.half = 0  # finite probabilities; ≥ the threshold; ≥ 0.5
+
+    def add(self, probs: np.ndarray, positive: pa.Array | None) -> None:
+        self.values.add_array(probs)
         finite = probs[np.isfinite(probs)]
-        summary.positive, summary.negative = int((finite >= threshold).sum()), int((finite < threshold).sum())
-        summary.threshold_note = f"threshold {float(threshold):g} (findings file)"
-    else:
-        finite = probs[np.isfinite(probs)]
-        summary.threshold_note = ("no threshold: " + ("calibrated" if calibrated else "uncalibrated")
-                                  + " probabilities, no decision")
-        summary.stats.append(("p ≥ 0.5 (for orientation)", f"{int((finite >= 0.5).sum())} of {finite.size}"))
-    return summary
+        self.rows += probs.size
+        self.finite += finite.size
+        self.half += int((finite >= 0.5).sum())
+        if self.threshold is not None:
+            self.above += int((finite >= self.threshold).sum())
+        if positive is not None:
+            positive = positive.cast(pa.bool_())
+            true = int(pc.sum(positive).as_py() or 0)
+            self.true += true
+            self.false += len(positive) - positive.null_count - true
+
+    def summary(self, name: str, spec: dict, calibrated: bool) -> FindingSummary:
+        threshold = self.threshold
+        summary = FindingSummary(name, str(spec.get("prompt", name)), self.values, "probability", threshold, "")
+        if self.true or self.false:  # decisions made in the run (a findings-file or calibrated threshold)
+            summary.positive, summary.negative = self.true, self.false
+            summary.undecided = self.rows - self.true - self.false
+            summary.threshold_note = (f"threshold {threshold:g} (findings file)" if threshold is not None
+                                      else "threshold from the checkpoint's calibration")
+        elif threshold is not None:  # a table without decisions (older run): decide from the probability
+            summary.positive, summary.negative = self.above, self.finite - self.above
+            summary.threshold_note = f"threshold {threshold:g} (findings file)"
+        else:
+            summary.threshold_note = ("no threshold: " + ("calibrated" if calibrated else "uncalibrated")
+                                      + " probabilities, no decision")
+            summary.stats.append(("p ≥ 0.5 (for orientation)", f"{self.half} of {self.finite}"))
+        return summary
+
+
+class _ScoreImages:
+    """A score run's results, a record batch at a time: per finding its :class:`_FindingCounts`, the
+    table's :data:`TABLE_ROWS` rows of highest probability (any finding; ties: the first read), and
+    the labels of the images the gallery shows."""
+
+    def __init__(self, findings: dict[str, Any], label: Callable[[str, str | None], str], *, uids: bool,
+                 phi: bool, gallery_keys: set[str]) -> None:
+        self.names, self.label = list(findings), label
+        self.findings = {name: _FindingCounts(None if (spec or {}).get("threshold") is None
+                                              else float(spec["threshold"])) for name, spec in findings.items()}
+        self.text = ["path"] + (["sop_instance_uid"] if uids else []) + (list(PHI_COLUMNS) if phi else [])
+        schema = pa.schema([(c, pa.string()) for c in self.text] + [(f"{n}.prob", pa.float64()) for n in self.names]
+                           + [("_top", pa.float64()), ("_order", pa.int64())])
+        self.rows = _TopRows(TABLE_ROWS, schema)
+        self.keys = pa.array(sorted(gallery_keys), pa.string())
+        self.labels: dict[str, str] = {}  # gallery image → its label
+        self.count = 0
+
+    def columns(self) -> list[str]:
+        return self.text + [f"{n}.{c}" for n in self.names for c in ("prob", "positive")]
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        n = batch.num_rows
+        probs = [_floats(batch, f"{name}.prob") for name in self.names]
+        for name, p in zip(self.names, probs):
+            col = f"{name}.positive"
+            self.findings[name].add(p, batch.column(col) if col in batch.schema.names else None)
+        top = np.full(n, -np.inf)
+        for p in probs:
+            top = np.fmax(top, p)  # NaN (no probability) never wins
+        text = [_strings(batch, c) for c in self.text]
+        self.rows.add(pa.Table.from_arrays([*text, *(pa.array(p) for p in probs), pa.array(top),
+                                            pa.array(np.arange(self.count, self.count + n))],
+                                           schema=self.rows.schema))
+        if len(self.keys):
+            shown = batch.filter(pc.fill_null(pc.is_in(text[0], value_set=self.keys), False))
+            for path, uid in zip(_strings(shown, "path").to_pylist(), _strings(shown, "sop_instance_uid").to_pylist()):
+                self.labels[str(path)] = self.label(str(path), uid)
+        self.count += n
+
+    def labels_of(self, kept: pa.Table) -> list[str]:
+        uids = kept.column("sop_instance_uid").to_pylist() if "sop_instance_uid" in self.text else None
+        return [self.label(str(p), uids[i] if uids else None) for i, p in enumerate(kept.column("path").to_pylist())]
+
+
+class _TopRows:
+    """The ``limit`` rows of highest ``_top`` (ties: lowest ``_order``) among the Arrow tables added,
+    cut back to ``limit`` each time twice that many are held: memory for ``2 × limit`` rows, not the run's."""
+
+    def __init__(self, limit: int, schema: pa.Schema) -> None:
+        self.limit, self.schema = limit, schema
+        self.parts: list[pa.Table] = [schema.empty_table()]
+        self.held = 0
+
+    def add(self, table: pa.Table) -> None:
+        self.parts.append(table)
+        self.held += table.num_rows
+        if self.held >= 2 * self.limit:
+            self._cut()
+
+    def _cut(self) -> None:
+        table = pa.concat_tables(self.parts)
+        best = pc.sort_indices(table, sort_keys=[("_top", "descending"), ("_order", "ascending")])[: self.limit]
+        self.parts = [table.take(best)]
+        self.held = self.parts[0].num_rows
+
+    def result(self, order: list[str]) -> pa.Table:
+        """The kept rows, sorted by the ``order`` columns."""
+        if self.held > self.limit:
+            self._cut()
+        table = pa.concat_tables(self.parts)
+        return table.take(pc.sort_indices(table, sort_keys=[(c, "ascending") for c in order]))
 
 
 def _saved_gallery(out: Path, mode: Mode, kind: str) -> tuple[dict[str, Any] | None, str | None]:
@@ -281,12 +461,9 @@ def _saved_gallery(out: Path, mode: Mode, kind: str) -> tuple[dict[str, Any] | N
     return saved, None
 
 
-def _score_gallery(data: ReportData, out: Path, mode: Mode, names: list[str], labels: dict[str, str],
-                   scored: int) -> None:
-    saved, data.gallery_note = _saved_gallery(out, mode, "score")
-    if saved is None:
-        return
-    tiles = tiles_of(saved)
+def _score_gallery(data: ReportData, saved: dict[str, Any], tiles: dict[str, list[Tile]], names: list[str],
+                   labels: dict[str, str], scored: int) -> None:
+    """Per finding, the saved top-K tiles of images in the results (``labels``: their labels)."""
     data.gallery = []
     for name in names:
         data.gallery.append((name, [GalleryTile(labels.get(t.key, posixpath.basename(t.key)), t.score, t.image,
@@ -518,20 +695,6 @@ def _read_mask(out: Path, rel: str) -> np.ndarray | None:
 _NUMBER = re.compile(r"\d[\d,._]*")
 
 
-def _reason_groups(status: pa.Table, labels: dict[str, str]) -> list[ReasonGroup]:
-    rows = zip(status.column("status").to_pylist(), status.column("reason").to_pylist(),
-               status.column("path").to_pylist())
-    return _group([(s, r or "", labels.get(str(p), str(p))) for s, r, p in rows if s != "scored"])
-
-
-def _group(items: list[tuple[str, str, str]]) -> list[ReasonGroup]:
-    """Group (status, reason, file) by status and reason with its numbers folded to ``#``."""
-    reasons = _Reasons()
-    for status, reason, label in items:
-        reasons.add(status, reason, label)
-    return reasons.result()
-
-
 class _Reasons:
     """Skipped/failed files grouped by status and reason (numbers folded to ``#``, so sizes group),
     counted as they stream by: per group a count and its smallest file name. At most
@@ -554,10 +717,18 @@ class _Reasons:
         return sorted(out, key=lambda g: (g.status, -g.count, g.reason))
 
 
-def _floats(table: pa.Table, column: str) -> np.ndarray:
-    if column not in table.column_names:
-        return np.full(table.num_rows, np.nan)
-    return np.asarray([np.nan if v is None else float(v) for v in table.column(column).to_pylist()], dtype=np.float64)
+def _floats(batch: pa.RecordBatch, column: str) -> np.ndarray:
+    """A column as float64, NaN where null (all NaN where the batch lacks it)."""
+    if column not in batch.schema.names:
+        return np.full(batch.num_rows, np.nan)
+    return np.asarray(batch.column(column).cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def _strings(batch: pa.RecordBatch, column: str) -> pa.Array:
+    """A text column (all null where the batch lacks it)."""
+    if column not in batch.schema.names:
+        return pa.nulls(batch.num_rows, pa.string())
+    return batch.column(column).cast(pa.string())
 
 
 def _rounded(values: np.ndarray, decimals: int = PROB_DECIMALS) -> list[float | None]:
@@ -565,17 +736,10 @@ def _rounded(values: np.ndarray, decimals: int = PROB_DECIMALS) -> list[float | 
     return [None if not np.isfinite(v) else float(v) for v in rounded.tolist()]
 
 
-def _common_root(paths: list[str]) -> str | None:
-    """The deepest folder holding every path (stored paths are absolute, '/'-separated text)."""
-    roots = _CommonRoot()
-    for p in paths:
-        roots.add(p)
-    return roots.root()
-
-
 class _CommonRoot:
-    """:func:`_common_root` of paths added one at a time: one running folder, not a set of folders
-    (``commonpath`` of the folders so far with the next gives the same folder as of all at once)."""
+    """The deepest folder holding every path added (stored paths are absolute, '/'-separated text),
+    one at a time: one running folder, not a set of folders (``commonpath`` of the folders so far
+    with the next gives the same folder as of all at once)."""
 
     def __init__(self) -> None:
         self.first: str | None = None

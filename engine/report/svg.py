@@ -42,6 +42,10 @@ class Histogram:
             self._bin(np.asarray(self._pending, dtype=np.float64))
             self._pending.clear()
 
+    def add_array(self, values: np.ndarray) -> None:
+        """Bin many values at once (a column of a record batch)."""
+        self._bin(np.asarray(values, dtype=np.float64))
+
     def _bin(self, v: np.ndarray) -> None:
         v = v[np.isfinite(v)]
         self._counts += np.histogram(np.clip(v, 0.0, 1.0), bins=self.bins, range=(0.0, 1.0))[0]
