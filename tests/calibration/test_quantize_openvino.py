@@ -104,7 +104,9 @@ class ReplayFloat32:
 
     def install(self, m: pytest.MonkeyPatch) -> None:
         m.setattr(self.quantize, "phantom_samples", self.phantom_samples)
-        m.setattr(self.model.module, "image_tokens", self.image_tokens)
+        # through the instance's __dict__, so that undoing it deletes the entry (setattr would leave the
+        # original bound method behind, which a later copy of the module would still call)
+        m.setitem(vars(self.model.module), "image_tokens", self.image_tokens)
 
 
 @pytest.mark.slow
