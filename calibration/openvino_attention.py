@@ -39,7 +39,7 @@ class Variant:
 
     attention: str  # "float": NNCF's own (Q·Kᵀ int8, P·V float); "int8": P·V too; "int8-shared": and one QKV range
     max_abs_dprob: float
-    seconds: float  # median per held-out image on this machine
+    seconds: float  # fastest of a few interleaved calls on one held-out image, on this machine
 
 
 def _ops() -> Any:
