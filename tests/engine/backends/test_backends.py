@@ -285,12 +285,13 @@ def test_auto_dtype_chooses_runtime_and_precision_together(model: RadFlashModel,
     """--backend auto --dtype auto: eager fp32/bf16 and ONNX Runtime fp32/int8 all screened, the two within
     SCREEN× of the fastest timed again; the fastest that agrees wins, and the encoder it returns runs in that
     precision."""
-    fake_auto.script = script_for(0.05, 2.0, eager_bf16=1.3, onnxruntime_int8=2.5)
+    fake_auto.script = script_for(0.05, 2.0, eager_bf16=1.4, onnxruntime_int8=2.5)
     backend = make_backend("auto", model, batch_size=2, precision="auto")
     sel = backend.selection
     assert (sel["chosen"], sel["precision"]) == ("onnxruntime", "int8") == (backend.name, backend.precision)
     status = {k: (c["status"], c["iterations"]) for k, c in sel["candidates"].items() if "iterations" in c}
-    assert status == {"eager/bf16": ("screened out", 1),  # 1.92× the fastest warm-up: one timed call to know
+    # eager bf16: 1.79× the fastest warm-up (±2% noise; < FAR × SCREEN = 1.95, > SCREEN): one timed call to know
+    assert status == {"eager/bf16": ("screened out", 1),
                       "onnxruntime/fp32": ("timed", 2), "onnxruntime/int8": ("timed", 2)}
     eager = sel["candidates"]["eager/fp32"]  # 2.5× the fastest warm-up (> FAR × SCREEN): never timed
     assert eager["status"] == "screened out" and eager["screened_on"] == "warm-up"
