@@ -153,7 +153,7 @@ def main() -> None:
             rate = rates.get(prec)
             frac = "—" if rate is None else f"{flops * b / m / rate:.0%} of {prec}"
             if prec == "int8":  # also against the mix the recipe builds, and the dynamic-Linear rate
-                rest = unquantised_precision(name.removeprefix("auto→"))
+                rest = unquantised_precision(name.removeprefix("auto→"), candidates[name])
                 yardsticks = int8_yardsticks(cfg, cfg.image_size, rates, rest=rest,
                                              float_share=float_attention(candidates[name]))
                 frac += "".join(f"; {flops * b / m / r:.0%} of {k}" for k, r in yardsticks.items())
@@ -178,7 +178,7 @@ def profile_lines(candidates: dict[str, Any], pixels: torch.Tensor, rates: dict[
         if not isinstance(backend, OpenVINOBackend) or "standalone" in name:
             continue
         share = float_attention(backend) if backend.precision == "int8" else 0.0
-        rest = unquantised_precision("openvino")
+        rest = unquantised_precision("openvino", backend)
         for g in profile(backend, pixels, flops={"weight GEMMs": flops - attention, "attention": attention}):
             if g.name != "attention" or share == 0.0:
                 prec, rate = backend.precision, rates.get(backend.precision)

@@ -35,11 +35,12 @@ LEVELS = 256
 
 @dataclass(frozen=True)
 class Variant:
-    """One INT8 IR the quantiser made: how far it is from float32 and how fast it ran."""
+    """One INT8 IR the quantiser made, compiled one way: how far it is from float32 and how fast it ran."""
 
     attention: str  # "float": NNCF's own (Q·Kᵀ int8, P·V float); "int8": P·V too; "int8-shared": and one QKV range
     max_abs_dprob: float
     seconds: float  # fastest of a few interleaved calls on one held-out image, on this machine
+    rest: str = "bf16"  # what its unquantised ops ran in (the CPU plugin's INFERENCE_PRECISION_HINT): bf16 or f32
 
 
 def _ops() -> Any:

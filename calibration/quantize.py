@@ -15,6 +15,7 @@ token scale) and, when phantoms are available, by the macro AUROC drop on labell
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -255,14 +256,22 @@ def quantize_openvino(
     NNCF leaves attention's softmax·V in float; :mod:`radflash.calibration.openvino_attention` makes a
     second IR with that product in int8 too (ranges from the same calibration images) and a third
     that also quantises Q, K and V once on their projection's output, and the IR kept is the fastest
-    of those that meet ``auto``'s agreement bound on the held-out images, timed here (the report
-    gives each). ``out`` defaults to
+    of those that meet ``auto``'s agreement bound on the held-out images, timed here with its
+    unquantised ops in bf16 (where native) and in f32 (the report gives each); the kept IR names the
+    faster of those in its ``rt_info`` (:data:`radflash.backends.openvino.REST_PRECISION`), which the
+    backend compiles it with. ``out`` defaults to
     :func:`radflash.backends.openvino.int8_model_path` (beside the checkpoint; the cache for the
     embedded demo), where the openvino backend looks for it.
     """
     from radflash.api import as_model
     from radflash.backends.auto import AGREEMENT
-    from radflash.backends.openvino import OpenVINOBackend, import_openvino, int8_model_path, load_ir
+    from radflash.backends.openvino import (
+        REST_PRECISION,
+        OpenVINOBackend,
+        import_openvino,
+        int8_model_path,
+        load_ir,
+    )
     from radflash.util.optional import require
 
     ov = import_openvino()  # telemetry off before NNCF is imported (it sends usage events otherwise)
@@ -296,12 +305,14 @@ def quantize_openvino(
         ref = model.module.image_tokens(held_px).float()
     variants, paths, tokens = _try_variants(model, candidates, out, held_px, ref, ov)
     chosen = openvino_attention.choose(variants, AGREEMENT)
-    keep = paths.pop(chosen.attention)
+    kept, keep = candidates[chosen.attention], out.with_name(f".{out.stem}.{os.getpid()}.tmp.xml")
+    kept.set_rt_info(chosen.rest, list(REST_PRECISION))  # the backend compiles the IR the way it ran fastest here
+    ov.save_model(kept, str(keep), compress_to_fp16=False)  # a new file: the variants' files may still be mapped
     keep.with_suffix(".bin").replace(out.with_suffix(".bin"))  # the .bin first: a reader never sees a new
     keep.replace(out)  # .xml beside an old .bin
     _remove_ir(*paths.values())
     seconds = time.perf_counter() - start
-    err = (tokens[chosen.attention] - ref).abs()
+    err = (tokens[(chosen.attention, chosen.rest)] - ref).abs()
     report = QuantReport(out, "openvino-nncf", calib_px.shape[0], held_px.shape[0], float(err.max()),
                          float(err.mean()), float(ref.abs().max()), seconds)
     report.notes.append(f"max |Δprob| vs float32 on the held-out images: {chosen.max_abs_dprob:.4f}")
@@ -310,7 +321,7 @@ def quantize_openvino(
         int8 = OpenVINOBackend(model, precision="int8", model_path=out)
         _measure_auroc(report, model, int8, auroc_phantoms, seed=auroc_seed)
     write_report(report, out.with_suffix(".json"), model=model, max_abs_dprob=chosen.max_abs_dprob,
-                 attention={"chosen": chosen.attention, "variants": [asdict(v) for v in variants]})
+                 attention={"chosen": chosen.attention, "rest": chosen.rest, "variants": [asdict(v) for v in variants]})
     return report
 
 
@@ -330,38 +341,46 @@ def nncf_quantize(ov_model: Any, calib: Sequence[np.ndarray]) -> Any:
         raise BackendUnavailable(f"NNCF quantisation failed ({type(exc).__name__}: {exc})") from exc
 
 
-def _try_variants(model: RadFlashModel, candidates: dict[str, Any], out: Path, held_px: torch.Tensor,
-                  ref: torch.Tensor, ov: Any) -> tuple[list[Variant], dict[str, Path], dict[str, torch.Tensor]]:
-    """Save each candidate IR beside ``out`` (temporary names) and measure it: max |Δprob| against float32
-    on the held-out images, then the fastest of :data:`TIMED_ROUNDS` interleaved calls on one of them (the
-    agreement batch is each one's warm-up). Also returns each one's held-out tokens. The caller keeps one
-    file and removes the others."""
-    import os
-
-    from radflash.backends.openvino import OpenVINOBackend
+def _try_variants(model: RadFlashModel, candidates: dict[str, Any], out: Path, held_px: torch.Tensor, ref: torch.Tensor,
+                  ov: Any) -> tuple[list[Variant], dict[str, Path], dict[tuple[str, str], torch.Tensor]]:
+    """Save each candidate IR beside ``out`` (temporary names) and measure it compiled with its unquantised ops
+    in each precision this CPU runs natively (bf16 where it can, and f32: which is faster depends on the CPU and
+    the batch, measured 2026-12-07 on Zen 4 at batch 1: f32 5% faster for int8-shared, equal at batch 8): max
+    |Δprob| against float32 on the held-out images, then the fastest of :data:`TIMED_ROUNDS` interleaved calls
+    on one of them (the agreement batch is each one's warm-up). Also returns each one's held-out tokens. The
+    caller removes them."""
+    from radflash.backends.openvino import OpenVINOBackend, compile_config
+    from radflash.devices import native_precisions
 
     prompts = list(model.default_prompts.values()) or ["There is pleural effusion"]
     with torch.inference_mode():
         ref_probs = model.score(tokens=ref, prompts=prompts).probs
+    rests = ("bf16", "f32") if "bf16" in native_precisions() else ("f32",)
+    threads = torch.get_num_threads()
     paths = {name: out.with_name(f".{out.stem}.{name}.{os.getpid()}.tmp.xml") for name in candidates}
     backends, dprob, tokens = {}, {}, {}
     try:
         for name, candidate in candidates.items():
             ov.save_model(candidate, str(paths[name]), compress_to_fp16=False)
-            backends[name] = OpenVINOBackend(model, precision="int8", model_path=paths[name], cache=False)
-            with torch.inference_mode():
-                tokens[name] = backends[name].encode(held_px).float()
-                dprob[name] = float((model.score(tokens=tokens[name], prompts=prompts).probs - ref_probs).abs().max())
-        times: dict[str, list[float]] = {name: [] for name in candidates}
+            for rest in rests:
+                config = compile_config("int8", threads=threads, hint="LATENCY", cache=None, rest=rest)
+                key = (name, rest)
+                backends[key] = OpenVINOBackend(model, precision="int8", model_path=paths[name], cache=False,
+                                                config=config)
+                with torch.inference_mode():
+                    tokens[key] = backends[key].encode(held_px).float()
+                    dprob[key] = float((model.score(tokens=tokens[key], prompts=prompts).probs - ref_probs).abs().max())
+        times: dict[tuple[str, str], list[float]] = {key: [] for key in backends}
         for _ in range(TIMED_ROUNDS):
-            for name, backend in backends.items():
+            for key, backend in backends.items():
                 tic = time.perf_counter()
                 backend.encode(held_px[:1])
-                times[name].append(time.perf_counter() - tic)
+                times[key].append(time.perf_counter() - tic)
     except BaseException:
         _remove_ir(*paths.values())
         raise
-    return [Variant(name, dprob[name], min(times[name])) for name in candidates], paths, tokens
+    variants = [Variant(name, dprob[(name, rest)], min(times[(name, rest)]), rest) for name, rest in backends]
+    return variants, paths, tokens
 
 
 def _remove_ir(*paths: Path) -> None:
@@ -372,8 +391,9 @@ def _remove_ir(*paths: Path) -> None:
 
 def _attention_line(variants: Sequence[Variant], chosen: Variant) -> str:
     """The report's line on attention's P·V precision: each variant's time and agreement, and the pick."""
-    parts = [f"{v.attention} {v.seconds * 1e3:.0f} ms/image, max |Δprob| {v.max_abs_dprob:.4f}" for v in variants]
-    return f"attention P·V: {'; '.join(parts)} → {chosen.attention}"
+    parts = [f"{v.attention} ({v.rest} rest) {v.seconds * 1e3:.0f} ms/image, max |Δprob| {v.max_abs_dprob:.4f}"
+             for v in variants]
+    return f"attention P·V: {'; '.join(parts)} → {chosen.attention} ({chosen.rest} rest)"
 
 
 def write_report(report: QuantReport, path: Path, *, model: RadFlashModel, max_abs_dprob: float,

@@ -7,12 +7,13 @@ size. The IR is saved under ``<cache>/openvino/`` named by :func:`ir_cache_key` 
 size, radflash/torch/openvino versions), so a second load reads the IR instead of converting.
 
 Compilation: ``INFERENCE_PRECISION_HINT`` from the precision (fp32 → ``f32``, bf16 → ``bf16``, fp16 →
-``f16``; an INT8 model keeps its quantised MatMuls in int8 and runs the rest in bf16 where the CPU has
-native bf16, else f32), ``INFERENCE_NUM_THREADS`` from torch's thread count, and the performance hint
-from the run: ``LATENCY`` at batch 1, ``THROUGHPUT`` for batch jobs, where a batch is split over the
-compiled model's optimal number of infer requests run in parallel. The compiled blob is cached by
-OpenVINO itself in ``CACHE_DIR`` (``<cache>/openvino/compiled``), keyed by OpenVINO on the IR, the
-config, the device and its own version.
+``f16``; an INT8 model keeps its quantised MatMuls in int8 and runs the rest in the precision its IR
+names (:data:`REST_PRECISION`: what ``calibrate quantize`` measured fastest on the machine that made
+it), else in bf16 where the CPU has native bf16, else f32), ``INFERENCE_NUM_THREADS`` from torch's
+thread count, and the performance hint from the run: ``LATENCY`` at batch 1, ``THROUGHPUT`` for batch
+jobs, where a batch is split over the compiled model's optimal number of infer requests run in parallel.
+The compiled blob is cached by OpenVINO itself in ``CACHE_DIR`` (``<cache>/openvino/compiled``), keyed
+by OpenVINO on the IR, the config, the device and its own version.
 
 INT8: an IR quantised by NNCF (:mod:`radflash.calibration.quantize`, ``radflash calibrate quantize
 --backend openvino``), found beside the checkpoint (``openvino/image_tower.int8.xml``) or, for models
@@ -47,6 +48,8 @@ log = logging.getLogger("radflash.backends")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 INT8_NAME = "image_tower.int8"  # <name>.xml/.bin (+ .json: the agreement report) beside the checkpoint
+# rt_info key of an INT8 IR: the precision ("bf16" or "f32") its unquantised ops ran fastest in when it was made
+REST_PRECISION = ("radflash", "rest_precision")
 _TELEMETRY = ("openvino_telemetry", "openvino_telemetry.backend")
 
 
@@ -172,12 +175,13 @@ def load_ir(model: RadFlashModel, ov: ModuleType) -> Path:
 
 
 def compile_config(precision: str, *, threads: int, hint: str, cache: Path | None,
-                   native: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """The CPU plugin's properties for a precision, thread count and performance hint."""
+                   native: tuple[str, ...] | None = None, rest: str | None = None) -> dict[str, Any]:
+    """The CPU plugin's properties for a precision, thread count and performance hint. ``rest``: what an
+    INT8 model's unquantised ops run in (``"f32"``, or ``"bf16"`` where native); default bf16 where native."""
     from radflash.devices import native_precisions
 
     if precision == "int8":
-        rest = "bf16" if "bf16" in (native or native_precisions()) else "f32"
+        rest = "bf16" if rest != "f32" and "bf16" in (native or native_precisions()) else "f32"
     else:
         rest = HINTS[precision]
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": rest, "INFERENCE_NUM_THREADS": int(threads),
@@ -225,7 +229,8 @@ class OpenVINOBackend:
         self.hint = (hint or ("LATENCY" if (batch_size or 1) == 1 else "THROUGHPUT")).upper()
         compiled_dir = openvino_dir() / "compiled" if cache else None
         if config is None:
-            config = compile_config(precision, threads=self.threads, hint=self.hint, cache=compiled_dir)
+            rest = rest_precision(core.read_model(str(self.ir_path))) if precision == "int8" else None
+            config = compile_config(precision, threads=self.threads, hint=self.hint, cache=compiled_dir, rest=rest)
         self.config = dict(config)
         try:
             self.compiled = core.compile_model(str(self.ir_path), "CPU", self.config)
@@ -271,6 +276,12 @@ class OpenVINOBackend:
             self._queue.start_async({0: chunk}, start)
         self._queue.wait_all()
         return np.concatenate([results[start] for start, _ in chunks])
+
+
+def rest_precision(model: Any) -> str | None:
+    """The :data:`REST_PRECISION` an INT8 IR names (None when it names none: an IR made elsewhere)."""
+    key = list(REST_PRECISION)
+    return str(model.get_rt_info(key).astype(str)) if model.has_rt_info(key) else None
 
 
 _PASS_THROUGH = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Convert", "Slice", "StridedSlice"})

@@ -85,11 +85,16 @@ def encoder_attention_flops(cfg: Any, image_size: int) -> float:
     return (v.layers + cfg.align_layers) * 4 * n * n * v.hidden
 
 
-def unquantised_precision(runtime: str) -> str:
-    """What an INT8 model's unquantised ops (attention's activation products) run in: OpenVINO's rule in
-    :func:`radflash.backends.openvino.compile_config` (bf16 where native, else fp32); fp32 elsewhere."""
+def unquantised_precision(runtime: str, backend: Any = None) -> str:
+    """What an INT8 model's unquantised ops (attention's activation products) run in: an OpenVINO
+    backend's compiled ``INFERENCE_PRECISION_HINT`` when given (its IR's choice), else OpenVINO's
+    default (bf16 where native, else fp32); fp32 elsewhere."""
     from radflash.devices import native_precisions
 
+    config = getattr(backend, "config", None)
+    hint = config.get("INFERENCE_PRECISION_HINT") if isinstance(config, dict) else None
+    if runtime.startswith("openvino") and hint in ("bf16", "f32"):
+        return "bf16" if hint == "bf16" else "fp32"
     return "bf16" if runtime.startswith("openvino") and "bf16" in native_precisions() else "fp32"
 
 
@@ -508,7 +513,8 @@ def _encode_rates(rf: RadFlashModel, prec: str, gemm: dict[str, float], runtime:
     """The GEMM rate an encoder row in ``prec`` is held against, and for INT8 its other yardsticks."""
     if prec != "int8":
         return gemm.get(prec), {}
-    return gemm.get(prec), int8_yardsticks(rf.config, rf.config.image_size, gemm, rest=unquantised_precision(runtime),
+    rest = unquantised_precision(runtime, backend)
+    return gemm.get(prec), int8_yardsticks(rf.config, rf.config.image_size, gemm, rest=rest,
                                            float_share=float_attention(backend))
 
 

@@ -47,18 +47,26 @@ def test_quantize_openvino_writes_beside_the_checkpoint_and_the_backend_finds_it
     assert report["holdout_images"] == 3 and 0 <= report["max_abs_dprob"] <= 1
     # attention's P·V: both IRs measured, the faster one within auto's bound kept, and the kept IR is that one
     from radflash.backends.auto import AGREEMENT
-    from radflash.backends.openvino import float_attention_share, import_openvino
+    from radflash.backends.openvino import float_attention_share, import_openvino, rest_precision
     from radflash.calibration.openvino_attention import Variant, choose
+    from radflash.devices import native_precisions
 
+    # each IR compiled with its unquantised ops in every precision this CPU runs natively (bf16, f32)
     variants = [Variant(**v) for v in report["attention"]["variants"]]
-    assert [v.attention for v in variants] == ["float", "int8", "int8-shared"] and all(v.seconds > 0 for v in variants)
-    assert report["attention"]["chosen"] == choose(variants, AGREEMENT).attention
+    rests = ["bf16", "f32"] if "bf16" in native_precisions() else ["f32"]
+    names = ("float", "int8", "int8-shared")
+    assert [(v.attention, v.rest) for v in variants] == [(a, r) for a in names for r in rests]
+    assert all(v.seconds > 0 for v in variants)
+    chosen = choose(variants, AGREEMENT)
+    assert (report["attention"]["chosen"], report["attention"]["rest"]) == (chosen.attention, chosen.rest)
     kept = import_openvino().Core().read_model(str(xml))
-    assert float_attention_share(kept) == (0.5 if report["attention"]["chosen"] == "float" else 0.0)
+    assert float_attention_share(kept) == (0.5 if chosen.attention == "float" else 0.0)
+    assert rest_precision(kept) == chosen.rest  # the IR names how it ran fastest here
     assert "attention P·V:" in res.output and not list(xml.parent.glob(".*.tmp.*"))  # no temporary IR left
 
     backend = make_backend("openvino", model, precision="int8")  # found beside the checkpoint
     assert backend.ir_path == xml and backend.float_attention() == float_attention_share(kept)  # what the bench reads
+    assert backend.config["INFERENCE_PRECISION_HINT"] == chosen.rest  # compiled the way it was chosen
     from radflash.synthetic.phantoms import generate_batch
 
     # held-out images from the calibration's distribution (fresh phantoms, not the ones calibrated on)

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -437,3 +438,11 @@ def test_unquantised_precision_follows_openvinos_rule(runtime: str, flags: set[s
     if runtime.startswith("openvino"):
         hint = compile_config("int8", threads=1, hint="LATENCY", cache=None)["INFERENCE_PRECISION_HINT"]
         assert {"bf16": "bf16", "f32": "fp32"}[hint] == expected
+        # an IR that names its rest precision gets it (bf16 only where native); the bench reads the backend's
+        for rest in ("f32", "bf16"):
+            config = compile_config("int8", threads=1, hint="LATENCY", cache=None, rest=rest)
+            assert config["INFERENCE_PRECISION_HINT"] == ("bf16" if rest == "bf16" and expected == "bf16" else "f32")
+            backend = types.SimpleNamespace(config=config)
+            assert unquantised_precision(runtime, backend) == {"bf16": "bf16", "f32": "fp32"}[
+                config["INFERENCE_PRECISION_HINT"]]
+    assert unquantised_precision(runtime, types.SimpleNamespace(config=object())) == expected  # not OpenVINO's
