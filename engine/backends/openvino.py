@@ -228,11 +228,12 @@ class OpenVINOBackend:
         self.threads = int(threads or torch.get_num_threads())
         self.hint = (hint or ("LATENCY" if (batch_size or 1) == 1 else "THROUGHPUT")).upper()
         compiled_dir = openvino_dir() / "compiled" if cache else None
-        if config is None:
-            rest = rest_precision(core.read_model(str(self.ir_path))) if precision == "int8" else None
-            config = compile_config(precision, threads=self.threads, hint=self.hint, cache=compiled_dir, rest=rest)
-        self.config = dict(config)
         try:
+            # an INT8 IR may name the precision its unquantised ops ran fastest in (calibrate quantize measured it)
+            if config is None:
+                rest = rest_precision(core.read_model(str(self.ir_path))) if precision == "int8" else None
+                config = compile_config(precision, threads=self.threads, hint=self.hint, cache=compiled_dir, rest=rest)
+            self.config = dict(config)
             self.compiled = core.compile_model(str(self.ir_path), "CPU", self.config)
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
             raise BackendUnavailable(f"OpenVINO could not compile {self.ir_path.name} for the CPU ({exc})") from exc

@@ -124,9 +124,14 @@ def test_missing_openvino_is_one_line_naming_the_extra(model: RadFlashModel, mon
     assert "\n" not in str(info.value) and "pip install 'radflash[openvino]'" in str(info.value)
 
 
-def test_int8_without_a_calibrated_model_says_how_to_make_one(model: RadFlashModel, cache: Path) -> None:
+def test_int8_without_a_calibrated_model_says_how_to_make_one(model: RadFlashModel, cache: Path,
+                                                              tmp_path: Path) -> None:
     with pytest.raises(BackendUnavailable, match="calibrate quantize --backend openvino"):
         make_backend("openvino", model, precision="int8")
+    broken = tmp_path / "broken.xml"  # read for its rest precision before compiling: still one error naming it
+    broken.write_text("<net name='truncated'")
+    with pytest.raises(BackendUnavailable, match=r"could not compile broken\.xml"):
+        make_backend("openvino", model, precision="int8", model_path=broken)
 
 
 TELEMETRY_PROBE = r"""
