@@ -208,14 +208,14 @@ def test_unfinished_run_is_streamed_from_its_parts(tmp_path: Path, rng: np.rando
     assert bounded.table_note is not None and "the committed parts" in bounded.table_note
 
 
-@pytest.mark.slow  # ~8 s each: tables of 22,000 and 88,000 rows written, then reported under tracemalloc
+@pytest.mark.slow  # ~4 s each: tables of 11,000 and 44,000 rows written, then reported under tracemalloc
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])
 def test_large_run_keeps_memory_and_html_flat(fmt: str, tmp_path: Path, rng: np.random.Generator,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """N and 4N images past the bounds (lowered here so the test stays quick): the same peak memory,
     Python's (tracemalloc) and Arrow's (its allocator's peak), and the same HTML size; the table keeps
     the images of highest probability, the counts and histograms cover every image."""
-    rows, n = 500, 20_000
+    rows, n = 500, 10_000
     monkeypatch.setattr(report_data, "TABLE_ROWS", rows)
     monkeypatch.setattr(report_data, "BATCH_ROWS", 2048)
     monkeypatch.setattr(report_data, "CSV_BLOCK", 1 << 14)  # read-ahead (32 blocks) < even the small file
