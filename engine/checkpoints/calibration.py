@@ -6,12 +6,14 @@ plots, is :mod:`radflash.calibration.scores`, outside the engine, so the engine 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from radflash.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def score_calibrated(calibration: dict | None) -> bool:
@@ -28,6 +30,8 @@ def apply(calibration: dict, names: list[str], logits: Any) -> tuple[torch.Tenso
     uncalibrated sigmoid decision). ``positive`` is ``None`` when the calibration has no thresholds.
     ``logits`` may be a tensor or an array; results are CPU/same-device tensors.
     """
+    import torch  # here, not at the top: the serve node's --status/--retry-dead read this module without a model
+
     z = logits if isinstance(logits, torch.Tensor) else torch.as_tensor(np.asarray(logits))
     z = z.float()
     if z.ndim != 2 or z.shape[1] != len(names):

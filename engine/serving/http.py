@@ -26,7 +26,7 @@ from contextlib import suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from radflash.serving.intake import OUT_OF_RESOURCES
+from radflash.serving.intake import ACCEPT_POLL_S, OUT_OF_RESOURCES
 from radflash.serving.options import PRIORITIES, IntakeOptions
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ class HttpIntake:
         server.daemon_threads = True
         server.tls = ctx
         self.server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": ACCEPT_POLL_S},
                                         name="radflash-serve-http", daemon=True)
         self._thread.start()
         log.info("HTTP%s listening on %s:%d", "S" if self.options.tls_cert else "", self.options.bind, self.port)

@@ -18,6 +18,7 @@ REFUSED_NOT_IMAGE = 0x0122  # Refused: SOP Class not supported
 ERROR_CANNOT_UNDERSTAND = 0xC000
 OUT_OF_RESOURCES = 0xA700
 NOT_AUTHORISED = 0x0124
+ACCEPT_POLL_S = 0.05  # s each intake's accept loop waits between checks for stop (a SIGTERM waits this long)
 STOW_FAILURE = {REFUSED_NOT_IMAGE: 0x0122, ERROR_CANNOT_UNDERSTAND: 0xC000, OUT_OF_RESOURCES: 0xA700}
 
 

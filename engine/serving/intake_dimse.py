@@ -12,9 +12,10 @@ Once the node drains, the server is shut down: new associations are refused.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TYPE_CHECKING, Any
 
-from radflash.serving.intake import NOT_AUTHORISED, OUT_OF_RESOURCES
+from radflash.serving.intake import ACCEPT_POLL_S, NOT_AUTHORISED, OUT_OF_RESOURCES
 from radflash.serving.options import DIMSE_PRIORITY, IntakeOptions, is_loopback
 
 if TYPE_CHECKING:
@@ -71,7 +72,15 @@ class DimseIntake:
         # not start_server(ssl_context=...): pynetdicom would handshake in its accept loop, where one
         # silent client holds every later association (radflash.serving.tls); here each connection's
         # own thread does it, bounded in time
-        self.server = ae.start_server((o.bind, o.dicom_port), block=False, evt_handlers=handlers)
+        # make_server, not start_server: our own accept thread, which notices a stop within
+        # ACCEPT_POLL_S (start_server's thread polls every 0.5 s, and every SIGTERM waited that long)
+        from pynetdicom.transport import ThreadedAssociationServer
+
+        self.server = ae.make_server((o.bind, o.dicom_port), evt_handlers=handlers,
+                                     server_class=ThreadedAssociationServer)
+        ae._servers.append(self.server)  # as start_server does: the server's shutdown() removes itself there
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": ACCEPT_POLL_S},
+                         name="radflash-serve-dimse", daemon=True).start()
         # socketserver's hook: a host no entry admits is closed before any DICOM is read
         self.server.verify_request = lambda request, address: self.host_admitted(address[0])
         if ssl_context is not None:

@@ -62,3 +62,17 @@ def test_sigterm_stops_intake_forwards_what_is_in_flight_and_exits_0(tmp_path: P
         assert node.terminate() == 0
     finally:
         pacs.stop(kill=True)
+
+
+def test_status_and_retry_dead_need_no_torch() -> None:
+    """``--status`` and ``--retry-dead`` run without a model, so the modules they use must not import
+    torch (it cost 1–4 s per call when the score calibration pulled it in at import time)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import radflash.cli.serve, radflash.serving.forward, radflash.serving.journal\n"
+            "import radflash.archive.pipeline, radflash.archive.sinks, radflash.archive.stow\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
