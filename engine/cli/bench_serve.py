@@ -33,7 +33,8 @@ def _fractions(ctx: click.Context, param: click.Parameter, value: str | None) ->
               help="The node's batch bound; every load also runs with --max-batch 1.")
 @click.option("--max-queue-delay-ms", type=click.FloatRange(min=0), default=50.0, show_default=True)
 @click.option("--window", type=click.FloatRange(min=1), default=10.0, show_default=True,
-              help="Seconds per window; a load ends when three windows agree within 10%.")
+              help="Seconds per window; a load ends when its last three windows agree (within 10%, or for an open "
+                   "loop within Poisson noise) or its queue keeps growing (overloaded).")
 @click.option("--max-windows", type=click.IntRange(min=3), default=8, show_default=True)
 @click.option("--model", type=click.Path(exists=True), default=None, help="Checkpoint (default: the demo model).")
 @click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True)

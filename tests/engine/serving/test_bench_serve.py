@@ -35,3 +35,28 @@ def test_bench_serve_measures_capacity_then_runs_fractions_of_it_with_and_withou
     assert all(len(r["windows"]) == 3 and r["wall_s"] >= 3 for r in rows)  # three 1-s windows each
     table = out.with_suffix(".md").read_text()
     assert "batching (max batch 2) / no batching: throughput" in table and "| backlog |" in table
+
+
+def test_a_load_is_steady_overloaded_or_not_yet_settled() -> None:
+    """The settling rule on window sequences: a light open loop's Poisson spread is no reason to run
+    on, a closed loop still needs 10%, and a queue that keeps growing is an overload, not noise."""
+    from radflash.serving.bench import verdict
+
+    # 2.7/s in 15-s windows: ~40 results each, ±16% from the arrivals alone
+    light = [2.1, 2.8, 2.5]
+    assert verdict(light, [0, 1, 0, 2], window=15, offered=2.7) == "steady"
+    assert verdict(light, [0, 1, 0, 2], window=15, offered=None) is None  # closed loop: 10%
+    assert verdict([5.0, 5.3, 5.2], [16] * 4, window=15, offered=None) == "steady"
+    assert verdict([5.0, 5.3], [0, 1, 2], window=15, offered=None) is None  # fewer than three windows
+    assert verdict([0.0, 2.7, 2.7], [0, 0, 0, 0], window=15, offered=2.7) is None  # nothing came back in one
+    # 4.3/s into a node that does 3.9/s: the queue gains ~6 per window. 18 in three windows is within
+    # the arrivals' own noise (3.31 × √65 ≈ 27): steady for now, a slow leak needs longer windows to
+    # show; 36 is not; neither is an overload (more than one window's 65 arrivals)
+    assert verdict([3.9, 4.0, 3.9], [0, 6, 12, 18], window=15, offered=4.3) == "steady"
+    assert verdict([3.9, 4.0, 3.9], [0, 12, 24, 36], window=15, offered=4.3) is None  # 36 > 27
+    # 6.6/s into 3.9/s: +40 per window, 120 in three, more than one window's 99 arrivals
+    assert verdict([3.9, 4.0, 3.9], [0, 40, 80, 120], window=15, offered=6.6) == "overloaded"
+    assert verdict([3.9, 4.0, 3.9], [0, 40, 30, 120], window=15, offered=6.6) is None  # gained, not throughout
+    # a big open load in long windows gets no more than the closed loop's 10%
+    assert verdict([100.0, 112.0, 106.0], [0, 0, 0, 0], window=60, offered=106) is None
+    assert verdict([100.0, 104.0, 106.0], [0, 0, 0, 0], window=60, offered=106) == "steady"
