@@ -54,6 +54,7 @@ class LoadResult:
     wall_s: float = 0.0  # how long the load ran before its windows agreed (or max_windows)
     backlog: int = 0  # instances accepted but not yet through the model when the load ended
     state: str = "unsettled"  # "steady", "overloaded" or "unsettled" (max_windows ran out): verdict()
+    sent: float = 0.0  # instances/s actually sent over the last three windows (an open loop's draws vary)
 
 
 class _Receiver:
@@ -173,9 +174,12 @@ def verdict(rates: list[float], queued: list[int], *, window: float, offered: fl
 
 
 def _run_load(node: Any, receiver: _Receiver, films: _Films, *, transport: str, concurrency: int | None,
-              rate: float | None, window: float, max_windows: int, ae_port: int | None) -> tuple[list, list, str]:
+              rate: float | None, window: float, max_windows: int,
+              ae_port: int | None) -> tuple[list, list, str, float]:
     """Drive one load; returns (per-window throughputs, latencies of the last three windows, its state:
-    :func:`verdict`, or ``"unsettled"`` when ``max_windows`` ran out first)."""
+    :func:`verdict`, or ``"unsettled"`` when ``max_windows`` ran out first, instances/s sent in those
+    windows). Open loops draw their arrivals from one fixed seed, so the batched node and its
+    ``max_batch=1`` twin get the same sequence."""
     done: list[tuple[float, float]] = []  # (arrival, latency)
     done_lock = threading.Lock()
     stop = threading.Event()
@@ -198,8 +202,12 @@ def _run_load(node: Any, receiver: _Receiver, films: _Films, *, transport: str, 
             if int(status.Status) != 0:
                 raise RuntimeError(f"C-STORE status 0x{int(status.Status):04X}")
 
+    sent: list[float] = []  # when each instance was sent
+
     def one(data: bytes, ds: Any, sr: str) -> None:
         t0 = time.monotonic()
+        with done_lock:
+            sent.append(t0)
         try:
             send(data, ds)
         except Exception:  # a refused instance (queue full) is not a result; the load goes on
@@ -249,11 +257,12 @@ def _run_load(node: Any, receiver: _Receiver, films: _Films, *, transport: str, 
     t_to = start + len(rates) * window
     with done_lock:
         latencies = [lat for a, lat in done if t_from <= a < t_to]
+        sent_rate = sum(1 for t in sent if t_from <= t < t_to) / max(t_to - t_from, 1e-9)
     for t in threads:
         t.join(timeout=60)
     # No pause for the in-flight tail: the caller stops this load's node at once (its inference thread
     # joined, its queue abandoned), so nothing of this load runs into the next one.
-    return rates, latencies, state
+    return rates, latencies, state, sent_rate
 
 
 def _assoc(port: int | None) -> Any:
@@ -309,10 +318,10 @@ def bench_serve(*, transport: str = "stow", concurrency: int | None = None, rate
                     node = Node(options).start()
                     try:
                         t0 = time.monotonic()
-                        windows, lat, state = _run_load(node, receiver, films, transport=transport,
-                                                            concurrency=conc, rate=rate, window=window,
-                                                            max_windows=max_windows,
-                                                            ae_port=node.dimse.port if node.dimse else None)
+                        windows, lat, state, sent = _run_load(node, receiver, films, transport=transport,
+                                                              concurrency=conc, rate=rate, window=window,
+                                                              max_windows=max_windows,
+                                                              ae_port=node.dimse.port if node.dimse else None)
                         wall = time.monotonic() - t0
                         backlog = node._waiting
                     finally:
@@ -320,7 +329,8 @@ def bench_serve(*, transport: str = "stow", concurrency: int | None = None, rate
                 tail = windows[-3:]
                 r = LoadResult(label, batch, rate, sum(tail) / len(tail), _percentile(lat, 50),
                                _percentile(lat, 90), _percentile(lat, 95), _percentile(lat, 99),
-                               windows, len(lat), state == "steady", round(wall, 1), backlog, state)
+                               windows, len(lat), state == "steady", round(wall, 1), backlog, state,
+                               round(sent, 3))
                 results.append(r)
                 if batch == max_batch and conc is not None and fractions:  # the capacity: derive the loads
                     derived = [(f"open {f:g}× ({f * r.throughput:.2f}/s)", None, round(f * r.throughput, 2))
@@ -333,11 +343,12 @@ def bench_serve(*, transport: str = "stow", concurrency: int | None = None, rate
 
 def table(results: list[LoadResult], *, batched: int) -> str:
     """A Markdown table: each load with and without batching, and their throughput ratio."""
-    rows = ["| load | max batch | offered /s | results /s | p50 s | p90 s | p95 s | p99 s | windows (results/s) "
-            "| state | ran s | backlog |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
+    rows = ["| load | max batch | offered /s | sent /s | results /s | p50 s | p90 s | p95 s | p99 s "
+            "| windows (results/s) | state | ran s | backlog |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
     for r in results:
         rows.append(f"| {r.label} | {r.max_batch} | {'' if r.offered is None else f'{r.offered:g}'} | "
-                    f"{r.throughput:.2f} | {r.p50:.3f} | {r.p90:.3f} | {r.p95:.3f} | {r.p99:.3f} | "
+                    f"{r.sent:.2f} | {r.throughput:.2f} | {r.p50:.3f} | {r.p90:.3f} | {r.p95:.3f} | {r.p99:.3f} | "
                     f"{', '.join(f'{w:.1f}' for w in r.windows)} | {r.state} | "
                     f"{r.wall_s:.0f} | {r.backlog} |")
     rows.append("")

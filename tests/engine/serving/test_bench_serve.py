@@ -33,8 +33,11 @@ def test_bench_serve_measures_capacity_then_runs_fractions_of_it_with_and_withou
     capacity = rows[0]["throughput"]
     assert capacity > 0 and rows[1]["offered"] == round(0.5 * capacity, 2) == rows[3]["offered"]
     assert all(len(r["windows"]) == 3 and r["wall_s"] >= 3 for r in rows)  # three 1-s windows each
+    assert all(r["sent"] > 0 and r["state"] in ("steady", "overloaded", "unsettled") for r in rows)
+    assert all(r["converged"] == (r["state"] == "steady") for r in rows)
     table = out.with_suffix(".md").read_text()
     assert "batching (max batch 2) / no batching: throughput" in table and "| backlog |" in table
+    assert "| sent /s |" in table and "| state |" in table
 
 
 def test_a_load_is_steady_overloaded_or_not_yet_settled() -> None:
