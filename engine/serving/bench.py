@@ -364,7 +364,7 @@ def table(results: list[LoadResult], *, batched: int) -> str:
 
 
 def plot(results: list[LoadResult], path: str | Path, *, batched: int) -> Path:
-    """Throughput and p50/p99 against offered load (open-loop loads), batching vs not."""
+    """Throughput and p50/p99 against the load sent (open-loop loads), batching vs not."""
     from radflash.util.plotting import pyplot, save_figure
 
     plt = pyplot("bench serve --plot")
@@ -373,14 +373,14 @@ def plot(results: list[LoadResult], path: str | Path, *, batched: int) -> Path:
         rs = [r for r in results if r.max_batch == batch and r.offered is not None]
         if not rs:
             continue
-        x = [r.offered for r in rs]
+        x = [r.sent or r.offered for r in rs]  # what was sent: the diagonal is then "keeps up"
         name = f"max batch {batch}"
         ax1.plot(x, [r.throughput for r in rs], marker="o", label=name)
         ax2.plot(x, [r.p50 for r in rs], marker="o", label=f"p50, {name}")
         ax2.plot(x, [r.p99 for r in rs], marker="x", linestyle="--", label=f"p99, {name}")
     ax1.plot(ax1.get_xlim(), ax1.get_xlim(), color="grey", linewidth=0.5)
-    ax1.set(xlabel="offered instances/s", ylabel="results/s", title="throughput")
-    ax2.set(xlabel="offered instances/s", ylabel="receive → forwarded, s", title="latency", yscale="log")
+    ax1.set(xlabel="sent instances/s (open loops)", ylabel="results/s", title="throughput")
+    ax2.set(xlabel="sent instances/s (open loops)", ylabel="receive → forwarded, s", title="latency", yscale="log")
     ax1.legend()
     ax2.legend(fontsize=7)
     return save_figure(fig, path)
