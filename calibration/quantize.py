@@ -304,13 +304,16 @@ def quantize_openvino(
     with torch.inference_mode():
         ref = model.module.image_tokens(held_px).float()
     variants, paths, tokens = _try_variants(model, candidates, out, held_px, ref, ov)
-    chosen = openvino_attention.choose(variants, AGREEMENT)
-    kept, keep = candidates[chosen.attention], out.with_name(f".{out.stem}.{os.getpid()}.tmp.xml")
-    kept.set_rt_info(chosen.rest, list(REST_PRECISION))  # the backend compiles the IR the way it ran fastest here
-    ov.save_model(kept, str(keep), compress_to_fp16=False)  # a new file: the variants' files may still be mapped
-    keep.with_suffix(".bin").replace(out.with_suffix(".bin"))  # the .bin first: a reader never sees a new
-    keep.replace(out)  # .xml beside an old .bin
-    _remove_ir(*paths.values())
+    keep = out.with_name(f".{out.stem}.{os.getpid()}.tmp.xml")
+    try:  # whatever happens, no temporary IR is left beside the checkpoint
+        chosen = openvino_attention.choose(variants, AGREEMENT)
+        kept = candidates[chosen.attention]
+        kept.set_rt_info(chosen.rest, list(REST_PRECISION))  # the backend compiles the IR the way it ran fastest here
+        ov.save_model(kept, str(keep), compress_to_fp16=False)  # a new file: the variants' files may still be mapped
+        keep.with_suffix(".bin").replace(out.with_suffix(".bin"))  # the .bin first: a reader never sees a new
+        keep.replace(out)  # .xml beside an old .bin
+    finally:
+        _remove_ir(keep, *paths.values())
     seconds = time.perf_counter() - start
     err = (tokens[(chosen.attention, chosen.rest)] - ref).abs()
     report = QuantReport(out, "openvino-nncf", calib_px.shape[0], held_px.shape[0], float(err.max()),

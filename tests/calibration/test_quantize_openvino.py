@@ -79,6 +79,35 @@ def test_quantize_openvino_writes_beside_the_checkpoint_and_the_backend_finds_it
     assert float(err.max() / ref.abs().max()) < 0.15 and 0 < float(err.mean() / ref.abs().mean()) < 0.06
 
 
+def test_a_failed_save_of_the_kept_ir_leaves_no_temporary_file(tmp_path: Path, cache: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kept IR is saved again (with its rest precision) under a temporary name, then renamed: when
+    that save fails part-way, the error reaches the user and nothing temporary stays beside the checkpoint."""
+    import os
+
+    import openvino
+
+    from radflash.checkpoints.format import save_checkpoint
+
+    cfg = dataclasses.replace(preset("tiny"), image_size=56)
+    ckpt = save_checkpoint(random_checkpoint(cfg, seed=int(torch.randint(0, 2**16, ()))), tmp_path / "tiny")
+    save = openvino.save_model
+
+    def save_then_fail_on_the_kept_one(model, path, *args, **kwargs):
+        save(model, path, *args, **kwargs)
+        if Path(path).name == f".image_tower.int8.{os.getpid()}.tmp.xml":  # the kept IR, not a variant
+            Path(path).with_suffix(".bin").write_bytes(b"cut short")
+            raise OSError("No space left on device")
+
+    monkeypatch.setattr(openvino, "save_model", save_then_fail_on_the_kept_one)
+    res = CliRunner().invoke(cli, ["calibrate", "quantize", "--backend", "openvino", "--model", str(ckpt),
+                                   "--phantoms", "4", "--holdout", "2"])
+    assert res.exit_code != 0 and "No space left on device" in (res.output + repr(res.exception))
+    folder = ckpt / "openvino"
+    assert folder.is_dir() and not list(folder.glob(".*")), sorted(p.name for p in folder.iterdir())
+    assert not (folder / "image_tower.int8.xml").exists()  # nothing half-written under the real name
+
+
 def test_quantize_needs_out_for_onnxruntime(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["calibrate", "quantize", "--phantoms", "4"])
     assert res.exit_code == 2 and "--out" in res.output
