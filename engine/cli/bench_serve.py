@@ -40,9 +40,10 @@ def _fractions(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the table (.md) and JSON here.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="PNG: throughput and latency.")
+@click.option("--quiet", is_flag=True, help="No progress (a bar on a terminal, else one line per load on stderr).")
 def bench_serve(transport: str, concurrency: int | None, rates: tuple[float, ...], fractions: tuple[float, ...],
                 max_batch: int, max_queue_delay_ms: float, window: float, max_windows: int, model: str | None,
-                workers: int, out: Path | None, plot_path: Path | None) -> None:
+                workers: int, out: Path | None, plot_path: Path | None, quiet: bool) -> None:
     """Receive → result-forwarded latency (p50/p90/p95/p99) and throughput of a local serve node."""
     from radflash.serving import bench
 
@@ -50,9 +51,31 @@ def bench_serve(transport: str, concurrency: int | None, rates: tuple[float, ...
         raise click.UsageError("--load-fractions needs --concurrency N: its closed loop measures the capacity")
     if concurrency is None and not rates:
         raise click.UsageError("give --concurrency N (closed loop) and/or --rate R (open loop)")
-    results = bench.bench_serve(transport=transport, concurrency=concurrency, rates=rates, fractions=fractions,
-                                max_batch=max_batch, max_queue_delay_ms=max_queue_delay_ms, window=window,
-                                max_windows=max_windows, model=model, workers=workers)
+    from radflash.util.progress import progress_bar
+
+    total = bench.load_count(concurrency=concurrency, rates=rates, fractions=fractions)
+    bar = progress_bar(total, desc="bench serve", enabled=not quiet, unit="load")
+
+    def on_window(label: str, batch: int, n: int, rate: float, queued: int) -> None:
+        if bar is not None:
+            bar.update(0, load=f"{label} (max batch {batch})", window=f"{n}/{max_windows}", results_s=rate,
+                       queued=queued)
+
+    def on_load(r: bench.LoadResult) -> None:
+        if bar is not None:
+            bar.update(1)
+        elif not quiet:  # off a terminal (a log file): one line per load, so a long run shows it is alive
+            click.echo(f"bench serve: {r.label}, max batch {r.max_batch}: {r.state} after {len(r.windows)} "
+                       f"window(s), {r.throughput:.2f} results/s, p50 {r.p50:.3f} s, p99 {r.p99:.3f} s", err=True)
+
+    try:
+        results = bench.bench_serve(transport=transport, concurrency=concurrency, rates=rates, fractions=fractions,
+                                    max_batch=max_batch, max_queue_delay_ms=max_queue_delay_ms, window=window,
+                                    max_windows=max_windows, model=model, workers=workers, on_window=on_window,
+                                    on_load=on_load)
+    finally:
+        if bar is not None:
+            bar.close()
     text = bench.table(results, batched=max_batch)
     click.echo(text)
     if out is not None:

@@ -25,6 +25,7 @@ still waiting when a load ended is reported (``backlog``).
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import random
@@ -32,6 +33,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -132,6 +134,11 @@ class _Films:
         return buf.getvalue(), ds, sr_uids(ds.SOPInstanceUID, ds.StudyInstanceUID, self.sha)[1]
 
 
+def load_count(*, concurrency: int | None, rates: tuple[float, ...], fractions: tuple[float, ...]) -> int:
+    """How many loads :func:`bench_serve` runs for these options (each at both batch bounds)."""
+    return 2 * ((concurrency is not None) + len(rates) + (len(fractions) if concurrency is not None else 0))
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -174,12 +181,12 @@ def verdict(rates: list[float], queued: list[int], *, window: float, offered: fl
 
 
 def _run_load(node: Any, receiver: _Receiver, films: _Films, *, transport: str, concurrency: int | None,
-              rate: float | None, window: float, max_windows: int,
-              ae_port: int | None) -> tuple[list, list, str, float]:
+              rate: float | None, window: float, max_windows: int, ae_port: int | None,
+              on_window: Callable[[int, float, int], None] | None = None) -> tuple[list, list, str, float]:
     """Drive one load; returns (per-window throughputs, latencies of the last three windows, its state:
     :func:`verdict`, or ``"unsettled"`` when ``max_windows`` ran out first, instances/s sent in those
     windows). Open loops draw their arrivals from one fixed seed, so the batched node and its
-    ``max_batch=1`` twin get the same sequence."""
+    ``max_batch=1`` twin get the same sequence. ``on_window(n, results/s, queued)`` after each window."""
     done: list[tuple[float, float]] = []  # (arrival, latency)
     done_lock = threading.Lock()
     stop = threading.Event()
@@ -249,6 +256,8 @@ def _run_load(node: Any, receiver: _Receiver, films: _Films, *, transport: str, 
             n = sum(1 for a, _ in done if end - window <= a < end)
         rates.append(n / window)
         queued.append(node._waiting)
+        if on_window is not None:
+            on_window(w + 1, rates[-1], queued[-1])
         state = verdict(rates, queued, window=window, offered=rate) or "unsettled"
         if state != "unsettled":
             break
@@ -287,11 +296,14 @@ def _free_port() -> int:
 
 def bench_serve(*, transport: str = "stow", concurrency: int | None = None, rates: tuple[float, ...] = (),
                 fractions: tuple[float, ...] = (), max_batch: int = 8, max_queue_delay_ms: float = 50.0,
-                window: float = 10.0, max_windows: int = 8, model: str | None = None,
-                workers: int = 1) -> list[LoadResult]:
+                window: float = 10.0, max_windows: int = 8, model: str | None = None, workers: int = 1,
+                on_window: Callable[[str, int, int, float, int], None] | None = None,
+                on_load: Callable[[LoadResult], None] | None = None) -> list[LoadResult]:
     """Every load (closed loop at ``concurrency``, open loop at each of ``rates`` and at each of
     ``fractions`` × the closed loop's throughput on the batched node) against a node with
-    ``max_batch`` and against one with ``max_batch=1``; see the module doc."""
+    ``max_batch`` and against one with ``max_batch=1``; see the module doc. A run takes minutes:
+    ``on_window(label, max_batch, window, results/s, queued)`` hears each window as it ends and
+    ``on_load`` each load's result (the CLI's progress)."""
     from radflash.serving.node import Node
     from radflash.serving.options import ForwardOptions, IntakeOptions, ModelSpec, ScheduleOptions, ServeOptions
 
@@ -321,7 +333,9 @@ def bench_serve(*, transport: str = "stow", concurrency: int | None = None, rate
                         windows, lat, state, sent = _run_load(node, receiver, films, transport=transport,
                                                               concurrency=conc, rate=rate, window=window,
                                                               max_windows=max_windows,
-                                                              ae_port=node.dimse.port if node.dimse else None)
+                                                              ae_port=node.dimse.port if node.dimse else None,
+                                                              on_window=None if on_window is None else
+                                                              functools.partial(on_window, label, batch))
                         wall = time.monotonic() - t0
                         backlog = node._waiting
                     finally:
@@ -332,6 +346,8 @@ def bench_serve(*, transport: str = "stow", concurrency: int | None = None, rate
                                windows, len(lat), state == "steady", round(wall, 1), backlog, state,
                                round(sent, 3))
                 results.append(r)
+                if on_load is not None:
+                    on_load(r)
                 if batch == max_batch and conc is not None and fractions:  # the capacity: derive the loads
                     derived = [(f"open {f:g}× ({f * r.throughput:.2f}/s)", None, round(f * r.throughput, 2))
                                for f in fractions]
