@@ -63,15 +63,15 @@ def test_segment_names_the_stage_that_stalled(tiny_model: Path, tmp_path: Path, 
 
     real = verb.segment_one
 
-    def slow(*args: Any, **kwargs: Any):
-        time.sleep(8)
+    def slow(*args: Any, **kwargs: Any):  # the stall is seen after 2 s; the run ends when this returns
+        time.sleep(5)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(verb, "segment_one", slow)
     t0 = time.monotonic()
     with pytest.raises(Stalled, match=r"segment stalled: .*the maps stage"):
         verb.segment(CHEST[:4], tmp_path / "seg", prompts=["left lung"], model=tiny_model, workers=0,
-                     progress=False, stall_after=3.0)
+                     progress=False, stall_after=2.0)
     assert time.monotonic() - t0 < 60
 
 
