@@ -281,6 +281,10 @@ def hostile_folder(root: Path, reference, names: list[str]) -> Path:
     return folder
 
 
+HANG_TIMEOUT_S = 2.0  # the per-file decode timeout of the hostile runs: the hang_ file waits it out, twice
+# (Ray, then the local pool); a demo film decodes in well under a tenth of it
+
+
 def run_hostile(folder: Path, tiny_model: Path, *, workers: int, on_ray: bool):
     """The folder through the Ray executor or the local pipeline, with the misbehaving decoder:
     {file name: (status, reason)}, asserting every file is there exactly once."""
@@ -296,7 +300,7 @@ def run_hostile(folder: Path, tiny_model: Path, *, workers: int, on_ray: bool):
     prompts = resolve_findings(["There is edema"])
     spec = TableSpec(prompts.names)
     store = MemoryStore(spec)
-    config = PipelineConfig(batch_size=4, workers=workers, timeout=5.0, loader=misbehaving_loader,
+    config = PipelineConfig(batch_size=4, workers=workers, timeout=HANG_TIMEOUT_S, loader=misbehaving_loader,
                             rules=SelectionRules())
     model = radflash.load(tiny_model, device="cpu")
     if on_ray:
@@ -320,7 +324,7 @@ def test_decoder_raise_crash_and_hang_fail_one_file_each(ray_address: str, tiny_
     got = run_hostile(folder, tiny_model, workers=1, on_ray=True)
     assert got["raise_a.dcm"] == ("failed", "RuntimeError: decoder bug on raise_a.dcm")
     assert got["exit_b.dcm"] == ("failed", "decoder process crashed (exit code 3)")
-    assert got["hang_c.dcm"] == ("failed", "decoder timed out after 5 s")
+    assert got["hang_c.dcm"] == ("failed", f"decoder timed out after {HANG_TIMEOUT_S:g} s")
     assert all(got[n] == ("scored", None) for n in names if n.startswith("ok"))
     assert got == run_hostile(folder, tiny_model, workers=1, on_ray=False)  # the local pool's very rows
 
