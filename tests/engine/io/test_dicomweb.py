@@ -151,6 +151,9 @@ def test_store_writes_one_sr_per_scored_image_once(fresh_orthanc, tmp_path: Path
 
 def test_server_down_mid_run_then_resume_completes(fresh_orthanc, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import functools
+
+    from radflash.archive import stow
     from radflash.io.dicomweb import Policy
 
     fetch, calls = DicomWebSource.fetch, []
@@ -159,14 +162,17 @@ def test_server_down_mid_run_then_resume_completes(fresh_orthanc, tmp_path: Path
         calls.append(item.key)
         self.policy = Policy(retries=1, backoff=0.01)  # the real policy waits ~8 s before giving up
         if len(calls) == 9:
-            fresh_orthanc.stop()
+            fresh_orthanc.stop(kill=True)  # gone at once (a clean stop waits 2-4 s for its listeners)
         return fetch(self, item)
 
     monkeypatch.setattr(DicomWebSource, "fetch", fetch_then_die)
+    # the SR sink may be the first to meet the dead server: it gives up as quickly as the source
+    monkeypatch.setattr(stow, "Policy", functools.partial(Policy, retries=1, backoff=0.01))
     out = tmp_path / "out"
     with pytest.raises(DicomWebError, match="unreachable"):
         score(fresh_orthanc.dicomweb, out, workers=1, progress=False, batch_size=2, commit_every=2, stow="same")
     monkeypatch.setattr(DicomWebSource, "fetch", fetch)
+    monkeypatch.setattr(stow, "Policy", Policy)
     fresh_orthanc.start()
     run = score(fresh_orthanc.dicomweb, out, workers=1, progress=False, batch_size=2, commit_every=2,
                 stow="same", resume=True)
