@@ -296,8 +296,12 @@ def test_wrong_called_ae_title_and_refused_association(tmp_path: Path, corpus, m
 
 
 def test_archive_that_stops_mid_retrieve_then_resume_completes(fresh_pacs, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(dimse, "Policy", functools.partial(dimse.Policy, retries=1, backoff=0.01,
-                                                           connect_timeout=2))
+    from radflash.archive import dimse_store
+
+    quick = functools.partial(dimse.Policy, retries=1, backoff=0.01, connect_timeout=2)
+    monkeypatch.setattr(dimse, "Policy", quick)
+    # the SR store may be the first to meet the dead archive: it gives up as quickly (not after ~8 s of backoff)
+    monkeypatch.setattr(dimse_store, "Policy", quick)
     fetch, calls = DimseSource.fetch, []
 
     def fetch_then_die(self, item):
