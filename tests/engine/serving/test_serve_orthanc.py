@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -44,7 +43,9 @@ def test_orthanc_push_and_storescu_give_one_sr_per_image_with_score_probabilitie
         sent = storescu(node.dicom_port, by_storescu)
         assert sent.returncode == 0 and stored_by(sent) == len(by_storescu), sent.stdout + sent.stderr
         node.wait_for(lambda: sr_count(archive) >= len(CHEST) and sr_count(pacs) >= len(CHEST), 90, "SRs")
-        time.sleep(0.5)
+        # the journal and the metrics follow the last delivery: waited for, not slept on
+        node.wait_for(lambda: node.metric("radflash_serve_end_to_end_seconds_count") >= len(CHEST)
+                      and node.metric("radflash_serve_results_total") >= len(CHEST + OTHER), 30, "the journal")
 
         want = expected_scores(CHEST)
         assert len(want) == len(CHEST)
