@@ -368,7 +368,7 @@ def test_a_ray_cluster_that_stops_delivering_stops_the_driver(ray_address: str, 
     t0 = time.monotonic()
     with pytest.raises(Stalled, match=r"score --ray stalled: .*the ray stage"):
         score(DEMO_ARCHIVE, tmp_path / "out", model=tiny_model, batch_size=4, progress=False, ray=RayOptions(),
-              observer=SlowObserver(8.0), stall_after=3.0)
+              observer=SlowObserver(6.0), stall_after=3.0)
     assert time.monotonic() - t0 < 60
     # the abandoned iterator's thread closes Ray's pipeline once the slow batch returns: wait for it,
     # so that the cluster is idle again when the fixture shuts it down
