@@ -92,6 +92,12 @@ def serve(state: Path, model_path: str | None, device: str, dtype: str | None, b
 
     logging.getLogger("radflash.serving").setLevel(min(logging.INFO, logging.getLogger().level or logging.INFO))
     run(options)
+    # Drained, stopped and the journal closed: what is left is the interpreter's teardown, whose final
+    # garbage collections over the model's and libraries' objects took 0.4 of a SIGTERM's 0.6 s here.
+    # Frozen objects are skipped by them (nothing of the node's state depends on a finaliser any more).
+    import gc
+
+    gc.freeze()
 
 
 def _status(state: Path, forward: ForwardOptions, *, retry: bool) -> None:
