@@ -39,7 +39,7 @@ def test_bench_serve_measures_capacity_then_runs_fractions_of_it_with_and_withou
     assert "batching (max batch 2) / no batching: throughput" in table and "| backlog |" in table
     assert "| sent /s |" in table and "| state |" in table
     # off a terminal, one line per load as it ends (a run of minutes shows it is alive), none with --quiet
-    lines = [line for line in result.stderr.splitlines() if line.startswith("bench serve: ")]
+    lines = [line for line in result.output.splitlines() if line.startswith("bench serve: ")]  # stderr (click 8.1 too)
     assert [line.split(":")[1].split(",")[0].split()[0] for line in lines] == ["closed", "open", "closed", "open"]
     assert all("window(s)" in line and "results/s" in line for line in lines), lines
 
