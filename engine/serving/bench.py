@@ -12,7 +12,7 @@ Each load runs in windows of ``window`` s until it settles (:func:`verdict`) or 
 have passed; the percentiles are over the results of its last three windows. A load is *steady*
 when the throughputs of the last three windows agree within 10%, or, for an open loop, within the
 spread Poisson arrivals alone give three windows of that many results (so a light load is not
-called unsettled for its own randomness), and its queue did not grow through them; an open loop
+called unsettled for its own randomness), and its queue gained no more than that noise; an open loop
 is *overloaded* (and stops there) when its queue grew through the last three windows by more than
 one window's arrivals: it would never settle, and its latencies only grow with the run's length.
 Every load runs twice in the same process: as configured and with ``max_batch=1``, and the
