@@ -76,3 +76,69 @@ def test_status_and_retry_dead_need_no_torch() -> None:
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_two_targets_get_one_sr_built_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With two targets each instance's SR is built once (it costs ~90 ms of one core), each lane
+    sends its own dataset read from the same bytes, and both targets get the very same SR: the
+    one :func:`radflash.dicomout.uids.sr_uids` names, with the journal's probabilities."""
+    import io
+    import random
+
+    import pydicom
+
+    from radflash.dicomout.uids import sr_uids
+    from radflash.serving import forward
+    from radflash.serving.journal import Journal
+    from radflash.serving.metrics import Metrics
+    from radflash.serving.options import ForwardOptions
+
+    films = random.sample(CHEST, 2)  # random: seeded per test by the suite's conftest
+    targets = ("dicomweb+http://127.0.0.1:9/dicom-web", "dimse://PACS@127.0.0.1:9")
+    sent: list[tuple[str, bytes, int]] = []
+
+    def capture(self, datasets):  # the transport's wire, without a server: the SR's bytes as sent
+        buf = io.BytesIO()
+        datasets[0].save_as(buf, enforce_file_format=True)
+        sent.append((self.url, buf.getvalue(), id(datasets[0])))
+
+    monkeypatch.setattr(forward.Transport, "send", capture)
+    builds = []
+    build = forward._build_sr
+    monkeypatch.setattr(forward, "_build_sr", lambda inst: builds.append(inst.sop) or build(inst))
+    journal = Journal(tmp_path / "state")
+    try:
+        probs = {}
+        for f in films:
+            sop, study = uids(f)
+            tmp = journal.spool_bytes(f.read_bytes())
+            assert journal.accept(tmp, sop=sop, study=study, series="r", sop_class=None, priority=1, source="t",
+                                  caller=None) == "new"
+            probs[sop] = [round(random.random(), 6), round(random.random(), 6)]
+            journal.scored(sop, {"model_id": "m", "model_sha256": "a" * 64, "family": "radzero", "version": "1",
+                                 "names": ["effusion", "pneumothorax"], "prompts": ["There is effusion",
+                                 "There is pneumothorax"], "thresholds": [None, None], "logits": [0.0, 0.0],
+                                 "probs": probs[sop], "positive": None}, targets)
+        forwarder = forward.Forwarder(journal, ForwardOptions(targets=targets), Metrics(), lambda inst: None)
+        for sop in probs:
+            for url in targets:
+                forwarder.lanes[url]._deliver(sop, 0)
+        assert sorted(builds) == sorted(probs) and forwarder.reports.built == len(probs)  # once per instance
+        assert [url for url, _, _ in sent] == [t for _ in probs for t in targets]
+        for sop, (a, b) in zip(probs, zip(sent[::2], sent[1::2])):
+            assert a[1] == b[1] and a[2] != b[2]  # the same bytes, each lane its own dataset
+            sr = pydicom.dcmread(io.BytesIO(a[1]))
+            study = uids(next(f for f in films if uids(f)[0] == sop))[1]
+            assert str(sr.SOPInstanceUID) == sr_uids(sop, study, "a" * 64)[1]
+            values = [float(m.MeasuredValueSequence[0].NumericValue) for m in _content_items(sr)
+                      if "MeasuredValueSequence" in m and m.ConceptNameCodeSequence[0].CodeMeaning == "Probability"]
+            assert sorted(values) == sorted(probs[sop])
+        assert journal.counts()["forwarded"] == len(probs)
+    finally:
+        journal.close()
+
+
+def _content_items(ds):
+    for item in getattr(ds, "ContentSequence", None) or ():
+        yield item
+        yield from _content_items(item)
