@@ -76,8 +76,7 @@ def _build_sr(inst: Instance) -> Any:
     from radflash.archive.stow import build_sr
 
     r = inst.result
-    if r is None:
-        raise ValueError(f"instance {inst.sop} has no result")
+    assert r is not None  # results_of refused an instance without one
     header = pydicom.dcmread(inst.file, stop_before_pixels=True, force=True)
     record = FileRecord(path=inst.sop, status="scored", sop_instance_uid=inst.sop, study_instance_uid=inst.study,
                         series_instance_uid=inst.series, logits=tuple(r["logits"]), probs=tuple(r["probs"]),
