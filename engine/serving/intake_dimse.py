@@ -79,12 +79,13 @@ class DimseIntake:
         self.server = ae.make_server((o.bind, o.dicom_port), evt_handlers=handlers,
                                      server_class=ThreadedAssociationServer)
         ae._servers.append(self.server)  # as start_server does: the server's shutdown() removes itself there
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": ACCEPT_POLL_S},
-                         name="radflash-serve-dimse", daemon=True).start()
         # socketserver's hook: a host no entry admits is closed before any DICOM is read
         self.server.verify_request = lambda request, address: self.host_admitted(address[0])
         if ssl_context is not None:
             self.server.finish_request = self._tls_finish(self.server.finish_request, ssl_context)
+        # accepting starts only now, with the hooks in place (start_server accepted before they were set)
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": ACCEPT_POLL_S},
+                         name="radflash-serve-dimse", daemon=True).start()
         log.info("C-STORE SCP %s listening on %s:%d%s", o.ae_title, o.bind, o.dicom_port,
                  " (TLS)" if ssl_context else "")
 
