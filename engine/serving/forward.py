@@ -86,9 +86,9 @@ def _build_sr(inst: Instance) -> Any:
                     version=r["version"], family=r.get("family", ""))
 
 
-def results_of(inst: Instance, root: Path, reports: Reports | None = None) -> list[Any]:
+def results_of(inst: Instance, root: Path, reports: Reports) -> list[Any]:
     """The DICOM objects for one scored instance: its SR (TID 1500), from the journal's result and
-    the spooled header (through ``reports`` when lanes share one), then its SEG and overlay SC
+    the spooled header (built once in ``reports``, which every lane shares), then its SEG and overlay SC
     (``--segment``), read from the files the result names under the state folder ``root`` (no model
     needed). A named file that is gone raises: the delivery is retried, then dead-lettered, never
     sent without it."""
@@ -96,8 +96,7 @@ def results_of(inst: Instance, root: Path, reports: Reports | None = None) -> li
 
     if inst.result is None:
         raise ValueError(f"instance {inst.sop} has no result")
-    sr = reports.sr(inst) if reports is not None else _build_sr(inst)
-    return [sr, *(pydicom.dcmread(root / rel) for rel in inst.result.get("objects", ()))]
+    return [reports.sr(inst), *(pydicom.dcmread(root / rel) for rel in inst.result.get("objects", ()))]
 
 
 class Transport:
@@ -144,10 +143,10 @@ class Lane:
     """Deliveries to one target, in due order, on one thread."""
 
     def __init__(self, url: str, journal: Journal, options: ForwardOptions, metrics: Any,
-                 on_done: Callable[[Instance], None], reports: Reports | None = None) -> None:
+                 on_done: Callable[[Instance], None], reports: Reports) -> None:
         self.url = url
         self.transport = Transport(url, options.timeout)
-        self.reports = reports or Reports()
+        self.reports = reports
         self.journal, self.options, self.metrics, self.on_done = journal, options, metrics, on_done
         self._heap: list[tuple[float, int, str, int]] = []  # (due, seq, sop, attempts so far)
         self._seq = itertools.count()
