@@ -12,7 +12,7 @@ is the same exported graph compiled with OpenVINO's own CPU defaults. ``auto`` i
 ``--backend auto --dtype auto`` picks here (its own measurement, then timed like the others), and
 also timed alone, before any other runtime exists in the process, as ``score`` runs it (the table's
 rows share one process with a dozen compiled runtimes and their idle thread pools).
-Appends a markdown block to ``benchmarks/results/cpu-<cpu model>.md``.
+Appends a markdown block to ``benchmarks/results/cpu-<cpu kind>.md`` (:func:`radflash.util.sysinfo.cpu_kind`).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main() -> None:
     from radflash.devices import native_precisions
     from radflash.errors import BackendUnavailable, InputError
     from radflash.models.config import preset
-    from radflash.util.sysinfo import cpu_model, package_version
+    from radflash.util.sysinfo import cpu_kind, cpu_slug, package_version
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,7 +78,7 @@ def main() -> None:
     if args.quantize:
         quantized = quantize(model)
     rates = gemm_rates(["fp32", *native_precisions()], torch.device("cpu"))
-    lines = [f"## {datetime.now(timezone.utc).isoformat(timespec='seconds')} · {cpu_model()} · "
+    lines = [f"## {datetime.now(timezone.utc).isoformat(timespec='seconds')} · {cpu_kind()} · "
              f"{torch.get_num_threads()} threads · {args.model} encoder S={cfg.image_size} "
              f"({flops / 1e9:.0f} GFLOP/image, {attention / 1e9:.0f} of them in attention's activation products)", "",
              "- GEMM rates measured here (n=1024): "
@@ -161,8 +161,8 @@ def main() -> None:
         lines.append("")
         if args.profile:
             lines += profile_lines(candidates, pixels, rates, flops=flops, attention=attention)
-    out = args.out or RESULTS / f"cpu-{re.sub(r'[^A-Za-z0-9]+', '-', cpu_model()).strip('-').lower()}.md"
-    append_block(out, f"# CPU encoder paths on {cpu_model()}", "\n".join(lines))
+    out = args.out or RESULTS / f"cpu-{cpu_slug()}.md"
+    append_block(out, f"# CPU encoder paths on {cpu_kind()}", "\n".join(lines))
 
 
 def profile_lines(candidates: dict[str, Any], pixels: torch.Tensor, rates: dict[str, float], *, flops: float,

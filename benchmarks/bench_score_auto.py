@@ -1,7 +1,7 @@
 """``score --dtype auto`` end to end against ``score --dtype float32`` on real-size films (#29's second target).
 
     python benchmarks/bench_score_auto.py [--films 12] [--model base] [--syntax explicit] [--batch-size 1]
-        [--quantize] [--rounds 2] [--out benchmarks/results/score-auto-cpu.md]
+        [--quantize] [--rounds 2] [--out FILE]  (default: benchmarks/results/score-auto-<cpu kind>.md)
 
 What a user runs: a checkpoint folder (random weights of a preset, written to a temporary folder) given
 to ``score`` by path, on an archive of 3000×2500 12-bit films. With ``--quantize`` the NNCF INT8
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from results_file import append_block
 
-RESULTS = Path(__file__).resolve().parent / "results" / "score-auto-cpu.md"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="decode processes (default: score's)")
     ap.add_argument("--quantize", action="store_true", help="make the OpenVINO INT8 model first (auto may pick it)")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=None, help="results file (default: one per CPU kind)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="radflash-score-auto-") as tmp:
@@ -54,7 +54,7 @@ def run_all(args: argparse.Namespace, tmp: Path) -> None:
     from radflash.bench.pipeline_limit import write_films
     from radflash.checkpoints.factory import random_checkpoint
     from radflash.checkpoints.format import save_checkpoint
-    from radflash.util.sysinfo import cpu_model, machine_info
+    from radflash.util.sysinfo import cpu_kind, cpu_slug, machine_info
 
     ckpt = save_checkpoint(random_checkpoint(args.model, seed=0, model_id=f"random-{args.model}"), tmp / "ckpt")
     t0 = time.perf_counter()
@@ -90,7 +90,7 @@ def run_all(args: argparse.Namespace, tmp: Path) -> None:
     machine = machine_info(torch.device("cpu"))
     timed = {n: c for n, c in sel.get("candidates", {}).items() if c.get("ms_per_batch") is not None}
     lines = [
-        f"\n## {datetime.now(timezone.utc).isoformat(timespec='seconds')} · {cpu_model()} · "
+        f"\n## {datetime.now(timezone.utc).isoformat(timespec='seconds')} · {cpu_kind()} · "
         f"{machine.get('cpu_cores_usable')} cores · random {args.model}, {args.films} {args.syntax} 3000×2500 films, "
         f"batch {args.batch_size}\n",
         f"`python benchmarks/bench_score_auto.py --films {args.films} --model {args.model} --syntax {args.syntax} "
@@ -112,7 +112,8 @@ def run_all(args: argparse.Namespace, tmp: Path) -> None:
         "with native bf16 or VNNI, ≥ 1.5× on AVX2 only).",
         "",
     ]
-    append_block(args.out, "# score --dtype auto vs --dtype float32, end to end", "\n".join(lines))
+    out = args.out or RESULTS / f"score-auto-{cpu_slug()}.md"
+    append_block(out, "# score --dtype auto vs --dtype float32, end to end", "\n".join(lines))
 
 
 if __name__ == "__main__":

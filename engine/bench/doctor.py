@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from radflash.util.sysinfo import cpu_model, nvidia_driver, package_version, usable_cores
+from radflash.util.sysinfo import cpu_kind, nvidia_driver, package_version, usable_cores
 
 RELEVANT_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
                   "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
@@ -67,7 +67,7 @@ def cpu() -> dict[str, Any]:
     from radflash.devices import cpu_flags, fast_int8, native_precisions
 
     flags = cpu_flags()
-    return {"model": cpu_model(), "cores_usable": usable_cores(), "cores_logical": os.cpu_count(),
+    return {"model": cpu_kind(), "cores_usable": usable_cores(), "cores_logical": os.cpu_count(),
             "flags": [f for f in RELEVANT_FLAGS if f in flags], "native_precisions": list(native_precisions()),
             "fast_int8": fast_int8()}
 
