@@ -401,6 +401,26 @@ def test_encoder_flop_formulas_match_torch_flop_counter() -> None:
     assert sum(counts.values()) == b * encoder_flops(cfg, size)
 
 
+def test_int8_rate_is_the_faster_int8_kernel() -> None:
+    """int8's rate is the best int8 GEMM kernel here, each kernel also listed: torch._int_mm has no fast kernel on an
+    AVX2-only CPU (2 GOP/s on a Zen 3, where ONNX Runtime's MLAS ran ~1.7x fp32), so it alone would make every INT8
+    row's fraction meaningless there. The ONNX Runtime kernel computes the product it is timed as."""
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    from radflash.bench.harness import INT8_DYNAMIC, INT8_INT_MM, INT8_ONNXRUNTIME, gemm_rates, onnxruntime_int8_matmul
+
+    rates = gemm_rates(["fp32", "int8"], torch.device("cpu"), n=64, iterations=1, rounds=1)
+    assert list(rates) == ["fp32", "int8", INT8_INT_MM, INT8_ONNXRUNTIME, INT8_DYNAMIC]
+    assert rates["int8"] == max(rates[INT8_INT_MM], rates[INT8_ONNXRUNTIME])
+    a = torch.randint(0, 256, (7, 48), dtype=torch.uint8).numpy()
+    # 7-bit weights, as ONNX Runtime's reduce_range makes them: AVX2's u8×s8 pair sums saturate at int16 otherwise
+    w = torch.randint(-64, 64, (48, 40), dtype=torch.int8).numpy()
+    got = onnxruntime_int8_matmul(w)(a)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, a.astype(np.int64) @ w.astype(np.int64))
+
+
 def test_int8_yardsticks_bound_the_mix_int8_recipes_build() -> None:
     """The mixed bound: weight GEMMs at the int8 rate, attention at the rest precision's; the dynamic Linear's rate
     passed through; nothing without the rates it needs."""
