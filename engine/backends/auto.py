@@ -44,12 +44,15 @@ The screen runs at the run's batch size b, except for large models at b > 2
 the per-image ranking at batch 1 is the one at b (the issue's table: same order at batch 1 and 8)
 and a screen at batch 1 costs 1/b of one at b. The finalists are then confirmed as the run will use
 them: rebuilt for b where the build depends on the batch (OpenVINO: ``LATENCY`` hint at batch 1,
-``THROUGHPUT`` otherwise), a warm-up at b whose first images (the probe's, same seed) are checked
-against the float32 reference again, then timed at b; a finalist more than :data:`SCREEN`× the
-fastest after its first timed batch at b is ``pruned``. A lone finalist has nothing left to be
-compared with: its warm-up at b (the agreement check, which also times it, set-up included) is all
-it runs there, which keeps the base tower's measurement at batch 8 under 30 s on 2 cores. Whatever
-the path, the winner has passed the agreement check on the probe and was timed at the run's batch size.
+``THROUGHPUT`` otherwise), a warm-up whose first images (the probe's, same seed) are checked
+against the float32 reference again, then timed batches; a finalist more than :data:`SCREEN`× the
+fastest after its first timed batch is ``pruned``. They run at b where that fits what is left of
+:data:`MEASURE_BUDGET_S` after the screen, else at the largest batch that fits (``final_batch``,
+:func:`final_batch`; never below the screen's): the per-image ranking holds at any batch for such a
+model, and a batch of 8 base images takes ~15 s on a 2-core AVX2-only CPU. A lone finalist has
+nothing left to be compared with: its warm-up (the agreement check, which also times it, set-up
+included) is all it runs there. Whatever the path, the winner has passed the agreement check on the
+probe and was timed as built for the run's batch size.
 
 The finalist with the fastest timed batch at b wins (``ms_per_batch``: the minimum, the estimate
 that load from other jobs disturbs least; the median of two calls is their mean), except that the
@@ -109,6 +112,7 @@ BATCH_AWARE = ("openvino",)  # runtimes built for a batch size (OpenVINO's hint)
 STEADY_FIRST_CALL = ("eager", "onnxruntime")  # runtimes whose first call costs about a steady one (see FAR)
 FAR = 1.5  # such a candidate whose warm-up is > FAR × SCREEN × every warm-up's fastest is screened out on it
 AGREEMENT = 0.02  # max |prob − float32 prob| on the probe batch that any candidate must meet
+MEASURE_BUDGET_S = 30.0  # encode seconds for the whole measurement (the CPU issue: "under 30 s in all for base")
 PROBE_SEED = 20_260_529
 
 # (runtime, precision), simplest first: the first one that the request allows is the baseline.
@@ -147,6 +151,7 @@ def selection_key(model: RadFlashModel, *, batch_size: int, image_size: int, bac
         "opset": DEFAULT_OPSET, "int8_model": _int8_identity(model), "agreement": AGREEMENT,
         "method": {"iterations": ITERATIONS, "screen": SCREEN, "screen_batch": SCREEN_BATCH,
                    "screen_tokens": SCREEN_TOKENS, "min_gain": MIN_GAIN, "budget_s": BUDGET_S, "far": FAR,
+                   "measure_budget_s": MEASURE_BUDGET_S,
                    "steady_first_call": list(STEADY_FIRST_CALL)},
     }
 
@@ -290,6 +295,22 @@ def measure(candidates: Mapping[str, EncoderBackend], pixels: torch.Tensor, *, w
     return out
 
 
+def final_batch(b: int, s: int, spent_s: float, per_image_s: list[float], *, calls: int) -> int:
+    """The batch the finalists are confirmed at: the run's ``b`` where that fits what is left of
+    :data:`MEASURE_BUDGET_S` after the screen (``spent_s``), else the largest batch that does, never below
+    the screen's ``s``.
+
+    Each finalist runs ``calls`` batches there (its checked warm-up and the timed ones) at about its
+    screen time per image (``per_image_s``): a model screened at batch 1 fills the GEMMs with one image
+    (:func:`screen_batch`), so its time grows with the batch and the ranking holds at any batch. Without
+    the cap the base tower on a 2-core AVX2-only Zen 3 (~2 s an image) spent 200 s confirming three
+    finalists at batch 8; on the Zen 4 dev box (~0.55 s an image) a lone finalist still fits at 8.
+    """
+    cost = calls * sum(per_image_s)
+    fits = int(max(MEASURE_BUDGET_S - spent_s, 0.0) // cost) if cost > 0 else b
+    return max(s, min(b, fits))
+
+
 def screen_batch(model: RadFlashModel, b: int, n_candidates: int) -> int:
     """The batch every candidate is screened at: 1 where one image already fills the GEMMs, else the run's.
 
@@ -324,7 +345,7 @@ def summary(selection: Mapping[str, Any]) -> str:
     if timed:
         times = ", ".join(f"{n} {c['ms_per_batch']:.4g} ms" + (" (warm-up)" if c.get("timed_from") else "")
                           for n, c in timed.items())
-        more = [f"{times} per batch of {selection['batch_size']}"]
+        more = [f"{times} per batch of {selection.get('final_batch') or selection['batch_size']}"]
         screened = {n: c["screen_ms"] for n, c in candidates.items() if c.get("screen_ms") is not None
                     and c.get("ms_per_batch") is None}
         if screened:
@@ -550,26 +571,29 @@ def select(model: RadFlashModel, *, batch_size: int | None = None,
             return at_b[name] <= AGREEMENT
 
         finals = {n: built[n] for n in finalists if n in built}
-        confirmed = measure(finals, probe_pixels(model, b).to(device=model.device, dtype=model.dtype),
-                            on_warmup=agrees_at_b, screen=SCREEN, dropped="pruned",
-                            iterations=ITERATIONS if len(finals) > 1 else 0)
+        iterations = ITERATIONS if len(finals) > 1 else 0
+        spent = sum(sum(r["warmup_s"]) + sum(r["samples"]) for r in results.values())
+        final = final_batch(b, s, spent, [results[n]["screen_s"] / s for n in finals], calls=1 + iterations)
+        confirmed = measure(finals, probe_pixels(model, final).to(device=model.device, dtype=model.dtype),
+                            on_warmup=agrees_at_b, screen=SCREEN, dropped="pruned", iterations=iterations)
         for name, r in confirmed.items():
             entry = records[name]
             entry.update(status=r["status"], max_abs_dprob_at_batch=round(at_b[name], 6),
                          warmup_ms=entry["warmup_ms"] + [round(1e3 * x, 4) for x in r["warmup_s"]])
             if r["status"] == "refused":
                 entry["why"] = (f"max |Δprob| {at_b[name]:.3g} > {AGREEMENT:g} against eager float32 on the probe "
-                                f"images in a batch of {b}")
+                                f"images in a batch of {final}")
             if r["samples"]:
                 entry.update(_timing(r["samples"]))
             elif r["status"] == "timed":  # the lone finalist: its warm-up at b (set-up included) is its timing
                 entry.update(_timing(r["warmup_s"]), iterations=0, timed_from="warm-up")
         if confirmed.get(baseline, {}).get("status") == "pruned":
-            lost_at = (b, {n: 1e3 * r["screen_s"] for n, r in confirmed.items() if "screen_s" in r})
+            lost_at = (final, {n: 1e3 * r["screen_s"] for n, r in confirmed.items() if "screen_s" in r})
     measure_s = time.perf_counter() - started
     # the winner is a finalist that agreed and was timed at b: a candidate the screen left out cannot win
     ms = {n: e["ms_per_batch"] for n, e in records.items() if e["status"] == "timed" and "ms_per_batch" in e}
-    extra = {"screen_batch": s, "finalists": finalists, "measure_s": round(measure_s, 2),
+    extra = {"screen_batch": s, "final_batch": final if s != b and finalists else s, "finalists": finalists,
+             "measure_s": round(measure_s, 2),
              "build_s": round(sum(build_s.values()), 2)}
     if not ms:
         rec = _record(fallback[0], "no candidate agreed with float32 on the probe batch", measured=True,

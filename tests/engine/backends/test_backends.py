@@ -401,6 +401,47 @@ def test_auto_large_model_screens_at_batch_1_and_confirms_finalists_at_the_run_b
     assert "screened out at batch 1: eager/fp32 100 ms" in line and "per batch of 8" in line and "measured in" in line
 
 
+def test_final_batch_fits_what_the_screen_left_of_the_budget() -> None:
+    """The run's batch where it fits the measurement budget, else the largest batch that does, never below the
+    screen's batch."""
+    from radflash.backends.auto import MEASURE_BUDGET_S, final_batch
+
+    left = float(torch.empty(()).uniform_(5.0, 25.0))
+    spent = MEASURE_BUDGET_S - left
+    per_image = torch.empty(3).uniform_(0.1, 1.0).tolist()
+    want = int(left // (3 * sum(per_image)))
+    assert final_batch(64, 1, spent, per_image, calls=3) == max(1, min(64, want))
+    assert final_batch(8, 1, spent, [left / 100], calls=1) == 8  # a lone fast finalist fits at the run's batch
+    assert final_batch(8, 1, MEASURE_BUDGET_S + 5, per_image, calls=3) == 1  # the screen spent it all
+    assert final_batch(8, 2, spent, [left], calls=3) == 2
+
+
+def test_auto_on_a_slow_cpu_confirms_finalists_at_the_batch_the_budget_allows(
+        model: RadFlashModel, fake_auto, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch 8 on a CPU where the screen at batch 1 already cost 10.25 s and three finalists take 1.95 s an image
+    together: confirming each with a warm-up and two timed batches of 8 would cost ~47 s more, so they run at the
+    largest batch that fits the 30 s budget (3), still built for the run's batch 8."""
+    import radflash.backends as backends
+    from radflash.backends import auto
+
+    monkeypatch.setattr(auto, "SCREEN_TOKENS", 16)
+    monkeypatch.setattr(backends, "_importable", lambda name: name in ("onnxruntime", "openvino"))
+    fake_auto.script = {
+        "eager/fp32": [1.25], "onnxruntime/fp32": [1.2],  # > 1.95× the fastest warm-up: out on it
+        "eager/bf16": [0.95] * 2, "openvino/fp32": [1.0] * 2,  # > 1.3× the fastest screen: out
+        "openvino/int8": [0.6] * 2 + [1.8] * 3, "onnxruntime/int8": [0.65] * 2 + [1.95] * 3,
+        "openvino/bf16": [0.7] * 2 + [2.1] * 3,
+    }
+    backend = make_backend("auto", model, batch_size=8, precision="auto")
+    sel = backend.selection
+    assert (backend.name, backend.precision, backend.batch_size) == ("openvino", "int8", 8)
+    assert (sel["screen_batch"], sel["final_batch"], sel["batch_size"]) == (1, 3, 8)
+    assert all(not v for v in fake_auto.script.values())
+    assert [b for b, *_ in fake_auto.shapes] == [1] * 12 + [3] * 9
+    assert sel["candidates"]["openvino/int8"]["ms_per_batch"] == 1800.0
+    assert "per batch of 3" in auto.summary(sel)
+
+
 def test_auto_lone_finalist_runs_only_its_checked_warm_up_at_the_run_batch(
         model: RadFlashModel, fake_auto, monkeypatch: pytest.MonkeyPatch) -> None:
     """One finalist out of the screen at batch 1 has nothing to be compared with at batch 8: it is rebuilt for 8
