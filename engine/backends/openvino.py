@@ -238,6 +238,12 @@ class OpenVINOBackend:
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
             raise BackendUnavailable(f"OpenVINO could not compile {self.ir_path.name} for the CPU ({exc})") from exc
         self.loaded_from_cache = bool(_property(self.compiled, "LOADED_FROM_CACHE", False))
+        # what the CPU plugin compiled the float ops in: it runs f32 where a bf16/f16 hint has no native kernels
+        hint_type = _property(self.compiled, "INFERENCE_PRECISION_HINT", None)
+        self.runs_in = None if hint_type is None else hint_type.get_type_name()
+        if precision in ("bf16", "fp16") and self.runs_in not in (None, HINTS[precision]):
+            log.warning("openvino %s: this CPU has no native %s kernels, so OpenVINO runs %s (no speed-up over "
+                        "fp32; `--dtype auto` leaves such candidates out)", precision, precision, self.runs_in)
         self.requests = max(1, int(_property(self.compiled, "OPTIMAL_NUMBER_OF_INFER_REQUESTS", 1)))
         self._request = self.compiled.create_infer_request()
         self._queue = ov.AsyncInferQueue(self.compiled, self.requests) if self.requests > 1 else None

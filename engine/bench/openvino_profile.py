@@ -49,9 +49,14 @@ def is_attention(layer_type: str, input_shapes: list[list[int]]) -> bool:
     K arrives as Kᵀ (…, d, n) when the kernel multiplies in float and as (…, n, d) when the whole of
     attention is int8 (the transpose folds into the kernel's int8 repacking). Nothing else in these
     towers fuses three per-head (4-D) tensors: element-wise Subgraphs work on the (…, n, h·d) token rows.
+    Where the plugin does not fuse attention (an INT8 IR on an AVX2-only Zen 3: no MHA kernel for it),
+    attention is its per-head MatMuls and Softmax, the only ones on 4-D operands (weight GEMMs are
+    FullyConnected on token rows).
     """
     if layer_type == "ScaledDotProductAttention":
         return True
+    if layer_type in ("MatMul", "Softmax"):  # unfused: Q·Kᵀ, softmax and P·V per head (4-D), as run without AVX-512
+        return len(input_shapes) > 0 and all(len(s) == 4 for s in input_shapes[:2])
     if layer_type != "Subgraph" or len(input_shapes) < 3 or any(len(s) != 4 for s in input_shapes[:3]):
         return False
     q, k = input_shapes[0], input_shapes[1]
