@@ -64,6 +64,9 @@ log = logging.getLogger("radflash.bench")
 
 SCORE_RUNS = 3  # whole-archive runs of the score path (each run already covers archive_files images)
 INT8_DYNAMIC = "int8-dynamic-linear"  # gemm_rates' key for the dynamically quantised Linear's rate
+# A probe call of n = 1024 slower than this (< ~10 G(FL)OP/s) has no fast kernel (bf16 emulated on an AVX2-only CPU:
+# ~2 s; torch._int_mm there: ~1 s): it is timed once, not (1 + iterations) × rounds times (~18 s per int8 probe there)
+SLOW_PROBE_S = 0.2
 INT8_INT_MM = "int8-int-mm"  # gemm_rates' key for torch._int_mm's rate
 INT8_ONNXRUNTIME = "int8-onnxruntime"  # gemm_rates' key for ONNX Runtime's MatMulInteger (MLAS) rate
 
@@ -211,7 +214,12 @@ def gemm_rates(precisions: Sequence[str], device: torch.device, *, n: int = 1024
     for _ in range(max(1, rounds)):
         for prec, fn in list(calls.items()):
             try:
-                seconds = min(time_fn(fn, device=device, iterations=iterations, warmup=1))
+                first = time_fn(fn, device=device, iterations=1, warmup=0)[0]
+                if first > SLOW_PROBE_S * (n / 1024) ** 3:  # no fast kernel: one call says so, more only cost time
+                    seconds = first
+                    del calls[prec]
+                else:
+                    seconds = min(time_fn(fn, device=device, iterations=iterations, warmup=0))
             except RuntimeError as exc:  # a dtype this build has no kernel for
                 log.warning("no %s GEMM rate: %s", prec, exc)
                 del calls[prec]

@@ -421,6 +421,29 @@ def test_int8_rate_is_the_faster_int8_kernel() -> None:
     np.testing.assert_array_equal(got, a.astype(np.int64) @ w.astype(np.int64))
 
 
+def test_a_probe_without_a_fast_kernel_is_timed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GEMM probe whose first call is slower than SLOW_PROBE_S (emulated bf16 on an AVX2-only CPU, ~2 s at
+    n = 1024) keeps that call's rate and is not called again; fast probes get their rounds."""
+    import radflash.util.timing as timing
+    from radflash.bench import harness
+
+    slow = float(torch.empty(()).uniform_(1.5, 4.0)) * harness.SLOW_PROBE_S
+    fast = float(torch.empty(()).uniform_(0.05, 0.5)) * harness.SLOW_PROBE_S
+    calls: list[float] = []
+
+    def fake_time_fn(fn, *, device, iterations, warmup):
+        seconds = slow if fn() == "bf16" else fast
+        calls.extend([seconds] * (iterations + warmup))
+        return [seconds] * iterations
+
+    monkeypatch.setattr(timing, "time_fn", fake_time_fn)
+    monkeypatch.setattr(torch, "matmul", lambda a, b: "bf16" if a.dtype == torch.bfloat16 else "fp32")
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: "bf16" if a.dtype == torch.bfloat16 else "fp32")
+    rates = harness.gemm_rates(["fp32", "bf16"], torch.device("cpu"), n=1024, iterations=4, rounds=3)
+    assert rates == {"fp32": pytest.approx(2 * 1024**3 / fast), "bf16": pytest.approx(2 * 1024**3 / slow)}
+    assert calls.count(slow) == 1 and calls.count(fast) == 3 * (1 + 4)
+
+
 def test_int8_yardsticks_bound_the_mix_int8_recipes_build() -> None:
     """The mixed bound: weight GEMMs at the int8 rate, attention at the rest precision's; the dynamic Linear's rate
     passed through; nothing without the rates it needs."""
