@@ -179,7 +179,7 @@ def gemm_rates(precisions: Sequence[str], device: torch.device, *, n: int = 1024
     says so). int8 is the faster of two int8 × int8 → int32 kernels, each also given under its own key:
     ``torch._int_mm`` (:data:`INT8_INT_MM`) and ONNX Runtime's ``MatMulInteger`` (:data:`INT8_ONNXRUNTIME`,
     where installed). Either may be the machine's int8 rate: on Zen 4 (VNNI) ``_int_mm`` ran 862 GOP/s, but
-    on an AVX2-only Zen 3 it has no fast kernel (2 GOP/s) while MLAS's AVX2 one runs at ~1.7x fp32. Beside
+    on an AVX2-only Zen 3 it has no fast kernel (2 GOP/s) while MLAS's AVX2 one runs at ~2x fp32 (380 GOP/s). Beside
     them, :data:`INT8_DYNAMIC`: a dynamically quantised ``Linear`` (it quantises its input on every call:
     the slower yardstick the CPU issue quoted). Each encoder row's fraction is taken
     against the rate of its own precision (INT8 rows also against :func:`int8_yardsticks`).
@@ -236,6 +236,7 @@ def _onnxruntime_int_mm(n: int) -> Any:
     """A call of ONNX Runtime's ``MatMulInteger`` on n×n operands, or None where onnxruntime is not installed."""
     try:
         import numpy as np
+        import onnx  # noqa: F401  (onnxruntime does not depend on it; the probe's graph is built with it)
         import onnxruntime  # noqa: F401
     except ImportError:
         return None

@@ -403,7 +403,7 @@ def test_encoder_flop_formulas_match_torch_flop_counter() -> None:
 
 def test_int8_rate_is_the_faster_int8_kernel() -> None:
     """int8's rate is the best int8 GEMM kernel here, each kernel also listed: torch._int_mm has no fast kernel on an
-    AVX2-only CPU (2 GOP/s on a Zen 3, where ONNX Runtime's MLAS ran ~1.7x fp32), so it alone would make every INT8
+    AVX2-only CPU (2 GOP/s on a Zen 3, where ONNX Runtime's MLAS ran ~2x fp32), so it alone would make every INT8
     row's fraction meaningless there. The ONNX Runtime kernel computes the product it is timed as."""
     pytest.importorskip("onnxruntime")
     import numpy as np
