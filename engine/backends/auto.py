@@ -552,6 +552,7 @@ def select(model: RadFlashModel, *, batch_size: int | None = None,
     finalists = [n for n, r in results.items() if r["status"] == "timed"]
     baseline = next(label(n, p) for n, p in todo)
     lost_at = (s, {n: 1e3 * r["screen_s"] for n, r in results.items() if "screen_s" in r})  # where the baseline lost
+    final = s  # the batch the winner was timed at
     if s != b and finalists:
         # stage 2: the finalists built as the run will use them (OpenVINO's hint follows the batch), a warm-up
         # at b that also checks the probe images' probabilities again, and timed batches at b
@@ -592,8 +593,7 @@ def select(model: RadFlashModel, *, batch_size: int | None = None,
     measure_s = time.perf_counter() - started
     # the winner is a finalist that agreed and was timed at b: a candidate the screen left out cannot win
     ms = {n: e["ms_per_batch"] for n, e in records.items() if e["status"] == "timed" and "ms_per_batch" in e}
-    extra = {"screen_batch": s, "final_batch": final if s != b and finalists else s, "finalists": finalists,
-             "measure_s": round(measure_s, 2),
+    extra = {"screen_batch": s, "final_batch": final, "finalists": finalists, "measure_s": round(measure_s, 2),
              "build_s": round(sum(build_s.values()), 2)}
     if not ms:
         rec = _record(fallback[0], "no candidate agreed with float32 on the probe batch", measured=True,

@@ -226,9 +226,9 @@ def gemm_rates(precisions: Sequence[str], device: torch.device, *, n: int = 1024
                 continue
             best[prec] = min(seconds, best.get(prec, seconds))
     rates = {prec: 2 * n**3 / best[prec] for prec in wanted if prec in best}
-    kernels = [rates[k] for k in (INT8_INT_MM, INT8_ONNXRUNTIME) if k in rates]
-    if kernels:
-        rates["int8"] = max(kernels)
+    int8_rates = [rates[k] for k in (INT8_INT_MM, INT8_ONNXRUNTIME) if k in rates]
+    if int8_rates:
+        rates["int8"] = max(int8_rates)
     return {prec: rates[prec] for prec in wanted if prec in rates}
 
 
