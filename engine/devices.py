@@ -24,11 +24,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 
 from radflash.errors import InputError
+from radflash.util.sysinfo import cpuinfo_fields
 
 log = logging.getLogger("radflash.devices")
 
@@ -129,13 +129,8 @@ _NATIVE_FLAGS = {
 @lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none: nothing is assumed)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    fields = cpuinfo_fields()
+    return frozenset((fields.get("flags") or fields.get("features") or "").split())
 
 
 def native_precisions(flags: Iterable[str] | None = None) -> tuple[str, ...]:

@@ -19,14 +19,31 @@ from typing import Any
 PACKAGES = ("torch", "triton", "onnxruntime", "onnxruntime-gpu", "tensorrt", "transformers", "numpy", "pydicom")
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def cpuinfo_fields(cpuinfo: str | None = None) -> dict[str, str]:
+    """The first processor's block of ``/proc/cpuinfo`` (``cpuinfo``: its text, read when None), keys
+    lower-cased; empty where there is none."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return {}
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:
+                break  # the end of the first processor's block
+            continue
+        fields.setdefault(key.strip().lower(), value.strip())
+    return fields
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    return _model_name(cpuinfo_fields(cpuinfo))
+
+
+def _model_name(fields: dict[str, str]) -> str:
+    return fields.get("model name") or platform.processor() or platform.machine()
 
 
 def cpu_kind(cpuinfo: str | None = None) -> str:
@@ -36,20 +53,8 @@ def cpu_kind(cpuinfo: str | None = None) -> str:
     both read ``AMD EPYC``, yet one lacks AVX-512 and runs bf16 ~50x slower. Benchmark results are filed
     per CPU kind, so they need the numbers too. ``cpuinfo`` is ``/proc/cpuinfo``'s text (read when None).
     """
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        key, sep, value = line.partition(":")
-        if not sep:
-            if fields:
-                break  # the end of the first processor's block
-            continue
-        fields.setdefault(key.strip().lower(), value.strip())
-    name = fields.get("model name") or cpu_model()
+    fields = cpuinfo_fields(cpuinfo)
+    name = _model_name(fields)
     if "cpu family" in fields and "model" in fields:
         return f"{name} (family {fields['cpu family']} model {fields['model']})"
     return name

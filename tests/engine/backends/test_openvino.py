@@ -150,7 +150,6 @@ socket.create_connection = lambda address, *a, **k: refuse(None, address)
 import dataclasses, numpy as np, torch
 from radflash.api import RadFlashModel
 from radflash.checkpoints.factory import random_checkpoint
-from radflash.devices import native_precisions
 from radflash.models.config import preset
 from radflash.backends import make_backend
 from radflash.calibration.quantize import quantize_openvino
